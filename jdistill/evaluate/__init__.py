@@ -1,0 +1,1 @@
+"""Evaluation: sample statistics for toy worlds; FID and CLIP score for images (later)."""

@@ -1,0 +1,113 @@
+"""Pieces shared by methods: network construction from config, denoising and pseudo-target losses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jdistill.diffusion.denoiser import Denoiser, NetworkDenoiser
+from jdistill.diffusion.guidance import select_cond
+from jdistill.diffusion.parameterization import Prediction, to_prediction
+from jdistill.diffusion.schedules import Schedule
+from jdistill.methods.recipe import Network
+from jdistill.models import build_model, mlp_config
+from jdistill.models.net import Net
+from jdistill.optim import make_optimizer, optimizer_config
+
+PyTree = Any
+WEIGHTINGS = ("uniform", "alpha2", "snr")
+
+
+def network_config(
+    prediction: str = "x0", lr: float = 1e-4, ema_decay: float = 0.0, **model
+) -> ml_collections.ConfigDict:
+    """The config section of one trained network: model, output parameterization, optimizer, EMA."""
+    return ml_collections.ConfigDict(
+        {
+            "model": mlp_config(**model),
+            "prediction": prediction,
+            "optimizer": optimizer_config(lr),
+            "ema_decay": ema_decay,
+        }
+    )
+
+
+def build_network(
+    name: str, cfg: ml_collections.ConfigDict, world, total_updates: int, *, zero_out=False
+) -> Network:
+    net = Net(name, build_model(cfg.model, world, zero_out=zero_out))
+    return Network(net=net, optimizer=make_optimizer(cfg.optimizer, total_updates), ema_decay=cfg.ema_decay)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResidualDenoiser:
+    """A base denoiser plus a learned correction in one parameterization; params = (base, correction).
+
+    With the correction's output layer zero-initialised it starts equal to the base, the way a LoRA fake
+    score starts equal to its teacher.
+    """
+
+    base: Denoiser
+    net: Net
+    prediction: str
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.base.schedule
+
+    def predict(
+        self, params: tuple[PyTree, PyTree], x_t: jax.Array, t: jax.Array, cond: PyTree
+    ) -> Prediction:
+        base_params, own = params
+        base = self.base.predict(base_params, x_t, t, cond).as_type(self.prediction)
+        out = base + self.net.apply(own, x_t, self.schedule.model_time(t), cond).astype(jnp.float32)
+        return to_prediction(out, self.prediction, x_t, self.schedule, t)
+
+
+def network_denoiser(network: Network, cfg: ml_collections.ConfigDict, schedule: Schedule) -> NetworkDenoiser:
+    return NetworkDenoiser(network.net, cfg.prediction, schedule)
+
+
+def per_sample_mean(x: jax.Array) -> jax.Array:
+    return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+def loss_weight(kind: str, pred: Prediction) -> jax.Array:
+    """Per-sample weight of a denoising loss: uniform, alpha^2 (SwiftBrush's fake score), or SNR."""
+    alpha = pred.alpha.reshape(pred.alpha.shape[0], -1)[:, 0] if pred.alpha.ndim else pred.alpha
+    sigma = pred.sigma.reshape(pred.sigma.shape[0], -1)[:, 0] if pred.sigma.ndim else pred.sigma
+    if kind == "uniform":
+        return jnp.ones_like(alpha)
+    if kind == "alpha2":
+        return alpha**2
+    if kind == "snr":
+        return alpha**2 / sigma**2
+    raise ValueError(f"unknown loss weighting {kind!r}; choose one of {WEIGHTINGS}")
+
+
+def denoising_loss(
+    pred: Prediction, x0: jax.Array, eps: jax.Array, target: str, weighting: str = "uniform"
+) -> jax.Array:
+    """Weighted MSE between the prediction and the truth, both expressed in parameterization ``target``."""
+    truth = pred.replace(x0=x0.astype(jnp.float32), eps=eps.astype(jnp.float32))
+    err = per_sample_mean((pred.as_type(target) - truth.as_type(target)) ** 2)
+    return jnp.mean(loss_weight(weighting, pred) * err)
+
+
+def pseudo_target_loss(x: jax.Array, direction: jax.Array) -> jax.Array:
+    """0.5 mean((x - sg(x - g))^2): its gradient with respect to x is g / x.size (DMD, SwiftBrush)."""
+    x32 = x.astype(jnp.float32)
+    target = jax.lax.stop_gradient(x32 - direction.astype(jnp.float32))
+    return 0.5 * jnp.mean((x32 - target) ** 2)
+
+
+def drop_conditions(key: jax.Array, cond: PyTree, uncond: PyTree, rate: float) -> PyTree:
+    """Replace each sample's condition by the unconditional one with probability ``rate``."""
+    if rate <= 0:
+        return cond
+    n = jax.tree.leaves(cond)[0].shape[0]
+    return select_cond(cond, uncond, jax.random.bernoulli(key, rate, (n,)))

@@ -1,0 +1,89 @@
+"""What a method is to the trainer: networks, their losses and update schedule, and a sampler.
+
+A method never knows about meshes, checkpoints or the training loop; the trainer never knows which method
+it runs. The contract between them:
+
+- ``Network``: a trained network (module definition, optimizer, optional EMA decay, optional initialiser
+  that may read the frozen parameters, e.g. to start a student from the teacher).
+- ``Update``: one gradient step of some networks on one loss. ``loss(params, batch, key, carry)`` gets
+  every network's current parameters by name (frozen ones included) and returns
+  ``(scalar, (metrics, carry))``; gradients are taken with respect to ``trains`` only, so everything else
+  is frozen for that update. ``carry`` passes values (e.g. the generated batch) to later updates of the
+  same step. An update runs on steps where ``step % every == offset``.
+- ``sample(params, cond, key)``: student samples for a batch of conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from jdistill.models.net import Net
+
+PyTree = Any
+Params = Mapping[str, PyTree]
+Carry = dict[str, Any]
+LossFn = Callable[[Params, dict, jax.Array, Carry], tuple[jax.Array, tuple[dict[str, jax.Array], Carry]]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+    net: Net
+    optimizer: optax.GradientTransformation
+    ema_decay: float = 0.0
+    init: Callable[[jax.Array, Params], PyTree] | None = None  # (key, frozen params) -> params
+
+    @property
+    def name(self) -> str:
+        return self.net.name
+
+    def initial_params(self, key: jax.Array, frozen: Params) -> PyTree:
+        return self.init(key, frozen) if self.init else self.net.init(key)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Update:
+    name: str
+    trains: tuple[str, ...]
+    loss: LossFn
+    every: int = 1
+    offset: int = 0
+
+    def active(self, step: int) -> bool:
+        return step % self.every == self.offset
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+    networks: tuple[Network, ...]
+    updates: tuple[Update, ...]
+    sample: Callable[[Params, PyTree, jax.Array], jax.Array]
+    data: str = "conditions"  # which world source feeds the batches: "conditions" or "data"
+    sample_with: tuple[str, ...] = ("student",)  # networks whose EMA replaces them when sampling
+
+    def __post_init__(self):
+        names = [n.name for n in self.networks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate network names in recipe: {names}")
+        for u in self.updates:
+            unknown = set(u.trains) - set(names)
+            if unknown:
+                raise ValueError(
+                    f"update {u.name!r} trains unknown networks {sorted(unknown)}; recipe has {names}"
+                )
+            if not 0 <= u.offset < u.every:
+                raise ValueError(
+                    f"update {u.name!r}: offset must be in [0, every), got {u.offset}, {u.every}"
+                )
+        if self.data not in ("conditions", "data"):
+            raise ValueError(f"recipe data must be 'conditions' or 'data', got {self.data!r}")
+
+    def network(self, name: str) -> Network:
+        return {n.name: n for n in self.networks}[name]
+
+    def active_updates(self, step: int) -> tuple[Update, ...]:
+        return tuple(u for u in self.updates if u.active(step))

@@ -1,0 +1,64 @@
+"""A Flax NNX module split once into a graph definition and a pure parameter pytree.
+
+jdistill keeps modules in NNX but trains pure functions: a ``Net`` holds the graphdef, the abstract
+parameters (shapes plus the logical axis names used for sharding) and a constructor; ``apply`` merges a
+plain dict of arrays back into the module for one call. jit, grad, optax and Orbax all see plain pytrees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+PyTree = Any
+
+
+class Net:
+    """A module definition with functional ``init`` and ``apply``."""
+
+    def __init__(self, name: str, make: Callable[[nnx.Rngs], nnx.Module]):
+        self.name = name
+        self._make = make
+        abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+        self.graphdef, state = nnx.split(abstract)
+        self.abstract = state.to_pure_dict()  # ShapeDtypeStruct leaves
+        self.logical_axes = _logical_axes(state)
+
+    def init(self, key: jax.Array) -> PyTree:
+        """Fresh parameters as a plain nested dict of arrays."""
+        _, state = nnx.split(self._make(nnx.Rngs(key)))
+        return state.to_pure_dict()
+
+    def apply(self, params: PyTree, *args, **kwargs) -> Any:
+        return nnx.merge(self.graphdef, params)(*args, **kwargs)
+
+    def num_params(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self.abstract))
+
+
+def _logical_axes(state: nnx.State) -> PyTree:
+    """Per-parameter tuple of logical axis names (from ``sharding_names`` metadata) or None, as a pure dict."""
+
+    def axes(var):
+        names = var.get_metadata().get("out_sharding")
+        return tuple(names) if names else None
+
+    flat = nnx.to_flat_state(state)
+    tree: dict = {}
+    for path, var in flat:
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = axes(var)
+    return tree
+
+
+def sharding_metadata(*names: str | None) -> dict[str, Any]:
+    """Metadata that tags a parameter with logical axis names for the sharding rules.
+
+    Eager sharding is off: parameters are created abstractly first and placed by the trainer.
+    """
+    return {"sharding_names": tuple(names), "eager_sharding": False}

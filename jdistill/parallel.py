@@ -1,0 +1,230 @@
+"""Devices, meshes and shardings: multi-host start-up, the (data, fsdp) mesh, logical-axis rules.
+
+Parameters carry logical axis names (``sharding_names`` metadata, e.g. ("embed", "mlp")); the config's
+rules map each name to a mesh axis, or to None for replication. A dimension that the mapped mesh axes do not
+divide is replicated instead. Batches are sharded over both mesh axes along their first dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+log = logging.getLogger(__name__)
+
+# Environment variables that announce a multi-process cluster JAX can auto-detect.
+_CLUSTER_HINTS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def _cluster_detected() -> bool:
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+    """Start JAX's multi-controller runtime when the config or the environment asks for it.
+
+    ``cfg.coordinator_address`` set: explicit start (num_processes, process_id from the config).
+    Otherwise a detected cluster (TPU pod, Slurm, Open MPI, JAX_COORDINATOR_ADDRESS) starts with JAX's own
+    auto-detection; a single machine starts nothing.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if cfg.coordinator_address:
+        if cfg.num_processes < 1 or not 0 <= cfg.process_id < cfg.num_processes:
+            raise ValueError(
+                "distributed.coordinator_address is set, so distributed.num_processes (>= 1) and "
+                f"distributed.process_id (in [0, num_processes)) must be too; got {cfg.num_processes}, {cfg.process_id}"
+            )
+        jax.distributed.initialize(
+            cfg.coordinator_address,
+            cfg.num_processes,
+            cfg.process_id,
+            initialization_timeout=cfg.initialization_timeout,
+        )
+    elif cfg.auto and _cluster_detected():
+        jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
+    """A (data, fsdp) mesh. ``data = -1`` takes all remaining devices; ``num_devices`` > 0 uses a prefix."""
+    devices = jax.devices()
+    if cfg.num_devices > 0:
+        if cfg.num_devices > len(devices):
+            raise ValueError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices exist")
+        if jax.process_count() > 1 and cfg.num_devices != len(devices):
+            raise ValueError("mesh.num_devices must cover every device when running on several processes")
+        devices = devices[: cfg.num_devices]
+    n = len(devices)
+    fsdp = cfg.fsdp
+    data = cfg.data if cfg.data > 0 else n // max(fsdp, 1)
+    if fsdp < 1 or data * fsdp != n:
+        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not match the {n} devices in use")
+    mesh = jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    if not _processes_contiguous(mesh):
+        # Keep each process's devices together along the batch, so host-local rows form one block.
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        mesh = Mesh(np.asarray(ordered).reshape(data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    return mesh
+
+
+def _processes_contiguous(mesh: Mesh) -> bool:
+    procs = [d.process_index for d in mesh.devices.flat]
+    return procs == sorted(procs)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def spec_for(
+    shape: tuple[int, ...], axes: tuple[str | None, ...] | None, rules: Rules, mesh: Mesh, unannotated: str
+) -> PartitionSpec:
+    """PartitionSpec of one parameter from its logical axes and the rules (dims that do not divide: replicated)."""
+    table = dict(rules)
+    if axes is None:
+        if unannotated == "fsdp" and mesh.shape["fsdp"] > 1:
+            return _largest_dim_spec(shape, mesh)
+        return PartitionSpec()
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match a parameter of shape {shape}")
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, axes, strict=True):
+        target = table.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        size = math.prod(mesh.shape[a] for a in names) if names else 1
+        if not names or dim % size or used & set(names):
+            out.append(None)
+            continue
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+def _largest_dim_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """FSDP for unannotated parameters: shard the largest dimension that the fsdp axis divides."""
+    size = mesh.shape["fsdp"]
+    candidates = [(d, i) for i, d in enumerate(shape) if d % size == 0 and d >= size]
+    if not candidates or math.prod(shape) < 2**14:
+        return PartitionSpec()
+    _, dim = max(candidates)
+    spec = [None] * len(shape)
+    spec[dim] = "fsdp"
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(
+    abstract: PyTree, logical_axes: PyTree, rules: Rules, mesh: Mesh, unannotated: str
+) -> PyTree:
+    """NamedShardings for a parameter tree from its logical axes (a matching tree of tuples or None)."""
+    axes_by_path = {path: axes for path, axes in _flatten_with_paths(logical_axes, is_leaf=_is_axes)}
+
+    def one(path, leaf):
+        spec = spec_for(tuple(leaf.shape), axes_by_path.get(path), rules, mesh, unannotated)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def _is_axes(x) -> bool:
+    return x is None or (isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+
+
+def _flatten_with_paths(tree: PyTree, is_leaf=None):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return leaves
+
+
+def follow_params(abstract: PyTree, params_abstract: PyTree, params_shardings: PyTree, mesh: Mesh) -> PyTree:
+    """Shardings for a tree holding parameter-shaped leaves (optimizer state): each leaf whose path ends
+    with a parameter's path and has its shape gets that parameter's sharding; the rest is replicated."""
+    by_path = {}
+    for (path, leaf), sharding in zip(
+        _flatten_with_paths(params_abstract), jax.tree.leaves(params_shardings), strict=True
+    ):
+        by_path[tuple(path)] = (tuple(leaf.shape), sharding)
+
+    def one(path, leaf):
+        path = tuple(path)
+        for start in range(len(path)):
+            hit = by_path.get(path[start:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def local_rows(sharding: NamedSharding, global_size: int) -> np.ndarray:
+    """Global row indices (ascending) of a batch-sharded array that this process's devices hold."""
+    index_map = sharding.addressable_devices_indices_map((global_size,))
+    rows = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(global_size)))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def global_batch(
+    local: dict[str, np.ndarray], sharding: NamedSharding, global_size: int
+) -> dict[str, jax.Array]:
+    """Assemble global arrays from each process's rows (as given by ``local_rows``)."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_size, *v.shape[1:]))
+        for k, v in local.items()
+    }
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Fetch (possibly multi-process) global arrays to numpy on every process."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (e.g. a stop request seen by one host)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def describe(mesh: Mesh) -> str:
+    return (
+        f"mesh {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
+        f"{jax.process_count()} process(es)"
+    )

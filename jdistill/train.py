@@ -1,0 +1,495 @@
+"""The trainer: one file, read top to bottom.
+
+Sections: setup (mesh, world, recipe, shardings), state (abstract first, then placed), step (one jitted
+function per set of active updates), loop (data, logging, samples, checkpoints, signals), and the other modes
+(sample, eval, export). The trainer is generic: it never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jdistill import configuration, parallel, rng
+from jdistill.checkpoint import Checkpointer
+from jdistill.methods import build_recipe
+from jdistill.methods.recipe import Recipe, Update
+from jdistill.teachers import World, build_world
+
+PyTree = Any
+log = logging.getLogger("jdistill")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. updates kept producing non-finite values); nothing bad was saved."""
+
+
+# ================================================================================================ setup
+
+
+@dataclasses.dataclass
+class Setup:
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    world: World
+    recipe: Recipe
+    frozen: dict[str, PyTree]  # placed frozen parameters (the teacher)
+    abstract_state: dict[str, PyTree]  # ShapeDtypeStructs with shardings
+    batch_sharding: jax.sharding.NamedSharding
+    rows: np.ndarray  # global batch rows fed by this process
+
+    @property
+    def state_shardings(self) -> PyTree:
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    mesh = parallel.make_mesh(config.mesh)
+    if config.batch_size % parallel.batch_divisor(mesh):
+        raise configuration.ConfigError(
+            f"batch_size={config.batch_size} must be divisible by the {parallel.batch_divisor(mesh)} devices "
+            f"of the batch axes ({parallel.describe(mesh)})"
+        )
+    world = build_world(config)
+    recipe = build_recipe(config, world)
+    rules = config.sharding.rules
+    frozen_shardings = {
+        "teacher": parallel.tree_shardings(
+            world.teacher_params, world.teacher_param_axes, rules, mesh, config.sharding.unannotated
+        )
+    }
+    frozen = jax.device_put({"teacher": world.teacher_params}, frozen_shardings)
+    abstract_state = abstract_train_state(recipe, frozen, mesh, config)
+    batch_sharding = parallel.batch_sharding(mesh)
+    rows = parallel.local_rows(batch_sharding, config.batch_size)
+    return Setup(config, workdir, mesh, world, recipe, frozen, abstract_state, batch_sharding, rows)
+
+
+# ================================================================================================ state
+#
+# The train state is a plain dict: {"params": {net: tree}, "opt": {net: optax state}, "ema": {net: tree},
+# "nonfinite": {update: int32 streak}}. The step number, PRNG root and data position live on the host and
+# in the checkpoint metadata.
+
+
+def _init_fn(recipe: Recipe):
+    def init(key: jax.Array, frozen: Mapping[str, PyTree]) -> dict[str, PyTree]:
+        params, opt, ema = {}, {}, {}
+        for network in recipe.networks:
+            p = network.initial_params(rng.stream(key, network.name), frozen)
+            params[network.name] = p
+            opt[network.name] = network.optimizer.init(p)
+            if network.ema_decay > 0:
+                ema[network.name] = jax.tree.map(jnp.copy, p)
+        nonfinite = {u.name: jnp.zeros((), jnp.int32) for u in recipe.updates}
+        return {"params": params, "opt": opt, "ema": ema, "nonfinite": nonfinite}
+
+    return init
+
+
+def abstract_train_state(recipe: Recipe, frozen: PyTree, mesh, config) -> dict[str, PyTree]:
+    """Shapes of the whole train state (nothing allocated), each leaf with its target sharding."""
+    shapes = jax.eval_shape(_init_fn(recipe), jax.random.key(0), frozen)
+    rules, unannotated = config.sharding.rules, config.sharding.unannotated
+    shardings: dict[str, Any] = {"params": {}, "opt": {}, "ema": {}}
+    for network in recipe.networks:
+        name = network.name
+        ps = parallel.tree_shardings(
+            shapes["params"][name], network.net.logical_axes, rules, mesh, unannotated
+        )
+        shardings["params"][name] = ps
+        shardings["opt"][name] = parallel.follow_params(shapes["opt"][name], shapes["params"][name], ps, mesh)
+        if name in shapes["ema"]:
+            shardings["ema"][name] = ps
+    shardings["nonfinite"] = jax.tree.map(lambda _: parallel.replicated(mesh), shapes["nonfinite"])
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def init_train_state(s: Setup, key: jax.Array) -> dict[str, PyTree]:
+    """Initialise every network directly into its sharding (no full copy on one device)."""
+    init = jax.jit(_init_fn(s.recipe), out_shardings=s.state_shardings)
+    return init(key, s.frozen)
+
+
+# ================================================================================================ step
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _where(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def make_step(recipe: Recipe, active: tuple[Update, ...]):
+    """The pure train step for steps where the updates ``active`` run, in order.
+
+    Each update takes gradients of its loss with respect to its own networks only; everything else it reads
+    is frozen for it. An update whose loss or gradients are not finite is skipped (parameters and optimizer
+    state kept) and counted in ``nonfinite``.
+    """
+    networks = {n.name: n for n in recipe.networks}
+
+    def step(state, frozen, batch, step_num, root):
+        key = rng.step_key(root, step_num)
+        params, opt = dict(state["params"]), dict(state["opt"])
+        ema, nonfinite = dict(state["ema"]), dict(state["nonfinite"])
+        metrics, carry = {}, {}
+        for update in active:
+            update_key = rng.stream(key, update.name)
+
+            def loss_fn(trainable, update=update, update_key=update_key, carry=carry):
+                return update.loss({**frozen, **params, **trainable}, batch, update_key, carry)
+
+            trainable = {n: params[n] for n in update.trains}
+            (loss, (aux, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            ok = jnp.isfinite(loss) & _all_finite(grads)
+            for n in update.trains:
+                updates, new_opt = networks[n].optimizer.update(grads[n], opt[n], params[n])
+                params[n] = _where(ok, optax.apply_updates(params[n], updates), params[n])
+                opt[n] = _where(ok, new_opt, opt[n])
+                if n in ema:
+                    decay = networks[n].ema_decay
+                    ema[n] = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema[n], params[n])
+            nonfinite[update.name] = jnp.where(ok, 0, nonfinite[update.name] + 1)
+            metrics[f"{update.name}/loss"] = loss
+            metrics[f"{update.name}/grad_norm"] = optax.global_norm(grads)
+            metrics[f"{update.name}/skipped"] = 1.0 - ok.astype(jnp.float32)
+            metrics.update({f"{update.name}/{k}": v for k, v in aux.items()})
+            carry = {**carry, **new_carry}
+        return {"params": params, "opt": opt, "ema": ema, "nonfinite": nonfinite}, metrics
+
+    return step
+
+
+class StepFunctions:
+    """Compiled steps, one per distinct set of active updates (e.g. DMD2's fake-only and full steps)."""
+
+    def __init__(self, s: Setup):
+        self.s = s
+        self.cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, step_num: int):
+        active = self.s.recipe.active_updates(step_num)
+        names = tuple(u.name for u in active)
+        if names not in self.cache:
+            s = self.s
+            frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
+            replicated = parallel.replicated(s.mesh)
+            self.cache[names] = jax.jit(
+                make_step(s.recipe, active),
+                in_shardings=(s.state_shardings, frozen_shardings, s.batch_sharding, replicated, replicated),
+                out_shardings=(s.state_shardings, replicated),
+                donate_argnums=(0,),
+            )
+        return self.cache[names]
+
+
+# ================================================================================================ loop
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step (main process only)."""
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        self.enabled = parallel.is_main_process()
+        if self.enabled and os.path.exists(path):
+            # Drop entries of steps that a resumed run redoes.
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in values.items()}}) + "\n")
+
+
+def _jsonable(v):
+    v = float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+    return None if isinstance(v, float) and not np.isfinite(v) else v
+
+
+def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+    host = jax.device_get(window)
+    keys = sorted({k for m in host for k in m})
+    return {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
+
+
+def _checkpoint_items(state: dict[str, PyTree]) -> dict[str, PyTree]:
+    items = {}
+    for name, tree in state["params"].items():
+        items[name] = tree
+        items[f"{name}_opt"] = state["opt"][name]
+    for name, tree in state["ema"].items():
+        items[f"{name}_ema"] = tree
+    return items
+
+
+def _state_from_items(items: dict[str, PyTree], abstract: dict[str, PyTree], nonfinite) -> dict[str, PyTree]:
+    return {
+        "params": {n: items[n] for n in abstract["params"]},
+        "opt": {n: items[f"{n}_opt"] for n in abstract["opt"]},
+        "ema": {n: items[f"{n}_ema"] for n in abstract["ema"]},
+        "nonfinite": nonfinite,
+    }
+
+
+def _meta(step: int, root: jax.Array, state) -> dict[str, Any]:
+    return {
+        "step": step,
+        "data_position": step,
+        "rng_key": np.asarray(jax.random.key_data(root)).tolist(),
+        "nonfinite": {k: int(v) for k, v in jax.device_get(state["nonfinite"]).items()},
+    }
+
+
+def restore_or_init(s: Setup, ckpt: Checkpointer) -> tuple[int, dict[str, PyTree], jax.Array]:
+    """(step, state, PRNG root): from the newest readable checkpoint, or freshly initialised."""
+    abstract_items = _checkpoint_items(s.abstract_state)
+    restored = ckpt.restore(abstract_items)
+    if restored is None:
+        root = jax.random.key(s.config.seed)
+        return 0, init_train_state(s, rng.stream(root, "init")), root
+    step, items, meta = restored
+    root = jax.random.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
+    nonfinite = {
+        k: jnp.asarray(meta["nonfinite"].get(k, 0), jnp.int32) for k in s.abstract_state["nonfinite"]
+    }
+    nonfinite = jax.device_put(nonfinite, jax.tree.map(lambda a: a.sharding, s.abstract_state["nonfinite"]))
+    log.info("resumed from checkpoint at step %d", step)
+    return step, _state_from_items(items, s.abstract_state, nonfinite), root
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train (or resume) the recipe in ``config``; returns the final evaluation metrics."""
+    s = setup(config, workdir)
+    if parallel.is_main_process():
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(configuration.to_json(config))
+    log.info("%s", parallel.describe(s.mesh))
+    for network in s.recipe.networks:
+        log.info("network %s: %d parameters", network.name, network.net.num_params())
+
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every=config.checkpoint.every,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    step, state, root = restore_or_init(s, ckpt)
+    metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
+    steps = StepFunctions(s)
+    source = s.world.data if s.recipe.data == "data" else s.world.conditions
+    if source is None:
+        raise configuration.ConfigError(
+            f"method {config.method.name!r} trains on data, but this teacher has none"
+        )
+
+    window: list[dict[str, jax.Array]] = []
+    window_start = time.perf_counter()
+    bar = tqdm(
+        total=config.num_steps,
+        initial=step,
+        disable=not (config.progress_bar and parallel.is_main_process()),
+        dynamic_ncols=True,
+        desc=config.method.name,
+    )
+    with StopSignal() as stop:
+        while step < config.num_steps:
+            local = source.local_batch(step, config.batch_size, s.rows)
+            batch = parallel.global_batch(local, s.batch_sharding, config.batch_size)
+            state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
+            step += 1
+            window.append(metrics)
+            bar.update(1)
+
+            if step % config.log_every == 0 or step == config.num_steps:
+                values = _mean_metrics(window)
+                values["steps_per_sec"] = len(window) / (time.perf_counter() - window_start)
+                metrics_log.write(step, values)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
+                window, window_start = [], time.perf_counter()
+                _check_nonfinite(state, config.max_nonfinite_streak, step)
+
+            if config.sample.every and step % config.sample.every == 0:
+                write_samples(s, state, f"step_{step:07d}", config.sample.count)
+
+            stopping = parallel.agree(stop.received is not None)
+            if ckpt.due(step) or step == config.num_steps or stopping:
+                _check_nonfinite(state, config.max_nonfinite_streak, step)
+                ckpt.save(step, _checkpoint_items(state), _meta(step, root, state))
+            if stopping:
+                ckpt.close()
+                bar.close()
+                log.warning(
+                    "stopped at step %d by signal %s; the next run resumes from here", step, stop.received
+                )
+                raise SystemExit(128 + (stop.received or signal.SIGTERM))
+    bar.close()
+    ckpt.close()
+
+    results = evaluate_final(s, state)
+    metrics_log.write(step, {f"eval/{k}": v for k, v in results.items()})
+    return results
+
+
+def _check_nonfinite(state, limit: int, step: int) -> None:
+    streaks = {k: int(v) for k, v in jax.device_get(state["nonfinite"]).items()}
+    bad = {k: v for k, v in streaks.items() if v >= limit}
+    if bad:
+        raise TrainingError(
+            f"step {step}: updates {bad} produced non-finite losses or gradients {limit}+ times in a row; the "
+            "parameters were not changed by those updates and no checkpoint was written from them. Lower the "
+            "learning rate or check the inputs, then re-run to resume from the last checkpoint."
+        )
+
+
+# ================================================================================================ samples and eval
+
+
+def _sampling_params(s: Setup, state) -> dict[str, PyTree]:
+    params = {**s.frozen, **state["params"]}
+    if s.config.sample.use_ema:
+        params.update({n: state["ema"][n] for n in s.recipe.sample_with if n in state["ema"]})
+    return params
+
+
+def draw_samples(s: Setup, state, count: int, seed: int) -> tuple[np.ndarray, Any]:
+    """``count`` student samples for the world's balanced evaluation conditions, drawn in sharded chunks."""
+    cond_all = s.world.eval_conditions(count)
+    chunk = s.config.sample.batch
+    divisor = parallel.batch_divisor(s.mesh)
+    if chunk % divisor:
+        raise configuration.ConfigError(
+            f"sample.batch={chunk} must be divisible by the {divisor} batch devices"
+        )
+    params = _sampling_params(s, state)
+    sample_fn = jax.jit(s.recipe.sample, out_shardings=s.batch_sharding)
+    key = jax.random.key(seed)
+    rows = parallel.local_rows(s.batch_sharding, chunk)
+    out = []
+    for i, start in enumerate(range(0, count, chunk)):
+        cond = jax.tree.map(lambda c, start=start: _pad_rows(c[start : start + chunk], chunk), cond_all)
+        cond = parallel.global_batch(
+            {"cond": jax.tree.map(lambda c: c[rows], cond)}, s.batch_sharding, chunk
+        )["cond"]
+        out.append(parallel.to_host(sample_fn(params, cond, jax.random.fold_in(key, i))))
+    samples = np.concatenate(out)[:count]
+    return samples, cond_all
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+    return x if len(x) == n else np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
+
+
+def write_samples(s: Setup, state, name: str, count: int, seed: int | None = None) -> tuple[np.ndarray, Any]:
+    samples, cond = draw_samples(s, state, count, s.config.sample.seed if seed is None else seed)
+    if parallel.is_main_process():
+        s.world.save_samples(os.path.join(s.workdir, "samples", name), samples, cond)
+    return samples, cond
+
+
+def evaluate_final(s: Setup, state) -> dict[str, float]:
+    """Final samples with fresh noise (``samples/final*``) and the world's metrics on them."""
+    samples, cond = write_samples(
+        s, state, "final", s.config.sample.final_count, seed=s.config.sample.seed + 1
+    )
+    results = s.world.evaluate(samples, cond)
+    log.info("final evaluation: %s", {k: round(v, 4) for k, v in results.items() if "mode_share" not in k})
+    return results
+
+
+# ================================================================================================ other modes
+
+
+def _restore_for_inference(config, workdir) -> tuple[Setup, dict[str, PyTree], int]:
+    s = setup(config, workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=config.checkpoint.keep)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: run --mode train first")
+    step, state, _ = restore_or_init(s, ckpt)
+    ckpt.close()
+    return s, state, step
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+    s, state, step = _restore_for_inference(config, workdir)
+    if parallel.is_main_process():
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    name = f"sample_step{step:07d}"
+    write_samples(s, state, name, config.sample.count)
+    return os.path.join(workdir, "samples", name)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    s, state, step = _restore_for_inference(config, workdir)
+    results = evaluate_final(s, state)
+    MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=1 << 62).write(
+        step, {f"eval/{k}": v for k, v in results.items()}
+    )
+    return results
+
+
+def export(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Write the sampling networks' parameters (EMA where used) as safetensors under ``workdir/export``."""
+    from safetensors.numpy import save_file
+
+    s, state, step = _restore_for_inference(config, workdir)
+    params = parallel.to_host(_sampling_params(s, state))
+    out_dir = os.path.join(workdir, "export")
+    if parallel.is_main_process():
+        os.makedirs(out_dir, exist_ok=True)
+        for name in s.recipe.sample_with:
+            flat = {
+                ".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                for path, v in jax.tree_util.tree_flatten_with_path(params[name])[0]
+            }
+            save_file(flat, os.path.join(out_dir, f"{name}.safetensors"), metadata={"step": str(step)})
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            f.write(configuration.to_json(config))
+    return out_dir
