@@ -28,11 +28,18 @@ def get_config(arg=None):
     c.method = swiftbrush.default_config()
     if preset == "gmm":
         c.teacher = gmm_teacher("vp")
-        c.num_steps = 2000
+        c.num_steps = 8000
         c.batch_size = 256
-        c.log_every = 100
-        c.checkpoint.every = 500
-        c.method.guidance_scale = 1.5
-        c.networks.student = network_config(prediction="x0", lr=1e-3, ema_decay=0.99)
-        c.networks.fake_score = network_config(prediction="eps", lr=1e-3)
+        c.log_every = 200
+        c.checkpoint.every = 2000
+        c.method.guidance_scale = 3.0
+        # The toy student starts class-agnostic (random init), so its fake score starts from scratch too:
+        # a fake that starts as the class-conditional teacher cancels the class signal of CFG.
+        c.method.fake_score_init = "random"
+        c.method.fake_target = "v"
+        c.method.fake_weighting = "uniform"
+        c.networks.student = network_config(prediction="x0", lr=3e-4, ema_decay=0.99, fourier_features=2)
+        c.networks.student.optimizer.schedule = "cosine"
+        c.networks.fake_score = network_config(prediction="v", lr=2e-3, fourier_features=4)
+        c.networks.fake_score.optimizer.schedule = "cosine"
     return c

@@ -16,7 +16,15 @@ ARCHITECTURES = ("mlp",)
 
 def mlp_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(
-        {"arch": "mlp", "width": 128, "depth": 3, "hidden": 256, "time_embed_dim": 64, "time_scale": 1.0}
+        {
+            "arch": "mlp",
+            "width": 128,
+            "depth": 3,
+            "hidden": 256,
+            "time_embed_dim": 64,
+            "time_scale": 1.0,
+            "fourier_features": 0,
+        }
     )
     cfg.update(overrides)
     return cfg
@@ -41,6 +49,7 @@ def build_model(
             time_embed_dim=cfg.time_embed_dim,
             time_scale=cfg.time_scale,
             zero_out=zero_out,
+            fourier_features=cfg.fourier_features,
             rngs=rngs,
         )
     raise ValueError(f"unknown model arch {cfg.arch!r}; choose one of {ARCHITECTURES}")

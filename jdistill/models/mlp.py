@@ -10,6 +10,15 @@ from jdistill.models.embeddings import timestep_embedding
 from jdistill.models.net import sharding_metadata
 
 
+def fourier_encode(x: jax.Array, num: int) -> jax.Array:
+    """[x, sin(2^k x), cos(2^k x)] for k < num: lets a small MLP resolve sharp features of low-dim inputs."""
+    if num == 0:
+        return x
+    freqs = 2.0 ** jnp.arange(num, dtype=jnp.float32)
+    angles = (x[..., None] * freqs).reshape(*x.shape[:-1], -1)
+    return jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
 class ResidualBlock(nnx.Module):
     def __init__(self, width: int, hidden: int, rngs: nnx.Rngs):
         self.norm = nnx.LayerNorm(width, rngs=rngs)
@@ -47,12 +56,17 @@ class TimeMLP(nnx.Module):
         time_scale: float = 1.0,
         out_dim: int | None = None,
         zero_out: bool = False,
+        fourier_features: int = 0,
         rngs: nnx.Rngs,
     ):
         self.time_embed_dim = time_embed_dim
         self.time_scale = time_scale
+        self.fourier_features = fourier_features
         self.embed_in = nnx.Linear(
-            data_dim, width, kernel_metadata=sharding_metadata(None, "embed"), rngs=rngs
+            data_dim * (1 + 2 * fourier_features),
+            width,
+            kernel_metadata=sharding_metadata(None, "embed"),
+            rngs=rngs,
         )
         self.time_fc1 = nnx.Linear(
             time_embed_dim, width, kernel_metadata=sharding_metadata(None, "embed"), rngs=rngs
@@ -74,7 +88,7 @@ class TimeMLP(nnx.Module):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1]) * self.time_scale
         temb = self.time_fc2(nnx.silu(self.time_fc1(timestep_embedding(t, self.time_embed_dim))))
         emb = temb + self.label_embed(label)
-        h = self.embed_in(x)
+        h = self.embed_in(fourier_encode(x, self.fourier_features))
         for block in self.blocks:
             h = block(h, emb)
         return self.out(nnx.silu(self.norm_out(h)))
