@@ -1,6 +1,6 @@
 """Devices, meshes and shardings: multi-host start-up, the (data, fsdp) mesh, logical-axis rules.
 
-Parameters carry logical axis names (``sharding_names`` metadata, e.g. ("embed", "mlp")); the config's
+Parameters carry logical axis names (``out_sharding`` metadata, e.g. ("embed", "mlp")); the config's
 rules map each name to a mesh axis, or to None for replication. A dimension that the mapped mesh axes do not
 divide is replicated instead. Batches are sharded over both mesh axes along their first dimension.
 """

@@ -138,6 +138,13 @@ def _where(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def ema_update(ema: PyTree, params: PyTree, decay: float, step: jax.Array) -> PyTree:
+    """EMA with the usual warm-up, decay_n = min(decay, (1 + n) / (10 + n)): early averages forget the
+    random initialisation instead of being dominated by it."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
 def make_step(recipe: Recipe, active: tuple[Update, ...]):
     """The pure train step for steps where the updates ``active`` run, in order.
 
@@ -160,17 +167,20 @@ def make_step(recipe: Recipe, active: tuple[Update, ...]):
 
             trainable = {n: params[n] for n in update.trains}
             (loss, (aux, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-            ok = jnp.isfinite(loss) & _all_finite(grads)
+            new_params, new_opts = {}, {}
             for n in update.trains:
-                updates, new_opt = networks[n].optimizer.update(grads[n], opt[n], params[n])
-                params[n] = _where(ok, optax.apply_updates(params[n], updates), params[n])
-                opt[n] = _where(ok, new_opt, opt[n])
+                updates, new_opts[n] = networks[n].optimizer.update(grads[n], opt[n], params[n])
+                new_params[n] = optax.apply_updates(params[n], updates)
+            # Skip the whole update if anything it produced is not finite (loss, gradients, new parameters).
+            ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
+            for n in update.trains:
+                params[n] = _where(ok, new_params[n], params[n])
+                opt[n] = _where(ok, new_opts[n], opt[n])
                 if n in ema:
-                    decay = networks[n].ema_decay
-                    ema[n] = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema[n], params[n])
+                    ema[n] = ema_update(ema[n], params[n], networks[n].ema_decay, step_num)
             nonfinite[update.name] = jnp.where(ok, 0, nonfinite[update.name] + 1)
             metrics[f"{update.name}/loss"] = loss
-            metrics[f"{update.name}/grad_norm"] = optax.global_norm(grads)
+            metrics[f"{update.name}/grad_norm"] = optax.tree.norm(grads)
             metrics[f"{update.name}/skipped"] = 1.0 - ok.astype(jnp.float32)
             metrics.update({f"{update.name}/{k}": v for k, v in aux.items()})
             carry = {**carry, **new_carry}
@@ -339,39 +349,44 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         dynamic_ncols=True,
         desc=config.method.name,
     )
-    with StopSignal() as stop:
-        while step < config.num_steps:
-            local = source.local_batch(step, config.batch_size, s.rows)
-            batch = parallel.global_batch(local, s.batch_sharding, config.batch_size)
-            state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
-            step += 1
-            window.append(metrics)
-            bar.update(1)
+    try:
+        with StopSignal() as stop:
+            while step < config.num_steps:
+                local = source.local_batch(step, config.batch_size, s.rows)
+                batch = parallel.global_batch(local, s.batch_sharding, config.batch_size)
+                state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
+                step += 1
+                window.append(metrics)
+                bar.update(1)
 
-            if step % config.log_every == 0 or step == config.num_steps:
-                values = _mean_metrics(window)
-                values["steps_per_sec"] = len(window) / (time.perf_counter() - window_start)
-                metrics_log.write(step, values)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
-                window, window_start = [], time.perf_counter()
-                _check_nonfinite(state, config.max_nonfinite_streak, step)
+                if step % config.log_every == 0 or step == config.num_steps:
+                    values = _mean_metrics(window)
+                    values["steps_per_sec"] = len(window) / (time.perf_counter() - window_start)
+                    metrics_log.write(step, values)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
+                    window, window_start = [], time.perf_counter()
+                    _check_nonfinite(state, config.max_nonfinite_streak, step)
 
-            if config.sample.every and step % config.sample.every == 0:
-                write_samples(s, state, f"step_{step:07d}", config.sample.count)
+                if config.sample.every and step % config.sample.every == 0:
+                    write_samples(s, state, f"step_{step:07d}", config.sample.count)
 
-            stopping = parallel.agree(stop.received is not None)
-            if ckpt.due(step) or step == config.num_steps or stopping:
-                _check_nonfinite(state, config.max_nonfinite_streak, step)
-                ckpt.save(step, _checkpoint_items(state), _meta(step, root, state))
-            if stopping:
-                ckpt.close()
-                bar.close()
-                log.warning(
-                    "stopped at step %d by signal %s; the next run resumes from here", step, stop.received
-                )
-                raise SystemExit(128 + (stop.received or signal.SIGTERM))
-    bar.close()
-    ckpt.close()
+                # A stop request must be seen by every process at the same step; several processes agree at
+                # log steps only, to keep host synchronisation off the hot path.
+                stopping = False
+                if jax.process_count() == 1 or step % config.log_every == 0:
+                    stopping = parallel.agree(stop.received is not None)
+                if ckpt.due(step) or step == config.num_steps or stopping:
+                    _check_nonfinite(state, config.max_nonfinite_streak, step)
+                    ckpt.save(step, _checkpoint_items(state), _meta(step, root, state))
+                if stopping:
+                    ckpt.wait()
+                    log.warning(
+                        "stopped at step %d by signal %s; the next run resumes from here", step, stop.received
+                    )
+                    raise SystemExit(128 + (stop.received or signal.SIGTERM))
+    finally:
+        bar.close()
+        ckpt.close()  # finishes saves in flight, also when an error ends the loop
 
     results = evaluate_final(s, state)
     metrics_log.write(step, {f"eval/{k}": v for k, v in results.items()})
@@ -447,7 +462,7 @@ def evaluate_final(s: Setup, state) -> dict[str, float]:
 # ================================================================================================ other modes
 
 
-def _restore_for_inference(config, workdir) -> tuple[Setup, dict[str, PyTree], int]:
+def restore_latest(config, workdir) -> tuple[Setup, dict[str, PyTree], int]:
     s = setup(config, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=config.checkpoint.keep)
     if ckpt.latest_step() is None:
@@ -458,7 +473,7 @@ def _restore_for_inference(config, workdir) -> tuple[Setup, dict[str, PyTree], i
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-    s, state, step = _restore_for_inference(config, workdir)
+    s, state, step = restore_latest(config, workdir)
     if parallel.is_main_process():
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     name = f"sample_step{step:07d}"
@@ -467,7 +482,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    s, state, step = _restore_for_inference(config, workdir)
+    s, state, step = restore_latest(config, workdir)
     results = evaluate_final(s, state)
     MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=1 << 62).write(
         step, {f"eval/{k}": v for k, v in results.items()}
@@ -479,7 +494,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Write the sampling networks' parameters (EMA where used) as safetensors under ``workdir/export``."""
     from safetensors.numpy import save_file
 
-    s, state, step = _restore_for_inference(config, workdir)
+    s, state, step = restore_latest(config, workdir)
     params = parallel.to_host(_sampling_params(s, state))
     out_dir = os.path.join(workdir, "export")
     if parallel.is_main_process():

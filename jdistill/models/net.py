@@ -24,13 +24,13 @@ class Net:
         self._make = make
         abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
-        self.abstract = state.to_pure_dict()  # ShapeDtypeStruct leaves
+        self.abstract = nnx.to_pure_dict(state)  # ShapeDtypeStruct leaves
         self.logical_axes = _logical_axes(state)
 
     def init(self, key: jax.Array) -> PyTree:
         """Fresh parameters as a plain nested dict of arrays."""
         _, state = nnx.split(self._make(nnx.Rngs(key)))
-        return state.to_pure_dict()
+        return nnx.to_pure_dict(state)
 
     def apply(self, params: PyTree, *args, **kwargs) -> Any:
         return nnx.merge(self.graphdef, params)(*args, **kwargs)
@@ -40,7 +40,7 @@ class Net:
 
 
 def _logical_axes(state: nnx.State) -> PyTree:
-    """Per-parameter tuple of logical axis names (from ``sharding_names`` metadata) or None, as a pure dict."""
+    """Per-parameter tuple of logical axis names (from ``out_sharding`` metadata) or None, as a pure dict."""
 
     def axes(var):
         names = var.get_metadata().get("out_sharding")
@@ -61,4 +61,4 @@ def sharding_metadata(*names: str | None) -> dict[str, Any]:
 
     Eager sharding is off: parameters are created abstractly first and placed by the trainer.
     """
-    return {"sharding_names": tuple(names), "eager_sharding": False}
+    return {"out_sharding": tuple(names), "eager_sharding": False}

@@ -1,0 +1,76 @@
+"""Shared helpers for tests: small configs, subprocess runs of the entry point, checkpoint reading."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from jdistill import configuration
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# Tiny networks and short runs: tests check plumbing and exactness, not quality.
+SMALL = [
+    ("num_steps", "6"),
+    ("batch_size", "32"),
+    ("log_every", "2"),
+    ("progress_bar", "false"),
+    ("checkpoint.every", "3"),
+    ("sample.final_count", "64"),
+    ("sample.batch", "64"),
+    ("sample.count", "64"),
+    ("mesh.num_devices", "1"),  # the test process has 8 fake devices; only sharding tests use them
+]
+SMALL_SWIFTBRUSH_NETS = [
+    (f"networks.{n}.model.{k}", v)
+    for n in ("student", "fake_score")
+    for k, v in (("width", "32"), ("hidden", "64"), ("depth", "1"))
+]
+
+
+def load(spec: str, overrides=()) -> configuration.ml_collections.ConfigDict:
+    return configuration.load(str(REPO / spec.split(":")[0]) + ":" + spec.split(":")[1], list(overrides))
+
+
+def small_swiftbrush(*overrides: tuple[str, str]):
+    return load("configs/swiftbrush.py:gmm", [*SMALL, *SMALL_SWIFTBRUSH_NETS, *overrides])
+
+
+def subprocess_env(num_devices: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def main_command(workdir, spec="configs/swiftbrush.py:gmm", overrides=()) -> list[str]:
+    cmd = [sys.executable, "-m", "jdistill.main", f"--config={spec}", f"--workdir={workdir}"]
+    return cmd + [f"--config.{k}={v}" for k, v in overrides]
+
+
+def run_main(workdir, spec="configs/swiftbrush.py:gmm", overrides=(), timeout=300, num_devices=1):
+    return subprocess.run(
+        main_command(workdir, spec, overrides),
+        cwd=REPO,
+        env=subprocess_env(num_devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """A pytree as {path: numpy array} (global values)."""
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def max_abs_diff(a, b) -> float:
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    return max(float(np.max(np.abs(fa[k].astype(np.float64) - fb[k].astype(np.float64)))) for k in fa)
