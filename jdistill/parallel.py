@@ -94,6 +94,16 @@ def _processes_contiguous(mesh: Mesh) -> bool:
     return procs == sorted(procs)
 
 
+def needs_step_sync(mesh: Mesh) -> bool:
+    """Whether to wait for each step before dispatching the next.
+
+    XLA's in-process CPU collectives can deadlock when several multi-device programs are in flight on few
+    cores (seen with 8 fake devices on 2 cores: an all-gather rendezvous never completes). Accelerators keep
+    asynchronous dispatch.
+    """
+    return mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

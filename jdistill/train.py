@@ -349,12 +349,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         dynamic_ncols=True,
         desc=config.method.name,
     )
+    sync_each_step = parallel.needs_step_sync(s.mesh)
     try:
         with StopSignal() as stop:
             while step < config.num_steps:
                 local = source.local_batch(step, config.batch_size, s.rows)
                 batch = parallel.global_batch(local, s.batch_sharding, config.batch_size)
                 state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
+                if sync_each_step:
+                    jax.block_until_ready(metrics)
                 step += 1
                 window.append(metrics)
                 bar.update(1)
