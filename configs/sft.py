@@ -22,6 +22,7 @@ def get_config(arg=None):
     c.num_steps = 3000
     c.batch_size = 512
     c.checkpoint.every = 1000
+    c.sample.every = 1000
     if preset == "gmm":
         c.teacher = gmm_teacher("vp")
         c.networks.model = network_config(prediction="eps", lr=1e-3, ema_decay=0.999)

@@ -32,6 +32,7 @@ def get_config(arg=None):
         c.batch_size = 256
         c.log_every = 200
         c.checkpoint.every = 2000
+        c.sample.every = 2000
         c.method.guidance_scale = 3.0
         # The toy student starts class-agnostic (random init), so its fake score starts from scratch too:
         # a fake that starts as the class-conditional teacher cancels the class signal of CFG.

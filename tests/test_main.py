@@ -99,25 +99,31 @@ def _wait_for_step(workdir, step, proc, timeout=180):
     raise TimeoutError(f"run did not reach step {step}")
 
 
-@pytest.mark.slow
-def test_sigterm_saves_and_resume_is_exact(tmp_path):
-    straight = tmp_path / "straight"
-    assert run_main(straight, overrides=SIGNAL_RUN).returncode == 0
-    stopped = tmp_path / "stopped"
+def _interrupt(workdir, overrides, at_step: int, sig: int) -> tuple[int, str]:
+    """Start a run, send ``sig`` once it has logged ``at_step``; returns (exit status, stderr)."""
     proc = subprocess.Popen(
-        main_command(stopped, overrides=SIGNAL_RUN),
+        main_command(workdir, overrides=overrides),
         cwd=REPO,
         env=subprocess_env(),
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        _wait_for_step(stopped, 30, proc)
-        proc.send_signal(signal.SIGTERM)
+        _wait_for_step(workdir, at_step, proc)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_is_exact(tmp_path):
+    straight = tmp_path / "straight"
+    assert run_main(straight, overrides=SIGNAL_RUN).returncode == 0
+    stopped = tmp_path / "stopped"
+    returncode, err = _interrupt(stopped, SIGNAL_RUN, 30, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, err[-3000:]
     saved = sorted(int(d) for d in os.listdir(stopped / "checkpoints") if d.isdigit())
     assert len(saved) == 1 and 30 <= saved[0] < 300  # saved where it stopped, not at the end
     resumed = run_main(stopped, overrides=SIGNAL_RUN)
@@ -135,19 +141,7 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path):
     overrides = [*SIGNAL_RUN, ("checkpoint.every", "25")]
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        main_command(workdir, overrides=overrides),
-        cwd=REPO,
-        env=subprocess_env(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_for_step(workdir, 60, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    _interrupt(workdir, overrides, 60, signal.SIGKILL)
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert steps and steps[-1] >= 25
     resumed = run_main(workdir, overrides=overrides)
