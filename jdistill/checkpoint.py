@@ -1,7 +1,7 @@
 """Orbax checkpoints: one item per trained network, optimizer state and EMA, plus JSON metadata.
 
 Layout: ``<workdir>/checkpoints/<step>/<item>/`` with items ``<net>``, ``<net>_opt``, ``<net>_ema`` and
-``meta`` (step, data position, PRNG key, non-finite counters, config fingerprint). Saves are asynchronous;
+``meta`` (step, data position, PRNG key, non-finite counters). Saves are asynchronous;
 Orbax only lists a step once it is completely written, so a run killed mid-save resumes from the previous
 one. A listed checkpoint that cannot be read (files deleted or truncated) is moved aside to
 ``<workdir>/checkpoints.corrupt/`` with a warning and the next older one is used: nothing is deleted.
@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jdistill import parallel
 
@@ -72,13 +73,37 @@ class Checkpointer:
                 if meta.get("step") != step:
                     raise CheckpointError(f"metadata says step {meta.get('step')}, directory says {step}")
                 return step, items, meta
-            except Exception as err:
+            except Exception as err:  # any failure to read: corrupt (moved aside) or another model's (error)
+                mismatch = self._shape_mismatch(step, abstract_items)
+                if mismatch:
+                    raise CheckpointError(
+                        f"checkpoint {step} in {self.directory} was written for a different model ({mismatch}). "
+                        "Use a new --workdir, or the config that wrote it."
+                    ) from err
                 self._set_aside(step, err)
         if steps:
             raise CheckpointError(
                 f"none of the checkpoints {steps} in {self.directory} could be read; they were moved to "
                 f"{self.directory}.corrupt/. Remove that directory's contents to start over."
             )
+        return None
+
+    def _shape_mismatch(self, step: int, abstract_items: dict[str, PyTree]) -> str | None:
+        """The first parameter whose stored shape differs from the expected one, if the metadata is readable."""
+        try:
+            handler = ocp.StandardCheckpointHandler()
+            stored_items = {
+                name: _shapes(handler.metadata(epath.Path(self.directory) / str(step) / name).tree)
+                for name in abstract_items
+                if not name.endswith("_opt")  # optimizer states follow their parameters
+            }
+        except Exception:  # unreadable metadata: corrupt, not mismatched
+            return None
+        for name, stored in stored_items.items():
+            expected = _shapes(abstract_items[name])
+            for path in sorted(set(stored) | set(expected)):
+                if stored.get(path) != expected.get(path):
+                    return f"{name}{path}: stored {stored.get(path)}, expected {expected.get(path)}"
         return None
 
     def _set_aside(self, step: int, err: Exception) -> None:
@@ -104,6 +129,10 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_like(tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs (with shardings) of a tree of arrays."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    """{"[a][b]": shape} for the array leaves of a tree (parameter trees and their Orbax metadata alike)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {
+        "".join(f"[{getattr(k, 'key', getattr(k, 'idx', k))}]" for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+    }

@@ -13,6 +13,7 @@ import pytest
 from helpers import max_abs_diff, small_swiftbrush
 
 from jdistill import parallel, train
+from jdistill.checkpoint import CheckpointError
 
 
 def run_steps(config, n: int, workdir: str = "/nonexistent"):
@@ -131,3 +132,16 @@ def test_update_schedule_every_k():
     counts = [int(x) for x in count if np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.integer)]
     assert counts and all(c == 1 for c in counts)
     assert max_abs_diff(student0, state["params"]["student"]) > 0
+
+
+def test_checkpoint_of_another_model_is_refused_not_moved(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train(small_swiftbrush(("num_steps", "3")), workdir)
+    wider = small_swiftbrush(("num_steps", "6"), ("networks.student.model.width", "48"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"different model \(student\[blocks\]\[0\]\[fc1\]\[kernel\]: stored \(32, 64\), expected \(48, 64\)\)",
+    ):
+        train.train(wider, workdir)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))  # left where it was
+    assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))

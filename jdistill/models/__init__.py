@@ -23,6 +23,7 @@ def mlp_config(**overrides) -> ml_collections.ConfigDict:
             "hidden": 256,
             "time_embed_dim": 64,
             "time_scale": 1.0,
+            "out_dim": 0,  # 0: the data dimension; 1: a discriminator logit
             "fourier_features": 0,
         }
     )
@@ -50,6 +51,7 @@ def build_model(
             time_scale=cfg.time_scale,
             zero_out=zero_out,
             fourier_features=cfg.fourier_features,
+            out_dim=cfg.out_dim or None,
             rngs=rngs,
         )
     raise ValueError(f"unknown model arch {cfg.arch!r}; choose one of {ARCHITECTURES}")
