@@ -54,7 +54,6 @@ class ResidualDenoiser:
     base: Denoiser
     net: Net
     prediction: str
-    base_cond: PyTree = None  # if set, the base always sees this condition (e.g. the unconditional one)
 
     @property
     def schedule(self) -> Schedule:
@@ -64,12 +63,7 @@ class ResidualDenoiser:
         self, params: tuple[PyTree, PyTree], x_t: jax.Array, t: jax.Array, cond: PyTree
     ) -> Prediction:
         base_params, own = params
-        base_cond = (
-            cond
-            if self.base_cond is None
-            else jax.tree.map(lambda c, u: jnp.broadcast_to(u, c.shape).astype(c.dtype), cond, self.base_cond)
-        )
-        base = self.base.predict(base_params, x_t, t, base_cond).as_type(self.prediction)
+        base = self.base.predict(base_params, x_t, t, cond).as_type(self.prediction)
         out = base + self.net.apply(own, x_t, self.schedule.model_time(t), cond).astype(jnp.float32)
         return to_prediction(out, self.prediction, x_t, self.schedule, t)
 

@@ -35,7 +35,7 @@ from jdistill.methods.common import (
 from jdistill.methods.recipe import Recipe, Update
 from jdistill.rng import streams
 
-FAKE_SCORE_INITS = ("teacher_residual", "uncond_teacher_residual", "random")
+FAKE_SCORE_INITS = ("teacher_residual", "random")
 
 
 NETWORKS = ("student", "fake_score")
@@ -54,8 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
             "fake_target": "eps",
             "fake_weighting": "alpha2",
             "fake_score_init": "teacher_residual",
-            "generator_every": 1,
-            "fake_noise_draws": 1,  # (t, eps) draws per generated sample in the fake-score loss  # the paper updates both networks every step; >1 is DMD2-style TTUR
+            "generator_every": 1,  # the paper updates both networks every step; >1 is DMD2-style TTUR
+            "fake_noise_draws": 1,  # (t, eps) draws per generated sample in the fake-score loss
         }
     )
 
@@ -68,7 +68,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
     schedule = world.teacher.schedule
     teacher = world.teacher
-    residual = m.fake_score_init.endswith("teacher_residual")
+    residual = m.fake_score_init == "teacher_residual"
 
     student_net = build_network("student", config.networks.student, world, config.num_steps)
     fake_net = build_network(
@@ -76,8 +76,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     )
     student = network_denoiser(student_net, config.networks.student, schedule)
     if residual:
-        base_cond = world.uncond if m.fake_score_init == "uncond_teacher_residual" else None
-        fake = ResidualDenoiser(teacher, fake_net.net, config.networks.fake_score.prediction, base_cond)
+        fake = ResidualDenoiser(teacher, fake_net.net, config.networks.fake_score.prediction)
 
         def fake_params(params):
             return (params["teacher"], params["fake_score"])
