@@ -7,6 +7,7 @@ plain dict of arrays back into the module for one call. jit, grad, optax and Orb
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,18 @@ from flax import nnx
 
 PyTree = Any
 
+# Set while a Net computes its parameter shapes: layers built through ``build_layer`` are then traced one at a
+# time. (Tracing a whole large model at once is quadratic in its size: every RNG counter update inside the
+# trace makes JAX search the partial jaxpr for an error message that is never shown; SDXL took 75 s.)
+_ABSTRACT: contextvars.ContextVar[bool] = contextvars.ContextVar("jdistill_abstract_layers", default=False)
+
+
+def build_layer(make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """Construct a parameterised layer: abstractly (shapes only, no memory) during a Net's shape pass."""
+    if _ABSTRACT.get():
+        return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    return make(rngs)
+
 
 class Net:
     """A module definition with functional ``init`` and ``apply``."""
@@ -22,9 +35,15 @@ class Net:
     def __init__(self, name: str, make: Callable[[nnx.Rngs], nnx.Module]):
         self.name = name
         self._make = make
-        abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-        self.graphdef, state = nnx.split(abstract)
-        self.abstract = nnx.to_pure_dict(state)  # ShapeDtypeStruct leaves
+        token = _ABSTRACT.set(True)
+        try:
+            module = make(nnx.Rngs(0))
+        finally:
+            _ABSTRACT.reset(token)
+        self.graphdef, state = nnx.split(module)
+        self.abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state)
+        )
         self.logical_axes = _logical_axes(state)
 
     def init(self, key: jax.Array) -> PyTree:

@@ -1,0 +1,56 @@
+"""UNet2DConditionModel weights: diffusers checkpoints <-> jdistill parameters.
+
+The module tree mirrors diffusers' names, so the generic rules of ``convert.core`` cover every key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jdistill.convert.core import load_state_dict, to_state_dict
+from jdistill.convert.io import lazy_state_dict, read_json, weight_files
+from jdistill.models.layers import FP32, Precision
+from jdistill.models.net import Net
+from jdistill.models.unet import UNet2DConditionModel, UNetConfig
+
+PyTree = Any
+
+
+def unet_net(config: UNetConfig, *, precision: Precision = FP32, attention_impl="xla", remat=False) -> Net:
+    return Net(
+        "unet",
+        lambda rngs: UNet2DConditionModel(
+            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
+        ),
+    )
+
+
+def load_unet(
+    source: str | Mapping[str, Any],
+    config: UNetConfig | None = None,
+    *,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    precision: Precision = FP32,
+    attention_impl: str = "xla",
+    remat: bool = False,
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+) -> tuple[Net, PyTree]:
+    """(Net, params) from a ``unet/`` folder (config.json + safetensors) or an in-memory state dict."""
+    if isinstance(source, str):
+        config = config or UNetConfig.from_dict(read_json(os.path.join(source, "config.json")))
+        state = lazy_state_dict(weight_files(source, variant, allow_pickle))
+    else:
+        if config is None:
+            raise ValueError("a UNetConfig is needed with an in-memory state dict")
+        state = source
+    net = unet_net(config, precision=precision, attention_impl=attention_impl, remat=remat)
+    return net, load_state_dict(net.abstract, state, place=place, what="UNet2DConditionModel")
+
+
+def unet_state_dict(params: PyTree) -> dict[str, np.ndarray]:
+    return to_state_dict(params)

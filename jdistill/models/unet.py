@@ -1,0 +1,566 @@
+"""UNet2DConditionModel in Flax NNX, equal to diffusers' for the options SD1.x, SD2.x and SDXL use.
+
+Attribute names are diffusers' module names, so every torch key maps to a parameter path through the generic
+rules of ``jdistill.convert.core`` (no per-layer table). Data is NHWC; ``encoder_hidden_states`` is (B, T, D).
+
+Supported: per-block heads (diffusers' ``attention_head_dim`` is the number of heads, a naming quirk kept for
+config compatibility), ``use_linear_projection``, per-block (and per-layer) ``transformer_layers_per_block``,
+``addition_embed_type="text_time"`` (SDXL), ``time_cond_proj_dim`` (LCM's guidance embedding),
+``upcast_attention``, optional bottleneck (mid-block) features, attention implementation, remat per block,
+and a dtype policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.embeddings import timestep_embedding
+from jdistill.models.layers import FP32, Precision, conv, group_norm, layer_norm, linear
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+# Options of diffusers' config that jdistill does not implement; a config using them is refused.
+UNSUPPORTED_OPTIONS = {
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "timestep_post_act": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "addition_embed_type_num_heads": 64,
+    "dropout": 0.0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: int = 64
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: Any = 1  # int, per block, or per block and layer
+    reverse_transformer_layers_per_block: Any = None
+    attention_head_dim: Any = 8  # number of heads (diffusers' naming), int or per block
+    num_attention_heads: Any = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    time_cond_proj_dim: int | None = None
+    act_fn: str = "silu"
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    center_input_sample: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        """From a diffusers ``unet/config.json`` dict; unknown bookkeeping keys are ignored."""
+        for key, default in UNSUPPORTED_OPTIONS.items():
+            value = d.get(key, default)
+            if isinstance(value, list):
+                value = tuple(value)
+            if key in d and value != default and not (key == "only_cross_attention" and not any_true(value)):
+                raise ValueError(f"UNet config {key}={d[key]!r} is not supported (only {default!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+        for k in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+            if isinstance(kwargs.get(k), tuple):
+                kwargs[k] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[k])
+        if kwargs.get("upcast_attention") is None:  # SDXL's config has null
+            kwargs["upcast_attention"] = False
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.update(UNSUPPORTED_OPTIONS)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def validate(self) -> None:
+        bad = [b for b in self.down_block_types if b not in DOWN_BLOCKS] + [
+            b for b in self.up_block_types if b not in UP_BLOCKS
+        ]
+        if bad:
+            raise ValueError(f"unsupported UNet blocks {bad}; supported: {DOWN_BLOCKS + UP_BLOCKS}")
+        if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+            raise ValueError(f"unsupported mid block {self.mid_block_type!r}")
+        if self.num_attention_heads is not None:
+            raise ValueError("set attention_head_dim (diffusers' number of heads), not num_attention_heads")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(
+                f"addition_embed_type {self.addition_embed_type!r} is not supported (None, 'text_time')"
+            )
+        if self.act_fn != "silu":
+            raise ValueError(f"act_fn {self.act_fn!r} is not supported (silu)")
+
+    def per_block(self, value) -> tuple:
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * len(self.down_block_types)
+
+
+def any_true(value) -> bool:
+    return any(value) if isinstance(value, (tuple, list)) else bool(value)
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+class Attention(nnx.Module):
+    """diffusers' Attention with bias-free q/k/v and a biased output projection (``to_out.0``)."""
+
+    def __init__(self, dim, context_dim, heads, head_dim, rngs, p: Precision, *, upcast=False, impl="xla"):
+        inner = heads * head_dim
+        self.heads, self.upcast, self.impl = heads, upcast, impl
+        self.to_q = linear(dim, inner, rngs, p, bias=False, axes=("embed", "heads"))
+        self.to_k = linear(context_dim, inner, rngs, p, bias=False, axes=("embed", "heads"))
+        self.to_v = linear(context_dim, inner, rngs, p, bias=False, axes=("embed", "heads"))
+        self.to_out = nnx.List([linear(inner, dim, rngs, p, axes=("heads", "embed"))])
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        q, k, v = (
+            split_heads(f(y), self.heads)
+            for f, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        return self.to_out[0](merge_heads(attention(q, k, v, impl=self.impl, upcast=self.upcast)))
+
+
+class GEGLU(nnx.Module):
+    def __init__(self, dim, inner, rngs, p: Precision):
+        self.proj = linear(dim, inner * 2, rngs, p)
+
+    def __call__(self, x):
+        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """``net.0`` = GEGLU, ``net.1`` = dropout (no parameters), ``net.2`` = output projection."""
+
+    def __init__(self, dim, rngs, p: Precision, mult=4):
+        inner = dim * mult
+        self.net = nnx.List(
+            [GEGLU(dim, inner, rngs, p), nnx.Dropout(0.0), linear(inner, dim, rngs, p, axes=("mlp", "embed"))]
+        )
+
+    def __call__(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    def __init__(self, dim, context_dim, heads, head_dim, rngs, p: Precision, *, upcast=False, impl="xla"):
+        self.norm1 = layer_norm(dim, 1e-5, rngs, p)
+        self.attn1 = Attention(dim, dim, heads, head_dim, rngs, p, upcast=upcast, impl=impl)
+        self.norm2 = layer_norm(dim, 1e-5, rngs, p)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim, rngs, p, upcast=upcast, impl=impl)
+        self.norm3 = layer_norm(dim, 1e-5, rngs, p)
+        self.ff = FeedForward(dim, rngs, p)
+        self.dtype = p.dtype
+
+    def __call__(self, x, context):
+        x = self.attn1(self.norm1(x).astype(self.dtype)) + x
+        x = self.attn2(self.norm2(x).astype(self.dtype), context) + x
+        return self.ff(self.norm3(x).astype(self.dtype)) + x
+
+
+class Transformer2DModel(nnx.Module):
+    def __init__(
+        self, channels, context_dim, heads, depth, groups, rngs, p: Precision, *, linear_proj, upcast, impl
+    ):
+        head_dim = channels // heads
+        self.linear_proj, self.dtype = linear_proj, p.dtype
+        self.norm = group_norm(groups, channels, 1e-6, rngs, p)
+        make_proj = (
+            (lambda: linear(channels, channels, rngs, p))
+            if linear_proj
+            else (lambda: conv(channels, channels, 1, rngs, p))
+        )
+        self.proj_in = make_proj()
+        self.transformer_blocks = nnx.List(
+            [
+                BasicTransformerBlock(
+                    channels, context_dim, heads, head_dim, rngs, p, upcast=upcast, impl=impl
+                )
+                for _ in range(depth)
+            ]
+        )
+        self.proj_out = make_proj()
+
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        residual = x
+        x = self.norm(x).astype(self.dtype)
+        x = self.proj_in(x.reshape(b, h * w, c)) if self.linear_proj else self.proj_in(x).reshape(b, h * w, c)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        x = self.proj_out(x).reshape(b, h, w, c) if self.linear_proj else self.proj_out(x.reshape(b, h, w, c))
+        return x + residual
+
+
+class ResnetBlock2D(nnx.Module):
+    def __init__(self, cin, cout, temb_dim, groups, eps, rngs, p: Precision):
+        self.dtype = p.dtype
+        self.norm1 = group_norm(groups, cin, eps, rngs, p)
+        self.conv1 = conv(cin, cout, 3, rngs, p, padding=1)
+        self.time_emb_proj = linear(temb_dim, cout, rngs, p, axes=("embed", "conv_out"))
+        self.norm2 = group_norm(groups, cout, eps, rngs, p)
+        self.conv2 = conv(cout, cout, 3, rngs, p, padding=1)
+        self.conv_shortcut = conv(cin, cout, 1, rngs, p) if cin != cout else None
+
+    def __call__(self, x, temb):
+        h = self.conv1(nnx.silu(self.norm1(x)).astype(self.dtype))
+        h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
+        h = self.conv2(nnx.silu(self.norm2(h)).astype(self.dtype))
+        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return shortcut + h
+
+
+class Downsample2D(nnx.Module):
+    def __init__(self, channels, rngs, p: Precision):
+        self.conv = conv(channels, channels, 3, rngs, p, stride=2, padding=1)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    def __init__(self, channels, rngs, p: Precision):
+        self.conv = conv(channels, channels, 3, rngs, p, padding=1)
+
+    def __call__(self, x, size: tuple[int, int] | None = None):
+        if size is None:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:  # odd skip sizes: nearest resize to the skip connection's size, as diffusers does
+            x = jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="nearest")
+        return self.conv(x)
+
+
+def _maybe_remat(enabled: bool):
+    """Call a sub-module, rematerialising its activations in the backward pass when ``enabled``."""
+    return nnx.remat(lambda m, *a: m(*a)) if enabled else (lambda m, *a: m(*a))
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockSpec:
+    kind: str
+    cin: int
+    cout: int
+    prev: int  # up blocks: channels coming from below
+    heads: int
+    depths: tuple[int, ...]
+    add_sample: bool
+
+
+class DownBlock(nnx.Module):
+    """CrossAttnDownBlock2D (with attentions) or DownBlock2D."""
+
+    def __init__(
+        self, spec: _BlockSpec, cfg: UNetConfig, temb_dim: int, rngs, p: Precision, impl: str, remat: bool
+    ):
+        self.remat = remat
+        n = cfg.layers_per_block
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    spec.cin if i == 0 else spec.cout,
+                    spec.cout,
+                    temb_dim,
+                    cfg.norm_num_groups,
+                    cfg.norm_eps,
+                    rngs,
+                    p,
+                )
+                for i in range(n)
+            ]
+        )
+        if spec.kind == "CrossAttnDownBlock2D":
+            self.attentions = nnx.List(
+                [
+                    Transformer2DModel(
+                        spec.cout,
+                        cfg.cross_attention_dim,
+                        spec.heads,
+                        spec.depths[i],
+                        cfg.norm_num_groups,
+                        rngs,
+                        p,
+                        linear_proj=cfg.use_linear_projection,
+                        upcast=cfg.upcast_attention,
+                        impl=impl,
+                    )
+                    for i in range(n)
+                ]
+            )
+        else:
+            self.attentions = None
+        self.downsamplers = nnx.List([Downsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
+
+    def __call__(self, x, temb, context):
+        call = _maybe_remat(self.remat)
+        outputs = []
+        for i, resnet in enumerate(self.resnets):
+            x = call(resnet, x, temb)
+            if self.attentions is not None:
+                x = call(self.attentions[i], x, context)
+            outputs.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            outputs.append(x)
+        return x, outputs
+
+
+class UpBlock(nnx.Module):
+    """CrossAttnUpBlock2D (with attentions) or UpBlock2D; consumes skip connections from the down path."""
+
+    def __init__(
+        self, spec: _BlockSpec, cfg: UNetConfig, temb_dim: int, rngs, p: Precision, impl: str, remat: bool
+    ):
+        self.remat = remat
+        n = cfg.layers_per_block + 1
+        resnets = []
+        for i in range(n):
+            skip = spec.cin if i == n - 1 else spec.cout
+            first = spec.prev if i == 0 else spec.cout
+            resnets.append(
+                ResnetBlock2D(first + skip, spec.cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, rngs, p)
+            )
+        self.resnets = nnx.List(resnets)
+        if spec.kind == "CrossAttnUpBlock2D":
+            self.attentions = nnx.List(
+                [
+                    Transformer2DModel(
+                        spec.cout,
+                        cfg.cross_attention_dim,
+                        spec.heads,
+                        spec.depths[i],
+                        cfg.norm_num_groups,
+                        rngs,
+                        p,
+                        linear_proj=cfg.use_linear_projection,
+                        upcast=cfg.upcast_attention,
+                        impl=impl,
+                    )
+                    for i in range(n)
+                ]
+            )
+        else:
+            self.attentions = None
+        self.upsamplers = nnx.List([Upsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
+
+    def __call__(self, x, skips: list, temb, context, upsample_size=None):
+        call = _maybe_remat(self.remat)
+        for i, resnet in enumerate(self.resnets):
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = call(resnet, x, temb)
+            if self.attentions is not None:
+                x = call(self.attentions[i], x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nnx.Module):
+    def __init__(self, channels, heads, depth, cfg: UNetConfig, temb_dim, rngs, p: Precision, impl, remat):
+        self.remat = remat
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nnx.List(
+            [ResnetBlock2D(channels, channels, temb_dim, g, eps, rngs, p) for _ in range(2)]
+        )
+        self.attentions = nnx.List(
+            [
+                Transformer2DModel(
+                    channels,
+                    cfg.cross_attention_dim,
+                    heads,
+                    depth,
+                    g,
+                    rngs,
+                    p,
+                    linear_proj=cfg.use_linear_projection,
+                    upcast=cfg.upcast_attention,
+                    impl=impl,
+                )
+            ]
+        )
+
+    def __call__(self, x, temb, context):
+        call = _maybe_remat(self.remat)
+        x = call(self.resnets[0], x, temb)
+        x = call(self.attentions[0], x, context)
+        return call(self.resnets[1], x, temb)
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, din, dim, rngs, p: Precision, cond_dim: int | None = None):
+        self.linear_1 = linear(din, dim, rngs, p)
+        self.linear_2 = linear(dim, dim, rngs, p, axes=("mlp", "embed"))
+        self.cond_proj = (
+            linear(cond_dim, din, rngs, p, bias=False, axes=(None, "embed")) if cond_dim else None
+        )
+
+    def __call__(self, x, cond=None):
+        if cond is not None:
+            if self.cond_proj is None:
+                raise ValueError("a timestep condition was given, but the UNet has no time_cond_proj_dim")
+            x = x + self.cond_proj(cond)
+        return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def _layer_depths(value, n_blocks: int, n_layers: int) -> list[tuple[int, ...]]:
+    per_block = value if isinstance(value, (tuple, list)) else (value,) * n_blocks
+    return [tuple(d) if isinstance(d, (tuple, list)) else (d,) * n_layers for d in per_block]
+
+
+class UNet2DConditionModel(nnx.Module):
+    """``__call__(sample, timesteps, cond)`` with ``cond`` a dict: ``encoder_hidden_states`` (B, T, D), and for
+    SDXL ``text_embeds`` (B, P) and ``time_ids`` (B, 6); optionally ``timestep_cond`` (LCM's w embedding)."""
+
+    def __init__(
+        self,
+        config: UNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        precision: Precision = FP32,
+        attention_impl: str = "xla",
+        remat: bool = False,
+    ):
+        cfg = self.config = config
+        p, impl = precision, attention_impl
+        self.dtype = p.dtype
+        ch = cfg.block_out_channels
+        n_blocks = len(ch)
+        heads = cfg.per_block(cfg.attention_head_dim)
+        time_dim = ch[0] * 4
+        self.conv_in = conv(cfg.in_channels, ch[0], 3, rngs, p, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], time_dim, rngs, p, cfg.time_cond_proj_dim)
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(
+                cfg.projection_class_embeddings_input_dim, time_dim, rngs, p
+            )
+        else:
+            self.add_embedding = None
+
+        down_depths = _layer_depths(cfg.transformer_layers_per_block, n_blocks, cfg.layers_per_block)
+        down = []
+        for i, kind in enumerate(cfg.down_block_types):
+            spec = _BlockSpec(kind, ch[max(i - 1, 0)], ch[i], 0, heads[i], down_depths[i], i < n_blocks - 1)
+            down.append(DownBlock(spec, cfg, time_dim, rngs, p, impl, remat))
+        self.down_blocks = nnx.List(down)
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            ch[-1], heads[-1], down_depths[-1][0], cfg, time_dim, rngs, p, impl, remat
+        )
+
+        rch, rheads = ch[::-1], heads[::-1]
+        if cfg.reverse_transformer_layers_per_block is not None:
+            up_depths = _layer_depths(
+                cfg.reverse_transformer_layers_per_block, n_blocks, cfg.layers_per_block + 1
+            )
+        else:
+            up_depths = _layer_depths(
+                tuple(reversed(cfg.per_block(cfg.transformer_layers_per_block))),
+                n_blocks,
+                cfg.layers_per_block + 1,
+            )
+        up = []
+        for i, kind in enumerate(cfg.up_block_types):
+            spec = _BlockSpec(
+                kind,
+                rch[min(i + 1, n_blocks - 1)],
+                rch[i],
+                rch[max(i - 1, 0)],
+                rheads[i],
+                up_depths[i],
+                i < n_blocks - 1,
+            )
+            up.append(UpBlock(spec, cfg, time_dim, rngs, p, impl, remat))
+        self.up_blocks = nnx.List(up)
+        self.conv_norm_out = group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, rngs, p)
+        self.conv_out = conv(ch[0], cfg.out_channels, 3, rngs, p, padding=1)
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, cond: dict, *, return_mid: bool = False):
+        cfg = self.config
+        b = sample.shape[0]
+        context = cond["encoder_hidden_states"].astype(self.dtype)
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
+        t_emb = timestep_embedding(
+            t,
+            cfg.block_out_channels[0],
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            downscale_freq_shift=cfg.freq_shift,
+        )
+        t_cond = cond.get("timestep_cond")
+        emb = self.time_embedding(
+            t_emb.astype(self.dtype), None if t_cond is None else t_cond.astype(self.dtype)
+        )
+        if self.add_embedding is not None:
+            time_ids = jnp.asarray(cond["time_ids"], jnp.float32)
+            time_embeds = timestep_embedding(
+                time_ids.reshape(-1),
+                cfg.addition_time_embed_dim,
+                flip_sin_to_cos=cfg.flip_sin_to_cos,
+                downscale_freq_shift=cfg.freq_shift,
+            ).reshape(b, -1)
+            add = jnp.concatenate([cond["text_embeds"].astype(jnp.float32), time_embeds], axis=-1)
+            emb = emb + self.add_embedding(add.astype(self.dtype))
+
+        x = sample.astype(self.dtype)
+        if cfg.center_input_sample:
+            x = 2 * x - 1.0
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, outs = block(x, emb, context)
+            skips.extend(outs)
+        x = self.mid_block(x, emb, context)
+        mid = x
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = None
+            if skips and (skips[-1].shape[1] != 2 * x.shape[1] or skips[-1].shape[2] != 2 * x.shape[2]):
+                size = skips[-1].shape[1:3]
+            x = block(x, block_skips, emb, context, size)
+        x = self.conv_out(nnx.silu(self.conv_norm_out(x)).astype(self.dtype))
+        return (x, mid) if return_mid else x
+
+
+def count_params(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
