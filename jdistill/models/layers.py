@@ -76,7 +76,13 @@ def group_norm(groups: int, channels: int, eps: float, rngs: nnx.Rngs, p: Precis
     # Statistics in float32 whatever the compute dtype, as torch autocast does for group norm.
     return build_layer(
         lambda r: nnx.GroupNorm(
-            channels, num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=p.param_dtype, rngs=r
+            channels,
+            num_groups=groups,
+            epsilon=eps,
+            use_fast_variance=False,  # torch's two-pass variance: E[x^2]-E[x]^2 loses precision on large activations
+            dtype=jnp.float32,
+            param_dtype=p.param_dtype,
+            rngs=r,
         ),
         rngs,
     )
@@ -89,6 +95,7 @@ def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, p: Precision, *, affine: bo
             epsilon=eps,
             use_bias=affine,
             use_scale=affine,
+            use_fast_variance=False,
             dtype=jnp.float32,
             param_dtype=p.param_dtype,
             rngs=r,
