@@ -1,0 +1,98 @@
+"""CLIP text encoder weights: transformers checkpoints <-> jdistill parameters.
+
+Two key layouts exist for the same tensors: the hub's (``text_model.encoder.layers.0...``, what pipelines on the
+hub ship and what ``CLIPTextModelWithProjection`` saves) and the unprefixed one transformers 5 saves for
+``CLIPTextModel`` (``encoder.layers.0...``). Both load; the ``position_ids`` buffer some checkpoints carry is
+skipped. Beyond that the generic rules of ``convert.core`` cover every key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jdistill.convert.core import load_state_dict, to_state_dict
+from jdistill.convert.io import lazy_state_dict, read_json, weight_files
+from jdistill.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from jdistill.models.layers import FP32, Precision
+from jdistill.models.net import Net
+
+PyTree = Any
+PREFIX = "text_model."
+PROJECTION = "text_projection."
+IGNORE = (r"(^|\.)position_ids$",)
+
+
+def clip_text_net(
+    config: CLIPTextConfig,
+    *,
+    with_projection: bool,
+    precision: Precision = FP32,
+    attention_impl: str = "xla",
+    remat: bool = False,
+) -> Net:
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return Net(
+        "text_encoder",
+        lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
+    )
+
+
+def _add_prefix(key: str) -> str:
+    return key if key.startswith((PREFIX, PROJECTION)) else PREFIX + key
+
+
+def load_clip_text(
+    source: str | Mapping[str, Any],
+    config: CLIPTextConfig | None = None,
+    *,
+    with_projection: bool | None = None,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    precision: Precision = FP32,
+    attention_impl: str = "xla",
+    remat: bool = False,
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+) -> tuple[Net, PyTree]:
+    """(Net, params) from a ``text_encoder/`` folder (config.json + safetensors) or an in-memory state dict.
+
+    ``with_projection=None`` takes the model class from the checkpoint: with projection iff it holds
+    ``text_projection.weight``. Loading is strict (``ConversionError`` names missing, unexpected and mis-shaped
+    keys).
+    """
+    if isinstance(source, str):
+        config = config or CLIPTextConfig.from_dict(read_json(os.path.join(source, "config.json")))
+        state = lazy_state_dict(weight_files(source, variant, allow_pickle))
+    else:
+        if config is None:
+            raise ValueError("a CLIPTextConfig is needed with an in-memory state dict")
+        state = source
+    if with_projection is None:
+        with_projection = PROJECTION + "weight" in state
+    # One layout per checkpoint: if any key has the hub prefix, all must (others are reported unexpected).
+    prefixed = any(k.startswith(PREFIX) for k in state)
+    net = clip_text_net(
+        config,
+        with_projection=with_projection,
+        precision=precision,
+        attention_impl=attention_impl,
+        remat=remat,
+    )
+    what = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
+    params = load_state_dict(
+        net.abstract, state, rename=None if prefixed else _add_prefix, ignore=IGNORE, place=place, what=what
+    )
+    return net, params
+
+
+def clip_state_dict(params: PyTree, prefix: bool = True) -> dict[str, np.ndarray]:
+    """The torch state dict of CLIP text parameters: hub layout, or without ``text_model.`` (transformers 5's
+    ``CLIPTextModel``) when ``prefix`` is False."""
+
+    def strip(key: str) -> str:
+        return key.removeprefix(PREFIX)
+
+    return to_state_dict(params, rename=None if prefix else strip)
