@@ -44,7 +44,7 @@ def get_config(arg=None):
         c.method.guidance_scale = 3.0
         # The toy student starts class-agnostic (random init), so its fake score starts from scratch too:
         # a fake that starts as the class-conditional teacher cancels the class signal of CFG.
-        c.method.fake_score_init = "random"
+        c.method.fake_score_init = "network"
         c.method.fake_target = "v"
         c.method.fake_weighting = "uniform"
         c.networks.student = network_config(prediction="x0", lr=3e-4, ema_decay=0.99, fourier_features=2)

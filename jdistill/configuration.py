@@ -181,7 +181,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from jdistill.diffusion.samplers import TIMESTEP_SPACINGS
     from jdistill.diffusion.schedules import BETA_SCHEDULES
     from jdistill.methods.common import WEIGHTINGS
-    from jdistill.models import ARCHITECTURES
+    from jdistill.models import ARCHITECTURES, NETWORK_INITS
+    from jdistill.models.attention import ATTENTION_IMPLS
 
     return {
         "cfg_convention": CFG_CONVENTIONS,
@@ -194,6 +195,10 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "beta_schedule": BETA_SCHEDULES,
         "spacing": TIMESTEP_SPACINGS,
         "unannotated": ("replicate", "fsdp"),
+        "init": NETWORK_INITS,
+        "attention_impl": ATTENTION_IMPLS,
+        "dtype": ("float32", "bfloat16", "float16"),
+        "param_dtype": ("float32", "bfloat16", "float16"),
     }
 
 
@@ -201,8 +206,15 @@ def _path_choices() -> dict[str, tuple[str, ...]]:
     from jdistill.diffusion.schedules import SCHEDULE_KINDS
     from jdistill.methods import METHODS
     from jdistill.teachers import WORLD_KINDS
+    from jdistill.teachers.presets import PRESETS, UNCOND_RULES
 
-    return {"method.name": METHODS, "teacher.kind": WORLD_KINDS, "teacher.schedule.kind": SCHEDULE_KINDS}
+    return {
+        "method.name": METHODS,
+        "teacher.kind": WORLD_KINDS,
+        "teacher.schedule.kind": SCHEDULE_KINDS,
+        "teacher.preset": tuple(PRESETS),
+        "teacher.uncond": ("", *UNCOND_RULES),
+    }
 
 
 def _walk(node: ml_collections.ConfigDict, prefix: str = ""):
@@ -245,3 +257,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):  # JSON has no tuples; configs use tuples for fixed sequences
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to ``workdir/config.json``, validated and locked."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} does not exist: is {workdir} a jdistill run directory?")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from err
+    cfg = ml_collections.ConfigDict(_tuples(data))
+    validate(cfg)
+    cfg.lock()
+    return cfg

@@ -56,7 +56,9 @@ def main(argv: list[str]) -> None:
         elif FLAGS.mode == "eval":
             print(train.evaluate(config, FLAGS.workdir))
         else:
-            print(train.export(config, FLAGS.workdir))
+            from jdistill.export import export_run
+
+            print(export_run(config, FLAGS.workdir))
     except (configuration.ConfigError, train.TrainingError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 

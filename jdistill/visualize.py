@@ -37,3 +37,16 @@ def scatter_png(
         draw.line((x - 6, y, x + 6, y), fill="black", width=2)
         draw.line((x, y - 6, x, y + 6), fill="black", width=2)
     img.save(path)
+
+
+def image_grid_png(path: str, images: np.ndarray, *, columns: int = 8) -> None:
+    """Images (N, H, W, C) in [-1, 1] as one PNG grid."""
+    images = np.clip((np.asarray(images, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
+    n, h, w, c = images.shape
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img
+    Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]).save(path)

@@ -18,3 +18,21 @@ import jax
 CACHE_DIR = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Tiny random SD- and SDXL-like diffusers pipelines saved to disk, and a prompt file (built once)."""
+    import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red circle\nthe digit 3\na blue square on a green field\n")
+    return {
+        "sd": tiny_pipeline.save_sd_pipeline(root / "sd"),
+        "sdxl": tiny_pipeline.save_sdxl_pipeline(root / "sdxl"),
+        "prompts": prompts,
+    }

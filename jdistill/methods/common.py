@@ -40,7 +40,14 @@ def build_network(
     name: str, cfg: ml_collections.ConfigDict, world, total_updates: int, *, zero_out=False
 ) -> Network:
     net = Net(name, build_model(cfg.model, world, zero_out=zero_out))
-    return Network(net=net, optimizer=make_optimizer(cfg.optimizer, total_updates), ema_decay=cfg.ema_decay)
+    init = None
+    if cfg.model.arch == "teacher" and cfg.model.init == "teacher":
+
+        def init(key, frozen):  # a float32 master copy of the teacher (which may be stored in bfloat16)
+            return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), frozen["teacher"])
+
+    optimizer = make_optimizer(cfg.optimizer, total_updates)
+    return Network(net=net, optimizer=optimizer, ema_decay=cfg.ema_decay, init=init)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

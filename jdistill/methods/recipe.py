@@ -11,6 +11,7 @@ it runs. The contract between them:
   is frozen for that update. ``carry`` passes values (e.g. the generated batch) to later updates of the
   same step. An update runs on steps where ``step % every == offset``.
 - ``sample(params, cond, key)``: student samples for a batch of conditions.
+- ``student_timesteps``: where that sampler evaluates the student (predict x0, re-noise with fresh noise).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class Recipe:
     sample: Callable[[Params, PyTree, jax.Array], jax.Array]
     data: str = "conditions"  # which world source feeds the batches: "conditions" or "data"
     sample_with: tuple[str, ...] = ("student",)  # networks whose EMA replaces them when sampling
+    # The timesteps (schedule units) at which the student's sampler evaluates it, in order; export uses them
+    # to write a diffusers scheduler that reproduces the sampler. Empty: not a few-step student.
+    student_timesteps: tuple[float, ...] = ()
 
     def __post_init__(self):
         names = [n.name for n in self.networks]

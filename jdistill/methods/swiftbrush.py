@@ -12,7 +12,8 @@ Per step, on one batch of conditions (../shared/reference/methods.md section 1.1
    probability 0.1, loss mean(alpha_t^2 |eps_fake(x_t) - eps|^2).
 
 The fake score starts equal to the teacher: a LoRA on the teacher in the paper, here a zero-initialised
-residual on the teacher ("teacher_residual") or, for ablations, a freshly initialised network ("random").
+residual on the teacher ("teacher_residual"), or the network configured in ``networks.fake_score`` itself
+("network": e.g. a copy of the teacher with ``model.init = "teacher"``, as DMD2 does, or an MLP from scratch).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from jdistill.methods.common import (
 from jdistill.methods.recipe import Recipe, Update
 from jdistill.rng import streams
 
-FAKE_SCORE_INITS = ("teacher_residual", "random")
+FAKE_SCORE_INITS = ("teacher_residual", "network")
 
 
 NETWORKS = ("student", "fake_score")
@@ -146,4 +147,5 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         ),
         sample=sample,
         data="conditions",
+        student_timesteps=(float(m.student_timestep),),
     )

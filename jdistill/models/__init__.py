@@ -11,7 +11,8 @@ from flax import nnx
 from jdistill.models.mlp import TimeMLP
 from jdistill.models.net import Net
 
-ARCHITECTURES = ("mlp",)
+ARCHITECTURES = ("mlp", "teacher")
+NETWORK_INITS = ("random", "teacher")
 
 
 def mlp_config(**overrides) -> ml_collections.ConfigDict:
@@ -29,6 +30,11 @@ def mlp_config(**overrides) -> ml_collections.ConfigDict:
     )
     cfg.update(overrides)
     return cfg
+
+
+def teacher_model_config(init: str = "teacher") -> ml_collections.ConfigDict:
+    """A network with the teacher's architecture, initialised from the teacher's weights or at random."""
+    return ml_collections.ConfigDict({"arch": "teacher", "init": init})
 
 
 def build_model(
@@ -54,7 +60,15 @@ def build_model(
             out_dim=cfg.out_dim or None,
             rngs=rngs,
         )
+    if cfg.arch == "teacher":
+        if "teacher" not in world.nets:
+            raise ValueError("model arch 'teacher' needs a network teacher (this teacher is analytic)")
+        if zero_out:
+            raise ValueError(
+                "a zero-initialised residual on a network teacher is not supported; use a LoRA or a copy"
+            )
+        return world.nets["teacher"].make
     raise ValueError(f"unknown model arch {cfg.arch!r}; choose one of {ARCHITECTURES}")
 
 
-__all__ = ["ARCHITECTURES", "Net", "build_model", "mlp_config"]
+__all__ = ["ARCHITECTURES", "NETWORK_INITS", "Net", "build_model", "mlp_config", "teacher_model_config"]

@@ -34,7 +34,7 @@ class Net:
 
     def __init__(self, name: str, make: Callable[[nnx.Rngs], nnx.Module]):
         self.name = name
-        self._make = make
+        self.make = make
         token = _ABSTRACT.set(True)
         try:
             module = make(nnx.Rngs(0))
@@ -48,11 +48,13 @@ class Net:
 
     def init(self, key: jax.Array) -> PyTree:
         """Fresh parameters as a plain nested dict of arrays."""
-        _, state = nnx.split(self._make(nnx.Rngs(key)))
+        _, state = nnx.split(self.make(nnx.Rngs(key)))
         return nnx.to_pure_dict(state)
 
-    def apply(self, params: PyTree, *args, **kwargs) -> Any:
-        return nnx.merge(self.graphdef, params)(*args, **kwargs)
+    def apply(self, params: PyTree, *args, method: str | None = None, **kwargs) -> Any:
+        """Call the module (or its method ``method``) with ``params`` merged in."""
+        module = nnx.merge(self.graphdef, params)
+        return (getattr(module, method) if method else module)(*args, **kwargs)
 
     def num_params(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.abstract))

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
 from jdistill.teachers.base import World
 
-WORLD_KINDS = ("gmm",)
+WORLD_KINDS = ("gmm", "diffusers")
 
 
-def build_world(config: ml_collections.ConfigDict) -> World:
+def build_world(
+    config: ml_collections.ConfigDict, shardings_for: Callable[[str, Any], Any] | None = None
+) -> World:
+    """The world of ``config.teacher``; ``shardings_for(name, net)`` gives the target shardings into which
+    frozen networks are loaded (no full copy on one device)."""
     kind = config.teacher.kind
     if kind not in WORLD_KINDS:
         raise ValueError(f"unknown teacher.kind {kind!r}; choose one of {list(WORLD_KINDS)}")
-    return importlib.import_module(f"jdistill.teachers.{kind}_world").build(config)
+    return importlib.import_module(f"jdistill.teachers.{kind}_world").build(config, shardings_for)
 
 
 __all__ = ["WORLD_KINDS", "World", "build_world"]

@@ -1,8 +1,12 @@
 """What a recipe needs from the teacher side, bundled as a ``World``.
 
-A world holds the teacher denoiser and its frozen parameters, the shape of one sample, the unconditional
-conditioning, the data sources (conditions for data-free distillation, (x0, condition) pairs for training
-on data), and how to draw evaluation conditions, score samples and write them to disk.
+A world holds the teacher denoiser, the frozen networks and their parameters (the teacher under "teacher";
+text encoders and VAE where the teacher has them), the shape of one sample, the unconditional conditioning,
+the data sources, and how to turn a host batch into model inputs, draw evaluation batches, score samples and
+write them to disk.
+
+Batches are dicts of arrays. A source's batch goes through ``prepare(frozen, batch)`` on device (e.g. token
+ids -> prompt embeddings) and must then hold "cond" (the denoiser's conditioning) and, for data sources, "x0".
 """
 
 from __future__ import annotations
@@ -15,20 +19,28 @@ import numpy as np
 
 from jdistill.data.sources import DataSource
 from jdistill.diffusion.denoiser import Denoiser
+from jdistill.models.net import Net
 
 PyTree = Any
+
+
+def _identity(frozen, batch):
+    return batch
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class World:
     teacher: Denoiser
-    teacher_params: PyTree
-    teacher_param_axes: PyTree  # logical axis names per teacher parameter (None: replicate)
+    frozen: dict[str, PyTree]  # frozen parameters by name; "teacher" always
+    frozen_axes: dict[str, PyTree]  # logical axis names per frozen parameter (None: replicate)
+    nets: dict[str, Net]  # modules of the frozen networks that have one (e.g. "teacher" for UNet teachers)
     sample_shape: tuple[int, ...]
     uncond: PyTree  # conditioning meaning "no prompt"; broadcasts against a batch of conditions
-    conditions: DataSource  # batches {"cond": ...}
-    data: DataSource | None  # batches {"x0": ..., "cond": ...}
+    conditions: DataSource  # batches that prepare into {"cond": ...}
+    data: DataSource | None  # batches that prepare into {"x0": ..., "cond": ...}
     num_classes: int  # for class-conditioned toy networks (0 for text-conditioned worlds)
-    eval_conditions: Callable[[int], PyTree]  # n -> a balanced batch of conditions (host arrays)
-    evaluate: Callable[[np.ndarray, PyTree], dict[str, float]]
-    save_samples: Callable[[str, np.ndarray, PyTree], None]  # (path stem, samples, conditions)
+    eval_batch: Callable[[int], dict[str, np.ndarray]]  # n -> a host batch of evaluation conditions
+    evaluate: Callable[[np.ndarray, dict], dict[str, float]]  # (samples, prepared host batch) -> metrics
+    save_samples: Callable[[str, np.ndarray, dict], None]  # (path stem, samples, prepared host batch)
+    prepare: Callable[[dict[str, PyTree], dict], dict] = _identity  # (frozen, batch) -> batch, jittable
+    source: str | None = None  # local directory of the teacher's pipeline, for export (diffusers worlds)

@@ -13,7 +13,8 @@ from jdistill.teachers.gmm import GaussianMixture, GMMTeacher
 from jdistill.visualize import scatter_png
 
 
-def build(config: ml_collections.ConfigDict) -> World:
+def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
+    del shardings_for  # nothing to load
     t = config.teacher
     mixture = GaussianMixture(
         num_modes=t.gmm.num_modes, radius=t.gmm.radius, std=t.gmm.std, num_classes=t.gmm.num_classes
@@ -27,27 +28,29 @@ def build(config: ml_collections.ConfigDict) -> World:
         x0, labels = mixture.sample(rng, n)
         return {"x0": x0, "cond": labels}
 
-    def eval_conditions(n: int) -> np.ndarray:
-        return (np.arange(n) % mixture.num_classes).astype(np.int32)
+    def eval_batch(n: int) -> dict[str, np.ndarray]:
+        return {"cond": (np.arange(n) % mixture.num_classes).astype(np.int32)}
 
-    def evaluate(samples: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return mode_statistics(samples, labels, mixture.means, mixture.mode_labels)
+    def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:
+        return mode_statistics(samples, batch["cond"], mixture.means, mixture.mode_labels)
 
-    def save_samples(stem: str, samples: np.ndarray, labels: np.ndarray) -> None:
+    def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
+        labels = batch["cond"]
         np.save(f"{stem}.npy", samples)
         np.save(f"{stem}_labels.npy", labels)
         scatter_png(f"{stem}.png", samples, labels, reference=mixture.means)
 
     return World(
         teacher=GMMTeacher(mixture, schedule),
-        teacher_params={},
-        teacher_param_axes={},
+        frozen={"teacher": {}},
+        frozen_axes={"teacher": {}},
+        nets={},
         sample_shape=(2,),
         uncond=np.int32(mixture.null_label),
         conditions=SyntheticSource(draw_conditions, seed=config.seed),
         data=SyntheticSource(draw_data, seed=config.seed),
         num_classes=mixture.num_classes,
-        eval_conditions=eval_conditions,
+        eval_batch=eval_batch,
         evaluate=evaluate,
         save_samples=save_samples,
     )

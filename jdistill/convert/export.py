@@ -1,0 +1,230 @@
+"""Writing a trained UNet back into a diffusers pipeline directory.
+
+The student's UNet is written with the inverse conversion tables (``to_state_dict``), the teacher's other
+components are taken from the teacher's source directory (copied as files from a diffusers directory, or
+written from Flax parameters when the source is a directory made by ``tools/convert_teacher.py``), and the
+scheduler is chosen so that ``DiffusionPipeline.from_pretrained(dst)`` runs the student's own sampler:
+
+- one step at the last timestep: ``DDIMScheduler`` with trailing spacing and ``set_alpha_to_one``; its single
+  step returns the predicted x0 exactly;
+- several steps (predict x0, re-noise with fresh noise at the next timestep): ``LCMScheduler`` with
+  ``original_inference_steps`` = the step count (its default timesteps are then 999, 999 - 1000/k, ...) and a
+  huge ``timestep_scaling`` so that its boundary condition reduces to c_skip = 0, c_out = 1;
+- no few-step timesteps (e.g. an ``sft`` fine-tune): the teacher's scheduler with the new prediction type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jdistill.convert.core import ConversionError, to_state_dict
+from jdistill.convert.io import read_json
+
+PyTree = Any
+EXPORT_MARKER = "jdistill_export.json"
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULER_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+# LCM's boundary condition is c_skip = s^2 / ((t k)^2 + s^2) with s = 0.5; k = 1e6 makes it < 1e-13 at t >= 1.
+LCM_TIMESTEP_SCALING = 1e6
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+def component_state_dict(name: str, params: PyTree) -> dict[str, np.ndarray]:
+    """The diffusers/transformers state dict of a converted pipeline component."""
+    from jdistill.convert.clip import clip_state_dict
+    from jdistill.convert.vae import vae_state_dict
+
+    if name == "vae":
+        return vae_state_dict(params)
+    if name.startswith("text_encoder"):
+        return clip_state_dict(params)
+    return to_state_dict(params)
+
+
+def cast_state_dict(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, Any]:
+    """Cast floating tensors to ``dtype`` ("float32", "float16", "bfloat16") as torch tensors for saving.
+
+    bfloat16 has no numpy dtype that safetensors' numpy writer accepts, so tensors go through torch.
+    """
+    import torch
+
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
+    target = getattr(torch, dtype)
+    out = {}
+    for key, value in state.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(value, np.float32)))
+        out[key] = tensor.to(target).contiguous()
+    return out
+
+
+def save_weights(folder: str, state: Mapping[str, np.ndarray], dtype: str, stem: str) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stem}.safetensors")
+    save_file(cast_state_dict(state, dtype), path, metadata={"format": "pt"})
+    return path
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(data), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def student_scheduler(teacher_scheduler: Mapping[str, Any], prediction: str, timesteps: tuple[float, ...]):
+    """(scheduler config, call arguments) with which diffusers reproduces the student's sampler."""
+    if prediction not in SCHEDULER_PREDICTIONS:
+        raise ValueError(
+            f"cannot export a student predicting {prediction!r}; diffusers knows {list(SCHEDULER_PREDICTIONS)}"
+        )
+    base = {k: teacher_scheduler[k] for k in _SCHEDULE_KEYS if k in teacher_scheduler}
+    version = teacher_scheduler.get("_diffusers_version", "0.42.1")
+    kind = SCHEDULER_PREDICTIONS[prediction]
+    if not timesteps:
+        config = dict(teacher_scheduler)
+        config["prediction_type"] = kind
+        return config, {}
+    n_train = int(base.get("num_train_timesteps", 1000))
+    steps = [round(t) for t in timesteps]
+    if any(abs(t - s) > 1e-6 for t, s in zip(timesteps, steps, strict=True)):
+        raise ValueError(
+            f"student timesteps {timesteps} are not integers; diffusers schedulers need integers"
+        )
+    k = len(steps)
+    if k == 1 and steps[0] == n_train - 1:
+        config = {
+            "_class_name": "DDIMScheduler",
+            "_diffusers_version": version,
+            **base,
+            "clip_sample": False,
+            "set_alpha_to_one": True,
+            "steps_offset": 1,  # unused by trailing spacing and by LCM; 1 keeps diffusers from warning
+            "prediction_type": kind,
+            "timestep_spacing": "trailing",
+            "thresholding": False,
+            "rescale_betas_zero_snr": False,
+        }
+        return config, {"num_inference_steps": 1}
+    config = {
+        "_class_name": "LCMScheduler",
+        "_diffusers_version": version,
+        **base,
+        "original_inference_steps": k,
+        "clip_sample": False,
+        "set_alpha_to_one": True,
+        "steps_offset": 1,  # unused by trailing spacing and by LCM; 1 keeps diffusers from warning
+        "prediction_type": kind,
+        "timestep_spacing": "leading",
+        "timestep_scaling": LCM_TIMESTEP_SCALING,
+        "thresholding": False,
+        "rescale_betas_zero_snr": False,
+    }
+    default = [(n_train // k) * i - 1 for i in range(k, 0, -1)]  # LCM's timesteps for this step count
+    call = {"num_inference_steps": k} if steps == default else {"timesteps": steps}
+    return config, call
+
+
+def copy_component(src: str, dst: str, variant: str | None = None) -> None:
+    """Copy a component folder; with a variant, its variant weights become the plain-named weights."""
+    os.makedirs(dst, exist_ok=True)
+    names = sorted(os.listdir(src))
+    tag = f".{variant}" if variant else None
+    chosen: dict[str, str] = {}
+    for name in names:
+        if os.path.isdir(os.path.join(src, name)):
+            shutil.copytree(os.path.join(src, name), os.path.join(dst, name), dirs_exist_ok=True)
+            continue
+        target = name.replace(tag, "") if tag and tag in name else name
+        if target in chosen and tag and tag not in name:
+            continue  # a variant file already provides this name
+        chosen[target] = name
+    for target, name in chosen.items():
+        if tag and tag in name and name.endswith(".json") and ".index" in name:  # sharded: rename the shards
+            index = read_json(os.path.join(src, name))
+            index["weight_map"] = {k: v.replace(tag, "") for k, v in index["weight_map"].items()}
+            write_json(os.path.join(dst, target), index)
+        else:
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, target))
+
+
+def export_pipeline(
+    src: str,
+    dst: str,
+    unet_params: PyTree,
+    *,
+    prediction: str,
+    timesteps: tuple[float, ...] = (),
+    unet_config: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+    variant: str | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a diffusers pipeline to ``dst``: the teacher's pipeline at ``src`` with the UNet replaced.
+
+    ``unet_config`` defaults to the teacher's UNet config (a student with the teacher's architecture).
+    Returns what was written to ``dst/jdistill_export.json``: the call arguments that run the student's
+    sampler, the scheduler chosen, and ``info``.
+    """
+    from jdistill.convert.pipeline import CONVERTED_MARKER, load_pipeline
+
+    index_path = os.path.join(src, "model_index.json")
+    if not os.path.exists(index_path):
+        raise ConversionError(f"{src} has no model_index.json: not a pipeline directory")
+    if os.path.exists(dst) and os.listdir(dst):
+        raise FileExistsError(f"export destination {dst} exists and is not empty; choose a new directory")
+    model_index = read_json(index_path)
+    converted = os.path.exists(os.path.join(src, CONVERTED_MARKER))
+    os.makedirs(dst, exist_ok=True)
+
+    flax_components = ("vae", "text_encoder", "text_encoder_2")
+    for name, spec in model_index.items():
+        if name.startswith("_") or name in ("unet", "scheduler") or spec in (None, [None, None]):
+            continue
+        folder = os.path.join(src, name)
+        if not os.path.isdir(folder):
+            continue
+        if converted and name in flax_components:
+            component = load_pipeline(src, components=(name,), allow_download=False).components[name]
+            os.makedirs(os.path.join(dst, name), exist_ok=True)
+            write_json(os.path.join(dst, name, "config.json"), component.config)
+            stem = "diffusion_pytorch_model" if name == "vae" else "model"
+            save_weights(
+                os.path.join(dst, name), component_state_dict(name, component.params), "float32", stem
+            )
+        else:
+            copy_component(folder, os.path.join(dst, name), variant)
+
+    teacher_unet_config = read_json(os.path.join(src, "unet", "config.json"))
+    config = dict(unet_config if unet_config is not None else teacher_unet_config)
+    os.makedirs(os.path.join(dst, "unet"), exist_ok=True)
+    write_json(os.path.join(dst, "unet", "config.json"), config)
+    save_weights(os.path.join(dst, "unet"), to_state_dict(unet_params), dtype, "diffusion_pytorch_model")
+
+    teacher_scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
+    scheduler, call = student_scheduler(teacher_scheduler, prediction, tuple(timesteps))
+    os.makedirs(os.path.join(dst, "scheduler"), exist_ok=True)
+    write_json(os.path.join(dst, "scheduler", "scheduler_config.json"), scheduler)
+    model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    write_json(os.path.join(dst, "model_index.json"), model_index)
+
+    if call:
+        call["guidance_scale"] = 1.0  # a distilled student runs without classifier-free guidance
+    record = {
+        "call": call,
+        "scheduler": scheduler["_class_name"],
+        "prediction": prediction,
+        "student_timesteps": list(timesteps),
+        "unet_dtype": dtype,
+        "teacher_source": os.path.abspath(src),
+        **dict(info or {}),
+    }
+    write_json(os.path.join(dst, EXPORT_MARKER), record)
+    return record

@@ -1,0 +1,77 @@
+"""Exporting a trained run: a diffusers pipeline for UNet teachers, flat safetensors otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jdistill import configuration, parallel
+from jdistill.convert.export import EXPORT_DTYPES, export_pipeline
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+def export_run(
+    config: ml_collections.ConfigDict, workdir: str, dst: str | None = None, *, dtype: str = "float32"
+) -> str:
+    """Export the latest checkpoint of the run in ``workdir`` to ``dst`` (default ``workdir/export``).
+
+    The sampling network is taken as sampling uses it (its EMA when ``sample.use_ema``). With a diffusers
+    teacher the result is a pipeline directory that ``DiffusionPipeline.from_pretrained`` loads; with other
+    teachers each sampling network is written as flat safetensors with the run's config.
+    """
+    from jdistill import train
+
+    if dtype not in EXPORT_DTYPES:
+        raise configuration.ConfigError(f"export dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
+    dst = dst or os.path.join(workdir, "export")
+    s, state, step = train.restore_latest(config, workdir)
+    params = parallel.to_host(train.sampling_params(s, state))
+    if not parallel.is_main_process():
+        return dst
+    if s.world.source is None:
+        return _export_flat(config, s.recipe.sample_with, params, dst, step)
+    (name,) = s.recipe.sample_with
+    if config.networks[name].model.arch != "teacher":
+        raise configuration.ConfigError(
+            f"network {name!r} has arch {config.networks[name].model.arch!r}; only students with the teacher's "
+            "architecture (model.arch='teacher') export to a diffusers pipeline"
+        )
+    record = export_pipeline(
+        s.world.source,
+        dst,
+        params[name],
+        prediction=config.networks[name].prediction,
+        timesteps=s.recipe.student_timesteps,
+        dtype=dtype,
+        variant=config.teacher.variant or None,
+        info={
+            "method": config.method.name,
+            "step": step,
+            "ema": bool(config.sample.use_ema),
+            "workdir": workdir,
+        },
+    )
+    log.info("exported step %d to %s; generate with pipe(prompt, **%s)", step, dst, record["call"])
+    return dst
+
+
+def _export_flat(config, names: tuple[str, ...], params: dict[str, PyTree], dst: str, step: int) -> str:
+    from safetensors.numpy import save_file
+
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        flat = {
+            ".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(params[name])[0]
+        }
+        save_file(flat, os.path.join(dst, f"{name}.safetensors"), metadata={"step": str(step)})
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        f.write(configuration.to_json(config))
+    return dst

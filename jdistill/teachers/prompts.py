@@ -1,0 +1,83 @@
+"""Prompts: reading prompt lists, tokenizing them, and encoding them the way each pipeline does.
+
+- SD1.x / SD2.x: one CLIP encoder, last hidden state (after the final layer norm).
+- SDXL: two encoders, penultimate hidden states concatenated along features; the pooled (projected)
+  embedding of the second encoder; ``time_ids`` = (original size, crop top-left, target size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdistill.models.net import Net
+
+PyTree = Any
+IDS = "input_ids."  # batch keys: "input_ids.<encoder name>"
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptEncoder:
+    encoders: tuple[tuple[str, Net, str], ...]  # (component name, net, "last" | "penultimate")
+    tokenizers: dict[str, Any]
+    pooled_from: str | None
+    time_ids: tuple[float, ...] | None  # SDXL micro-conditioning, None otherwise
+
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, _, _ in self.encoders:
+            tok = self.tokenizers[name]
+            ids = tok(
+                prompts, padding="max_length", max_length=tok.model_max_length, truncation=True
+            ).input_ids
+            out[IDS + name] = np.asarray(ids, np.int32)
+        return out
+
+    def encode(self, params: dict[str, PyTree], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """UNet conditioning from token ids: encoder_hidden_states, and for SDXL text_embeds and time_ids."""
+        hidden, pooled = [], None
+        for name, net, layer in self.encoders:
+            h, p = net.apply(params[name], batch[IDS + name], layer, method="encode_prompt")
+            hidden.append(h.astype(jnp.float32))
+            if name == self.pooled_from:
+                pooled = p.astype(jnp.float32)
+        cond = {"encoder_hidden_states": jnp.concatenate(hidden, axis=-1)}
+        if self.pooled_from is not None:
+            cond["text_embeds"] = pooled
+        if self.time_ids is not None:
+            n = cond["encoder_hidden_states"].shape[0]
+            cond["time_ids"] = jnp.broadcast_to(
+                jnp.asarray(self.time_ids, jnp.float32), (n, len(self.time_ids))
+            )
+        return cond
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSource:
+    """Batches of token ids from a prompt list, drawn uniformly with replacement from (seed, position)."""
+
+    prompts: tuple[str, ...]
+    tokenize: Any  # list[str] -> {key: (n, T) ids}
+    seed: int = 0
+
+    def local_batch(
+        self, position: int, global_size: int, rows: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, position])
+        picks = rng.integers(0, len(self.prompts), global_size)
+        if rows is not None:
+            picks = picks[rows]
+        return self.tokenize([self.prompts[i] for i in picks])

@@ -1,0 +1,57 @@
+"""Export a trained run to a diffusers pipeline directory.
+
+    python tools/export_diffusers.py --workdir RUN --dst DIR [--dtype float32|float16|bfloat16]
+
+Reads the run's resolved config (RUN/config.json), restores its latest checkpoint (the EMA weights when the
+run samples with EMA), and writes a pipeline that ``DiffusionPipeline.from_pretrained(DIR)`` loads; the call
+arguments that reproduce the student's sampler are printed and stored in DIR/jdistill_export.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="run directory (config.json, checkpoints/)")
+    parser.add_argument("--dst", required=True, help="new directory for the pipeline")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from jdistill import configuration
+    from jdistill.convert.core import ConversionError
+    from jdistill.export import export_run
+
+    try:
+        config = configuration.load_run_config(args.workdir)
+        dst = export_run(config, args.workdir, args.dst, dtype=args.dtype)
+    except (
+        configuration.ConfigError,
+        ConversionError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    marker = os.path.join(dst, "jdistill_export.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            print(f"wrote {dst}; generate with pipe(prompt, **{json.load(f)['call']})")
+    else:
+        print(f"wrote {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
