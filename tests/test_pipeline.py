@@ -246,3 +246,27 @@ def test_teacher_preset_must_match_the_checkpoint(tiny_pipelines, tmp_path):
     config = tiny_config(tiny_pipelines, "sd", ("teacher.path", str(v_pipe)))
     with pytest.raises(ValueError, match=r"predicts 'eps'.*says 'v'"):
         build_world(config)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21base", "sd21", "sdxl"])
+def test_presets_agree_with_the_stored_real_configs(name):
+    """Each preset's facts against the real configs kept in the repo: prediction type, resolution, the
+    encoders' widths feeding the UNet's cross-attention and (SDXL) its pooled text_time embedding."""
+    from jdistill.teachers.presets import get_preset
+
+    preset = get_preset(name)
+    unet, vae = preset.component_config("unet"), preset.component_config("vae")
+    kind = {"epsilon": "eps", "v_prediction": "v"}[
+        preset.scheduler_config.get("prediction_type", "epsilon")
+    ]  # diffusers default
+    assert kind == preset.prediction
+    assert unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1) == preset.resolution
+    encoders = [preset.component_config(component) for component, _ in preset.encoders]
+    assert sum(e["hidden_size"] for e in encoders) == unet["cross_attention_dim"]
+    if preset.pooled_from:
+        pooled = preset.component_config(preset.pooled_from)
+        assert "CLIPTextModelWithProjection" in pooled["architectures"]
+        width = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+        assert pooled["projection_dim"] == width
+    else:
+        assert unet.get("addition_embed_type") is None

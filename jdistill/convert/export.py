@@ -228,3 +228,39 @@ def export_pipeline(
     }
     write_json(os.path.join(dst, EXPORT_MARKER), record)
     return record
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def export_lora_pipeline(
+    src: str,
+    dst: str,
+    base_params: PyTree,
+    lora: Mapping[str, Mapping[str, Any]],
+    lora_config,
+    *,
+    merged: bool,
+    prediction: str,
+    timesteps: tuple[float, ...] = (),
+    dtype: str = "float32",
+    variant: str | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export a LoRA student (``models.lora``) on the base UNet ``base_params``.
+
+    ``merged``: the UNet is written with the LoRA merged in. Otherwise the UNet is the base and the LoRA is
+    written to ``dst/pytorch_lora_weights.safetensors`` (peft format) for ``pipe.load_lora_weights(dst)``.
+    """
+    from jdistill.models.lora import lora_state_dict, merge_lora
+
+    info = {**dict(info or {}), "lora_rank": lora_config.rank, "lora_merged": merged}
+    unet = merge_lora(base_params, lora, lora_config) if merged else base_params
+    record = export_pipeline(
+        src, dst, unet, prediction=prediction, timesteps=timesteps, dtype=dtype, variant=variant, info=info
+    )
+    if not merged:
+        save_weights(dst, lora_state_dict(lora, lora_config), dtype, LORA_FILE.removesuffix(".safetensors"))
+        record["load_lora_weights"] = dst
+        write_json(os.path.join(dst, EXPORT_MARKER), record)
+    return record

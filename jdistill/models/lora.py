@@ -1,0 +1,109 @@
+"""Low-rank adapters (LoRA) on a frozen network's linear kernels, as pure functions of parameter trees.
+
+A LoRA is a flat dict ``{module: {"A": (in, r), "B": (r, out)}}`` keyed by the module's torch name (e.g.
+``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``). The adapted kernel is
+``W + (alpha / r) A B``; ``B`` starts at zero, so an adapted network starts equal to its base. Merging is a
+parameter-tree transform applied before the network runs: no module changes, and ``jax.jvp`` / ``grad``
+pass through it like any other array arithmetic.
+
+Targets default to diffusers' UNet LoRA targets (the attention projections ``to_q``, ``to_k``, ``to_v``,
+``to_out.0``); export writes merged weights or a peft-format ``pytorch_lora_weights.safetensors`` that
+``pipe.load_lora_weights`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdistill.convert.core import torch_key
+
+PyTree = Any
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module names (last components of the torch name)
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
+def _module(path) -> str:
+    return torch_key(path).rsplit(".", 1)[0]
+
+
+def _is_target(module: str, targets: tuple[str, ...]) -> bool:
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def target_kernels(base: PyTree, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, tuple[int, int]]:
+    """module name -> (in, out) of every 2-D kernel whose module is a target."""
+    found = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(base)[0]:
+        name = str(getattr(path[-1], "key", path[-1]))
+        module = _module(path)
+        if name == "kernel" and _is_target(module, targets):
+            if len(leaf.shape) != 2:
+                raise ValueError(f"LoRA target {module} has a {len(leaf.shape)}-d kernel; only linear layers")
+            found[module] = tuple(leaf.shape)
+    if not found:
+        raise ValueError(f"no linear layer matches the LoRA targets {targets}")
+    return found
+
+
+def init_lora(
+    key: jax.Array, base: PyTree, config: LoRAConfig, dtype=jnp.float32
+) -> dict[str, dict[str, jax.Array]]:
+    """A: uniform with bound 1/sqrt(in) (peft's Kaiming-uniform with a = sqrt(5)); B: zeros."""
+    out = {}
+    for i, (module, (fan_in, fan_out)) in enumerate(sorted(target_kernels(base, config.targets).items())):
+        bound = 1.0 / np.sqrt(fan_in)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (fan_in, config.rank), dtype, -bound, bound)
+        out[module] = {"A": a, "B": jnp.zeros((config.rank, fan_out), dtype)}
+    return out
+
+
+def merge_lora(base: PyTree, lora: dict[str, dict[str, jax.Array]], config: LoRAConfig) -> PyTree:
+    """``base`` with every adapted kernel replaced by W + scale A B (in the kernel's dtype)."""
+    used = set()
+
+    def merge(path, leaf):
+        if str(getattr(path[-1], "key", path[-1])) != "kernel":
+            return leaf
+        module = _module(path)
+        if module not in lora:
+            return leaf
+        used.add(module)
+        delta = config.scale * (lora[module]["A"].astype(jnp.float32) @ lora[module]["B"].astype(jnp.float32))
+        return (leaf.astype(jnp.float32) + delta).astype(leaf.dtype)
+
+    merged = jax.tree_util.tree_map_with_path(merge, base)
+    unknown = sorted(set(lora) - used)
+    if unknown:
+        raise ValueError(f"LoRA modules not in the base network: {unknown[:10]}")
+    return merged
+
+
+def lora_state_dict(
+    lora: dict[str, dict[str, Any]], config: LoRAConfig, prefix: str = "unet."
+) -> dict[str, np.ndarray]:
+    """peft-format tensors (``<prefix><module>.lora_A.weight`` (r, in), ``lora_B.weight`` (out, r)).
+
+    The scale is folded into B, so the file means exactly W + A B with diffusers' default alpha = rank.
+    """
+    out = {}
+    for module, ab in lora.items():
+        out[f"{prefix}{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["A"], np.float32).T)
+        out[f"{prefix}{module}.lora_B.weight"] = np.ascontiguousarray(
+            (config.scale * np.asarray(ab["B"], np.float32)).T
+        )
+    return out

@@ -1,0 +1,133 @@
+"""LoRA on the Flax UNet: the merge against closed form, its gradients, and both export forms against
+diffusers' own LoRA loading (peft) on a tiny pipeline."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jdistill.convert.export import LORA_FILE, export_lora_pipeline
+from jdistill.convert.pipeline import load_pipeline
+from jdistill.models.lora import LoRAConfig, init_lora, lora_state_dict, merge_lora, target_kernels
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_pipelines):
+    component = load_pipeline(str(tiny_pipelines["sd"]), components=("unet",)).components["unet"]
+    return component.net, component.params
+
+
+def _random_lora(params, config, seed=0):
+    lora = init_lora(jax.random.key(seed), params, config)
+    # B starts at zero; give it values so that the adapter does something.
+    return {
+        m: {"A": ab["A"], "B": 0.3 * jax.random.normal(jax.random.key(seed + 1 + i), ab["B"].shape)}
+        for i, (m, ab) in enumerate(sorted(lora.items()))
+    }
+
+
+def test_targets_init_and_merge_closed_form(unet):
+    _, params = unet
+    config = LoRAConfig(rank=2, alpha=6.0)
+    targets = target_kernels(params)
+    assert Q in targets and all(m.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for m in targets)
+    fresh = init_lora(jax.random.key(0), params, config)
+    assert sorted(fresh) == sorted(targets)
+    assert all(not np.any(np.asarray(ab["B"])) for ab in fresh.values())
+    same = merge_lora(params, fresh, config)  # B = 0: the adapted network is the base
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params), strict=True)
+    )
+
+    lora = _random_lora(params, config)
+    merged = merge_lora(params, lora, config)
+    w = params["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+    got = merged["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+    want = np.asarray(w, np.float64) + 3.0 * np.asarray(lora[Q]["A"], np.float64) @ np.asarray(
+        lora[Q]["B"], np.float64
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    untouched = params["conv_in"]["kernel"]
+    assert np.array_equal(merged["conv_in"]["kernel"], untouched)
+
+    with pytest.raises(ValueError, match="not in the base network"):
+        merge_lora(params, {"nowhere.to_q": lora[Q]}, config)
+    with pytest.raises(ValueError, match="4-d kernel; only linear"):
+        target_kernels(params, ("proj_in",))  # the SD1-like UNet's proj_in is a 1x1 convolution
+    with pytest.raises(ValueError, match="no linear layer matches"):
+        target_kernels(params, ("no_such_layer",))
+
+
+def test_merge_gradient_is_closed_form(unet):
+    _, params = unet
+    config = LoRAConfig(rank=2, alpha=4.0)
+    lora = _random_lora(params, config)
+    path = ("down_blocks", 0, "attentions", 0, "transformer_blocks", 0, "attn1", "to_q", "kernel")
+    r = jax.random.normal(jax.random.key(9), params["conv_in"]["kernel"].shape)  # unused: a target elsewhere
+    weight = jax.random.normal(jax.random.key(5), lora[Q]["A"].shape[:1] + lora[Q]["B"].shape[1:])
+
+    def f(lora):
+        merged = merge_lora(params, lora, config)
+        leaf = merged
+        for p in path:
+            leaf = leaf[p]
+        return jnp.sum(leaf * weight) + 0.0 * jnp.sum(merged["conv_in"]["kernel"] * r)
+
+    grads = jax.grad(f)(lora)
+    # d/dA sum(W' * R) = scale R B^T, d/dB = scale A^T R.
+    np.testing.assert_allclose(grads[Q]["A"], 2.0 * weight @ lora[Q]["B"].T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads[Q]["B"], 2.0 * lora[Q]["A"].T @ weight, rtol=1e-5, atol=1e-6)
+    others = [m for m in lora if m != Q]
+    assert all(not np.any(np.asarray(grads[m]["A"])) for m in others)
+
+
+def test_lora_exports_load_in_diffusers(unet, tiny_pipelines, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    net, params = unet
+    config = LoRAConfig(rank=2, alpha=5.0)
+    lora = _random_lora(params, config, seed=3)
+    src = str(tiny_pipelines["sd"])
+    common = dict(prediction="eps", timesteps=(999.0,))
+    adapter = export_lora_pipeline(src, str(tmp_path / "lora"), params, lora, config, merged=False, **common)
+    export_lora_pipeline(src, str(tmp_path / "merged"), params, lora, config, merged=True, **common)
+    assert adapter["load_lora_weights"] == str(tmp_path / "lora") and (tmp_path / "lora" / LORA_FILE).exists()
+    assert not (tmp_path / "merged" / LORA_FILE).exists()
+    assert len(lora_state_dict(lora, config)) == 2 * len(lora)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([999, 400])
+    ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
+    ours = net.apply(
+        merge_lora(params, lora, config),
+        jnp.asarray(x.transpose(0, 2, 3, 1)),
+        jnp.asarray(t),
+        {"encoder_hidden_states": jnp.asarray(ctx)},
+    )
+    ours = np.asarray(ours).transpose(0, 3, 1, 2)
+    base = np.asarray(
+        net.apply(
+            params,
+            jnp.asarray(x.transpose(0, 2, 3, 1)),
+            jnp.asarray(t),
+            {"encoder_hidden_states": jnp.asarray(ctx)},
+        )
+    ).transpose(0, 3, 1, 2)
+    assert np.abs(ours - base).max() > 1e-2 * np.abs(base).max(), "the LoRA must change the output"
+
+    def run(pipe):
+        with torch.no_grad():
+            return pipe.unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+
+    with_adapter = DiffusionPipeline.from_pretrained(tmp_path / "lora")
+    with_adapter.load_lora_weights(tmp_path / "lora")
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    scale = np.abs(ours).max()
+    assert np.abs(run(with_adapter) - ours).max() / scale < 1e-5
+    assert np.abs(run(merged) - ours).max() / scale < 1e-5
