@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import load
 from test_pipeline import _tool, tiny_config
 
 from jdistill import train
