@@ -270,3 +270,38 @@ def test_presets_agree_with_the_stored_real_configs(name):
         assert pooled["projection_dim"] == width
     else:
         assert unet.get("addition_embed_type") is None
+
+
+def test_frozen_networks_load_straight_into_their_shardings(tiny_pipelines):
+    """With an fsdp mesh the converter places each tensor into its sharding (devices get their slices)."""
+    from jdistill import parallel
+
+    config = tiny_config(
+        tiny_pipelines, "sdxl", ("mesh.num_devices", "4"), ("mesh.data", "1"), ("mesh.fsdp", "4")
+    )
+    mesh = parallel.make_mesh(config.mesh)
+    rules, unannotated = config.sharding.rules, "fsdp"
+
+    def shardings_for(name, net):
+        return parallel.tree_shardings(net.abstract, net.logical_axes, rules, mesh, unannotated)
+
+    sharded = load_pipeline(str(tiny_pipelines["sdxl"]), shardings=shardings_for)
+    plain = load_pipeline(str(tiny_pipelines["sdxl"]))
+    for name, component in sharded.components.items():
+        leaves = jax.tree.leaves(component.params)
+        assert all(len(x.sharding.device_set) == 4 for x in leaves), name
+        split = [x for x in leaves if x.addressable_shards[0].data.shape != x.shape]
+        assert split, f"no parameter of {name} is split over the fsdp axis"
+        _assert_same(jax.tree.map(np.asarray, component.params), plain.components[name].params)
+
+
+def test_bfloat16_safetensors_read_exactly(tmp_path):
+    from safetensors.torch import save_file
+
+    from jdistill.convert.io import lazy_state_dict
+
+    tensor = torch.randn(5, 7).to(torch.bfloat16)
+    save_file({"w": tensor}, tmp_path / "w.safetensors")
+    array = lazy_state_dict([str(tmp_path / "w.safetensors")])["w"]()
+    assert array.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(array.astype(np.float32), tensor.float().numpy())
