@@ -93,12 +93,12 @@ def test_swiftbrush_generator_gradient_is_the_vsd_direction():
     schedule, mix = world.teacher.schedule, world.teacher.mixture
     student = recipe.network("student").net
     fake = recipe.network("fake_score").net
-    k = rng.streams(key, "latent", "timestep", "noise")
+    k = rng.streams(key, "generate", "timestep", "noise")
     cond = batch["cond"]
     n = cond.shape[0]
 
-    def generate(p):
-        z = jax.random.normal(k["latent"], (n, 2))
+    def generate(p):  # the one-step student: prior noise from the "latent" stream under "generate"
+        z = jax.random.normal(rng.stream(k["generate"], "latent"), (n, 2))
         return student.apply(p, z, jnp.full((n,), 999.0), cond)  # x0 output at model time 999
 
     x, vjp = jax.vjp(generate, params["student"])

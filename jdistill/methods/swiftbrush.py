@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.diffusion.samplers import run_sampler, student_plan
-from jdistill.diffusion.schedules import as_timestep, sample_timesteps
+from jdistill.diffusion.schedules import sample_timesteps
 from jdistill.methods.common import (
     ResidualDenoiser,
     build_network,
@@ -34,6 +33,7 @@ from jdistill.methods.common import (
     pseudo_target_loss,
 )
 from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.rollout import FewStepStudent
 from jdistill.rng import streams
 
 FAKE_SCORE_INITS = ("teacher_residual", "network")
@@ -75,7 +75,6 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     fake_net = build_network(
         "fake_score", config.networks.fake_score, world, config.num_steps, zero_out=residual
     )
-    student = network_denoiser(student_net, config.networks.student, schedule)
     if residual:
         fake = ResidualDenoiser(teacher, fake_net.net, config.networks.fake_score.prediction)
 
@@ -87,18 +86,16 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         def fake_params(params):
             return params["fake_score"]
 
-    t_student = as_timestep(schedule, m.student_timestep)
-    plan = student_plan(schedule, (m.student_timestep,))
-
-    def generate(params, cond, key):
-        n = jax.tree.leaves(cond)[0].shape[0]
-        z = schedule.prior_sample(key, (n, *world.sample_shape))
-        return student.predict(params["student"], z, jnp.broadcast_to(t_student, (n,)), cond).x0
+    student = FewStepStudent(
+        network_denoiser(student_net, config.networks.student, schedule),
+        world.sample_shape,
+        (m.student_timestep,),
+    )
 
     def generator_loss(params, batch, key, carry):
-        k = streams(key, "latent", "timestep", "noise")
+        k = streams(key, "generate", "timestep", "noise")
         cond = batch["cond"]
-        x = generate(params, cond, k["latent"])
+        x = student.generate(params["student"], cond, k["generate"])
         n = x.shape[0]
         t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
         eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
@@ -114,9 +111,13 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
 
     def fake_score_loss(params, batch, key, carry):
-        k = streams(key, "latent", "timestep", "noise", "dropout")
+        k = streams(key, "generate", "timestep", "noise", "dropout")
         cond = batch["cond"]
-        x = carry["x"] if "x" in carry else jax.lax.stop_gradient(generate(params, cond, k["latent"]))
+        x = (
+            carry["x"]
+            if "x" in carry
+            else jax.lax.stop_gradient(student.generate(params["student"], cond, k["generate"]))
+        )
         if m.fake_noise_draws > 1:  # variance reduction: several noisings of each generated sample
             x = jnp.concatenate([x] * m.fake_noise_draws)
             cond = jax.tree.map(lambda c: jnp.concatenate([c] * m.fake_noise_draws), cond)
@@ -127,25 +128,13 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         pred = fake.predict(fake_params(params), schedule.add_noise(x, eps, t), t, dropped)
         return denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting), ({}, carry)
 
-    def sample(params, cond, key):
-        n = jax.tree.leaves(cond)[0].shape[0]
-        k = streams(key, "latent", "renoise")
-        z = schedule.prior_sample(k["latent"], (n, *world.sample_shape))
-        return run_sampler(
-            lambda x, t: student.predict(params["student"], x, t, cond),
-            z,
-            plan,
-            renoise=True,
-            key=k["renoise"],
-        )
-
     return Recipe(
         networks=(student_net, fake_net),
         updates=(
             Update("generator", ("student",), generator_loss, every=m.generator_every),
             Update("fake_score", ("fake_score",), fake_score_loss),
         ),
-        sample=sample,
+        sample=lambda params, cond, key: student.sample(params["student"], cond, key),
         data="conditions",
-        student_timesteps=(float(m.student_timestep),),
+        student_timesteps=student.timesteps,
     )

@@ -1,0 +1,110 @@
+"""``dmd2``: distribution matching with a two time-scale fake score, no regression loss (DMD2).
+
+Reference: Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis", NeurIPS 2024
+(arXiv 2405.14867), official code tianweiy/DMD2 (``main/sd_guidance.py``, ``main/sd_unified_model.py``);
+../shared/reference/methods.md section 2.2.
+
+Per step, on one batch of conditions:
+
+1. generator update (student only; every ``generator_every`` steps, DMD2's TTUR ratio): x = G at a step
+   index drawn uniformly (backward simulation for multi-step students; pure noise at t_0 for one step);
+   t ~ U{20..980}; x_t = alpha_t sg(x) + sigma_t eps; under stop-gradient, x0_real with CFG of scale w
+   (convention y_u + w (y_c - y_u)) and x0_fake without guidance; g = (x0_fake - x0_real) / mean|x - x0_real|
+   (per sample, float32, NaN-safe); loss 0.5 mean((x - sg(x - g))^2).
+2. fake-score update (every step): on sg(x) from this step's generator (or a fresh no-grad generation on
+   fake-only steps), t ~ U{0..999}, denoising loss (eps-MSE, uniform weight, no guidance).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.schedules import sample_timesteps
+from jdistill.methods.common import (
+    build_network,
+    denoising_loss,
+    drop_conditions,
+    network_denoiser,
+    pseudo_target_loss,
+)
+from jdistill.methods.distribution import dmd_direction
+from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.rollout import FewStepStudent
+from jdistill.rng import streams
+
+NETWORKS = ("student", "fake_score")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "name": "dmd2",
+            "guidance_scale": 1.75,  # real score only (SD1.5 setting); the fake score runs without guidance
+            "cfg_convention": "uncond",
+            "student_timesteps": (999.0,),  # schedule units; e.g. (999, 749, 499, 249) for 4 steps
+            "t_range": (0.02, 0.98),  # distribution-matching timesteps: U{20..980}
+            "fake_t_range": (0.0, 1.0),
+            "fake_target": "eps",
+            "fake_weighting": "uniform",
+            "fake_cond_dropout": 0.0,
+            "generator_every": 10,  # fake-score updates per generator update (10 SD1.5, 5 SDXL)
+        }
+    )
+
+
+def build(config: ml_collections.ConfigDict, world) -> Recipe:
+    m = config.method
+    schedule, teacher = world.teacher.schedule, world.teacher
+    student_net = build_network("student", config.networks.student, world, config.num_steps)
+    fake_net = build_network("fake_score", config.networks.fake_score, world, config.num_steps)
+    fake = network_denoiser(fake_net, config.networks.fake_score, schedule)
+    student = FewStepStudent(
+        network_denoiser(student_net, config.networks.student, schedule),
+        world.sample_shape,
+        m.student_timesteps,
+    )
+
+    def generator_loss(params, batch, key, carry):
+        k = streams(key, "generate", "timestep", "noise")
+        cond = batch["cond"]
+        x = student.generate(params["student"], cond, k["generate"])
+        n = x.shape[0]
+        t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
+        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
+        x_t = schedule.add_noise(jax.lax.stop_gradient(x), eps, t)
+        real = predict_cfg(
+            teacher, params["teacher"], x_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
+        )
+        fake_x0 = fake.predict(params["fake_score"], x_t, t, cond).x0
+        g = dmd_direction(x, real.x0, fake_x0)
+        metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
+        return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
+
+    def fake_score_loss(params, batch, key, carry):
+        k = streams(key, "generate", "timestep", "noise", "dropout")
+        cond = batch["cond"]
+        x = (
+            carry["x"]
+            if "x" in carry
+            else jax.lax.stop_gradient(student.generate(params["student"], cond, k["generate"]))
+        )
+        n = x.shape[0]
+        t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
+        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
+        dropped = drop_conditions(k["dropout"], cond, world.uncond, m.fake_cond_dropout)
+        pred = fake.predict(params["fake_score"], schedule.add_noise(x, eps, t), t, dropped)
+        return denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting), ({}, carry)
+
+    return Recipe(
+        networks=(student_net, fake_net),
+        updates=(
+            Update("generator", ("student",), generator_loss, every=m.generator_every),
+            Update("fake_score", ("fake_score",), fake_score_loss),
+        ),
+        sample=lambda params, cond, key: student.sample(params["student"], cond, key),
+        data="conditions",
+        student_timesteps=student.timesteps,
+    )

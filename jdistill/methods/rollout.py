@@ -1,0 +1,106 @@
+"""Multi-step students in training: DMD2's backward simulation and few-step SiD's uniform step mixture.
+
+A k-step student runs at timesteps t_0 > t_1 > ... > t_{K-1}, starting from prior noise at t_0: predict x0,
+re-noise it to the next timestep with fresh noise. Training picks one step index k per train step (the same on
+every device: it comes from the replicated step key), runs the first k steps without gradient, and trains the
+student at t_k on their output (k = 0: pure noise at t_0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdistill.diffusion.schedules import Schedule
+
+PyTree = Any
+PredictX0 = Callable[[PyTree, jax.Array, jax.Array], jax.Array]  # (params, x_t, t per sample) -> x0
+
+
+def draw_step_index(key: jax.Array, num_steps: int) -> jax.Array:
+    """k ~ U{0..num_steps-1} as an int32 scalar (shared across devices: the key is replicated)."""
+    return jax.random.randint(key, (), 0, num_steps, jnp.int32)
+
+
+def backward_simulate(
+    predict_x0: PredictX0,
+    params: PyTree,
+    z: jax.Array,
+    timesteps: tuple[float, ...],
+    k: jax.Array,
+    key: jax.Array,
+    schedule: Schedule,
+) -> tuple[jax.Array, jax.Array]:
+    """(x_{t_k}, t_k per sample): the student's own first k steps from ``z``, without gradient.
+
+    Parameters are stop-gradiented before the loop, so the traced-length loop needs no reverse-mode rule and
+    the step count costs only the k forward passes it runs.
+    """
+    ts = jnp.asarray(timesteps, jnp.float32)
+    n = z.shape[0]
+    frozen = jax.lax.stop_gradient(params)
+
+    def step(i, x):
+        x0 = predict_x0(frozen, x, jnp.broadcast_to(ts[i], (n,)))
+        eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        return schedule.add_noise(x0.astype(jnp.float32), eps, jnp.broadcast_to(ts[i + 1], (n,)))
+
+    if len(timesteps) == 1:
+        return z, jnp.broadcast_to(ts[0], (n,))
+    x = jax.lax.fori_loop(0, k, step, z.astype(jnp.float32))
+    return jax.lax.stop_gradient(x), jnp.broadcast_to(ts[k], (n,))
+
+
+class FewStepStudent:
+    """A one- or few-step student: its training output (backward simulation) and its sampler."""
+
+    def __init__(self, denoiser, sample_shape: tuple[int, ...], timesteps: tuple[float, ...]):
+        from jdistill.diffusion.samplers import student_plan
+
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.sample_shape = tuple(sample_shape)
+        self.timesteps = tuple(float(t) for t in timesteps)
+        self.plan = student_plan(self.schedule, self.timesteps)  # validates: non-empty, decreasing
+
+    def _x0(self, params, x_t, t, cond):
+        return self.denoiser.predict(params, x_t, t, cond).x0
+
+    def generate(self, params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
+        """x0 from the student at a step drawn uniformly (the earlier steps simulated without gradient);
+        differentiable with respect to ``params`` through the last step only."""
+        from jdistill.rng import streams
+
+        n = jax.tree.leaves(cond)[0].shape[0]
+        k = streams(key, "latent", "step_index", "simulate")
+        z = self.schedule.prior_sample(k["latent"], (n, *self.sample_shape))
+        index = draw_step_index(k["step_index"], len(self.timesteps))
+        x_in, t_in = backward_simulate(
+            lambda p, x, t: self._x0(p, x, t, cond),
+            params,
+            z,
+            self.timesteps,
+            index,
+            k["simulate"],
+            self.schedule,
+        )
+        return self._x0(params, x_in, t_in, cond)
+
+    def sample(self, params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
+        """The deployed sampler: all steps, fresh noise between them."""
+        from jdistill.diffusion.samplers import run_sampler
+        from jdistill.rng import streams
+
+        n = jax.tree.leaves(cond)[0].shape[0]
+        k = streams(key, "latent", "renoise")
+        z = self.schedule.prior_sample(k["latent"], (n, *self.sample_shape))
+        return run_sampler(
+            lambda x, t: self.denoiser.predict(params, x, t, cond),
+            z,
+            self.plan,
+            renoise=True,
+            key=k["renoise"],
+        )

@@ -1,0 +1,123 @@
+"""``sid``: Score identity Distillation, with long-short guidance (SiD-LSG) and few-step students.
+
+References: Zhou et al., "Score identity Distillation", ICML 2024 (arXiv 2404.04057, mingyuanzhou/SiD);
+"Long and Short Guidance in Score identity Distillation" (SiD-LSG), ICLR 2025 (arXiv 2406.01561,
+mingyuanzhou/SiD-LSG); few-step SiD (arXiv 2505.12674, apple-aiml-research/ml-sid-dit);
+../shared/reference/methods.md section 3.
+
+Per step (fake score first, then the generator, 1:1):
+
+1. fake-score update: x = sg(G) at a uniformly drawn step of the student; t ~ U{0..999}; the fake score's
+   prediction, under its own CFG of scale kappa1 (prompts dropped with probability ``fake_cond_dropout``),
+   regressed to the truth (eps-MSE by default).
+2. generator update: x = G (gradient through the last student step), t ~ U{20..979},
+   x_t = alpha_t x + sigma_t eps **without** stop-gradient; f_real = teacher x0 under CFG kappa4,
+   f_fake = fake x0 under CFG kappa2 (or unconditional: Zero-CFG; negative kappa2: Anti-CFG);
+   loss = mean_batch omega sum_CHW (f_real - f_fake)((f_real - x) - alpha (f_real - f_fake)) with
+   omega = 1/sg(max(mean|x - f_real|, 1e-5)). Gradients reach the student directly and through the inputs of
+   both frozen networks, never their parameters. Non-finite samples are masked out of the mean.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.guidance import select_cond
+from jdistill.diffusion.schedules import sample_timesteps
+from jdistill.methods.common import build_network, denoising_loss, drop_conditions, network_denoiser
+from jdistill.methods.distribution import finite_rows, masked_mean, sid_generator_loss, zero_bad_rows
+from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.rollout import FewStepStudent
+from jdistill.rng import streams
+
+NETWORKS = ("student", "fake_score")
+FAKE_CONDITIONS = ("cond", "uncond")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "name": "sid",
+            "alpha": 1.2,  # SiD's alpha (1.2 for the EDM runs; SiD-LSG's scripts use 1.0)
+            "cfg_convention": "uncond",
+            "teacher_guidance": 1.0,  # kappa4: CFG of the teacher inside the generator loss
+            "fake_guidance": 1.0,  # kappa2 = kappa3: CFG of the fake score inside the generator loss
+            "fake_condition": "cond",  # "uncond": Zero-CFG (the fake score sees no prompt in the generator loss)
+            "fake_train_guidance": 1.0,  # kappa1: CFG under which the fake score is trained
+            "fake_cond_dropout": 0.0,  # prompt dropout when training the fake score (0.1 when any kappa != 1)
+            "student_timesteps": (999.0,),  # schedule units; several: uniform mixture over step counts
+            "t_range": (0.02, 0.98),  # generator-loss timesteps: U{20..979}
+            "fake_t_range": (0.0, 1.0),
+            "fake_target": "eps",
+            "fake_weighting": "uniform",
+        }
+    )
+
+
+def build(config: ml_collections.ConfigDict, world) -> Recipe:
+    m = config.method
+    if m.fake_condition not in FAKE_CONDITIONS:
+        raise ValueError(f"method.fake_condition={m.fake_condition!r}; choose one of {FAKE_CONDITIONS}")
+    schedule, teacher = world.teacher.schedule, world.teacher
+    student_net = build_network("student", config.networks.student, world, config.num_steps)
+    fake_net = build_network("fake_score", config.networks.fake_score, world, config.num_steps)
+    fake = network_denoiser(fake_net, config.networks.fake_score, schedule)
+    student = FewStepStudent(
+        network_denoiser(student_net, config.networks.student, schedule),
+        world.sample_shape,
+        m.student_timesteps,
+    )
+
+    def fake_score_loss(params, batch, key, carry):
+        k = streams(key, "generate", "timestep", "noise", "dropout")
+        cond = batch["cond"]
+        x = jax.lax.stop_gradient(student.generate(params["student"], cond, k["generate"]))
+        ok = finite_rows(x)
+        x = zero_bad_rows(x, ok)
+        n = x.shape[0]
+        t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
+        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
+        dropped = drop_conditions(k["dropout"], cond, world.uncond, m.fake_cond_dropout)
+        x_t = schedule.add_noise(x, eps, t)
+        pred = predict_cfg(
+            fake, params["fake_score"], x_t, t, dropped, world.uncond, m.fake_train_guidance, m.cfg_convention
+        )
+        loss = denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting)
+        return loss, ({"finite_samples": jnp.mean(ok.astype(jnp.float32))}, carry)
+
+    def generator_loss(params, batch, key, carry):
+        k = streams(key, "generate", "timestep", "noise")
+        cond = batch["cond"]
+        x = student.generate(params["student"], cond, k["generate"])
+        ok = finite_rows(x)
+        x = zero_bad_rows(x, ok)
+        n = x.shape[0]
+        t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
+        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
+        x_t = schedule.add_noise(x, eps, t)  # no stop-gradient: the generator's gradient flows through x_t
+        real = predict_cfg(
+            teacher, params["teacher"], x_t, t, cond, world.uncond, m.teacher_guidance, m.cfg_convention
+        )
+        fake_cond = (
+            cond if m.fake_condition == "cond" else select_cond(cond, world.uncond, jnp.ones((n,), bool))
+        )
+        fake_pred = predict_cfg(
+            fake, params["fake_score"], x_t, t, fake_cond, world.uncond, m.fake_guidance, m.cfg_convention
+        )
+        per_sample = sid_generator_loss(x, real.x0, fake_pred.x0, m.alpha)
+        metrics = {"finite_samples": jnp.mean(ok.astype(jnp.float32))}
+        return masked_mean(per_sample, ok), (metrics, carry)
+
+    return Recipe(
+        networks=(student_net, fake_net),
+        updates=(
+            Update("fake_score", ("fake_score",), fake_score_loss),
+            Update("generator", ("student",), generator_loss),
+        ),
+        sample=lambda params, cond, key: student.sample(params["student"], cond, key),
+        data="conditions",
+        student_timesteps=student.timesteps,
+    )

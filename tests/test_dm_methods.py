@@ -1,0 +1,173 @@
+"""DMD2 and SiD recipes on the analytic teacher: where gradients go, and generator gradients recomputed from
+the papers' formulas with the mixture's closed-form denoiser."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import SMALL, SMALL_SWIFTBRUSH_NETS, load
+
+from jdistill import rng
+from jdistill.diffusion.guidance import cfg_combine
+from jdistill.diffusion.schedules import sample_timesteps
+from jdistill.methods import build_recipe
+from jdistill.teachers import build_world
+
+
+def _setup(spec, *overrides):
+    config = load(spec, [*SMALL, *SMALL_SWIFTBRUSH_NETS, *overrides])
+    world = build_world(config)
+    recipe = build_recipe(config, world)
+    params = {"teacher": {}}
+    for i, net in enumerate(recipe.networks):
+        params[net.name] = net.initial_params(jax.random.fold_in(jax.random.key(3), i), {})
+    batch = {"cond": jnp.asarray(np.arange(32) % 2, jnp.int32)}
+    return config, world, recipe, params, batch
+
+
+def _grads(loss, params, batch, key, carry=None):
+    def f(p):
+        return loss({**params, **p}, batch, key, carry or {})[0]
+
+    return jax.grad(f)({k: v for k, v in params.items() if k != "teacher"})
+
+
+def _norm(tree) -> float:
+    return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
+
+
+def _update(recipe, name):
+    return next(u for u in recipe.updates if u.name == name)
+
+
+@pytest.mark.parametrize("spec", ["configs/dmd2.py:gmm", "configs/dmd2.py:gmm_4step"])
+def test_dmd2_gradients_go_where_the_paper_puts_them(spec):
+    _, _, recipe, params, batch = _setup(spec)
+    gen, fake = _update(recipe, "generator"), _update(recipe, "fake_score")
+    key = jax.random.key(0)
+    g = _grads(gen.loss, params, batch, key)
+    assert _norm(g["student"]) > 0 and _norm(g["fake_score"]) == 0.0  # the direction is stop-gradiented
+    carry = gen.loss(params, batch, key, {})[1][1]
+    f = _grads(fake.loss, params, batch, key, carry)
+    assert _norm(f["fake_score"]) > 0 and _norm(f["student"]) == 0.0  # the fake score trains on sg(x)
+    assert _norm(_grads(fake.loss, params, batch, key)["student"]) == 0.0  # fake-only (TTUR) steps too
+    assert gen.every == recipe_every(spec) and fake.every == 1
+
+
+def recipe_every(spec):
+    return load(spec).method.generator_every
+
+
+def test_dmd2_generator_gradient_is_the_normalised_x0_difference():
+    """grad = J^T g / N with g = (x0_fake - x0_real^w) / mean|x - x0_real^w|, x0_real^w the teacher's CFG."""
+    config, world, recipe, params, batch = _setup("configs/dmd2.py:gmm")
+    m = config.method
+    key = jax.random.key(5)
+    schedule, mix = world.teacher.schedule, world.teacher.mixture
+    student, fake = recipe.network("student").net, recipe.network("fake_score").net
+    k = rng.streams(key, "generate", "timestep", "noise")
+    cond = batch["cond"]
+    n = cond.shape[0]
+
+    def generate(p):
+        z = jax.random.normal(rng.stream(k["generate"], "latent"), (n, 2))
+        return student.apply(p, z, jnp.full((n,), 999.0), cond)
+
+    x, vjp = jax.vjp(generate, params["student"])
+    t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
+    eps = jax.random.normal(k["noise"], x.shape)
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
+    a, s = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    x_t = a * x + s * eps
+    real = cfg_combine(
+        mix.posterior_mean(x_t, a[:, 0], s[:, 0], cond),
+        mix.posterior_mean(x_t, a[:, 0], s[:, 0], 2),
+        m.guidance_scale,
+    )
+    v = fake.apply(params["fake_score"], x_t, t.astype(jnp.float32), cond)  # no guidance on the fake score
+    fake_x0 = a * x_t - s * v
+    g = (fake_x0 - real) / jnp.mean(jnp.abs(x - real), axis=1, keepdims=True)
+    (expected,) = vjp(g / x.size)
+    got = _grads(_update(recipe, "generator").loss, params, batch, key)["student"]
+    for e, o in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(o, e, rtol=2e-3, atol=1e-8)
+
+
+@pytest.mark.parametrize("spec", ["configs/sid.py:gmm", "configs/sid.py:gmm_4step"])
+def test_sid_gradients_go_where_the_paper_puts_them(spec):
+    _, _, recipe, params, batch = _setup(spec)
+    assert [u.name for u in recipe.updates] == ["fake_score", "generator"]  # fake first, 1:1
+    fake, gen = recipe.updates
+    key = jax.random.key(0)
+    f = _grads(fake.loss, params, batch, key)
+    assert _norm(f["fake_score"]) > 0 and _norm(f["student"]) == 0.0  # fake trains on sg(x)
+    g = _grads(gen.loss, params, batch, key)
+    # The generator loss depends on the fake score (through f_fake): the trainer differentiates only with
+    # respect to the student, which is what keeps the fake score's parameters out of the generator step.
+    assert _norm(g["student"]) > 0 and _norm(g["fake_score"]) > 0
+    assert gen.trains == ("student",) and fake.trains == ("fake_score",)
+
+
+def test_sid_generator_gradient_flows_through_the_frozen_networks_inputs():
+    """The SiD loss recomputed by hand (teacher = exact mixture denoiser with CFG kappa4, fake score with CFG
+    kappa2), differentiated with respect to the student with x_t depending on it; and differently from a
+    version that stop-gradients x_t."""
+    config, world, recipe, params, batch = _setup("configs/sid.py:gmm")
+    m = config.method
+    key = jax.random.key(7)
+    schedule, mix = world.teacher.schedule, world.teacher.mixture
+    student, fake = recipe.network("student").net, recipe.network("fake_score").net
+    k = rng.streams(key, "generate", "timestep", "noise")
+    cond = batch["cond"]
+    n = cond.shape[0]
+    z = jax.random.normal(rng.stream(k["generate"], "latent"), (n, 2))
+    t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
+    eps = jax.random.normal(k["noise"], (n, 2))
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
+    a, s = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+
+    def hand_loss(p, through_inputs=True):
+        x = student.apply(p, z, jnp.full((n,), 999.0), cond)
+        x_t = a * (x if through_inputs else jax.lax.stop_gradient(x)) + s * eps
+        f_r = cfg_combine(
+            mix.posterior_mean(x_t, a[:, 0], s[:, 0], cond),
+            mix.posterior_mean(x_t, a[:, 0], s[:, 0], 2),
+            m.teacher_guidance,
+        )
+
+        def fake_x0(label):
+            return a * x_t - s * fake.apply(
+                params["fake_score"], x_t, t.astype(jnp.float32), jnp.broadcast_to(label, (n,))
+            )
+
+        f_f = cfg_combine(fake_x0(cond), fake_x0(jnp.int32(2)), m.fake_guidance)
+        omega = 1.0 / jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(x - f_r), axis=1), 1e-5))
+        d = f_r - f_f
+        return jnp.mean(omega * jnp.sum(d * ((f_r - x) - m.alpha * d), axis=1))
+
+    got = _grads(_update(recipe, "generator").loss, params, batch, key)["student"]
+    want = jax.grad(hand_loss)(params["student"])
+    for e, o in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(o, e, rtol=2e-3, atol=1e-7)
+    detached = jax.grad(lambda p: hand_loss(p, through_inputs=False))(params["student"])
+    diff = _norm(jax.tree.map(lambda u, v: u - v, detached, got))
+    assert diff > 0.05 * _norm(got), "the gradient through x_t must matter"
+
+
+def test_sid_zero_cfg_uses_an_unconditional_fake_score():
+    _, world, recipe, params, batch = _setup("configs/sid.py:gmm", ("method.fake_condition", "uncond"))
+    # Perturb the fake score: its zero-initialised residual branches would hide the label at init.
+    leaves, tree = jax.tree.flatten(params["fake_score"])
+    keys = jax.random.split(jax.random.key(11), len(leaves))
+    params["fake_score"] = jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(k_, x.shape) for x, k_ in zip(leaves, keys, strict=True)]
+    )
+    grads = _grads(_update(recipe, "generator").loss, params, batch, jax.random.key(2))["fake_score"]
+    # Under Zero-CFG the generator loss reads the fake score with the null label only.
+    emb = np.abs(np.asarray(grads["label_embed"]["embedding"])).sum(axis=1)
+    assert emb[world.uncond] > 0 and emb[:2].sum() == 0
+    _, _, recipe_c, _, _ = _setup("configs/sid.py:gmm")
+    grads_c = _grads(_update(recipe_c, "generator").loss, params, batch, jax.random.key(2))["fake_score"]
+    assert np.abs(np.asarray(grads_c["label_embed"]["embedding"]))[:2].sum() > 0  # conditional: labels read
