@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     s = train.setup(config, "/tmp/jdistill-bench")
     root = jax.random.key(0)
     state = train.init_train_state(s, root)
-    source = s.world.data if s.recipe.data == "data" else s.world.conditions
+    source = s.recipe.source(s.world)
     batch = parallel.global_batch(source.local_batch(0, config.batch_size, s.rows), s.batch_sharding, config.batch_size)
     seen = set()
     for step in range(max(u.every for u in s.recipe.updates)):

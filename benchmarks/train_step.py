@@ -24,7 +24,7 @@ def measure(spec: str, overrides: list[tuple[str, str]], steps: int) -> dict[str
     root = jax.random.key(0)
     state = train.init_train_state(s, root)
     fns = train.StepFunctions(s)
-    source = s.world.data if s.recipe.data == "data" else s.world.conditions
+    source = s.recipe.source(s.world)
     batches = [
         parallel.global_batch(
             source.local_batch(i, config.batch_size, s.rows), s.batch_sharding, config.batch_size

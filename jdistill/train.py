@@ -342,7 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     step, state, root = restore_or_init(s, ckpt)
     metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
     steps = StepFunctions(s)
-    source = s.world.data if s.recipe.data == "data" else s.world.conditions
+    source = s.recipe.source(s.world)
     if source is None:
         raise configuration.ConfigError(
             f"method {config.method.name!r} trains on data, but this teacher has none"

@@ -133,6 +133,15 @@ def student_plan(schedule: Schedule, timesteps: tuple[float, ...] | np.ndarray) 
     return SamplerPlan(ts, np.append(alphas, 1.0), np.append(sigmas, 0.0))
 
 
+def ode_plan(schedule: Schedule, num_inference_steps: int, spacing: str = "leading") -> SamplerPlan:
+    """The teacher's deterministic sampler: DDIM on VP schedules, flow Euler on rectified flow."""
+    if isinstance(schedule, VPSchedule):
+        return ddim_plan(schedule, num_inference_steps, spacing=spacing)
+    if isinstance(schedule, FlowSchedule):
+        return flow_euler_plan(schedule, num_inference_steps)
+    raise ValueError(f"no deterministic sampler for a {type(schedule).__name__}")
+
+
 def run_sampler(
     denoise: Denoise,
     x: jax.Array,

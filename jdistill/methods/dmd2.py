@@ -55,7 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
-def build(config: ml_collections.ConfigDict, world) -> Recipe:
+def distribution_matching(config: ml_collections.ConfigDict, world):
+    """The pieces DMD and DMD2 share: networks, the few-step student, and the two losses."""
     m = config.method
     schedule, teacher = world.teacher.schedule, world.teacher
     student_net = build_network("student", config.networks.student, world, config.num_steps)
@@ -98,10 +99,15 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         pred = fake.predict(params["fake_score"], schedule.add_noise(x, eps, t), t, dropped)
         return denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting), ({}, carry)
 
+    return student_net, fake_net, student, generator_loss, fake_score_loss
+
+
+def build(config: ml_collections.ConfigDict, world) -> Recipe:
+    student_net, fake_net, student, generator_loss, fake_score_loss = distribution_matching(config, world)
     return Recipe(
         networks=(student_net, fake_net),
         updates=(
-            Update("generator", ("student",), generator_loss, every=m.generator_every),
+            Update("generator", ("student",), generator_loss, every=config.method.generator_every),
             Update("fake_score", ("fake_score",), fake_score_loss),
         ),
         sample=lambda params, cond, key: student.sample(params["student"], cond, key),

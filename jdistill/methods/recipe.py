@@ -63,7 +63,7 @@ class Recipe:
     networks: tuple[Network, ...]
     updates: tuple[Update, ...]
     sample: Callable[[Params, PyTree, jax.Array], jax.Array]
-    data: str = "conditions"  # which world source feeds the batches: "conditions" or "data"
+    data: Any = "conditions"  # the world's "conditions" or "data" source, or a DataSource of the recipe's own
     sample_with: tuple[str, ...] = ("student",)  # networks whose EMA replaces them when sampling
     # The timesteps (schedule units) at which the student's sampler evaluates it, in order; export uses them
     # to write a diffusers scheduler that reproduces the sampler. Empty: not a few-step student.
@@ -83,8 +83,16 @@ class Recipe:
                 raise ValueError(
                     f"update {u.name!r}: offset must be in [0, every), got {u.offset}, {u.every}"
                 )
-        if self.data not in ("conditions", "data"):
-            raise ValueError(f"recipe data must be 'conditions' or 'data', got {self.data!r}")
+        if isinstance(self.data, str) and self.data not in ("conditions", "data"):
+            raise ValueError(f"recipe data must be 'conditions', 'data' or a data source, got {self.data!r}")
+
+    def source(self, world):
+        """The data source whose batches feed the train step."""
+        if self.data == "data":
+            if world.data is None:
+                raise ValueError("this recipe trains on data, and this teacher's world has no data source")
+            return world.data
+        return world.conditions if self.data == "conditions" else self.data
 
     def network(self, name: str) -> Network:
         return {n.name: n for n in self.networks}[name]

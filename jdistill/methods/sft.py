@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.diffusion.samplers import ddim_plan, flow_euler_plan, run_sampler
-from jdistill.diffusion.schedules import FlowSchedule, VPSchedule, sample_timesteps
+from jdistill.diffusion.samplers import ode_plan, run_sampler
+from jdistill.diffusion.schedules import sample_timesteps
 from jdistill.methods.common import build_network, denoising_loss, drop_conditions, network_denoiser
 from jdistill.methods.recipe import Recipe, Update
 from jdistill.rng import streams
@@ -62,12 +62,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         return value, ({}, carry)
 
     s = m.sampler
-    if isinstance(schedule, VPSchedule):
-        plan = ddim_plan(schedule, s.steps, spacing=s.spacing)
-    elif isinstance(schedule, FlowSchedule):
-        plan = flow_euler_plan(schedule, s.steps)
-    else:
-        raise ValueError(f"sft has no sampler for a {type(schedule).__name__}")
+    plan = ode_plan(schedule, s.steps, spacing=s.spacing)
 
     def sample(params, cond, key):
         n = jax.tree.leaves(cond)[0].shape[0]
