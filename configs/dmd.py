@@ -13,10 +13,9 @@ Presets:
   python tools/make_ode_pairs.py --config configs/dmd.py:gmm --out pairs/gmm --count 4096   # pairs on disk
 """
 
-from jdistill.config_base import base_config, gmm_teacher
+from jdistill.config_base import base_config, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd
-from jdistill.methods.common import network_config
 
 PRESETS = ("gmm",)
 
@@ -25,17 +24,7 @@ def get_config(arg=None):
     choose_preset(arg, PRESETS, default="gmm")
     c = base_config()
     c.method = dmd.default_config()
-    c.teacher = gmm_teacher("vp")
-    c.num_steps = 8000
-    c.batch_size = 256
-    c.log_every = 200
-    c.checkpoint.every = 2000
-    c.sample.every = 2000
+    gmm_distillation(c, student_lr=3e-4)
     c.method.guidance_scale = 3.0
     c.method.make_pairs = 4096
-    c.method.fake_target = "v"
-    c.networks.student = network_config(prediction="x0", lr=3e-4, ema_decay=0.99, fourier_features=2)
-    c.networks.student.optimizer.schedule = "cosine"
-    c.networks.fake_score = network_config(prediction="v", lr=2e-3, fourier_features=4)
-    c.networks.fake_score.optimizer.schedule = "cosine"
     return c

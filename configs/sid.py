@@ -12,10 +12,9 @@ Presets:
   python -m jdistill.main --config configs/sid.py:gmm --workdir runs/sid_gmm
 """
 
-from jdistill.config_base import base_config, gmm_teacher
+from jdistill.config_base import base_config, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import sid
-from jdistill.methods.common import network_config
 
 PRESETS = ("gmm", "gmm_2step", "gmm_4step")
 
@@ -24,22 +23,12 @@ def get_config(arg=None):
     preset = choose_preset(arg, PRESETS, default="gmm")
     c = base_config()
     c.method = sid.default_config()
-    c.teacher = gmm_teacher("vp")
-    c.num_steps = 6000
-    c.batch_size = 256
-    c.log_every = 200
-    c.checkpoint.every = 2000
-    c.sample.every = 2000
+    gmm_distillation(c, student_lr=1e-4)
     c.method.alpha = 1.0
     c.method.teacher_guidance = 3.0
     c.method.fake_guidance = 3.0
     c.method.fake_train_guidance = 1.0
     c.method.fake_cond_dropout = 0.1
-    c.method.fake_target = "v"
-    c.networks.student = network_config(prediction="x0", lr=1e-4, ema_decay=0.99, fourier_features=2)
-    c.networks.student.optimizer.schedule = "cosine"
-    c.networks.fake_score = network_config(prediction="v", lr=2e-3, fourier_features=4)
-    c.networks.fake_score.optimizer.schedule = "cosine"
     if preset == "gmm_2step":
         c.method.student_timesteps = (999.0, 499.0)
     elif preset == "gmm_4step":

@@ -22,10 +22,9 @@ Expected (gmm, 2-core CPU): about 100 s; samples/final.npy with 0.95 of samples 
 mode 11-13%, class consistency 0.98 (thresholds checked by tests: 0.90, 0.05, 0.95).
 """
 
-from jdistill.config_base import base_config, gmm_teacher
+from jdistill.config_base import base_config, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import swiftbrush
-from jdistill.methods.common import network_config
 
 PRESETS = ("gmm",)
 
@@ -35,20 +34,10 @@ def get_config(arg=None):
     c = base_config()
     c.method = swiftbrush.default_config()
     if preset == "gmm":
-        c.teacher = gmm_teacher("vp")
-        c.num_steps = 8000
-        c.batch_size = 256
-        c.log_every = 200
-        c.checkpoint.every = 2000
-        c.sample.every = 2000
+        gmm_distillation(c)
         c.method.guidance_scale = 3.0
         # The toy student starts class-agnostic (random init), so its fake score starts from scratch too:
         # a fake that starts as the class-conditional teacher cancels the class signal of CFG.
         c.method.fake_score_init = "network"
-        c.method.fake_target = "v"
         c.method.fake_weighting = "uniform"
-        c.networks.student = network_config(prediction="x0", lr=3e-4, ema_decay=0.99, fourier_features=2)
-        c.networks.student.optimizer.schedule = "cosine"
-        c.networks.fake_score = network_config(prediction="v", lr=2e-3, fourier_features=4)
-        c.networks.fake_score.optimizer.schedule = "cosine"
     return c

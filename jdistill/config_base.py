@@ -65,3 +65,24 @@ def base_config() -> ml_collections.ConfigDict:
         {"every": 0, "count": 1024, "final_count": 4096, "batch": 1024, "use_ema": True, "seed": 1234}
     )
     return c
+
+
+def gmm_distillation(
+    c: ml_collections.ConfigDict, *, student_lr: float = 3e-4, fake_lr: float = 2e-3
+) -> None:
+    """The Gaussian-mixture setting the distribution-matching presets share (measured on swiftbrush, see
+    configs/swiftbrush.py): the VP teacher, 8000 steps of 256, a one-step x0 MLP student with Fourier
+    features, EMA and a cosine schedule, and a v-prediction MLP fake score trained from scratch."""
+    from jdistill.methods.common import network_config
+
+    c.teacher = gmm_teacher("vp")
+    c.num_steps = 8000
+    c.batch_size = 256
+    c.log_every = 200
+    c.checkpoint.every = 2000
+    c.sample.every = 2000
+    c.networks.student = network_config(prediction="x0", lr=student_lr, ema_decay=0.99, fourier_features=2)
+    c.networks.student.optimizer.schedule = "cosine"
+    c.networks.fake_score = network_config(prediction="v", lr=fake_lr, fourier_features=4)
+    c.networks.fake_score.optimizer.schedule = "cosine"
+    c.method.fake_target = "v"

@@ -171,3 +171,80 @@ def test_sid_zero_cfg_uses_an_unconditional_fake_score():
     _, _, recipe_c, _, _ = _setup("configs/sid.py:gmm")
     grads_c = _grads(_update(recipe_c, "generator").loss, params, batch, jax.random.key(2))["fake_score"]
     assert np.abs(np.asarray(grads_c["label_embed"]["embedding"]))[:2].sum() > 0  # conditional: labels read
+
+
+def test_ode_pairs_tool_and_source(tmp_path, capsys):
+    from helpers import gmm_quality
+    from test_pipeline import _tool
+
+    from jdistill.data.pairs import PairsSource
+
+    tool = _tool("make_ode_pairs")
+    out = tmp_path / "pairs"
+    code = tool.main(
+        ["--config=configs/dmd.py:gmm", "--out", str(out), "--count", "96", "--steps", "20", "--batch", "64"]
+    )
+    assert code == 0 and "wrote 96 pairs" in capsys.readouterr().out
+    source = PairsSource.from_dir(str(out), seed=0)
+    full = source.local_batch(3, 16)
+    assert sorted(full) == ["cond", "x0", "z"] and full["z"].shape == (16, 2)
+    again = source.local_batch(3, 16, np.arange(8, 16))  # a host's rows of the same global batch
+    for k in full:
+        np.testing.assert_array_equal(again[k], full[k][8:])
+    # The teacher's guided ODE lands on modes of the pair's own class.
+    arrays = {k: np.load(out / f"{k}.npy") for k in ("x0", "cond")}
+    within, _, consistent = gmm_quality(arrays["x0"], arrays["cond"])
+    assert within > 0.97 and consistent > 0.97
+    with pytest.raises(FileNotFoundError, match="make_ode_pairs"):
+        PairsSource.from_dir(str(tmp_path))
+
+
+def test_dmd_generator_loss_adds_the_regression_on_pairs():
+    config, world, recipe, params, _ = _setup("configs/dmd.py:gmm", ("method.make_pairs", "64"))
+    _, _, recipe2, _, _ = _setup("configs/dmd2.py:gmm", ("method.guidance_scale", "3.0"))
+    batch = recipe.source(world).local_batch(0, 32)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    key = jax.random.key(4)
+    student = recipe.network("student").net
+    got = _grads(_update(recipe, "generator").loss, params, batch, key)["student"]
+    dm = _grads(_update(recipe2, "generator").loss, params, {"cond": batch["cond"]}, key)["student"]
+
+    def regression(p):  # the one-step student from the pair's noise, MSE to the teacher's output
+        x = student.apply(p, batch["z"], jnp.full((32,), 999.0), batch["cond"])
+        return jnp.mean((x - batch["x0"]) ** 2)
+
+    reg = jax.grad(regression)(params["student"])
+    want = jax.tree.map(lambda a, b: a + config.method.regression_weight * b, dm, reg)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="needs teacher ODE pairs"):
+        _setup("configs/dmd.py:gmm", ("method.make_pairs", "0"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "teacher_scale", "fake_scale"),
+    [
+        ("configs/dmd.py:gmm", "guidance_scale", None),
+        ("configs/dmd2.py:gmm", "guidance_scale", None),
+        ("configs/sid.py:gmm", "teacher_guidance", "fake_guidance"),
+        ("configs/sid_lsg.py:gmm", "teacher_guidance", "fake_guidance"),
+    ],
+)
+def test_recipes_record_their_guidance(spec, teacher_scale, fake_scale):
+    """Each preset names its CFG convention, its scales, and runs on the world's null-label uncond."""
+    import importlib.util
+
+    from helpers import REPO
+
+    config = load(spec)
+    assert config.method.cfg_convention == "uncond"
+    assert config.method[teacher_scale] > 1
+    if fake_scale:
+        assert config.method[fake_scale] > 1
+    path = REPO / spec.split(":")[0]
+    module_spec = importlib.util.spec_from_file_location("cfgdoc", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    assert "CFG convention" in module.__doc__ and "unconditional input" in module.__doc__
+    world = build_world(config)
+    assert int(world.uncond) == config.teacher.gmm.num_classes  # the null label

@@ -14,6 +14,7 @@ from helpers import (
     REPO,
     SMALL,
     SMALL_SWIFTBRUSH_NETS,
+    gmm_quality,
     main_command,
     max_abs_diff,
     run_main,
@@ -22,19 +23,6 @@ from helpers import (
 )
 
 from jdistill import train
-
-
-def gmm_quality(samples: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, float]:
-    """Independent of jdistill.evaluate: fraction within 0.5 of a mode, per-mode shares, class consistency."""
-    angles = 2 * np.pi * np.arange(8) / 8
-    means = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
-    dist = np.sqrt(((samples[:, None, :] - means[None]) ** 2).sum(-1))
-    nearest = dist.argmin(1)
-    return (
-        (dist.min(1) < 0.5).mean(),
-        np.bincount(nearest, minlength=8) / len(samples),
-        (nearest % 2 == labels).mean(),
-    )
 
 
 @pytest.mark.slow
