@@ -25,7 +25,9 @@ def main(argv: list[str]) -> None:
     root = jax.random.key(0)
     state = train.init_train_state(s, root)
     source = s.recipe.source(s.world)
-    batch = parallel.global_batch(source.local_batch(0, config.batch_size, s.rows), s.batch_sharding, config.batch_size)
+    batch = parallel.global_batch(
+        source.local_batch(0, config.batch_size, s.rows), s.batch_sharding, config.batch_size
+    )
     seen = set()
     for step in range(max(u.every for u in s.recipe.updates)):
         active = s.recipe.active_updates(step)

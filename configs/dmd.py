@@ -7,7 +7,10 @@ place of LPIPS, see jdistill/methods/dmd.py).
 
 Presets:
   gmm  analytic 8-mode Gaussian-mixture teacher on SD's VP schedule; 4096 ODE pairs (50 DDIM steps, same
-       CFG) generated in memory when the run starts.
+       CFG) generated in memory when the run starts; real-score CFG w = 3 (the paper's FID model), the
+       networks of the swiftbrush preset. Measured 2026-11-23: within-0.5 0.955, min mode share 0.122,
+       class consistency 0.981 (w = 2: 0.969 / 0.981): the regression pins the modes that DMD2's pure
+       distribution matching leaves wide.
 
   python -m jdistill.main --config configs/dmd.py:gmm --workdir runs/dmd_gmm
   python tools/make_ode_pairs.py --config configs/dmd.py:gmm --out pairs/gmm --count 4096   # pairs on disk
