@@ -1,5 +1,7 @@
 """Every distribution-matching recipe's gmm preset, run as a user runs it, meets the Gaussian-mixture test:
->= 90% of samples within 0.5 of a mode, every mode >= 5%, >= 95% of samples on a mode of their own class."""
+>= 90% of samples within 0.5 of a mode, every mode >= 5%, >= 95% of samples on a mode of their own class.
+
+About two minutes per preset: run with ``python -m pytest -m acceptance``."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ PRESETS = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 @pytest.mark.parametrize("spec", PRESETS)
 def test_gmm_preset_distils_the_mixture(tmp_path, spec):
     start = time.perf_counter()
