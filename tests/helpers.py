@@ -87,3 +87,16 @@ def gmm_quality(samples: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndar
         np.bincount(nearest, minlength=8) / len(samples),
         (nearest % 2 == labels).mean(),
     )
+
+
+def grads_wrt_trained(loss, params, batch, key, carry=None):
+    """Gradients of a recipe loss with respect to every trained network (everything but the teacher)."""
+
+    def f(p):
+        return loss({**params, **p}, batch, key, carry or {})[0]
+
+    return jax.grad(f)({k: v for k, v in params.items() if k != "teacher"})
+
+
+def abs_sum(tree) -> float:
+    return float(sum(np.sum(np.abs(np.asarray(x))) for x in jax.tree.leaves(tree)))

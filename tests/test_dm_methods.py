@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import SMALL, SMALL_SWIFTBRUSH_NETS, load
+from helpers import abs_sum as _norm
+from helpers import grads_wrt_trained as _grads
 
 from jdistill import rng
 from jdistill.diffusion.guidance import cfg_combine
@@ -25,17 +27,6 @@ def _setup(spec, *overrides):
         params[net.name] = net.initial_params(jax.random.fold_in(jax.random.key(3), i), {})
     batch = {"cond": jnp.asarray(np.arange(32) % 2, jnp.int32)}
     return config, world, recipe, params, batch
-
-
-def _grads(loss, params, batch, key, carry=None):
-    def f(p):
-        return loss({**params, **p}, batch, key, carry or {})[0]
-
-    return jax.grad(f)({k: v for k, v in params.items() if k != "teacher"})
-
-
-def _norm(tree) -> float:
-    return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
 
 
 def _update(recipe, name):

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import abs_sum as _norm
+from helpers import grads_wrt_trained as _grads
 from helpers import load, small_swiftbrush
 
 from jdistill import rng
@@ -58,17 +60,6 @@ def _swiftbrush(*overrides):
         params[net.name] = net.initial_params(jax.random.fold_in(key, i), {})
     batch = {"cond": jnp.asarray(np.arange(32) % 2, jnp.int32)}
     return config, world, recipe, params, batch
-
-
-def _grads(loss, params, batch, key, carry=None):
-    def f(p):
-        return loss({**params, **p}, batch, key, carry or {})[0]
-
-    return jax.grad(f)({k: v for k, v in params.items() if k != "teacher"})
-
-
-def _norm(tree):
-    return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
 
 
 def test_swiftbrush_stop_gradients():

@@ -8,14 +8,13 @@ skipped. Beyond that the generic rules of ``convert.core`` cover every key.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from jdistill.convert.core import load_state_dict, to_state_dict
-from jdistill.convert.io import lazy_state_dict, read_json, weight_files
+from jdistill.convert.io import component_source
 from jdistill.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
@@ -63,13 +62,7 @@ def load_clip_text(
     ``text_projection.weight``. Loading is strict (``ConversionError`` names missing, unexpected and mis-shaped
     keys).
     """
-    if isinstance(source, str):
-        config = config or CLIPTextConfig.from_dict(read_json(os.path.join(source, "config.json")))
-        state = lazy_state_dict(weight_files(source, variant, allow_pickle))
-    else:
-        if config is None:
-            raise ValueError("a CLIPTextConfig is needed with an in-memory state dict")
-        state = source
+    config, state = component_source(source, config, CLIPTextConfig, variant, allow_pickle)
     if with_projection is None:
         with_projection = PROJECTION + "weight" in state
     # One layout per checkpoint: if any key has the hub prefix, all must (others are reported unexpected).

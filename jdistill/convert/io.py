@@ -55,6 +55,19 @@ def weight_files(folder: str, variant: str | None = None, allow_pickle: bool = F
     raise ConversionError(f"no safetensors weights{wanted} in {folder} (files: {sorted(names)})")
 
 
+def component_source(
+    source: str | Mapping, config, config_cls, variant: str | None, allow_pickle: bool
+) -> tuple[object, Mapping]:
+    """(config, state dict) for a component loader: from a folder (config.json + weights, read lazily) or an
+    in-memory state dict, which needs ``config`` given."""
+    if isinstance(source, str):
+        config = config or config_cls.from_dict(read_json(os.path.join(source, "config.json")))
+        return config, lazy_state_dict(weight_files(source, variant, allow_pickle))
+    if config is None:
+        raise ValueError(f"a {config_cls.__name__} is needed with an in-memory state dict")
+    return config, source
+
+
 def lazy_state_dict(files: list[str]) -> Mapping[str, Callable[[], np.ndarray]]:
     """{key: loader} over safetensors files (or trusted pickles); each loader returns a numpy array."""
     out: dict[str, Callable[[], np.ndarray]] = {}

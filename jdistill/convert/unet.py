@@ -5,14 +5,13 @@ The module tree mirrors diffusers' names, so the generic rules of ``convert.core
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from jdistill.convert.core import load_state_dict, to_state_dict
-from jdistill.convert.io import lazy_state_dict, read_json, weight_files
+from jdistill.convert.io import component_source
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
 from jdistill.models.unet import UNet2DConditionModel, UNetConfig
@@ -41,13 +40,7 @@ def load_unet(
     place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
 ) -> tuple[Net, PyTree]:
     """(Net, params) from a ``unet/`` folder (config.json + safetensors) or an in-memory state dict."""
-    if isinstance(source, str):
-        config = config or UNetConfig.from_dict(read_json(os.path.join(source, "config.json")))
-        state = lazy_state_dict(weight_files(source, variant, allow_pickle))
-    else:
-        if config is None:
-            raise ValueError("a UNetConfig is needed with an in-memory state dict")
-        state = source
+    config, state = component_source(source, config, UNetConfig, variant, allow_pickle)
     net = unet_net(config, precision=precision, attention_impl=attention_impl, remat=remat)
     return net, load_state_dict(net.abstract, state, place=place, what="UNet2DConditionModel")
 

@@ -9,7 +9,6 @@ Saving always writes the current names.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jdistill.convert.core import ConversionError, load_state_dict, to_state_dict
-from jdistill.convert.io import lazy_state_dict, read_json, weight_files
+from jdistill.convert.io import component_source
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
 from jdistill.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -80,13 +79,7 @@ def load_vae(
 ) -> tuple[Net, PyTree]:
     """(Net, params) from a ``vae/`` folder (config.json + safetensors) or an in-memory state dict
     (numpy arrays or loaders; torch layouts and names, current or legacy)."""
-    if isinstance(source, str):
-        config = config or AutoencoderKLConfig.from_dict(read_json(os.path.join(source, "config.json")))
-        state = lazy_state_dict(weight_files(source, variant, allow_pickle))
-    else:
-        if config is None:
-            raise ValueError("an AutoencoderKLConfig is needed with an in-memory state dict")
-        state = source
+    config, state = component_source(source, config, AutoencoderKLConfig, variant, allow_pickle)
     renamed = [rename_legacy(k) for k in state]
     if len(set(renamed)) != len(renamed):  # both spellings of one tensor: refuse rather than pick one
         twice = sorted({k for k in renamed if renamed.count(k) > 1})

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jdistill.convert.io import read_json
 
 PyTree = Any
 
@@ -53,12 +56,9 @@ def _torch_twin(name: str, src: str, variant: str | None, allow_pickle: bool):
     elif name == "vae":
         from diffusers import AutoencoderKL as cls
     else:
-        import json
-        import os
-
-        with open(os.path.join(src, name, "config.json")) as f:
-            architectures = json.load(f).get("architectures", [])
         import transformers
+
+        architectures = read_json(os.path.join(src, name, "config.json")).get("architectures", [])
 
         cls = (
             transformers.CLIPTextModelWithProjection

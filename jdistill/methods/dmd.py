@@ -64,26 +64,25 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         raise ValueError(
             "dmd needs teacher ODE pairs: set method.pairs (tools/make_ode_pairs.py) or method.make_pairs"
         )
-    student_net, fake_net, student, dm_loss, fake_score_loss = dmd2.distribution_matching(config, world)
-    (t_student,) = student.timesteps
+    parts, dm_loss = dmd2.distribution_matching(config, world)
+    (t_student,) = parts.student.timesteps
 
     def generator_loss(params, batch, key, carry):
         loss, (metrics, carry) = dm_loss(params, batch, key, carry)
         z, target = batch["z"], batch["x0"].astype(jnp.float32)
         n = z.shape[0]
-        x_ref = student.denoiser.predict(params["student"], z, jnp.full((n,), t_student), batch["cond"]).x0
+        x_ref = parts.student.denoiser.predict(
+            params["student"], z, jnp.full((n,), t_student), batch["cond"]
+        ).x0
         per_sample = jnp.mean(((x_ref - target) ** 2).reshape(n, -1), axis=1)
         regression = masked_mean(per_sample, finite_rows(target))
         metrics = {**metrics, "regression": regression, "distribution_matching": loss}
         return loss + m.regression_weight * regression, (metrics, carry)
 
-    return Recipe(
-        networks=(student_net, fake_net),
-        updates=(
+    return parts.recipe(
+        (
             Update("generator", ("student",), generator_loss, every=m.generator_every),
-            Update("fake_score", ("fake_score",), fake_score_loss),
+            Update("fake_score", ("fake_score",), parts.fake_score_loss(world, m)),
         ),
-        sample=lambda params, cond, key: student.sample(params["student"], cond, key),
         data=source,
-        student_timesteps=student.timesteps,
     )

@@ -22,18 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.diffusion.schedules import sample_timesteps
-from jdistill.methods.common import (
-    build_network,
-    denoising_loss,
-    drop_conditions,
-    network_denoiser,
-    pseudo_target_loss,
-)
+from jdistill.methods.common import pseudo_target_loss
 from jdistill.methods.distribution import dmd_direction
 from jdistill.methods.recipe import Recipe, Update
-from jdistill.methods.rollout import FewStepStudent
-from jdistill.rng import streams
+from jdistill.methods.score_distillation import student_and_fake
 
 NETWORKS = ("student", "fake_score")
 
@@ -56,61 +48,30 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def distribution_matching(config: ml_collections.ConfigDict, world):
-    """The pieces DMD and DMD2 share: networks, the few-step student, and the two losses."""
+    """What DMD and DMD2 share: the student and fake score, and the distribution-matching generator loss."""
     m = config.method
-    schedule, teacher = world.teacher.schedule, world.teacher
-    student_net = build_network("student", config.networks.student, world, config.num_steps)
-    fake_net = build_network("fake_score", config.networks.fake_score, world, config.num_steps)
-    fake = network_denoiser(fake_net, config.networks.fake_score, schedule)
-    student = FewStepStudent(
-        network_denoiser(student_net, config.networks.student, schedule),
-        world.sample_shape,
-        m.student_timesteps,
-    )
+    teacher = world.teacher
+    parts = student_and_fake(config, world, m.student_timesteps)
 
     def generator_loss(params, batch, key, carry):
-        k = streams(key, "generate", "timestep", "noise")
         cond = batch["cond"]
-        x = student.generate(params["student"], cond, k["generate"])
-        n = x.shape[0]
-        t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
-        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
-        x_t = schedule.add_noise(jax.lax.stop_gradient(x), eps, t)
+        x, _, t, x_t = parts.noised_generation(params, cond, key, m.t_range, detach=True)
         real = predict_cfg(
             teacher, params["teacher"], x_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
         )
-        fake_x0 = fake.predict(params["fake_score"], x_t, t, cond).x0
+        fake_x0 = parts.fake.predict(parts.fake_params(params), x_t, t, cond).x0  # no guidance
         g = dmd_direction(x, real.x0, fake_x0)
         metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
         return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
 
-    def fake_score_loss(params, batch, key, carry):
-        k = streams(key, "generate", "timestep", "noise", "dropout")
-        cond = batch["cond"]
-        x = (
-            carry["x"]
-            if "x" in carry
-            else jax.lax.stop_gradient(student.generate(params["student"], cond, k["generate"]))
-        )
-        n = x.shape[0]
-        t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
-        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
-        dropped = drop_conditions(k["dropout"], cond, world.uncond, m.fake_cond_dropout)
-        pred = fake.predict(params["fake_score"], schedule.add_noise(x, eps, t), t, dropped)
-        return denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting), ({}, carry)
-
-    return student_net, fake_net, student, generator_loss, fake_score_loss
+    return parts, generator_loss
 
 
 def build(config: ml_collections.ConfigDict, world) -> Recipe:
-    student_net, fake_net, student, generator_loss, fake_score_loss = distribution_matching(config, world)
-    return Recipe(
-        networks=(student_net, fake_net),
-        updates=(
+    parts, generator_loss = distribution_matching(config, world)
+    return parts.recipe(
+        (
             Update("generator", ("student",), generator_loss, every=config.method.generator_every),
-            Update("fake_score", ("fake_score",), fake_score_loss),
-        ),
-        sample=lambda params, cond, key: student.sample(params["student"], cond, key),
-        data="conditions",
-        student_timesteps=student.timesteps,
+            Update("fake_score", ("fake_score",), parts.fake_score_loss(world, config.method)),
+        )
     )

@@ -20,18 +20,14 @@ Per step (fake score first, then the generator, 1:1):
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.guidance import select_cond
-from jdistill.diffusion.schedules import sample_timesteps
-from jdistill.methods.common import build_network, denoising_loss, drop_conditions, network_denoiser
-from jdistill.methods.distribution import finite_rows, masked_mean, sid_generator_loss, zero_bad_rows
+from jdistill.methods.distribution import masked_mean, sid_generator_loss
 from jdistill.methods.recipe import Recipe, Update
-from jdistill.methods.rollout import FewStepStudent
-from jdistill.rng import streams
+from jdistill.methods.score_distillation import student_and_fake
 
 NETWORKS = ("student", "fake_score")
 FAKE_CONDITIONS = ("cond", "uncond")
@@ -61,43 +57,14 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     m = config.method
     if m.fake_condition not in FAKE_CONDITIONS:
         raise ValueError(f"method.fake_condition={m.fake_condition!r}; choose one of {FAKE_CONDITIONS}")
-    schedule, teacher = world.teacher.schedule, world.teacher
-    student_net = build_network("student", config.networks.student, world, config.num_steps)
-    fake_net = build_network("fake_score", config.networks.fake_score, world, config.num_steps)
-    fake = network_denoiser(fake_net, config.networks.fake_score, schedule)
-    student = FewStepStudent(
-        network_denoiser(student_net, config.networks.student, schedule),
-        world.sample_shape,
-        m.student_timesteps,
-    )
-
-    def fake_score_loss(params, batch, key, carry):
-        k = streams(key, "generate", "timestep", "noise", "dropout")
-        cond = batch["cond"]
-        x = jax.lax.stop_gradient(student.generate(params["student"], cond, k["generate"]))
-        ok = finite_rows(x)
-        x = zero_bad_rows(x, ok)
-        n = x.shape[0]
-        t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
-        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
-        dropped = drop_conditions(k["dropout"], cond, world.uncond, m.fake_cond_dropout)
-        x_t = schedule.add_noise(x, eps, t)
-        pred = predict_cfg(
-            fake, params["fake_score"], x_t, t, dropped, world.uncond, m.fake_train_guidance, m.cfg_convention
-        )
-        loss = denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting)
-        return loss, ({"finite_samples": jnp.mean(ok.astype(jnp.float32))}, carry)
+    teacher = world.teacher
+    parts = student_and_fake(config, world, m.student_timesteps)
 
     def generator_loss(params, batch, key, carry):
-        k = streams(key, "generate", "timestep", "noise")
         cond = batch["cond"]
-        x = student.generate(params["student"], cond, k["generate"])
-        ok = finite_rows(x)
-        x = zero_bad_rows(x, ok)
+        # No stop-gradient on x_t: the generator's gradient flows through the frozen networks' inputs.
+        x, ok, t, x_t = parts.noised_generation(params, cond, key, m.t_range, detach=False)
         n = x.shape[0]
-        t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
-        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
-        x_t = schedule.add_noise(x, eps, t)  # no stop-gradient: the generator's gradient flows through x_t
         real = predict_cfg(
             teacher, params["teacher"], x_t, t, cond, world.uncond, m.teacher_guidance, m.cfg_convention
         )
@@ -105,19 +72,23 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             cond if m.fake_condition == "cond" else select_cond(cond, world.uncond, jnp.ones((n,), bool))
         )
         fake_pred = predict_cfg(
-            fake, params["fake_score"], x_t, t, fake_cond, world.uncond, m.fake_guidance, m.cfg_convention
+            parts.fake,
+            parts.fake_params(params),
+            x_t,
+            t,
+            fake_cond,
+            world.uncond,
+            m.fake_guidance,
+            m.cfg_convention,
         )
         per_sample = sid_generator_loss(x, real.x0, fake_pred.x0, m.alpha)
         metrics = {"finite_samples": jnp.mean(ok.astype(jnp.float32))}
         return masked_mean(per_sample, ok), (metrics, carry)
 
-    return Recipe(
-        networks=(student_net, fake_net),
-        updates=(
+    fake_score_loss = parts.fake_score_loss(world, m, guidance=m.fake_train_guidance)
+    return parts.recipe(
+        (
             Update("fake_score", ("fake_score",), fake_score_loss),
             Update("generator", ("student",), generator_loss),
-        ),
-        sample=lambda params, cond, key: student.sample(params["student"], cond, key),
-        data="conditions",
-        student_timesteps=student.timesteps,
+        )
     )

@@ -23,18 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.diffusion.schedules import sample_timesteps
-from jdistill.methods.common import (
-    ResidualDenoiser,
-    build_network,
-    denoising_loss,
-    drop_conditions,
-    network_denoiser,
-    pseudo_target_loss,
-)
+from jdistill.methods.common import pseudo_target_loss
 from jdistill.methods.recipe import Recipe, Update
-from jdistill.methods.rollout import FewStepStudent
-from jdistill.rng import streams
+from jdistill.methods.score_distillation import student_and_fake
 
 FAKE_SCORE_INITS = ("teacher_residual", "network")
 
@@ -67,74 +58,35 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         raise ValueError(
             f"method.fake_score_init: unknown {m.fake_score_init!r}; choose one of {FAKE_SCORE_INITS}"
         )
-    schedule = world.teacher.schedule
     teacher = world.teacher
-    residual = m.fake_score_init == "teacher_residual"
-
-    student_net = build_network("student", config.networks.student, world, config.num_steps)
-    fake_net = build_network(
-        "fake_score", config.networks.fake_score, world, config.num_steps, zero_out=residual
-    )
-    if residual:
-        fake = ResidualDenoiser(teacher, fake_net.net, config.networks.fake_score.prediction)
-
-        def fake_params(params):
-            return (params["teacher"], params["fake_score"])
-    else:
-        fake = network_denoiser(fake_net, config.networks.fake_score, schedule)
-
-        def fake_params(params):
-            return params["fake_score"]
-
-    student = FewStepStudent(
-        network_denoiser(student_net, config.networks.student, schedule),
-        world.sample_shape,
-        (m.student_timestep,),
-    )
+    residual = config.networks.fake_score.prediction if m.fake_score_init == "teacher_residual" else None
+    parts = student_and_fake(config, world, (m.student_timestep,), residual_prediction=residual)
 
     def generator_loss(params, batch, key, carry):
-        k = streams(key, "generate", "timestep", "noise")
         cond = batch["cond"]
-        x = student.generate(params["student"], cond, k["generate"])
-        n = x.shape[0]
-        t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
-        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
-        x_t = schedule.add_noise(jax.lax.stop_gradient(x), eps, t)
+        x, _, t, x_t = parts.noised_generation(params, cond, key, m.t_range, detach=True)
         real = predict_cfg(
             teacher, params["teacher"], x_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
         )
         fake_pred = predict_cfg(
-            fake, fake_params(params), x_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
+            parts.fake,
+            parts.fake_params(params),
+            x_t,
+            t,
+            cond,
+            world.uncond,
+            m.guidance_scale,
+            m.cfg_convention,
         )
         g = jax.lax.stop_gradient(jnp.nan_to_num(real.sigma**2 * (real.eps - fake_pred.eps)))
         metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
         return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
 
-    def fake_score_loss(params, batch, key, carry):
-        k = streams(key, "generate", "timestep", "noise", "dropout")
-        cond = batch["cond"]
-        x = (
-            carry["x"]
-            if "x" in carry
-            else jax.lax.stop_gradient(student.generate(params["student"], cond, k["generate"]))
-        )
-        if m.fake_noise_draws > 1:  # variance reduction: several noisings of each generated sample
-            x = jnp.concatenate([x] * m.fake_noise_draws)
-            cond = jax.tree.map(lambda c: jnp.concatenate([c] * m.fake_noise_draws), cond)
-        n = x.shape[0]
-        t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
-        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
-        dropped = drop_conditions(k["dropout"], cond, world.uncond, m.fake_cond_dropout)
-        pred = fake.predict(fake_params(params), schedule.add_noise(x, eps, t), t, dropped)
-        return denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting), ({}, carry)
-
-    return Recipe(
-        networks=(student_net, fake_net),
-        updates=(
+    return parts.recipe(
+        (
             Update("generator", ("student",), generator_loss, every=m.generator_every),
-            Update("fake_score", ("fake_score",), fake_score_loss),
-        ),
-        sample=lambda params, cond, key: student.sample(params["student"], cond, key),
-        data="conditions",
-        student_timesteps=student.timesteps,
+            Update(
+                "fake_score", ("fake_score",), parts.fake_score_loss(world, m, noise_draws=m.fake_noise_draws)
+            ),
+        )
     )

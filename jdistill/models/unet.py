@@ -286,6 +286,27 @@ class _BlockSpec:
     add_sample: bool
 
 
+def _attentions(spec: _BlockSpec, cfg: UNetConfig, n: int, rngs, p: Precision, impl: str) -> nnx.List:
+    """The transformer after each of a cross-attention block's ``n`` resnets."""
+    return nnx.List(
+        [
+            Transformer2DModel(
+                spec.cout,
+                cfg.cross_attention_dim,
+                spec.heads,
+                spec.depths[i],
+                cfg.norm_num_groups,
+                rngs,
+                p,
+                linear_proj=cfg.use_linear_projection,
+                upcast=cfg.upcast_attention,
+                impl=impl,
+            )
+            for i in range(n)
+        ]
+    )
+
+
 class DownBlock(nnx.Module):
     """CrossAttnDownBlock2D (with attentions) or DownBlock2D."""
 
@@ -308,26 +329,9 @@ class DownBlock(nnx.Module):
                 for i in range(n)
             ]
         )
-        if spec.kind == "CrossAttnDownBlock2D":
-            self.attentions = nnx.List(
-                [
-                    Transformer2DModel(
-                        spec.cout,
-                        cfg.cross_attention_dim,
-                        spec.heads,
-                        spec.depths[i],
-                        cfg.norm_num_groups,
-                        rngs,
-                        p,
-                        linear_proj=cfg.use_linear_projection,
-                        upcast=cfg.upcast_attention,
-                        impl=impl,
-                    )
-                    for i in range(n)
-                ]
-            )
-        else:
-            self.attentions = None
+        self.attentions = (
+            _attentions(spec, cfg, n, rngs, p, impl) if spec.kind == "CrossAttnDownBlock2D" else None
+        )
         self.downsamplers = nnx.List([Downsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
 
     def __call__(self, x, temb, context):
@@ -360,26 +364,9 @@ class UpBlock(nnx.Module):
                 ResnetBlock2D(first + skip, spec.cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, rngs, p)
             )
         self.resnets = nnx.List(resnets)
-        if spec.kind == "CrossAttnUpBlock2D":
-            self.attentions = nnx.List(
-                [
-                    Transformer2DModel(
-                        spec.cout,
-                        cfg.cross_attention_dim,
-                        spec.heads,
-                        spec.depths[i],
-                        cfg.norm_num_groups,
-                        rngs,
-                        p,
-                        linear_proj=cfg.use_linear_projection,
-                        upcast=cfg.upcast_attention,
-                        impl=impl,
-                    )
-                    for i in range(n)
-                ]
-            )
-        else:
-            self.attentions = None
+        self.attentions = (
+            _attentions(spec, cfg, n, rngs, p, impl) if spec.kind == "CrossAttnUpBlock2D" else None
+        )
         self.upsamplers = nnx.List([Upsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
 
     def __call__(self, x, skips: list, temb, context, upsample_size=None):

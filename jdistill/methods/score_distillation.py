@@ -1,0 +1,127 @@
+"""What the score-distillation recipes (swiftbrush, dmd, dmd2, sid, sid_lsg) share: a few-step student, a
+fake score trained online on the student's samples, the noised generation a generator loss starts from, the
+fake score's denoising update, and the recipe that ties them together."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jdistill.diffusion.denoiser import Denoiser, predict_cfg
+from jdistill.diffusion.schedules import sample_timesteps
+from jdistill.methods.common import (
+    ResidualDenoiser,
+    build_network,
+    denoising_loss,
+    drop_conditions,
+    network_denoiser,
+)
+from jdistill.methods.distribution import finite_rows, zero_bad_rows
+from jdistill.methods.recipe import LossFn, Network, Recipe, Update
+from jdistill.methods.rollout import FewStepStudent
+from jdistill.rng import streams
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StudentAndFake:
+    student_net: Network
+    fake_net: Network
+    student: FewStepStudent
+    fake: Denoiser
+    fake_params: Callable[[dict], PyTree]  # all params -> what ``fake.predict`` takes
+
+    def noised_generation(self, params, cond, key, t_range, *, detach: bool):
+        """(x, ok, t, x_t): the student's sample (non-finite samples zeroed, ``ok`` marks the others),
+        t ~ U(t_range) in schedule fractions, and x_t noised from sg(x) (``detach``) or from x itself."""
+        k = streams(key, "generate", "timestep", "noise")
+        x = self.student.generate(params["student"], cond, k["generate"])
+        ok = finite_rows(x)
+        x = zero_bad_rows(x, ok)
+        schedule = self.student.schedule
+        t = sample_timesteps(schedule, k["timestep"], (x.shape[0],), *t_range)
+        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
+        return x, ok, t, schedule.add_noise(jax.lax.stop_gradient(x) if detach else x, eps, t)
+
+    def fake_score_loss(
+        self, world, m: ml_collections.ConfigDict, *, guidance: float = 1.0, noise_draws: int = 1
+    ) -> LossFn:
+        """The fake score's denoising loss on sg(x): this step's generator sample when an earlier update
+        carried it, else a fresh no-grad generation; conditions dropped with ``m.fake_cond_dropout``, the
+        prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws`` noisings per sample."""
+        schedule = self.student.schedule
+
+        def loss(params, batch, key, carry):
+            k = streams(key, "generate", "timestep", "noise", "dropout")
+            cond = batch["cond"]
+            if "x" in carry:
+                x = carry["x"]
+            else:
+                x = jax.lax.stop_gradient(self.student.generate(params["student"], cond, k["generate"]))
+            ok = finite_rows(x)
+            x = zero_bad_rows(x, ok)
+            if noise_draws > 1:  # variance reduction: several noisings of each generated sample
+                x = jnp.concatenate([x] * noise_draws)
+                cond = jax.tree.map(lambda c: jnp.concatenate([c] * noise_draws), cond)
+            n = x.shape[0]
+            t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
+            eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
+            dropped = drop_conditions(k["dropout"], cond, world.uncond, m.fake_cond_dropout)
+            x_t = schedule.add_noise(x, eps, t)
+            pred = predict_cfg(
+                self.fake, self.fake_params(params), x_t, t, dropped, world.uncond, guidance, m.cfg_convention
+            )
+            metrics = {"finite_samples": jnp.mean(ok.astype(jnp.float32))}
+            return denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting), (metrics, carry)
+
+        return loss
+
+    def recipe(self, updates: tuple[Update, ...], data: Any = "conditions") -> Recipe:
+        return Recipe(
+            networks=(self.student_net, self.fake_net),
+            updates=updates,
+            sample=lambda params, cond, key: self.student.sample(params["student"], cond, key),
+            data=data,
+            student_timesteps=self.student.timesteps,
+        )
+
+
+def student_and_fake(
+    config: ml_collections.ConfigDict,
+    world,
+    timesteps: tuple[float, ...],
+    *,
+    residual_prediction: str | None = None,
+) -> StudentAndFake:
+    """The networks ``student`` and ``fake_score`` of ``config.networks``.
+
+    ``residual_prediction``: the fake score is a zero-initialised correction on the teacher in that
+    parameterization (params = (teacher, fake_score)); otherwise it is the configured network alone.
+    """
+    schedule = world.teacher.schedule
+    student_net = build_network("student", config.networks.student, world, config.num_steps)
+    residual = residual_prediction is not None
+    fake_net = build_network(
+        "fake_score", config.networks.fake_score, world, config.num_steps, zero_out=residual
+    )
+    if residual:
+        fake = ResidualDenoiser(world.teacher, fake_net.net, residual_prediction)
+
+        def fake_params(params):
+            return (params["teacher"], params["fake_score"])
+    else:
+        fake = network_denoiser(fake_net, config.networks.fake_score, schedule)
+
+        def fake_params(params):
+            return params["fake_score"]
+
+    student = FewStepStudent(
+        network_denoiser(student_net, config.networks.student, schedule), world.sample_shape, timesteps
+    )
+    return StudentAndFake(student_net, fake_net, student, fake, fake_params)
