@@ -21,6 +21,13 @@ class DataSource(Protocol):
     def local_batch(self, position: int, global_size: int, rows: np.ndarray) -> Batch: ...
 
 
+def draw_rows(seed: int, position: int, count: int, global_size: int, rows: np.ndarray | None) -> np.ndarray:
+    """Indices into a table of ``count`` items for global batch ``position``, drawn uniformly with replacement
+    for the whole global batch (so every host agrees), then cut to this host's ``rows``."""
+    picks = np.random.default_rng([seed, position]).integers(0, count, global_size)
+    return picks if rows is None else picks[rows]
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticSource:
     """Batches drawn by ``draw(rng, n)`` from a numpy generator seeded by (seed, position).

@@ -7,13 +7,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdistill.convert.pipeline import load_pipeline
+from jdistill.convert.pipeline import Pipeline, load_pipeline
+from jdistill.data.embeddings import COND, EmbeddingCache
+from jdistill.data.images import ImageTextSource, open_image_text
+from jdistill.data.text import PromptSource, PromptTable, open_prompts
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
 from jdistill.models.layers import Precision
 from jdistill.teachers.base import World
-from jdistill.teachers.presets import UNCOND_RULES, get_preset
-from jdistill.teachers.prompts import PromptEncoder, PromptSource, read_prompts
+from jdistill.teachers.presets import UNCOND_RULES, TeacherPreset, get_preset
+from jdistill.teachers.prompts import IDS, PromptEncoder
 from jdistill.visualize import image_grid_png
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -34,26 +37,34 @@ def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
             "remat": False,
             "resolution": 0,  # image side in pixels; 0: the preset's
             "uncond": "",  # "empty_prompt" or "zeros"; empty: the preset's rule
-            "prompts": "",  # text file, one prompt per line
-            "eval_prompts": "",  # text file for samples and evaluation; empty: the training prompts
+            # Prompt tables: .txt (one per line), .jsonl, .parquet or array_record (file, directory or glob).
+            "prompts": "",
+            "eval_prompts": "",  # for samples and evaluation; empty: the training prompts
+            "prompt_field": "",  # JSON field or column of the prompt; empty: "prompt", "text" or "caption"
+            "embedding_cache": "",  # directory from tools/cache_embeddings.py: no text encoding per step
+            # Real images with captions (World.data; GAN terms): a folder with metadata.jsonl, .parquet or
+            # array_record of JSON {"image": base64, "text": ...}. Empty: no data source.
+            "data": "",
+            "data_field": "",  # caption field or column; empty: "text", "caption" or "prompt"
+            "data_image_field": "",  # image field or column; empty: "image", "jpg", "png" or "webp"
         }
     )
 
 
-def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
+def _load(config: ml_collections.ConfigDict, components: tuple[str, ...], shardings_for=None) -> Pipeline:
     t = config.teacher
     preset = get_preset(t.preset)
     for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("uncond", ("", *UNCOND_RULES))):
         if t[key] not in allowed:
             raise ValueError(f"teacher.{key}={t[key]!r}; choose one of {list(allowed)}")
     if not t.prompts:
-        raise ValueError("teacher.prompts must name a text file with one prompt per line")
-    precision = Precision(dtype=DTYPES[t.dtype], param_dtype=DTYPES[t.param_dtype])
+        raise ValueError("teacher.prompts must name a prompt table (.txt, .jsonl, .parquet or array_record)")
     pipe = load_pipeline(
         t.path or preset.hub_id,
+        components=components,
         variant=t.variant or None,
         allow_pickle=t.allow_pickle,
-        precision=precision,
+        precision=Precision(dtype=DTYPES[t.dtype], param_dtype=DTYPES[t.param_dtype]),
         attention_impl=t.attention_impl,
         remat=t.remat,
         shardings=shardings_for,
@@ -63,11 +74,46 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
             f"teacher preset {preset.name!r} predicts {preset.prediction!r}, but {pipe.path}'s scheduler says "
             f"{pipe.prediction!r}: pick the preset that matches the checkpoint"
         )
-    missing = [name for name, _ in preset.encoders if name not in pipe.components] + [
-        name for name in ("unet", "vae") if name not in pipe.components
-    ]
+    missing = [name for name in components if name not in pipe.components]
     if missing:
         raise ValueError(f"{pipe.path} lacks components {missing} that preset {preset.name!r} needs")
+    return pipe
+
+
+def _prompt_encoder(preset: TeacherPreset, pipe: Pipeline, resolution: int) -> PromptEncoder:
+    time_ids = (resolution, resolution, 0, 0, resolution, resolution) if preset.pooled_from else None
+    return PromptEncoder(
+        tuple((name, pipe.components[name].net, layer) for name, layer in preset.encoders),
+        pipe.tokenizers,
+        preset.pooled_from,
+        time_ids,
+    )
+
+
+def load_prompt_encoder(config: ml_collections.ConfigDict) -> tuple[PromptEncoder, dict, str]:
+    """The teacher's prompt encoder with only the text encoders loaded: (encoder, their params, source)."""
+    preset = get_preset(config.teacher.preset)
+    pipe = _load(config, tuple(name for name, _ in preset.encoders))
+    encoder = _prompt_encoder(preset, pipe, config.teacher.resolution or preset.resolution)
+    return encoder, {name: pipe.components[name].params for name, _ in preset.encoders}, pipe.path
+
+
+def training_prompts(config: ml_collections.ConfigDict) -> PromptTable:
+    return open_prompts(config.teacher.prompts, config.teacher.prompt_field)
+
+
+def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
+    t = config.teacher
+    preset = get_preset(t.preset)
+    encoders = tuple(name for name, _ in preset.encoders)
+    # Tables and the cache's manifest first: a wrong path or a stale cache fails before the networks load.
+    prompts = training_prompts(config) if t.prompts else None
+    eval_prompts = open_prompts(t.eval_prompts, t.prompt_field) if t.eval_prompts else prompts
+    cache = EmbeddingCache(t.embedding_cache) if t.embedding_cache else None
+    if cache is not None:
+        cache.verify(preset=preset.name, prompts=prompts)
+    images = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
+    pipe = _load(config, ("unet", "vae", *encoders), shardings_for)
 
     sched = pipe.scheduler_config
     schedule = VPSchedule.from_betas(
@@ -86,23 +132,27 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     side = resolution // factor
     sample_shape = (side, side, unet.config.get("in_channels", 4))
 
-    time_ids = (resolution, resolution, 0, 0, resolution, resolution) if preset.pooled_from else None
-    encoder = PromptEncoder(
-        tuple((name, pipe.components[name].net, layer) for name, layer in preset.encoders),
-        pipe.tokenizers,
-        preset.pooled_from,
-        time_ids,
-    )
+    encoder = _prompt_encoder(preset, pipe, resolution)
     frozen = {"teacher": unet.params, "vae": vae.params}
     nets = {"teacher": unet.net, "vae": vae.net}
-    for name, _ in preset.encoders:
+    for name in encoders:
         frozen[name] = pipe.components[name].params
         nets[name] = pipe.components[name].net
 
     def prepare(params, batch):
-        ids = {k: v for k, v in batch.items() if k.startswith("input_ids.")}
-        rest = {k: v for k, v in batch.items() if not k.startswith("input_ids.")}
-        return {**rest, "cond": encoder.encode(params, ids)}
+        """Token ids -> conditioning (or cached conditioning "cond.<key>" as it is); uint8 images -> latents
+        x0 from the VAE posterior mean (deterministic: a real image always maps to the same x0)."""
+        out = {k: v for k, v in batch.items() if not k.startswith((IDS, COND)) and k != "images"}
+        cached = {k[len(COND) :]: v.astype(jnp.float32) for k, v in batch.items() if k.startswith(COND)}
+        ids = {k: v for k, v in batch.items() if k.startswith(IDS)}
+        if cached:
+            out["cond"] = encoder.with_time_ids(cached)
+        elif ids:
+            out["cond"] = encoder.encode(params, ids)
+        if "images" in batch:
+            pixels = batch["images"].astype(jnp.float32) / 127.5 - 1.0
+            out["x0"] = vae.net.apply(params["vae"], pixels, method="latents_from_images")
+        return out
 
     uncond_rule = t.uncond or preset.uncond
     empty = jax.jit(encoder.encode)(frozen, encoder.tokenize([""]))
@@ -112,11 +162,14 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
         uncond = empty
     uncond = jax.tree.map(np.asarray, uncond)
 
-    prompts = tuple(read_prompts(t.prompts))
-    eval_prompts = tuple(read_prompts(t.eval_prompts)) if t.eval_prompts else prompts
-
     def eval_batch(n: int) -> dict[str, np.ndarray]:
-        return encoder.tokenize([eval_prompts[i % len(eval_prompts)] for i in range(n)])
+        return encoder.tokenize(eval_prompts.take([i % len(eval_prompts) for i in range(n)]))
+
+    conditions = PromptSource(prompts, encoder.tokenize, seed=config.seed)
+    if cache is not None:
+        cache.verify(probe=jax.tree.map(np.asarray, empty), source=pipe.path)
+        conditions = cache.source(seed=config.seed)
+    data = None if images is None else ImageTextSource(images, encoder.tokenize, resolution, seed=config.seed)
 
     decode = jax.jit(lambda p, z: vae.net.apply(p, z, method="images_from_latents"))
 
@@ -144,8 +197,8 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
         nets=nets,
         sample_shape=sample_shape,
         uncond=uncond,
-        conditions=PromptSource(prompts, encoder.tokenize, seed=config.seed),
-        data=None,
+        conditions=conditions,
+        data=data,
         num_classes=0,
         eval_batch=eval_batch,
         evaluate=evaluate,

@@ -1,4 +1,4 @@
-"""Prompts: reading prompt lists, tokenizing them, and encoding them the way each pipeline does.
+"""Prompts: tokenizing them and encoding them the way each pipeline does (reading them: jdistill.data.text).
 
 - SD1.x / SD2.x: one CLIP encoder, last hidden state (after the final layer norm).
 - SDXL: two encoders, penultimate hidden states concatenated along features; the pooled (projected)
@@ -14,19 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdistill.data.text import PromptSource, read_prompts  # noqa: F401  (their home was here)
 from jdistill.models.net import Net
 
 PyTree = Any
 IDS = "input_ids."  # batch keys: "input_ids.<encoder name>"
-
-
-def read_prompts(path: str) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,27 +49,12 @@ class PromptEncoder:
         cond = {"encoder_hidden_states": jnp.concatenate(hidden, axis=-1)}
         if self.pooled_from is not None:
             cond["text_embeds"] = pooled
-        if self.time_ids is not None:
-            n = cond["encoder_hidden_states"].shape[0]
-            cond["time_ids"] = jnp.broadcast_to(
-                jnp.asarray(self.time_ids, jnp.float32), (n, len(self.time_ids))
-            )
-        return cond
+        return self.with_time_ids(cond)
 
-
-@dataclasses.dataclass(frozen=True)
-class PromptSource:
-    """Batches of token ids from a prompt list, drawn uniformly with replacement from (seed, position)."""
-
-    prompts: tuple[str, ...]
-    tokenize: Any  # list[str] -> {key: (n, T) ids}
-    seed: int = 0
-
-    def local_batch(
-        self, position: int, global_size: int, rows: np.ndarray | None = None
-    ) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, position])
-        picks = rng.integers(0, len(self.prompts), global_size)
-        if rows is not None:
-            picks = picks[rows]
-        return self.tokenize([self.prompts[i] for i in picks])
+    def with_time_ids(self, cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Add SDXL's micro-conditioning (fixed by the resolution, not by the prompt) where the UNet takes it."""
+        if self.time_ids is None or "time_ids" in cond:
+            return cond
+        n = cond["encoder_hidden_states"].shape[0]
+        time_ids = jnp.broadcast_to(jnp.asarray(self.time_ids, jnp.float32), (n, len(self.time_ids)))
+        return {**cond, "time_ids": time_ids}

@@ -1,0 +1,180 @@
+"""Text-embedding cache: every training prompt's conditioning, encoded once by the teacher's text encoders.
+
+A cache directory (written by ``tools/cache_embeddings.py``) holds
+
+- ``embeddings.json``: the manifest (prompt count; conditioning keys with per-prompt shapes; dtype; the
+  teacher's source and preset; the prompt file, field and SHA-256 of the prompt list);
+- ``<key>.npy``: one (count, ...) array per conditioning key, row i for prompt i, read memory-mapped
+  (``encoder_hidden_states``; ``text_embeds`` for SDXL);
+- ``probe.npz``: the encoders' output for the empty prompt, which tells whether a run's text encoders are
+  the ones that wrote the cache (a different checkpoint of the same preset would not be caught by names).
+
+SDXL's ``time_ids`` are not cached: they follow from the resolution, and the world adds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from jdistill.data.sources import draw_rows
+from jdistill.data.text import PromptTable, prompt_digest
+
+MANIFEST = "embeddings.json"
+PROBE = "probe.npz"
+COND = "cond."  # batch keys "cond.<conditioning key>"
+CACHE_DTYPES = ("float32", "float16")
+NOT_CACHED = ("time_ids",)
+PROBE_TOLERANCE = (
+    5e-2  # relative L2 error: covers bfloat16 encoders and float16 storage; other weights give ~1
+)
+
+
+def write_embedding_cache(
+    dst: str,
+    prompts: PromptTable,
+    encode: Callable[[list[str]], Mapping[str, np.ndarray]],
+    *,
+    info: dict,
+    batch: int = 256,
+    dtype: str = "float32",
+) -> dict:
+    """Encode every prompt with ``encode`` (called with exactly ``batch`` prompts each time, padded with empty
+    prompts, so that a jitted encoder compiles once) and write the cache; returns the manifest. The manifest
+    is written last: a directory without one is an interrupted write."""
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {dtype!r}; choose one of {list(CACHE_DTYPES)}")
+    if os.path.isdir(dst) and os.listdir(dst):
+        raise FileExistsError(f"{dst} is not empty; choose a new directory for the embedding cache")
+    os.makedirs(dst, exist_ok=True)
+    count = len(prompts)
+    arrays: dict[str, np.ndarray] = {}
+    for start in range(0, count, batch):
+        chunk = prompts.take(range(start, min(start + batch, count)))
+        out = {k: np.asarray(v) for k, v in encode(chunk + [""] * (batch - len(chunk))).items()}
+        out = {k: v for k, v in out.items() if k not in NOT_CACHED}
+        if not arrays:
+            arrays = {
+                k: np.lib.format.open_memmap(
+                    os.path.join(dst, f"{k}.npy"), "w+", np.dtype(dtype), (count, *v.shape[1:])
+                )
+                for k, v in out.items()
+            }
+        for k, v in out.items():
+            arrays[k][start : start + len(chunk)] = v[: len(chunk)]
+    for a in arrays.values():
+        a.flush()
+    probe = {k: np.asarray(v)[:1] for k, v in encode([""] * batch).items() if k not in NOT_CACHED}
+    np.savez(os.path.join(dst, PROBE), **probe)
+    manifest = {
+        "count": count,
+        "dtype": dtype,
+        "keys": {k: {"shape": list(a.shape[1:])} for k, a in sorted(arrays.items())},
+        "prompts": {"path": prompts.path, "sha256": prompt_digest(prompts), **info.get("prompts", {})},
+        **{k: v for k, v in info.items() if k != "prompts"},
+    }
+    with open(os.path.join(dst, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+class EmbeddingCache:
+    """A cache directory, opened memory-mapped."""
+
+    def __init__(self, path: str):
+        manifest = os.path.join(path, MANIFEST)
+        if not os.path.exists(manifest):
+            raise FileNotFoundError(
+                f"{path} holds no embedding cache ({MANIFEST} missing); make one with tools/cache_embeddings.py"
+            )
+        with open(manifest) as f:
+            self.manifest = json.load(f)
+        self.path = path
+        self.count = int(self.manifest["count"])
+        self.arrays = {}
+        for key, spec in self.manifest["keys"].items():
+            array = np.load(os.path.join(path, f"{key}.npy"), mmap_mode="r")
+            if array.shape != (self.count, *spec["shape"]):
+                raise ValueError(
+                    f"{path}/{key}.npy has shape {array.shape}; the manifest says {(self.count, *spec['shape'])}"
+                )
+            self.arrays[key] = array
+        with np.load(os.path.join(path, PROBE)) as probe:
+            self.probe = {k: probe[k] for k in probe.files}
+
+    def verify(
+        self,
+        *,
+        preset: str | None = None,
+        prompts: PromptTable | None = None,
+        probe: Mapping[str, np.ndarray] | None = None,
+        source: str = "",
+    ) -> None:
+        """Refuse a cache made for another preset, other prompts or other text encoders, naming what differs;
+        checks what is given (a run checks the first two before it loads its networks).
+
+        ``probe``: this run's conditioning for the empty prompt (batch of one); its keys and per-prompt shapes
+        must be the cache's, and its values the cache's probe up to ``PROBE_TOLERANCE``.
+        """
+        m, problems = self.manifest, []
+        cached_preset = m.get("teacher", {}).get("preset")
+        if preset is not None and cached_preset != preset:
+            problems.append(f"teacher preset: cache {cached_preset!r}, run {preset!r}")
+        if prompts is not None:
+            cached, digest = m["prompts"], prompt_digest(prompts)
+            if cached["sha256"] != digest or self.count != len(prompts):
+                problems.append(
+                    f"prompts: cache has {self.count} from {cached['path']} (sha256 {cached['sha256'][:12]}), "
+                    f"run has {len(prompts)} from {prompts.path} (sha256 {digest[:12]})"
+                )
+        if probe is not None:
+            problems += self._encoder_problems(probe, source)
+        if problems:
+            raise ValueError(
+                f"embedding cache {self.path} does not match this run: {'; '.join(problems)}. "
+                "Rebuild it with tools/cache_embeddings.py"
+            )
+
+    def _encoder_problems(self, probe: Mapping[str, np.ndarray], source: str) -> list[str]:
+        m, problems = self.manifest, []
+        shapes = {k: list(np.shape(v)[1:]) for k, v in probe.items() if k not in NOT_CACHED}
+        cached_shapes = {k: v["shape"] for k, v in m["keys"].items()}
+        if shapes != cached_shapes:
+            problems.append(f"conditioning shapes: cache {cached_shapes}, run {shapes}")
+        else:
+            for k in shapes:
+                want, got = np.asarray(probe[k], np.float64)[:1], self.probe[k].astype(np.float64)
+                err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+                if not err <= PROBE_TOLERANCE:
+                    problems.append(
+                        f"text encoders: their {k} for the empty prompt differs from the cache's by {err:.3g} "
+                        f"(relative), so the cache was written with other weights "
+                        f"(cache teacher {m.get('teacher', {}).get('source')!r}, run {source!r})"
+                    )
+        return problems
+
+    def source(self, seed: int = 0) -> EmbeddingSource:
+        return EmbeddingSource(self.arrays, seed)
+
+
+class EmbeddingSource:
+    """Batches {"cond.<key>": rows} of cached conditioning. Picks follow PromptSource's rule, so a run on the
+    cache sees the same prompts, batch for batch, as one that encodes them on the fly."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], seed: int = 0):
+        self.arrays = dict(arrays)
+        self.count = len(next(iter(self.arrays.values())))
+        self.seed = seed
+
+    def local_batch(
+        self, position: int, global_size: int, rows: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        picks = draw_rows(self.seed, position, self.count, global_size, rows)
+        order = np.argsort(
+            picks, kind="stable"
+        )  # memory-mapped reads in file order, then back to batch order
+        inverse = np.argsort(order, kind="stable")
+        return {COND + k: np.asarray(v[picks[order]])[inverse] for k, v in self.arrays.items()}

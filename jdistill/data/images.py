@@ -1,0 +1,191 @@
+"""Image-text tables and the source of real (image, caption) batches for GAN terms and data-trained recipes.
+
+Formats:
+
+- image folder: a directory with ``metadata.jsonl`` (Hugging Face imagefolder), one
+  ``{"file_name": "relative/path.png", "text": "..."}`` per line; the path may also name metadata.jsonl;
+- parquet: an image column holding encoded bytes, or a struct ``{"bytes", "path"}`` as Hugging Face datasets
+  writes it, and a text column;
+- array_record: one JSON object per record, ``{"image": "<base64 of the encoded file>", "text": "..."}``.
+
+The text field is configurable (empty: "text", "caption", "prompt", the first present), and so is the image
+field (empty: "image", "jpg", "png", "webp"). Images are decoded with Pillow, turned upright by their EXIF
+orientation, converted to RGB (alpha dropped), resized so that the shorter side is the resolution (bicubic,
+antialiased) and centre-cropped square. Only the rows a host feeds are read and decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from jdistill.data.files import ArrayRecordRows, ParquetRows, choose_column, detect_format, field_of
+from jdistill.data.sources import draw_rows
+
+TEXT_FIELDS = ("text", "caption", "prompt")
+IMAGE_FIELDS = ("image", "jpg", "png", "webp")
+IMAGE_FORMATS = ("imagefolder", "parquet", "array_record")
+
+
+class ImageText(NamedTuple):
+    image: bytes | str  # encoded image bytes, or a file path
+    text: str
+    where: str  # file and row, for error messages
+
+
+class ImageTextTable(Protocol):
+    path: str
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: Sequence[int]) -> list[ImageText]: ...
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: the caption is {type(value).__name__}, not a string")
+    return value
+
+
+class ImageFolder:
+    """A directory of images with ``metadata.jsonl`` (file names relative to it, and captions)."""
+
+    def __init__(self, path: str, text_field: str = ""):
+        meta = path if os.path.isfile(path) else os.path.join(path, "metadata.jsonl")
+        self.path, root = path, os.path.dirname(meta)
+        self.items: list[ImageText] = []
+        with open(meta, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{meta} line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where} is not valid JSON: {err}") from None
+                name = field_of(record, "file_name", (), where)
+                text = _text(field_of(record, text_field, TEXT_FIELDS, where), where)
+                self.items.append(ImageText(os.path.join(root, name), text, where))
+        if not self.items:
+            raise ValueError(f"{meta} lists no images")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def take(self, indices: Sequence[int]) -> list[ImageText]:
+        return [self.items[int(i)] for i in indices]
+
+
+class ParquetImages:
+    """Parquet files with an image column (bytes, or a struct with "bytes" / "path") and a text column."""
+
+    def __init__(self, path: str, text_field: str = "", image_field: str = ""):
+        self.path = path
+        self.rows = ParquetRows(path)
+        self.text = choose_column(text_field, TEXT_FIELDS, self.rows.columns, path)
+        self.image = choose_column(image_field, IMAGE_FIELDS, self.rows.columns, path)
+        if not len(self.rows):
+            raise ValueError(f"{path} holds no images")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: Sequence[int]) -> list[ImageText]:
+        values = self.rows.take(indices, [self.image, self.text])
+        out = []
+        for i, image, text in zip(indices, values[self.image], values[self.text], strict=True):
+            where = self.rows.describe(int(i))
+            if isinstance(image, dict):  # Hugging Face Image feature: bytes, or a path when bytes is null
+                image = image.get("bytes") or image.get("path")
+            if not isinstance(image, bytes | str) or not image:
+                raise ValueError(f"{where}: column {self.image!r} holds no image bytes or path")
+            out.append(ImageText(image, _text(text, where), where))
+        return out
+
+
+class ArrayRecordImages:
+    """array_record files of JSON records ``{"image": base64 of the encoded image, "text": caption}``."""
+
+    def __init__(self, path: str, text_field: str = "", image_field: str = ""):
+        self.path, self.text_field, self.image_field = path, text_field, image_field
+        self.rows = ArrayRecordRows(path)
+        if not len(self.rows):
+            raise ValueError(f"{path} holds no images")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: Sequence[int]) -> list[ImageText]:
+        out = []
+        for i, record in zip(indices, self.rows.take(indices), strict=True):
+            where = self.rows.describe(int(i))
+            try:
+                obj = json.loads(record)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{where} is not a JSON record: {err}") from None
+            encoded = field_of(obj, self.image_field, IMAGE_FIELDS, where)
+            try:
+                image = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, TypeError, ValueError) as err:
+                raise ValueError(f"{where}: the image field is not base64: {err}") from None
+            out.append(
+                ImageText(image, _text(field_of(obj, self.text_field, TEXT_FIELDS, where), where), where)
+            )
+        return out
+
+
+def open_image_text(path: str, text_field: str = "", image_field: str = "") -> ImageTextTable:
+    """The image-text table at ``path`` (image folder with metadata.jsonl, parquet or array_record)."""
+    fmt = detect_format(path, IMAGE_FORMATS)
+    if fmt == "imagefolder":
+        return ImageFolder(path, text_field)
+    if fmt == "parquet":
+        return ParquetImages(path, text_field, image_field)
+    return ArrayRecordImages(path, text_field, image_field)
+
+
+def decode_image(image: bytes | str, resolution: int, where: str = "image") -> np.ndarray:
+    """Encoded bytes or a file -> uint8 (resolution, resolution, 3): upright, RGB, shorter side resized to
+    ``resolution`` (bicubic; Pillow's resize filters over the whole footprint, so downscaling is antialiased),
+    centre-cropped."""
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot decode the image of {where}: {err}") from None
+    w, h = img.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)), np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTextSource:
+    """Batches {"images": uint8 (n, H, W, 3), token ids of the captions}, drawn uniformly with replacement from
+    (seed, position) for the whole global batch; only this host's ``rows`` are read and decoded."""
+
+    table: ImageTextTable
+    tokenize: Callable[[list[str]], dict[str, np.ndarray]]
+    resolution: int
+    seed: int = 0
+
+    def local_batch(
+        self, position: int, global_size: int, rows: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        picks = draw_rows(self.seed, position, len(self.table), global_size, rows)
+        items = self.table.take(picks)
+        images = np.zeros((len(items), self.resolution, self.resolution, 3), np.uint8)
+        for i, it in enumerate(items):
+            images[i] = decode_image(it.image, self.resolution, it.where)
+        return {"images": images, **self.tokenize([it.text for it in items])}

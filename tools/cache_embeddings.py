@@ -1,0 +1,87 @@
+"""Encode every training prompt once with the teacher's text encoders, for --config.teacher.embedding_cache=DST.
+
+    python tools/cache_embeddings.py --config configs/<recipe>.py[:preset] --dst DST [--batch 256]
+        [--dtype float32|float16] [--config.a.b=value ...]
+
+Only the text encoders are loaded. DST gets one memory-mapped .npy per conditioning key (row i for prompt i
+of ``teacher.prompts``), the encoders' output for the empty prompt (probe.npz) and a manifest
+(embeddings.json) that a run checks against its own prompts, preset and encoders before using the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jdistill import configuration
+    from jdistill.data.embeddings import CACHE_DTYPES
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    spec, overrides, rest = configuration.split_config_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--dst", required=True)
+    parser.add_argument("--batch", type=int, default=256, help="prompts per encoder call")
+    parser.add_argument("--dtype", choices=CACHE_DTYPES, default="float32", help="storage dtype")
+    args = parser.parse_args(rest)
+    if spec is None:
+        parser.error("--config=path/to/recipe.py[:preset] is required")
+
+    import jax
+
+    from jdistill.data.embeddings import write_embedding_cache
+    from jdistill.teachers.diffusers_world import load_prompt_encoder, training_prompts
+
+    try:
+        config = configuration.load(spec, overrides)
+    except configuration.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 1
+    t = config.teacher
+    if t.kind != "diffusers":
+        print(f"teacher.kind is {t.kind!r}: only diffusers teachers encode prompts", file=sys.stderr)
+        return 1
+    if os.path.isdir(args.dst) and os.listdir(args.dst):  # before loading anything
+        print(
+            f"error: {args.dst} is not empty; choose a new directory for the embedding cache", file=sys.stderr
+        )
+        return 1
+    try:
+        prompts = training_prompts(config)
+        encoder, params, source = load_prompt_encoder(config)
+    except (OSError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    encode = jax.jit(encoder.encode)
+
+    def encode_prompts(batch: list[str]):
+        return jax.device_get(encode(params, encoder.tokenize(batch)))
+
+    start = time.perf_counter()
+    info = {
+        "config": spec,
+        "teacher": {"preset": t.preset, "source": source},
+        "prompts": {"field": t.prompt_field},
+    }
+    try:
+        manifest = write_embedding_cache(
+            args.dst, prompts, encode_prompts, info=info, batch=args.batch, dtype=args.dtype
+        )
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    shapes = ", ".join(f"{k} {tuple(v['shape'])}" for k, v in manifest["keys"].items())
+    print(
+        f"encoded {manifest['count']} prompts ({shapes}, {args.dtype}) in {time.perf_counter() - start:.1f} s "
+        f"to {args.dst}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
