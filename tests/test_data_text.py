@@ -222,6 +222,7 @@ def test_cached_conditioning_equals_on_the_fly_encoding(tiny_pipelines, tmp_path
 
     config = _config(tiny_pipelines, preset, prompts, field)
     world = build_world(config)
+    assert world.data is None  # no teacher.data: no image-text source
     prepare = jax.jit(world.prepare)
     # Row i of the cache is prompt i, encoded on the fly by the world's text encoders.
     want = jax.device_get(prepare(world.frozen, world.conditions.tokenize(PROMPTS))["cond"])
