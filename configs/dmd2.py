@@ -22,6 +22,7 @@ Presets:
 from jdistill.config_base import base_config, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd2
+from jdistill.methods.adversarial import discriminator_config
 
 PRESETS = ("gmm", "gmm_4step")
 
@@ -34,6 +35,7 @@ def get_config(arg=None):
     c.method.guidance_scale = 2.0
     c.method.generator_every = 1
     c.networks.student.ema_decay = 0.999
+    c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
     if preset == "gmm_4step":
         c.method.student_timesteps = (999.0, 749.0, 499.0, 249.0)
     return c

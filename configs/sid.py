@@ -20,6 +20,7 @@ Presets:
 from jdistill.config_base import base_config, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import sid
+from jdistill.methods.adversarial import discriminator_config
 
 PRESETS = ("gmm", "gmm_2step", "gmm_4step")
 
@@ -35,6 +36,7 @@ def get_config(arg=None):
     c.method.fake_guidance = 3.0
     c.method.fake_train_guidance = 1.0
     c.method.fake_cond_dropout = 0.1
+    c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
     if preset in ("gmm_2step", "gmm_4step"):
         # Measured: at 8000 steps 2-step 0.936 / 0.081 / 0.970, 4-step 0.964 / 0.075 / 0.992; at 5000 steps
         # both collapsed (2-step min mode share 0.0; 4-step class consistency 0.08): not understood yet.

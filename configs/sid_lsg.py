@@ -17,6 +17,7 @@ Presets:
 from jdistill.config_base import base_config, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import sid_lsg
+from jdistill.methods.adversarial import discriminator_config
 
 PRESETS = ("gmm",)
 
@@ -27,4 +28,5 @@ def get_config(arg=None):
     c.method = sid_lsg.default_config()
     gmm_distillation(c, student_lr=1e-3)
     c.num_steps = 5000
+    c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
     return c

@@ -205,6 +205,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
 def _path_choices() -> dict[str, tuple[str, ...]]:
     from jdistill.diffusion.schedules import SCHEDULE_KINDS
     from jdistill.methods import METHODS
+    from jdistill.methods.distribution import GAN_KINDS
     from jdistill.teachers import WORLD_KINDS
     from jdistill.teachers.presets import PRESETS, UNCOND_RULES
 
@@ -214,6 +215,8 @@ def _path_choices() -> dict[str, tuple[str, ...]]:
         "teacher.schedule.kind": SCHEDULE_KINDS,
         "teacher.preset": tuple(PRESETS),
         "teacher.uncond": ("", *UNCOND_RULES),
+        "method.gan.loss": GAN_KINDS,
+        "networks.discriminator.model.arch": ("head",),
     }
 
 
@@ -247,11 +250,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("num_steps", "batch_size", "log_every"):
         if cfg[key] <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {cfg[key]}")
-    needed = tuple(getattr(method_module(cfg.method.name), "NETWORKS", ()))
+    module = method_module(cfg.method.name)
+    needed = tuple(getattr(module, "NETWORKS", ()))
+    optional = tuple(getattr(module, "OPTIONAL_NETWORKS", ()))  # e.g. a GAN's discriminator
     have = tuple(cfg.networks.keys())
-    if sorted(needed) != sorted(have):
+    if not set(needed) <= set(have) or not set(have) <= set(needed) | set(optional):
+        extra = f" (and optionally {list(optional)})" if optional else ""
         raise ConfigError(
-            f"method {cfg.method.name!r} trains networks {list(needed)}, but config.networks has {list(have)}"
+            f"method {cfg.method.name!r} trains networks {list(needed)}{extra}, but config.networks has "
+            f"{list(have)}"
         )
 
 

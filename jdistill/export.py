@@ -11,19 +11,26 @@ import ml_collections
 import numpy as np
 
 from jdistill import configuration, parallel
-from jdistill.convert.export import EXPORT_DTYPES, export_pipeline
+from jdistill.convert.export import EXPORT_DTYPES, export_lora_pipeline, export_pipeline
+from jdistill.models.lora import LoRANet
 
 log = logging.getLogger(__name__)
 PyTree = Any
 
 
 def export_run(
-    config: ml_collections.ConfigDict, workdir: str, dst: str | None = None, *, dtype: str = "float32"
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dst: str | None = None,
+    *,
+    dtype: str = "float32",
+    lora_merged: bool = False,
 ) -> str:
     """Export the latest checkpoint of the run in ``workdir`` to ``dst`` (default ``workdir/export``).
 
     The sampling network is taken as sampling uses it (its EMA when ``sample.use_ema``). With a diffusers
-    teacher the result is a pipeline directory that ``DiffusionPipeline.from_pretrained`` loads; with other
+    teacher the result is a pipeline directory that ``DiffusionPipeline.from_pretrained`` loads (a LoRA
+    student as the teacher plus ``pytorch_lora_weights.safetensors``, or merged with ``lora_merged``); with other
     teachers each sampling network is written as flat safetensors with the run's config.
     """
     from jdistill import train
@@ -43,21 +50,25 @@ def export_run(
             f"network {name!r} has arch {config.networks[name].model.arch!r}; only students with the teacher's "
             "architecture (model.arch='teacher') export to a diffusers pipeline"
         )
-    record = export_pipeline(
-        s.world.source,
-        dst,
-        params[name],
-        prediction=config.networks[name].prediction,
-        timesteps=s.recipe.student_timesteps,
-        dtype=dtype,
-        variant=config.teacher.variant or None,
-        info={
+    common = {
+        "prediction": config.networks[name].prediction,
+        "timesteps": s.recipe.student_timesteps,
+        "dtype": dtype,
+        "variant": config.teacher.variant or None,
+        "info": {
             "method": config.method.name,
             "step": step,
             "ema": bool(config.sample.use_ema),
             "workdir": workdir,
         },
-    )
+    }
+    net = s.recipe.network(name).net
+    if isinstance(net, LoRANet):  # the teacher's UNet plus the adapters, as a LoRA file or merged
+        record = export_lora_pipeline(
+            s.world.source, dst, params["teacher"], params[name], net.config, merged=lora_merged, **common
+        )
+    else:
+        record = export_pipeline(s.world.source, dst, params[name], **common)
     log.info("exported step %d to %s; generate with pipe(prompt, **%s)", step, dst, record["call"])
     return dst
 

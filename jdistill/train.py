@@ -165,7 +165,7 @@ def make_step(recipe: Recipe, active: tuple[Update, ...], prepare):
         key = rng.step_key(root, step_num)
         params, opt = dict(state["params"]), dict(state["opt"])
         ema, nonfinite = dict(state["ema"]), dict(state["nonfinite"])
-        metrics, carry = {}, {}
+        metrics, carry = {}, {"step": step_num}
         for update in active:
             update_key = rng.stream(key, update.name)
 
@@ -212,7 +212,7 @@ class StepFunctions:
             frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
             replicated = parallel.replicated(s.mesh)
             self.cache[names] = jax.jit(
-                make_step(s.recipe, active, s.world.prepare),
+                make_step(s.recipe, active, s.recipe.prepare(s.world)),
                 in_shardings=(s.state_shardings, frozen_shardings, s.batch_sharding, replicated, replicated),
                 out_shardings=(s.state_shardings, replicated),
                 donate_argnums=(0,),

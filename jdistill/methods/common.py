@@ -15,6 +15,7 @@ from jdistill.diffusion.parameterization import Prediction, to_prediction
 from jdistill.diffusion.schedules import Schedule
 from jdistill.methods.recipe import Network
 from jdistill.models import build_model, mlp_config
+from jdistill.models.lora import DEFAULT_TARGETS, LoRAConfig, LoRANet, init_lora
 from jdistill.models.net import Net
 from jdistill.optim import make_optimizer, optimizer_config
 
@@ -25,20 +26,56 @@ WEIGHTINGS = ("uniform", "alpha2", "snr")
 def network_config(
     prediction: str = "x0", lr: float = 1e-4, ema_decay: float = 0.0, **model
 ) -> ml_collections.ConfigDict:
-    """The config section of one trained network: model, output parameterization, optimizer, EMA."""
+    """The config section of one trained network: model, output parameterization, optimizer, EMA, and
+    optionally a LoRA (``lora.rank`` > 0, model arch "teacher"): then only the adapters on the frozen teacher
+    are trained."""
     return ml_collections.ConfigDict(
         {
             "model": mlp_config(**model),
             "prediction": prediction,
             "optimizer": optimizer_config(lr),
             "ema_decay": ema_decay,
+            "lora": lora_config(),
         }
     )
+
+
+def lora_config(rank: int = 0, alpha: float = 0.0, targets: tuple[str, ...] = DEFAULT_TARGETS):
+    """``alpha`` 0 means alpha = rank (scale 1)."""
+    return ml_collections.ConfigDict({"rank": rank, "alpha": alpha, "targets": tuple(targets)})
+
+
+def _lora(cfg: ml_collections.ConfigDict) -> LoRAConfig | None:
+    lora = cfg.get("lora")
+    if lora is None or lora.rank == 0:
+        return None
+    if lora.rank < 0:
+        raise ValueError(f"lora.rank must be >= 0, got {lora.rank}")
+    if cfg.model.arch != "teacher":
+        raise ValueError(
+            f"a LoRA needs model.arch='teacher' (adapters on the teacher), got {cfg.model.arch!r}"
+        )
+    return LoRAConfig(rank=lora.rank, alpha=lora.alpha or None, targets=tuple(lora.targets))
 
 
 def build_network(
     name: str, cfg: ml_collections.ConfigDict, world, total_updates: int, *, zero_out=False
 ) -> Network:
+    optimizer = make_optimizer(cfg.optimizer, total_updates)
+    lora = _lora(cfg)
+    if lora is not None:
+        if zero_out:
+            raise ValueError(f"network {name!r}: a LoRA already starts equal to its base; no residual on it")
+        if "teacher" not in world.nets:
+            raise ValueError("a LoRA network needs a network teacher (this teacher is analytic)")
+        lora_net = LoRANet(name, world.nets["teacher"], lora)
+        return Network(
+            net=lora_net,
+            optimizer=optimizer,
+            ema_decay=cfg.ema_decay,
+            init=lambda key, frozen: init_lora(key, frozen["teacher"], lora),
+            inputs=lambda params: {"base": params["teacher"], "lora": params[name]},
+        )
     net = Net(name, build_model(cfg.model, world, zero_out=zero_out))
     init = None
     if cfg.model.arch == "teacher" and cfg.model.init == "teacher":
@@ -46,7 +83,6 @@ def build_network(
         def init(key, frozen):  # a float32 master copy of the teacher (which may be stored in bfloat16)
             return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), frozen["teacher"])
 
-    optimizer = make_optimizer(cfg.optimizer, total_updates)
     return Network(net=net, optimizer=optimizer, ema_decay=cfg.ema_decay, init=init)
 
 

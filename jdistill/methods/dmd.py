@@ -32,6 +32,7 @@ REGRESSION_LOSSES = ("mse",)
 def default_config() -> ml_collections.ConfigDict:
     c = dmd2.default_config()
     c.name = "dmd"
+    del c.gan  # DMD has no GAN term (DMD2's addition)
     c.guidance_scale = 3.0  # the real score's CFG (the paper's FID model)
     c.generator_every = 1  # DMD updates generator and fake score 1:1
     c.regression_weight = 0.25
@@ -64,7 +65,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         raise ValueError(
             "dmd needs teacher ODE pairs: set method.pairs (tools/make_ode_pairs.py) or method.make_pairs"
         )
-    parts, dm_loss = dmd2.distribution_matching(config, world)
+    parts, _, dm_loss = dmd2.distribution_matching(config, world)
     (t_student,) = parts.student.timesteps
 
     def generator_loss(params, batch, key, carry):
@@ -72,7 +73,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         z, target = batch["z"], batch["x0"].astype(jnp.float32)
         n = z.shape[0]
         x_ref = parts.student.denoiser.predict(
-            params["student"], z, jnp.full((n,), t_student), batch["cond"]
+            parts.student_params(params), z, jnp.full((n,), t_student), batch["cond"]
         ).x0
         per_sample = jnp.mean(((x_ref - target) ** 2).reshape(n, -1), axis=1)
         regression = masked_mean(per_sample, finite_rows(target))

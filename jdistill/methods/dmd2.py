@@ -13,6 +13,11 @@ Per step, on one batch of conditions:
    (per sample, float32, NaN-safe); loss 0.5 mean((x - sg(x - g))^2).
 2. fake-score update (every step): on sg(x) from this step's generator (or a fresh no-grad generation on
    fake-only steps), t ~ U{0..999}, denoising loss (eps-MSE, uniform weight, no guidance).
+
+With ``method.gan`` on (DMD2's stage 2 and SDXL runs): a head on the fake score's bottleneck features
+classifies noised real and generated samples (``methods/adversarial.py``). The fake update trains the fake
+score and the head on denoising + lambda_D softplus-BCE (sg(x) vs real data); the generator adds
+lambda_G softplus(-D(x_t')) with x_t' noised from x itself, fake score and head frozen.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.methods.adversarial import build_discriminator, enabled, gan_config
 from jdistill.methods.common import pseudo_target_loss
 from jdistill.methods.distribution import dmd_direction
-from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.recipe import JOINT, Recipe, Update
 from jdistill.methods.score_distillation import student_and_fake
+from jdistill.rng import stream
 
 NETWORKS = ("student", "fake_score")
+OPTIONAL_NETWORKS = ("discriminator",)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -43,35 +51,48 @@ def default_config() -> ml_collections.ConfigDict:
             "fake_weighting": "uniform",
             "fake_cond_dropout": 0.0,
             "generator_every": 10,  # fake-score updates per generator update (10 SD1.5, 5 SDXL)
+            "gan": gan_config(),  # off; DMD2 SD1.5 stage 2: generator 1e-3, discriminator 1e-2
         }
     )
 
 
 def distribution_matching(config: ml_collections.ConfigDict, world):
-    """What DMD and DMD2 share: the student and fake score, and the distribution-matching generator loss."""
+    """What DMD and DMD2 share: the student and fake score, the discriminator when ``method.gan`` is on
+    (else None), and the distribution-matching generator loss (plus the GAN term)."""
     m = config.method
     teacher = world.teacher
     parts = student_and_fake(config, world, m.student_timesteps)
+    disc = build_discriminator(config, world, parts.fake_net) if enabled(m.get("gan")) else None
 
     def generator_loss(params, batch, key, carry):
         cond = batch["cond"]
-        x, _, t, x_t = parts.noised_generation(params, cond, key, m.t_range, detach=True)
+        x, ok, t, x_t = parts.noised_generation(params, cond, key, m.t_range, detach=True)
         real = predict_cfg(
             teacher, params["teacher"], x_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
         )
         fake_x0 = parts.fake.predict(parts.fake_params(params), x_t, t, cond).x0  # no guidance
         g = dmd_direction(x, real.x0, fake_x0)
         metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
-        return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
+        loss = pseudo_target_loss(x, g)
+        if disc is not None:  # through x itself: the GAN's gradient is not stop-gradiented
+            x_gan, t_gan = disc.noised(stream(key, "gan"), x)
+            adversarial, gan_metrics = disc.generator_loss(params, x_gan, t_gan, cond, ok)
+            metrics = {**metrics, "distribution_matching": loss, **gan_metrics}
+            loss = disc.combine(loss, adversarial, carry)
+        return loss, (metrics, {"x": jax.lax.stop_gradient(x)})
 
-    return parts, generator_loss
+    return parts, disc, generator_loss
 
 
 def build(config: ml_collections.ConfigDict, world) -> Recipe:
-    parts, generator_loss = distribution_matching(config, world)
+    parts, disc, generator_loss = distribution_matching(config, world)
+    fake_trains = ("fake_score",) if disc is None else ("fake_score", "discriminator")
+    fake_loss = parts.fake_score_loss(world, config.method, discriminator=disc)
     return parts.recipe(
         (
             Update("generator", ("student",), generator_loss, every=config.method.generator_every),
-            Update("fake_score", ("fake_score",), parts.fake_score_loss(world, config.method)),
-        )
+            Update("fake_score", fake_trains, fake_loss),
+        ),
+        data="conditions" if disc is None else JOINT,
+        discriminator=disc,
     )

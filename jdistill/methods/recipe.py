@@ -4,12 +4,13 @@ A method never knows about meshes, checkpoints or the training loop; the trainer
 it runs. The contract between them:
 
 - ``Network``: a trained network (module definition, optimizer, optional EMA decay, optional initialiser
-  that may read the frozen parameters, e.g. to start a student from the teacher).
+  that may read the frozen parameters, e.g. to start a student from the teacher, and what its module is
+  applied to: its own parameters, or e.g. a frozen base plus its LoRA adapters).
 - ``Update``: one gradient step of some networks on one loss. ``loss(params, batch, key, carry)`` gets
   every network's current parameters by name (frozen ones included) and returns
   ``(scalar, (metrics, carry))``; gradients are taken with respect to ``trains`` only, so everything else
   is frozen for that update. ``carry`` passes values (e.g. the generated batch) to later updates of the
-  same step. An update runs on steps where ``step % every == offset``.
+  same step; it starts as ``{"step": the step number}``. An update runs on steps where ``step % every == offset``.
 - ``sample(params, cond, key)``: student samples for a batch of conditions.
 - ``student_timesteps``: where that sampler evaluates the student (predict x0, re-noise with fresh noise).
 """
@@ -23,9 +24,12 @@ from typing import Any
 import jax
 import optax
 
+from jdistill.data.joint import JointSource, split
 from jdistill.models.net import Net
 
 PyTree = Any
+JOINT = "conditions+data"
+DATA_CHOICES = ("conditions", "data", JOINT)
 Params = Mapping[str, PyTree]
 Carry = dict[str, Any]
 LossFn = Callable[[Params, dict, jax.Array, Carry], tuple[jax.Array, tuple[dict[str, jax.Array], Carry]]]
@@ -37,10 +41,16 @@ class Network:
     optimizer: optax.GradientTransformation
     ema_decay: float = 0.0
     init: Callable[[jax.Array, Params], PyTree] | None = None  # (key, frozen params) -> params
+    # What ``net.apply`` takes, given every network's parameters by name; default: this network's own.
+    # A LoRA network takes {"base": its frozen base, "lora": its own adapters}.
+    inputs: Callable[[Params], PyTree] | None = None
 
     @property
     def name(self) -> str:
         return self.net.name
+
+    def net_params(self, params: Params) -> PyTree:
+        return self.inputs(params) if self.inputs else params[self.name]
 
     def initial_params(self, key: jax.Array, frozen: Params) -> PyTree:
         return self.init(key, frozen) if self.init else self.net.init(key)
@@ -63,7 +73,9 @@ class Recipe:
     networks: tuple[Network, ...]
     updates: tuple[Update, ...]
     sample: Callable[[Params, PyTree, jax.Array], jax.Array]
-    data: Any = "conditions"  # the world's "conditions" or "data" source, or a DataSource of the recipe's own
+    # The world's "conditions" or "data" source, both side by side ("conditions+data": the prepared batch is
+    # the conditions' with the data's under "real"), or a DataSource of the recipe's own.
+    data: Any = "conditions"
     sample_with: tuple[str, ...] = ("student",)  # networks whose EMA replaces them when sampling
     # The timesteps (schedule units) at which the student's sampler evaluates it, in order; export uses them
     # to write a diffusers scheduler that reproduces the sampler. Empty: not a few-step student.
@@ -83,16 +95,29 @@ class Recipe:
                 raise ValueError(
                     f"update {u.name!r}: offset must be in [0, every), got {u.offset}, {u.every}"
                 )
-        if isinstance(self.data, str) and self.data not in ("conditions", "data"):
-            raise ValueError(f"recipe data must be 'conditions', 'data' or a data source, got {self.data!r}")
+        if isinstance(self.data, str) and self.data not in DATA_CHOICES:
+            raise ValueError(f"recipe data must be one of {DATA_CHOICES} or a data source, got {self.data!r}")
 
     def source(self, world):
         """The data source whose batches feed the train step."""
+        if self.data in ("data", JOINT) and world.data is None:
+            raise ValueError("this recipe trains on data, and this teacher's world has no data source")
+        if self.data == JOINT:
+            return JointSource((("gen", world.conditions), ("real", world.data)))
         if self.data == "data":
-            if world.data is None:
-                raise ValueError("this recipe trains on data, and this teacher's world has no data source")
             return world.data
         return world.conditions if self.data == "conditions" else self.data
+
+    def prepare(self, world) -> Callable[[Params, dict], dict]:
+        """``(frozen, batch) -> batch`` for the train step: the world's, applied to each part of a joint batch."""
+        if self.data != JOINT:
+            return world.prepare
+
+        def prepare(frozen, batch):
+            parts = split(batch)
+            return {**world.prepare(frozen, parts["gen"]), "real": world.prepare(frozen, parts["real"])}
+
+        return prepare
 
     def network(self, name: str) -> Network:
         return {n.name: n for n in self.networks}[name]

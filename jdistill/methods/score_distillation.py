@@ -14,6 +14,7 @@ import ml_collections
 
 from jdistill.diffusion.denoiser import Denoiser, predict_cfg
 from jdistill.diffusion.schedules import sample_timesteps
+from jdistill.methods.adversarial import Discriminator
 from jdistill.methods.common import (
     ResidualDenoiser,
     build_network,
@@ -37,11 +38,15 @@ class StudentAndFake:
     fake: Denoiser
     fake_params: Callable[[dict], PyTree]  # all params -> what ``fake.predict`` takes
 
+    def student_params(self, params: dict) -> PyTree:
+        """All params -> what the student's denoiser takes (its own, or the teacher plus its LoRA)."""
+        return self.student_net.net_params(params)
+
     def noised_generation(self, params, cond, key, t_range, *, detach: bool):
         """(x, ok, t, x_t): the student's sample (non-finite samples zeroed, ``ok`` marks the others),
         t ~ U(t_range) in schedule fractions, and x_t noised from sg(x) (``detach``) or from x itself."""
         k = streams(key, "generate", "timestep", "noise")
-        x = self.student.generate(params["student"], cond, k["generate"])
+        x = self.student.generate(self.student_params(params), cond, k["generate"])
         ok = finite_rows(x)
         x = zero_bad_rows(x, ok)
         schedule = self.student.schedule
@@ -50,22 +55,32 @@ class StudentAndFake:
         return x, ok, t, schedule.add_noise(jax.lax.stop_gradient(x) if detach else x, eps, t)
 
     def fake_score_loss(
-        self, world, m: ml_collections.ConfigDict, *, guidance: float = 1.0, noise_draws: int = 1
+        self,
+        world,
+        m: ml_collections.ConfigDict,
+        *,
+        guidance: float = 1.0,
+        noise_draws: int = 1,
+        discriminator: Discriminator | None = None,
     ) -> LossFn:
         """The fake score's denoising loss on sg(x): this step's generator sample when an earlier update
         carried it, else a fresh no-grad generation; conditions dropped with ``m.fake_cond_dropout``, the
-        prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws`` noisings per sample."""
+        prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws`` noisings per sample; plus the
+        ``discriminator``'s weighted loss on sg(x) and real samples when a GAN is on."""
         schedule = self.student.schedule
 
         def loss(params, batch, key, carry):
-            k = streams(key, "generate", "timestep", "noise", "dropout")
+            k = streams(key, "generate", "timestep", "noise", "dropout", "gan")
             cond = batch["cond"]
             if "x" in carry:
                 x = carry["x"]
             else:
-                x = jax.lax.stop_gradient(self.student.generate(params["student"], cond, k["generate"]))
+                x = jax.lax.stop_gradient(
+                    self.student.generate(self.student_params(params), cond, k["generate"])
+                )
             ok = finite_rows(x)
             x = zero_bad_rows(x, ok)
+            generated, generated_ok = x, ok
             if noise_draws > 1:  # variance reduction: several noisings of each generated sample
                 x = jnp.concatenate([x] * noise_draws)
                 cond = jax.tree.map(lambda c: jnp.concatenate([c] * noise_draws), cond)
@@ -78,15 +93,28 @@ class StudentAndFake:
                 self.fake, self.fake_params(params), x_t, t, dropped, world.uncond, guidance, m.cfg_convention
             )
             metrics = {"finite_samples": jnp.mean(ok.astype(jnp.float32))}
-            return denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting), (metrics, carry)
+            total = denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting)
+            if discriminator is not None:
+                gan, gan_metrics = discriminator.discriminator_loss(
+                    params, batch, k["gan"], generated, generated_ok, carry
+                )
+                metrics = {**metrics, "denoising": total, **gan_metrics}
+                total = total + gan
+            return total, (metrics, carry)
 
         return loss
 
-    def recipe(self, updates: tuple[Update, ...], data: Any = "conditions") -> Recipe:
+    def recipe(
+        self,
+        updates: tuple[Update, ...],
+        data: Any = "conditions",
+        discriminator: Discriminator | None = None,
+    ) -> Recipe:
+        extra = (discriminator.head,) if discriminator is not None else ()
         return Recipe(
-            networks=(self.student_net, self.fake_net),
+            networks=(self.student_net, self.fake_net, *extra),
             updates=updates,
-            sample=lambda params, cond, key: self.student.sample(params["student"], cond, key),
+            sample=lambda params, cond, key: self.student.sample(self.student_params(params), cond, key),
             data=data,
             student_timesteps=self.student.timesteps,
         )
@@ -118,8 +146,7 @@ def student_and_fake(
     else:
         fake = network_denoiser(fake_net, config.networks.fake_score, schedule)
 
-        def fake_params(params):
-            return params["fake_score"]
+        fake_params = fake_net.net_params
 
     student = FewStepStudent(
         network_denoiser(student_net, config.networks.student, schedule), world.sample_shape, timesteps

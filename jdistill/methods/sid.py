@@ -16,6 +16,11 @@ Per step (fake score first, then the generator, 1:1):
    loss = mean_batch omega sum_CHW (f_real - f_fake)((f_real - x) - alpha (f_real - f_fake)) with
    omega = 1/sg(max(mean|x - f_real|, 1e-5)). Gradients reach the student directly and through the inputs of
    both frozen networks, never their parameters. Non-finite samples are masked out of the mean.
+
+With ``method.gan`` on (SiDA, arXiv 2410.14919; few-step SiD's diffusion GAN): a head on the fake score's
+bottleneck features (``methods/adversarial.py``) classifies real and generated samples, logits clamped to
++-10; the fake update adds its weighted BCE on noised sg(x) and real data, and after ``gan.start_step`` the
+generator's loss becomes 0.5 L_SiD + lambda_G mean(omega BCE(D(x_t), 1)) on the generator loss's own x_t.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.guidance import select_cond
-from jdistill.methods.distribution import masked_mean, sid_generator_loss
-from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.adversarial import build_discriminator, enabled, gan_config
+from jdistill.methods.distribution import masked_mean, sid_generator_loss, sid_weight
+from jdistill.methods.recipe import JOINT, Recipe, Update
 from jdistill.methods.score_distillation import student_and_fake
 
 NETWORKS = ("student", "fake_score")
+OPTIONAL_NETWORKS = ("discriminator",)
 FAKE_CONDITIONS = ("cond", "uncond")
 
 
@@ -49,6 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
             "fake_t_range": (0.0, 1.0),
             "fake_target": "eps",
             "fake_weighting": "uniform",
+            # Off. SiDA: generator 0.5 (x loss_scaling_G_gan 0.01 in its code), main 0.5, clamp 10, warm-up.
+            "gan": gan_config(main_weight=0.5, logit_clamp=10.0),
         }
     )
 
@@ -59,6 +68,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         raise ValueError(f"method.fake_condition={m.fake_condition!r}; choose one of {FAKE_CONDITIONS}")
     teacher = world.teacher
     parts = student_and_fake(config, world, m.student_timesteps)
+    disc = build_discriminator(config, world, parts.fake_net) if enabled(m.gan) else None
 
     def generator_loss(params, batch, key, carry):
         cond = batch["cond"]
@@ -81,14 +91,26 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             m.fake_guidance,
             m.cfg_convention,
         )
-        per_sample = sid_generator_loss(x, real.x0, fake_pred.x0, m.alpha)
+        weight = sid_weight(x, real.x0)
+        per_sample = sid_generator_loss(x, real.x0, fake_pred.x0, m.alpha, weight)
         metrics = {"finite_samples": jnp.mean(ok.astype(jnp.float32))}
-        return masked_mean(per_sample, ok), (metrics, carry)
+        loss = masked_mean(per_sample, ok)
+        if disc is not None:  # on the same x_t, weighted per sample by omega as SiD's own loss
+            adversarial, gan_metrics = disc.generator_loss(params, x_t, t, cond, ok, weight)
+            metrics = {**metrics, "sid": loss, **gan_metrics}
+            loss = disc.combine(loss, adversarial, carry)
+        return loss, (metrics, carry)
 
-    fake_score_loss = parts.fake_score_loss(world, m, guidance=m.fake_train_guidance)
+    fake_score_loss = parts.fake_score_loss(world, m, guidance=m.fake_train_guidance, discriminator=disc)
     return parts.recipe(
         (
-            Update("fake_score", ("fake_score",), fake_score_loss),
+            Update(
+                "fake_score",
+                ("fake_score",) if disc is None else ("fake_score", "discriminator"),
+                fake_score_loss,
+            ),
             Update("generator", ("student",), generator_loss),
-        )
+        ),
+        data="conditions" if disc is None else JOINT,
+        discriminator=disc,
     )

@@ -13,6 +13,7 @@ import ml_collections
 from jdistill.methods import sid
 
 NETWORKS = sid.NETWORKS
+OPTIONAL_NETWORKS = sid.OPTIONAL_NETWORKS
 build = sid.build
 
 

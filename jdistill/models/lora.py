@@ -107,3 +107,36 @@ def lora_state_dict(
             (config.scale * np.asarray(ab["B"], np.float32)).T
         )
     return out
+
+
+class LoRANet:
+    """A trained LoRA on a frozen base network, with the interface of a ``Net``.
+
+    Its own parameters are the adapters only (that is all the optimizer, EMA and checkpoints hold); ``apply``
+    takes ``{"base": base params, "lora": adapters}`` and runs the base network with the adapters merged in.
+    """
+
+    def __init__(self, name: str, base, config: LoRAConfig):
+        self.name = name
+        self.base = base
+        self.config = config
+        self.make = base.make
+        shapes = target_kernels(base.abstract, config.targets)
+        self.abstract = {
+            module: {
+                "A": jax.ShapeDtypeStruct((fan_in, config.rank), jnp.float32),
+                "B": jax.ShapeDtypeStruct((config.rank, fan_out), jnp.float32),
+            }
+            for module, (fan_in, fan_out) in shapes.items()
+        }
+        self.logical_axes = jax.tree.map(lambda _: None, self.abstract)
+
+    def init(self, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
+        return init_lora(key, self.base.abstract, self.config)
+
+    def apply(self, params: dict[str, PyTree], *args, method: str | None = None, **kwargs) -> Any:
+        merged = merge_lora(params["base"], params["lora"], self.config)
+        return self.base.apply(merged, *args, method=method, **kwargs)
+
+    def num_params(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self.abstract))

@@ -84,11 +84,13 @@ class TimeMLP(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array, t: jax.Array, label: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, label: jax.Array, *, return_mid: bool = False):
+        """The output, and with ``return_mid`` also the last hidden features (B, width) (a GAN trunk)."""
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1]) * self.time_scale
         temb = self.time_fc2(nnx.silu(self.time_fc1(timestep_embedding(t, self.time_embed_dim))))
         emb = temb + self.label_embed(label)
         h = self.embed_in(fourier_encode(x, self.fourier_features))
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(nnx.silu(self.norm_out(h)))
+        out = self.out(nnx.silu(self.norm_out(h)))
+        return (out, h) if return_mid else out
