@@ -181,6 +181,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from jdistill.diffusion.samplers import TIMESTEP_SPACINGS
     from jdistill.diffusion.schedules import BETA_SCHEDULES
     from jdistill.methods.common import WEIGHTINGS
+    from jdistill.methods.rollout import STUDENT_INPUTS
     from jdistill.models import ARCHITECTURES, NETWORK_INITS
     from jdistill.models.attention import ATTENTION_IMPLS
 
@@ -191,6 +192,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "target": ("", *PREDICTION_TYPES),
         "weighting": WEIGHTINGS,
         "fake_weighting": WEIGHTINGS,
+        "student_input": STUDENT_INPUTS,
         "arch": ARCHITECTURES,
         "beta_schedule": BETA_SCHEDULES,
         "spacing": TIMESTEP_SPACINGS,

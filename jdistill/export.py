@@ -60,6 +60,8 @@ def export_run(
             "step": step,
             "ema": bool(config.sample.use_ema),
             "workdir": workdir,
+            # Initial latents = this x randn (SiD-LSG: sigma_625 z, not z): pass latents= accordingly.
+            "latents_scale": s.recipe.student_input_scale,
         },
     }
     net = s.recipe.network(name).net

@@ -15,6 +15,7 @@ from jdistill import rng
 from jdistill.diffusion.guidance import cfg_combine
 from jdistill.diffusion.schedules import sample_timesteps
 from jdistill.methods import build_recipe
+from jdistill.methods.rollout import FewStepStudent
 from jdistill.teachers import build_world
 
 
@@ -239,3 +240,24 @@ def test_recipes_record_their_guidance(spec, teacher_scale, fake_scale):
     assert "CFG convention" in module.__doc__ and "unconditional input" in module.__doc__
     world = build_world(config)
     assert int(world.uncond) == config.teacher.gmm.num_classes  # the null label
+
+
+def test_student_input_conventions():
+    """SiD-LSG feeds sigma_625 z (a zero image noised to 625); the others feed z itself, labelled t_0."""
+    _, world, recipe, _, _ = _setup(
+        "configs/sid.py:gmm",
+        ("method.student_input", "noised_zero"),
+        ("method.student_timesteps", "(625.0,)"),
+    )
+    abar = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)  # SD's scaled_linear betas
+    assert recipe.student_input_scale == pytest.approx(np.sqrt(1 - abar[625]), rel=1e-6)
+    _, _, plain, _, _ = _setup("configs/sid.py:gmm")
+    assert plain.student_input_scale == 1.0
+    student = FewStepStudent(world.teacher, world.sample_shape, (625.0,), "noised_zero")
+    z = world.teacher.schedule.prior_sample(jax.random.key(0), (4, 2))
+    np.testing.assert_allclose(student.prior(jax.random.key(0), 4), np.sqrt(1 - abar[625]) * z, rtol=1e-6)
+    np.testing.assert_array_equal(
+        FewStepStudent(world.teacher, (2,), (399.0,)).prior(jax.random.key(0), 4), z
+    )
+    with pytest.raises(Exception, match="student_input"):
+        load("configs/sid.py:gmm", [("method.student_input", "zeros")])

@@ -6,7 +6,9 @@ Formats:
   ``{"file_name": "relative/path.png", "text": "..."}`` per line; the path may also name metadata.jsonl;
 - parquet: an image column holding encoded bytes, or a struct ``{"bytes", "path"}`` as Hugging Face datasets
   writes it, and a text column;
-- array_record: one JSON object per record, ``{"image": "<base64 of the encoded file>", "text": "..."}``.
+- array_record: one JSON object per record, ``{"image": "<base64 of the encoded file>", "text": "..."}``,
+  or a serialized tf.train.Example (as TFDS writes) with the encoded image and the UTF-8 caption as bytes
+  features.
 
 The text field is configurable (empty: "text", "caption", "prompt", the first present), and so is the image
 field (empty: "image", "jpg", "png", "webp"). Images are decoded with Pillow, turned upright by their EXIF
@@ -30,6 +32,7 @@ from PIL import Image, ImageOps
 
 from jdistill.data.files import ArrayRecordRows, ParquetRows, choose_column, detect_format, field_of
 from jdistill.data.sources import draw_rows
+from jdistill.data.tf_example import example_value, looks_like_example
 
 TEXT_FIELDS = ("text", "caption", "prompt")
 IMAGE_FIELDS = ("image", "jpg", "png", "webp")
@@ -113,7 +116,8 @@ class ParquetImages:
 
 
 class ArrayRecordImages:
-    """array_record files of JSON records ``{"image": base64 of the encoded image, "text": caption}``."""
+    """array_record files of JSON records ``{"image": base64 of the encoded image, "text": caption}`` or of
+    tf.train.Examples with both as bytes features."""
 
     def __init__(self, path: str, text_field: str = "", image_field: str = ""):
         self.path, self.text_field, self.image_field = path, text_field, image_field
@@ -128,6 +132,14 @@ class ArrayRecordImages:
         out = []
         for i, record in zip(indices, self.rows.take(indices), strict=True):
             where = self.rows.describe(int(i))
+            if looks_like_example(record):  # TFDS: encoded image and UTF-8 caption as bytes features
+                image = example_value(record, self.image_field, IMAGE_FIELDS, where)
+                text = example_value(record, self.text_field, TEXT_FIELDS, where)
+                try:
+                    out.append(ImageText(image, text.decode("utf-8"), where))
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{where}: the caption is not UTF-8: {err}") from None
+                continue
             try:
                 obj = json.loads(record)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -17,6 +17,7 @@ import numpy as np
 
 from jdistill.data.files import ArrayRecordRows, ParquetRows, choose_column, detect_format, field_of
 from jdistill.data.sources import draw_rows
+from jdistill.data.tf_example import example_value, looks_like_example
 
 PROMPT_FIELDS = ("prompt", "text", "caption")  # tried in this order when no field is configured
 PROMPT_FORMATS = ("text", "jsonl", "parquet", "array_record")
@@ -95,7 +96,14 @@ class ParquetPrompts:
 
 
 def decode_prompt_record(record: bytes, field: str, where: str) -> str:
-    """A record is either a JSON object holding the prompt in ``field`` or the prompt itself in UTF-8."""
+    """A record is a JSON object holding the prompt in ``field``, a serialized tf.train.Example (TFDS) with the
+    prompt as bytes feature ``field`` (its first value), or the prompt itself in UTF-8."""
+    if looks_like_example(record):
+        value = example_value(record, field, PROMPT_FIELDS, where)
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: the prompt feature is not UTF-8: {err}") from None
     if record[:1] == b"{":
         try:
             obj = json.loads(record)
@@ -109,7 +117,7 @@ def decode_prompt_record(record: bytes, field: str, where: str) -> str:
 
 
 class ArrayRecordPrompts:
-    """array_record files whose records are prompts (UTF-8) or JSON objects with the prompt field."""
+    """array_record files whose records are prompts (UTF-8), JSON objects or tf.train.Examples (TFDS)."""
 
     def __init__(self, path: str, field: str = ""):
         self.path = path

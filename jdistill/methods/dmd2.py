@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
             "guidance_scale": 1.75,  # real score only (SD1.5 setting); the fake score runs without guidance
             "cfg_convention": "uncond",
             "student_timesteps": (999.0,),  # schedule units; e.g. (999, 749, 499, 249) for 4 steps
+            "student_input": "noise",  # z labelled t_0; "noised_zero": sigma_{t_0} z (SiD-LSG at t_0 = 625)
             "t_range": (0.02, 0.98),  # distribution-matching timesteps: U{20..980}
             "fake_t_range": (0.0, 1.0),
             "fake_target": "eps",

@@ -80,6 +80,8 @@ class Recipe:
     # The timesteps (schedule units) at which the student's sampler evaluates it, in order; export uses them
     # to write a diffusers scheduler that reproduces the sampler. Empty: not a few-step student.
     student_timesteps: tuple[float, ...] = ()
+    # The sampler's initial latents are this times prior noise (SiD-LSG: sigma_625); export records it.
+    student_input_scale: float = 1.0
 
     def __post_init__(self):
         names = [n.name for n in self.networks]

@@ -54,17 +54,41 @@ def backward_simulate(
     return jax.lax.stop_gradient(x), jnp.broadcast_to(ts[k], (n,))
 
 
-class FewStepStudent:
-    """A one- or few-step student: its training output (backward simulation) and its sampler."""
+STUDENT_INPUTS = ("noise", "noised_zero")
 
-    def __init__(self, denoiser, sample_shape: tuple[int, ...], timesteps: tuple[float, ...]):
+
+class FewStepStudent:
+    """A one- or few-step student: its training output (backward simulation) and its sampler.
+
+    ``student_input`` is the first step's input convention, recipe data: "noise" feeds prior noise z labelled
+    t_0 (SwiftBrush, DMD2; DMD2's SDXL one-step student labels pure noise t_0 = 399); "noised_zero" feeds
+    sigma_{t_0} z, a zero image noised to t_0 (SiD-LSG: t_0 = 625).
+    """
+
+    def __init__(
+        self,
+        denoiser,
+        sample_shape: tuple[int, ...],
+        timesteps: tuple[float, ...],
+        student_input: str = "noise",
+    ):
         from jdistill.diffusion.samplers import student_plan
 
+        if student_input not in STUDENT_INPUTS:
+            raise ValueError(f"student input {student_input!r}; choose one of {STUDENT_INPUTS}")
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
         self.sample_shape = tuple(sample_shape)
         self.timesteps = tuple(float(t) for t in timesteps)
         self.plan = student_plan(self.schedule, self.timesteps)  # validates: non-empty, decreasing
+        self.input_scale = 1.0
+        if student_input == "noised_zero":
+            _, sigma = self.schedule.alpha_sigma(jnp.asarray(self.timesteps[0]))
+            self.input_scale = float(sigma)
+
+    def prior(self, key: jax.Array, n: int) -> jax.Array:
+        """The first step's input."""
+        return self.input_scale * self.schedule.prior_sample(key, (n, *self.sample_shape))
 
     def _x0(self, params, x_t, t, cond):
         return self.denoiser.predict(params, x_t, t, cond).x0
@@ -76,7 +100,7 @@ class FewStepStudent:
 
         n = jax.tree.leaves(cond)[0].shape[0]
         k = streams(key, "latent", "step_index", "simulate")
-        z = self.schedule.prior_sample(k["latent"], (n, *self.sample_shape))
+        z = self.prior(k["latent"], n)
         index = draw_step_index(k["step_index"], len(self.timesteps))
         x_in, t_in = backward_simulate(
             lambda p, x, t: self._x0(p, x, t, cond),
@@ -96,7 +120,7 @@ class FewStepStudent:
 
         n = jax.tree.leaves(cond)[0].shape[0]
         k = streams(key, "latent", "renoise")
-        z = self.schedule.prior_sample(k["latent"], (n, *self.sample_shape))
+        z = self.prior(k["latent"], n)
         return run_sampler(
             lambda x, t: self.denoiser.predict(params, x, t, cond),
             z,

@@ -117,6 +117,7 @@ class StudentAndFake:
             sample=lambda params, cond, key: self.student.sample(self.student_params(params), cond, key),
             data=data,
             student_timesteps=self.student.timesteps,
+            student_input_scale=self.student.input_scale,
         )
 
 
@@ -149,6 +150,9 @@ def student_and_fake(
         fake_params = fake_net.net_params
 
     student = FewStepStudent(
-        network_denoiser(student_net, config.networks.student, schedule), world.sample_shape, timesteps
+        network_denoiser(student_net, config.networks.student, schedule),
+        world.sample_shape,
+        timesteps,
+        config.method.get("student_input", "noise"),
     )
     return StudentAndFake(student_net, fake_net, student, fake, fake_params)

@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
             "fake_train_guidance": 1.0,  # kappa1: CFG under which the fake score is trained
             "fake_cond_dropout": 0.0,  # prompt dropout when training the fake score (0.1 when any kappa != 1)
             "student_timesteps": (999.0,),  # schedule units; several: uniform mixture over step counts
+            "student_input": "noise",  # z labelled t_0; "noised_zero": sigma_{t_0} z (SiD-LSG at t_0 = 625)
             "t_range": (0.02, 0.98),  # generator-loss timesteps: U{20..979}
             "fake_t_range": (0.0, 1.0),
             "fake_target": "eps",

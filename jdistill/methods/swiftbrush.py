@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
             "guidance_scale": 4.5,
             "cfg_convention": "uncond",
             "student_timestep": 999.0,  # schedule units: the noise level the one-step student starts from
+            "student_input": "noise",  # z labelled t_0; "noised_zero": sigma_{t_0} z (SiD-LSG at t_0 = 625)
             "t_range": (0.02, 0.98),  # VSD timesteps as a fraction of the schedule: U{20..980}
             "fake_t_range": (0.0, 1.0),
             "fake_cond_dropout": 0.1,
