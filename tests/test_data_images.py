@@ -77,11 +77,12 @@ def _parquet(path, examples, struct: bool, image_key="image", text_key="caption"
     return path
 
 
-def _array_record(path, records: list[dict]):
+def _array_record(path, records: list[dict | bytes]):
+    """JSON records from dicts, serialized protos as they are."""
     module = pytest.importorskip("array_record.python.array_record_module")
     writer = module.ArrayRecordWriter(str(path), "group_size:1")
     for r in records:
-        writer.write(json.dumps(r).encode())
+        writer.write(r if isinstance(r, bytes) else json.dumps(r).encode())
     writer.close()
     return path
 
@@ -112,6 +113,11 @@ def test_every_format_gives_the_same_images_and_captions(tmp_path):
     if importlib.util.find_spec("array_record") is not None:  # optional: jdistill[data]
         records = _b64_records(examples)
         tables["array_record"] = open_image_text(str(_array_record(tmp_path / "x.array_record", records)))
+        if importlib.util.find_spec("google.protobuf") is not None:  # TFDS: tf.train.Example records
+            from tf_example_proto import serialize_example
+
+            examples_pb = [serialize_example({"image": [_png(i)], "caption": [c]}) for i, c, _ in examples]
+            tables["tfds"] = open_image_text(str(_array_record(tmp_path / "t.array_record", examples_pb)))
     order = [4, 0, 2, 2]
     for name, table in tables.items():
         assert len(table) == len(examples), name

@@ -111,6 +111,28 @@ def test_array_record_prompts_raw_and_json_in_shards(tmp_path):
         open_prompts(str(shards), field="label").take([0])
 
 
+def test_array_record_prompts_from_tfds_examples(tmp_path):
+    """TFDS writes serialized tf.train.Examples: text as a bytes feature, next to features of other kinds."""
+    pytest.importorskip("array_record.python.array_record_module")
+    pytest.importorskip("google.protobuf")
+    from tf_example_proto import serialize_example
+
+    path = tmp_path / "tfds-train.array_record-00000-of-00001"
+    records = [serialize_example({"id": [i], "score": [0.5], "text": [p]}) for i, p in enumerate(PROMPTS)]
+    _write_array_record(path, records)
+    assert read_prompts(str(path)) == PROMPTS
+    assert open_prompts(str(tmp_path)).take([3, 0]) == [PROMPTS[3], PROMPTS[0]]
+    with pytest.raises(
+        ValueError, match=r"record 1 .*\(a tf\.train\.Example\) has no field title .*\['text'\]"
+    ):
+        open_prompts(str(path), field="title").take([1])
+    _write_array_record(tmp_path / "bad.array_record", [b"\x0a\x7f\x0a"])
+    with pytest.raises(
+        ValueError, match=r"record 0 .*bad\.array_record.*tf\.train\.Example\) does not parse"
+    ):
+        read_prompts(str(tmp_path / "bad.array_record"))
+
+
 def test_bad_prompt_sources_are_named(tmp_path):
     unknown = tmp_path / "prompts.csv"
     unknown.write_text("a,b\n")

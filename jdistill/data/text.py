@@ -1,4 +1,4 @@
-"""Prompt tables (text, JSONL, parquet, array_record) and the prompt source that draws batches from them.
+"""Prompt tables (text, JSONL, parquet, array_record incl. TFDS) and the prompt source drawing batches from them.
 
 A table has ``len`` and ``take(indices) -> list[str]``. Text and JSONL files are read whole (a few million
 prompts fit in memory); parquet and array_record tables read only the rows asked for, so a host reads just
