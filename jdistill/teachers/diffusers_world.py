@@ -57,8 +57,6 @@ def _load(config: ml_collections.ConfigDict, components: tuple[str, ...], shardi
     for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("uncond", ("", *UNCOND_RULES))):
         if t[key] not in allowed:
             raise ValueError(f"teacher.{key}={t[key]!r}; choose one of {list(allowed)}")
-    if not t.prompts:
-        raise ValueError("teacher.prompts must name a prompt table (.txt, .jsonl, .parquet or array_record)")
     pipe = load_pipeline(
         t.path or preset.hub_id,
         components=components,
@@ -99,6 +97,8 @@ def load_prompt_encoder(config: ml_collections.ConfigDict) -> tuple[PromptEncode
 
 
 def training_prompts(config: ml_collections.ConfigDict) -> PromptTable:
+    if not config.teacher.prompts:
+        raise ValueError("teacher.prompts must name a prompt table (.txt, .jsonl, .parquet or array_record)")
     return open_prompts(config.teacher.prompts, config.teacher.prompt_field)
 
 
@@ -107,12 +107,12 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     preset = get_preset(t.preset)
     encoders = tuple(name for name, _ in preset.encoders)
     # Tables and the cache's manifest first: a wrong path or a stale cache fails before the networks load.
-    prompts = training_prompts(config) if t.prompts else None
+    prompts = training_prompts(config)
     eval_prompts = open_prompts(t.eval_prompts, t.prompt_field) if t.eval_prompts else prompts
     cache = EmbeddingCache(t.embedding_cache) if t.embedding_cache else None
     if cache is not None:
         cache.verify(preset=preset.name, prompts=prompts)
-    images = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
+    image_table = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
     pipe = _load(config, ("unet", "vae", *encoders), shardings_for)
 
     sched = pipe.scheduler_config
@@ -169,7 +169,9 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     if cache is not None:
         cache.verify(probe=jax.tree.map(np.asarray, empty), source=pipe.path)
         conditions = cache.source(seed=config.seed)
-    data = None if images is None else ImageTextSource(images, encoder.tokenize, resolution, seed=config.seed)
+    data = None
+    if image_table is not None:
+        data = ImageTextSource(image_table, encoder.tokenize, resolution, seed=config.seed)
 
     decode = jax.jit(lambda p, z: vae.net.apply(p, z, method="images_from_latents"))
 
