@@ -15,27 +15,69 @@ Presets:
              Without DMD2's GAN term the student's modes stay about twice as wide as the teacher's
              (median distance to the mode 0.27 vs 0.12), which caps within-0.5 near 0.92.
   gmm_4step  the same with a four-step student at (999, 749, 499, 249) trained by backward simulation.
+  Official scripts (experiments/*.sh and the paper's appendix, methods.md 2.2(c)); AdamW (0.9, 0.999), wd
+  0.01, constant lr after 500 warm-up steps, clip 10, no EMA; real images for the GAN from teacher.data:
+  sd15        stage 1: lr 1e-5, real CFG 1.75, 10 fake updates per generator update, no GAN, batch 2048,
+              40k steps.
+  sd15_gan    stage 2's settings: lr 5e-7, GAN lambda_G 1e-3 / lambda_D 1e-2, 5k steps. The paper starts it
+              from stage 1's networks; starting networks from another run's checkpoint is not supported
+              yet, so this preset starts from the teacher.
+  sd21base    stage 1 on SD2.1-base (not a paper run).
+  sdxl        four steps (999, 749, 499, 249) with backward simulation: lr 5e-7, CFG 8, 5 fake updates per
+              generator update, GAN 5e-3 / 1e-2, batch 128, 19k steps; zero unconditional embeddings.
+  sdxl_1step  one step, pure noise labelled t = 399, otherwise as sdxl, 24k steps (the paper first regresses
+              2k iterations on 10k ODE pairs; not reproduced here).
+  sdxl_lora   sdxl with a LoRA student (rank 64, alpha 8, attention projections), lr 5e-5, 16k steps.
 
   python -m jdistill.main --config configs/dmd2.py:gmm --workdir runs/dmd2_gmm
 """
 
-from jdistill.config_base import base_config, gmm_distillation
+from jdistill.config_base import base_config, dmd2_networks, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd2
 from jdistill.methods.adversarial import discriminator_config
 
-PRESETS = ("gmm", "gmm_4step")
+PRESETS = ("gmm", "gmm_4step", "sd15", "sd15_gan", "sd21base", "sdxl", "sdxl_1step", "sdxl_lora")
+FOUR_STEPS = (999.0, 749.0, 499.0, 249.0)
 
 
 def get_config(arg=None):
     preset = choose_preset(arg, PRESETS, default="gmm")
     c = base_config()
     c.method = dmd2.default_config()
-    gmm_distillation(c, student_lr=3e-4)
-    c.method.guidance_scale = 2.0
-    c.method.generator_every = 1
-    c.networks.student.ema_decay = 0.999
-    c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
-    if preset == "gmm_4step":
-        c.method.student_timesteps = (999.0, 749.0, 499.0, 249.0)
+    if preset.startswith("gmm"):
+        gmm_distillation(c, student_lr=3e-4)
+        c.method.guidance_scale = 2.0
+        c.method.generator_every = 1
+        c.networks.student.ema_decay = 0.999
+        c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
+        if preset == "gmm_4step":
+            c.method.student_timesteps = FOUR_STEPS
+        return c
+    if preset.startswith("sdxl"):
+        lora = (64, 8.0, ("to_q", "to_k", "to_v", "to_out.0")) if preset == "sdxl_lora" else None
+        lr = 5e-5 if lora else 5e-7
+        steps = {"sdxl": 19000, "sdxl_1step": 24000, "sdxl_lora": 16000}[preset]
+        dmd2_networks(c, "sdxl", lr=lr, batch_size=128, num_steps=steps, student_lora=lora)
+        c.method.guidance_scale = 8.0
+        c.method.generator_every = 5
+        c.method.gan.generator_weight = 5e-3
+        c.method.gan.discriminator_weight = 1e-2
+        c.method.student_timesteps = (399.0,) if preset == "sdxl_1step" else FOUR_STEPS
+        c.networks.discriminator = discriminator_config(lr=lr, num_down=4)  # SDXL's head: 4 strided convs
+        return c
+    stage2 = preset == "sd15_gan"
+    dmd2_networks(
+        c,
+        "sd21base" if preset == "sd21base" else "sd15",
+        lr=5e-7 if stage2 else 1e-5,
+        batch_size=2048,
+        num_steps=5000 if stage2 else 40000,
+    )
+    c.method.guidance_scale = 1.75
+    c.method.generator_every = 10
+    c.networks.discriminator = discriminator_config(lr=5e-7 if stage2 else 1e-5)
+    if stage2:
+        c.method.gan.generator_weight = 1e-3
+        c.method.gan.discriminator_weight = 1e-2
     return c

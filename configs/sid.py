@@ -14,33 +14,50 @@ Presets:
   gmm_2step  two-step student at (999, 499), uniform mixture over step counts.
   gmm_4step  four-step student at (999, 749, 499, 249).
 
+  Few-step SiD (arXiv 2505.12674; its released code ml-sid-dit, methods.md 3.4) on UNet teachers: uniform
+  mixture over step counts, student from noise at t = 999, alpha 1, batch 256, Adam (0, 0.999) eps 1e-8,
+  lr 1e-6 for both networks (its AMP setting), EMA as SiD-LSG; guidance kept at SiD-LSG's kappa = 2 for SD
+  teachers (the DiT scripts use 4.5 on SANA) and Zero-CFG off; the optional diffusion GAN stays off (the
+  README warns against it unless real images beat the student). Run lengths are not stated: 20k steps.
+  sd15        one step on SD1.5;          sd15_4step   four steps (999, 749, 499, 249) on SD1.5;
+  sd21base    one step on SD2.1-base;     sdxl_4step   four steps on SDXL (zero unconditional embeddings).
+
   python -m jdistill.main --config configs/sid.py:gmm --workdir runs/sid_gmm
 """
 
-from jdistill.config_base import base_config, gmm_distillation
+from jdistill.config_base import base_config, gmm_distillation, sid_networks
 from jdistill.configuration import choose_preset
 from jdistill.methods import sid
 from jdistill.methods.adversarial import discriminator_config
 
-PRESETS = ("gmm", "gmm_2step", "gmm_4step")
+PRESETS = ("gmm", "gmm_2step", "gmm_4step", "sd15", "sd15_4step", "sd21base", "sdxl_4step")
+FOUR_STEPS = (999.0, 749.0, 499.0, 249.0)
 
 
 def get_config(arg=None):
     preset = choose_preset(arg, PRESETS, default="gmm")
     c = base_config()
     c.method = sid.default_config()
+    c.method.alpha = 1.0
+    c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
+    if not preset.startswith("gmm"):
+        sid_networks(c, preset.removesuffix("_4step"), batch_size=256, num_steps=20000)
+        c.networks.discriminator.optimizer.lr = 1e-6
+        for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
+            c.method[key] = 2.0
+        c.method.fake_cond_dropout = 0.1
+        if preset.endswith("_4step"):
+            c.method.student_timesteps = FOUR_STEPS
+        return c
     gmm_distillation(c, student_lr=1e-3)
     c.num_steps = 5000
-    c.method.alpha = 1.0
     c.method.teacher_guidance = 3.0
     c.method.fake_guidance = 3.0
     c.method.fake_train_guidance = 1.0
     c.method.fake_cond_dropout = 0.1
-    c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
     if preset in ("gmm_2step", "gmm_4step"):
         # Measured: at 8000 steps 2-step 0.936 / 0.081 / 0.970, 4-step 0.964 / 0.075 / 0.992; at 5000 steps
         # both collapsed (2-step min mode share 0.0; 4-step class consistency 0.08): not understood yet.
         c.num_steps = 8000
-        steps = (999.0, 499.0) if preset == "gmm_2step" else (999.0, 749.0, 499.0, 249.0)
-        c.method.student_timesteps = steps
+        c.method.student_timesteps = (999.0, 499.0) if preset == "gmm_2step" else FOUR_STEPS
     return c

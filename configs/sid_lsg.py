@@ -11,22 +11,36 @@ Presets:
        and 5000 steps (measured 2026-11-23: within-0.5 0.954, min mode share 0.106, class consistency
        0.982; 8000 steps: 0.971 / 0.109 / 0.986 in 179 s).
 
+  sd15       the official scripts (run_sid.sh, methods.md 3.3): SD1.5 at 512, kappa1..kappa4 = 2, alpha 1,
+             generator input sigma_625 z labelled t = 625, generator t ~ U{20..979}, 10% prompt dropout,
+             eps-MSE fake loss; Adam (0, 0.999), eps 1e-8, lr 1e-6 for both networks, batch 512, float32,
+             EMA half-life 0.05 Mimg. The run length is not stated in the repo: 100k steps (51 Mimg) here.
+             Reported (COCO-2014 30k, 1 step): kappa 1.5 FID 8.71, kappa 2 FID 9.56.
+  sd21base   the same on SD2.1-base (kappa 1.5: FID 9.52).
+
   python -m jdistill.main --config configs/sid_lsg.py:gmm --workdir runs/sid_lsg_gmm
 """
 
-from jdistill.config_base import base_config, gmm_distillation
+from jdistill.config_base import base_config, gmm_distillation, sid_networks
 from jdistill.configuration import choose_preset
 from jdistill.methods import sid_lsg
 from jdistill.methods.adversarial import discriminator_config
 
-PRESETS = ("gmm",)
+PRESETS = ("gmm", "sd15", "sd21base")
 
 
 def get_config(arg=None):
-    choose_preset(arg, PRESETS, default="gmm")
+    preset = choose_preset(arg, PRESETS, default="gmm")
     c = base_config()
     c.method = sid_lsg.default_config()
-    gmm_distillation(c, student_lr=1e-3)
-    c.num_steps = 5000
     c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
+    if preset == "gmm":
+        gmm_distillation(c, student_lr=1e-3)
+        c.num_steps = 5000
+        return c
+    sid_networks(c, preset, batch_size=512, num_steps=100000)
+    c.networks.discriminator.optimizer.lr = 1e-6
+    c.method.student_input = "noised_zero"
+    c.method.student_timesteps = (625.0,)
+    c.method.t_range = (0.02, 0.979)
     return c

@@ -16,17 +16,28 @@ Presets:
          limits the student; with an oracle fake (kernel score of fresh student samples) the same student
          reached 0.95 within-mode.
 
+  sd21base   the paper's setting (official code's arguments, methods.md 1.1(c)): SD2.1-base teacher at 512,
+             student = full UNet from the teacher (eps, t = 999), fake score = LoRA rank 64, alpha 108 on to_q and
+             to_v of the frozen teacher; Adam (0.9, 0.999), eps 1e-8, no weight decay, constant lr, student
+             1e-6, LoRA 1e-3, gradient clip 1.0 on both; batch 16; CFG 4.5 on teacher and LoRA teacher
+             (uncond = encoded ""); fake loss eps-MSE weighted alpha_t^2 with 10% prompt dropout; student EMA
+             (0.9999, diffusers' EMAModel default); 3 epochs of 1.3M prompts = 243750 steps.
+  sd15       the same on SD1.5 (not a paper run).
+  sdxl       the same on SDXL at 1024 (not a paper run; SDXL's zero unconditional embeddings).
+
   python -m jdistill.main --config configs/swiftbrush.py:gmm --workdir runs/gmm
+  python -m jdistill.main --config configs/swiftbrush.py:sd21base --workdir runs/sb \
+      --config.teacher.path=/models/sd21base --config.teacher.prompts=prompts.txt
 
 Expected (gmm, 2-core CPU): about 100 s; samples/final.npy with 0.95 of samples within 0.5 of a mode, every
 mode 11-13%, class consistency 0.98 (thresholds checked by tests: 0.90, 0.05, 0.95).
 """
 
-from jdistill.config_base import base_config, gmm_distillation
+from jdistill.config_base import base_config, gmm_distillation, unet_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import swiftbrush
 
-PRESETS = ("gmm",)
+PRESETS = ("gmm", "sd21base", "sd15", "sdxl")
 
 
 def get_config(arg=None):
@@ -40,4 +51,17 @@ def get_config(arg=None):
         # a fake that starts as the class-conditional teacher cancels the class signal of CFG.
         c.method.fake_score_init = "network"
         c.method.fake_weighting = "uniform"
+    else:
+        unet_distillation(
+            c,
+            preset,
+            student_lr=1e-6,
+            fake_lr=1e-3,
+            batch_size=16,
+            num_steps=243750,
+            grad_clip=1.0,
+            student_ema=0.9999,
+            fake_lora=(64, 108.0, ("to_q", "to_v")),
+        )
+        c.method.fake_score_init = "network"  # the LoRA teacher: starts equal to the teacher
     return c

@@ -86,3 +86,97 @@ def gmm_distillation(
     c.networks.fake_score = network_config(prediction="v", lr=fake_lr, fourier_features=4)
     c.networks.fake_score.optimizer.schedule = "cosine"
     c.method.fake_target = "v"
+
+
+def unet_distillation(
+    c: ml_collections.ConfigDict,
+    preset: str,
+    *,
+    student_lr: float,
+    fake_lr: float,
+    batch_size: int,
+    num_steps: int,
+    optimizer: str = "adam",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+    warmup_steps: int = 0,
+    student_ema: float = 0.0,
+    fake_lora: tuple[int, float, tuple[str, ...]] | None = None,
+    student_lora: tuple[int, float, tuple[str, ...]] | None = None,
+) -> None:
+    """The student and fake score as the teacher's UNet (eps-prediction, float32 master copies of the teacher,
+    or LoRAs (rank, alpha, targets) on it), one optimizer setting for both, and the diffusers teacher ``preset``.
+
+    The teacher's weights come from ``teacher.path`` (a local pipeline or converted directory; empty: the
+    preset's hub id) and the training prompts from ``teacher.prompts``; both are set on the command line.
+    """
+    from jdistill.methods.common import lora_config, network_config
+    from jdistill.models import teacher_model_config
+    from jdistill.teachers.diffusers_world import diffusers_teacher_config
+
+    c.teacher = diffusers_teacher_config(preset)
+    c.num_steps = num_steps
+    c.batch_size = batch_size
+    c.log_every = 100
+    c.checkpoint.every = 1000
+    c.sample.count = 64
+    c.sample.final_count = 64
+    c.sample.batch = 16
+    for name, lr, lora in (("student", student_lr, student_lora), ("fake_score", fake_lr, fake_lora)):
+        net = network_config(prediction="eps", lr=lr, ema_decay=student_ema if name == "student" else 0.0)
+        net.model = teacher_model_config()
+        net.optimizer.update(
+            {
+                "name": optimizer,
+                "b1": betas[0],
+                "b2": betas[1],
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "grad_clip": grad_clip,
+                "warmup_steps": warmup_steps,
+            }
+        )
+        if lora is not None:
+            net.lora = lora_config(*lora)
+        c.networks[name] = net
+
+
+def dmd2_networks(
+    c: ml_collections.ConfigDict, preset: str, *, lr: float, batch_size: int, num_steps: int, **kwargs
+) -> None:
+    """DMD2's networks and optimizer (official scripts, methods.md 2.2(c)): AdamW (0.9, 0.999), weight decay
+    0.01, the same lr for generator and fake score, constant after 500 warm-up steps, gradient clip 10, no
+    EMA."""
+    unet_distillation(
+        c,
+        preset,
+        student_lr=lr,
+        fake_lr=lr,
+        batch_size=batch_size,
+        num_steps=num_steps,
+        optimizer="adamw",
+        weight_decay=0.01,
+        grad_clip=10.0,
+        warmup_steps=500,
+        **kwargs,
+    )
+
+
+def sid_networks(
+    c: ml_collections.ConfigDict, preset: str, *, batch_size: int, num_steps: int, lr: float = 1e-6
+) -> None:
+    """SiD-LSG's networks and optimizer (run_sid.sh, methods.md 3.3(c)): full UNets from the teacher, Adam
+    (0, 0.999), eps 1e-8, the same lr for both, float32; the student's EMA half-life of 0.05 Mimg as a
+    per-step decay 0.5 ** (batch / 50000)."""
+    unet_distillation(
+        c,
+        preset,
+        student_lr=lr,
+        fake_lr=lr,
+        batch_size=batch_size,
+        num_steps=num_steps,
+        betas=(0.0, 0.999),
+        student_ema=0.5 ** (batch_size / 50000),
+    )

@@ -164,8 +164,11 @@ def test_joint_source_reads_each_part_at_the_same_position():
     rows = np.array([1, 3])
     batch = joint.local_batch(5, 4, rows)
     parts = split(batch)
-    np.testing.assert_array_equal(parts["gen"]["cond"], a.local_batch(5, 4, rows)["cond"])
-    np.testing.assert_array_equal(parts["real"]["x0"], b.local_batch(5, 4, rows)["x0"])
+    np.testing.assert_array_equal(parts["gen"]["cond"], a.local_batch(10, 4, rows)["cond"])
+    np.testing.assert_array_equal(parts["real"]["x0"], b.local_batch(11, 4, rows)["x0"])
+    # Parts seeded alike still draw different rows.
+    same = JointSource((("gen", a), ("real", a))).local_batch(5, 64)
+    assert not np.array_equal(same["gen/cond"], same["real/cond"])
     with pytest.raises(ValueError, match="no part prefix"):
         split({"cond": np.zeros(2)})
 

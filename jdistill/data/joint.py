@@ -13,14 +13,19 @@ SEPARATOR = "/"
 
 @dataclasses.dataclass(frozen=True)
 class JointSource:
-    """Each part's batch at the same position, its keys prefixed ``"<part>/"``; ``split`` undoes it."""
+    """One batch of each part, keys prefixed ``"<part>/"`` (``split`` undoes it).
+
+    Part i reads its own position ``position * len(parts) + i``: sources seeded alike (the world's prompt and
+    image tables share the run's seed) would otherwise draw the same row numbers at every step.
+    """
 
     parts: tuple[tuple[str, DataSource], ...]
 
     def local_batch(self, position: int, global_size: int, rows: np.ndarray | None = None) -> Batch:
         out = {}
-        for name, source in self.parts:
-            for key, value in source.local_batch(position, global_size, rows).items():
+        for i, (name, source) in enumerate(self.parts):
+            own = position * len(self.parts) + i
+            for key, value in source.local_batch(own, global_size, rows).items():
                 out[f"{name}{SEPARATOR}{key}"] = value
         return out
 

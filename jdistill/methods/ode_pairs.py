@@ -41,6 +41,7 @@ def generate_ode_pairs(
 
     chunks: dict[str, list[np.ndarray]] = {}
     key = jax.random.key(seed)
+    batch = min(batch, count)
     for i, _ in enumerate(range(0, count, batch)):
         host_batch = world.conditions.local_batch(1_000_000 + i, batch)
         z, x0 = sample(world.frozen, host_batch, jax.random.fold_in(key, i))

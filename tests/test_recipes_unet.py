@@ -1,0 +1,101 @@
+"""Every distribution-matching recipe's SD preset, run end to end on a tiny random diffusers pipeline
+(text-conditioned UNet, CLIP, VAE) on 8 fake devices: a step, a checkpoint, a resumed run to step 2,
+finite samples. The presets' own networks are kept (full UNet copies, LoRA fake score or student, GAN head on
+the fake UNet's mid block with real images), only sizes and step counts shrink.
+
+One to four minutes per recipe on 2 cores (tracing, compilation-cache reads and Orbax saves of the full
+UNet copies dominate): marked ``e2e`` and left out of the default run; ``python -m pytest -m e2e``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from helpers import load
+from PIL import Image
+
+from jdistill import train
+from jdistill.models.lora import target_kernels
+
+TINY_RUN = [
+    ("teacher.resolution", "32"),
+    ("batch_size", "8"),
+    ("num_steps", "1"),
+    ("log_every", "1"),
+    ("checkpoint.every", "1"),
+    ("progress_bar", "false"),
+    ("sample.count", "8"),
+    ("sample.final_count", "8"),
+    ("sample.batch", "8"),
+]
+CASES = {
+    "swiftbrush": ("configs/swiftbrush.py:sd15", "sd", []),
+    "dmd": ("configs/dmd.py:sd15", "sd", [("method.make_pairs", "8"), ("method.pair_steps", "2")]),
+    "dmd2_gan": ("configs/dmd2.py:sd15_gan", "sd", [("method.generator_every", "2")]),
+    "dmd2_sdxl_lora": ("configs/dmd2.py:sdxl_lora", "sdxl", [("method.generator_every", "2")]),
+    "sid_4step_gan": (
+        "configs/sid.py:sd15_4step",
+        "sd",
+        [("method.gan.generator_weight", "0.5"), ("method.gan.discriminator_weight", "1.0")],
+    ),
+    "sid_lsg": ("configs/sid_lsg.py:sd15", "sd", []),
+}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Eight small captioned images in the imagefolder layout (metadata.jsonl)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "metadata.jsonl"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_runs_on_a_tiny_unet_teacher_and_resumes(case, tiny_pipelines, images, tmp_path, caplog):
+    spec, pipe, overrides = CASES[case]
+    base = [
+        ("teacher.path", str(tiny_pipelines[pipe])),
+        ("teacher.prompts", str(tiny_pipelines["prompts"])),
+        ("teacher.data", str(images)),
+        *TINY_RUN,
+        *overrides,
+    ]
+    workdir = str(tmp_path / "run")
+    config = load(spec, base)
+    assert config.mesh.num_devices == -1 and jax.device_count() == 8  # all 8 fake devices
+    train.train(config, workdir)
+    with caplog.at_level(logging.INFO, logger="jdistill"):
+        final = train.train(load(spec, [*base, ("num_steps", "2")]), workdir)
+    assert "resumed from checkpoint at step 1" in caplog.text
+    logged = [json.loads(line) for line in pathlib.Path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "steps_per_sec" in m] == [1, 2]  # no step lost or redone
+    samples = np.load(f"{workdir}/samples/final.npy")
+    assert samples.shape == (8, 16, 16, 4) and np.isfinite(samples).all()
+    assert final["finite"] == 1.0
+
+    s, state, _ = train.restore_latest(load(spec, [*base, ("num_steps", "2")]), workdir)
+    names = {n.name for n in s.recipe.networks}
+    if config.method.get("gan") and config.method.gan.generator_weight > 0:
+        assert "discriminator" in names  # the GAN head trains and is checkpointed with the rest
+    if case == "dmd2_sdxl_lora":  # a LoRA student: only the adapters are trained and stored
+        student = state["params"]["student"]
+        kernels = target_kernels(s.frozen["teacher"], ("to_q", "to_k", "to_v", "to_out.0"))
+        assert set(student) == set(kernels)
+        assert all(
+            student[m]["A"].shape == (i, 64) and student[m]["B"].shape == (64, o)
+            for m, (i, o) in kernels.items()
+        )
+    if case == "swiftbrush":  # a LoRA fake score on to_q / to_v, rank 64
+        fake = state["params"]["fake_score"]
+        assert {k.rsplit(".", 1)[-1] for k in fake} == {"to_q", "to_v"}
+        assert all(v["A"].shape[1] == 64 for v in fake.values())
