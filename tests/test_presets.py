@@ -1,0 +1,80 @@
+"""Every preset of every recipe loads and validates, and the SD presets carry the papers' settings
+(../shared/reference/methods.md: SwiftBrush 1.1(c), DMD2 2.2(c), SiD-LSG 3.3(c), few-step SiD 3.4), the CFG
+convention and the unconditional input of each teacher."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from helpers import REPO, load
+
+from jdistill.teachers.presets import get_preset
+
+RECIPES = ("swiftbrush", "dmd", "dmd2", "sid", "sid_lsg")
+
+
+def _presets(recipe: str) -> tuple[str, ...]:
+    spec = importlib.util.spec_from_file_location(recipe, REPO / "configs" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PRESETS
+
+
+ALL = [(r, p) for r in RECIPES for p in _presets(r)]
+
+
+@pytest.mark.parametrize(("recipe", "preset"), ALL)
+def test_every_preset_loads_with_its_cfg_convention_and_unconditional_input(recipe, preset):
+    c = load(f"configs/{recipe}.py:{preset}")
+    assert c.method.name == recipe and c.method.cfg_convention == "uncond"
+    if preset.startswith("gmm"):
+        assert c.teacher.kind == "gmm"  # unconditional input: the null label
+        return
+    assert c.teacher.kind == "diffusers" and c.teacher.preset in preset
+    # SD1.5 / SD2.1 encode the empty prompt; the SDXL recipes use zero embeddings (DMD2's convention).
+    rule = get_preset(c.teacher.preset).uncond
+    assert rule == ("zeros" if c.teacher.preset == "sdxl" else "empty_prompt") and c.teacher.uncond == ""
+    assert c.networks.student.model.arch == "teacher" and c.networks.fake_score.model.arch == "teacher"
+
+
+def test_sd_presets_carry_the_papers_settings():
+    sb = load("configs/swiftbrush.py:sd21base")
+    assert (sb.networks.student.optimizer.lr, sb.networks.fake_score.optimizer.lr) == (1e-6, 1e-3)
+    assert sb.method.guidance_scale == 4.5 and sb.batch_size == 16
+    lora = sb.networks.fake_score.lora
+    assert (lora.rank, lora.alpha, tuple(lora.targets)) == (64, 108.0, ("to_q", "to_v"))
+    assert sb.networks.student.lora.rank == 0 and sb.networks.fake_score.optimizer.grad_clip == 1.0
+
+    d1 = load("configs/dmd2.py:sd15")
+    assert d1.method.guidance_scale == 1.75 and d1.method.generator_every == 10
+    assert d1.method.gan.generator_weight == 0 and d1.batch_size == 2048
+    opt = d1.networks.student.optimizer
+    assert (opt.name, opt.lr, opt.weight_decay, opt.warmup_steps, opt.grad_clip) == (
+        "adamw",
+        1e-5,
+        0.01,
+        500,
+        10.0,
+    )
+    d2 = load("configs/dmd2.py:sd15_gan")
+    assert (d2.method.gan.generator_weight, d2.method.gan.discriminator_weight) == (1e-3, 1e-2)
+    xl = load("configs/dmd2.py:sdxl")
+    assert xl.method.guidance_scale == 8.0 and xl.method.generator_every == 5
+    assert tuple(xl.method.student_timesteps) == (999.0, 749.0, 499.0, 249.0)
+    assert (xl.method.gan.generator_weight, xl.networks.student.optimizer.lr) == (5e-3, 5e-7)
+    assert tuple(load("configs/dmd2.py:sdxl_1step").method.student_timesteps) == (399.0,)
+    xl_lora = load("configs/dmd2.py:sdxl_lora").networks.student
+    assert (xl_lora.lora.rank, xl_lora.lora.alpha, xl_lora.optimizer.lr) == (64, 8.0, 5e-5)
+
+    lsg = load("configs/sid_lsg.py:sd15")
+    m = lsg.method
+    assert (m.teacher_guidance, m.fake_guidance, m.fake_train_guidance, m.alpha) == (2.0, 2.0, 2.0, 1.0)
+    assert m.student_input == "noised_zero" and tuple(m.student_timesteps) == (625.0,)
+    assert tuple(m.t_range) == (0.02, 0.979) and m.fake_cond_dropout == 0.1
+    opt = lsg.networks.student.optimizer
+    assert (opt.b1, opt.b2, opt.lr, lsg.batch_size) == (0.0, 0.999, 1e-6, 512)
+    assert lsg.networks.student.ema_decay == pytest.approx(0.5 ** (512 / 50000))
+
+    few = load("configs/sid.py:sd15_4step")
+    assert tuple(few.method.student_timesteps) == (999.0, 749.0, 499.0, 249.0) and few.batch_size == 256
