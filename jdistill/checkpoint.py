@@ -51,6 +51,11 @@ class Checkpointer:
         """Start an (async) save of ``items`` (array pytrees) and ``meta`` (JSON) at ``step``."""
         if step in self.manager.all_steps():
             return
+        if jax.process_count() == 1:
+            # One process sees every shard: hand Orbax host arrays. Its per-shard device transfers cost about
+            # 1 ms per leaf and device (a small UNet's train state on 8 CPU devices: 8.6 s against 1.4 s);
+            # the files are the same and restore into the target shardings either way.
+            items = jax.device_get(items)
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         args["meta"] = ocp.args.JsonSave(meta)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
