@@ -131,3 +131,43 @@ def test_lora_exports_load_in_diffusers(unet, tiny_pipelines, tmp_path):
     scale = np.abs(ours).max()
     assert np.abs(run(with_adapter) - ours).max() / scale < 1e-5
     assert np.abs(run(merged) - ours).max() / scale < 1e-5
+
+
+def test_lora_fake_score_network_starts_as_the_teacher_and_trains_only_its_adapters(tiny_pipelines):
+    """swiftbrush's SD preset: the fake score is a LoRA on the frozen teacher (rank 64 on to_q / to_v)."""
+    from helpers import load
+
+    from jdistill.diffusion.denoiser import NetworkDenoiser
+    from jdistill.methods import build_recipe
+    from jdistill.teachers import build_world
+
+    config = load(
+        "configs/swiftbrush.py:sd15",
+        [
+            ("teacher.path", str(tiny_pipelines["sd"])),
+            ("teacher.prompts", str(tiny_pipelines["prompts"])),
+            ("teacher.resolution", "32"),
+        ],
+    )
+    world = build_world(config)
+    recipe = build_recipe(config, world)
+    fake = recipe.network("fake_score")
+    lora = fake.initial_params(jax.random.key(0), world.frozen)
+    assert set(lora) == set(target_kernels(world.frozen["teacher"], ("to_q", "to_v")))
+    params = {**world.frozen, "fake_score": lora}
+    denoiser = NetworkDenoiser(fake.net, "eps", world.teacher.schedule)
+    cond = jax.jit(world.prepare)(world.frozen, world.conditions.local_batch(0, 2))["cond"]
+    x = jax.random.normal(jax.random.key(1), (2, *world.sample_shape))
+    t = jnp.array([100, 700])
+    ours = denoiser.predict(fake.net_params(params), x, t, cond).eps
+    teacher = world.teacher.predict(world.frozen["teacher"], x, t, cond).eps
+    np.testing.assert_array_equal(ours, teacher)  # B = 0: exactly the teacher
+
+    def loss(adapters):
+        return jnp.mean(
+            denoiser.predict(fake.net_params({**params, "fake_score": adapters}), x, t, cond).eps ** 2
+        )
+
+    grads = jax.grad(loss)(lora)
+    assert all(float(jnp.abs(g["B"]).sum()) > 0 for g in grads.values())  # B learns first (A B, B = 0)
+    assert all(float(jnp.abs(g["A"]).sum()) == 0 for g in grads.values())

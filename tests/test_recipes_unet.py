@@ -3,8 +3,10 @@
 finite samples. The presets' own networks are kept (full UNet copies, LoRA fake score or student, GAN head on
 the fake UNet's mid block with real images), only sizes and step counts shrink.
 
-One to four minutes per recipe on 2 cores (tracing, compilation-cache reads and Orbax saves of the full
-UNet copies dominate): marked ``e2e`` and left out of the default run; ``python -m pytest -m e2e``."""
+About 1 to 2.5 minutes per recipe on 2 busy cores (tracing the UNet steps twice, compilation and Orbax saves
+dominate). The default run keeps two cases that between them cover every new piece (a LoRA fake score;
+SDXL, four steps with backward simulation, a LoRA student, the GAN on real images); the others are marked
+``e2e``: ``python -m pytest -m e2e``."""
 
 from __future__ import annotations
 
@@ -59,8 +61,12 @@ def images(tmp_path_factory):
     return root / "metadata.jsonl"
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("case", list(CASES))
+IN_DEFAULT_RUN = ("swiftbrush", "dmd2_sdxl_lora")
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in IN_DEFAULT_RUN else pytest.param(c, marks=pytest.mark.e2e) for c in CASES]
+)
 def test_recipe_runs_on_a_tiny_unet_teacher_and_resumes(case, tiny_pipelines, images, tmp_path, caplog):
     spec, pipe, overrides = CASES[case]
     base = [
