@@ -19,9 +19,9 @@ Presets:
   0.01, constant lr after 500 warm-up steps, clip 10, no EMA; real images for the GAN from teacher.data:
   sd15        stage 1: lr 1e-5, real CFG 1.75, 10 fake updates per generator update, no GAN, batch 2048,
               40k steps.
-  sd15_gan    stage 2's settings: lr 5e-7, GAN lambda_G 1e-3 / lambda_D 1e-2, 5k steps. The paper starts it
-              from stage 1's networks; starting networks from another run's checkpoint is not supported
-              yet, so this preset starts from the teacher.
+  sd15_gan    stage 2: lr 5e-7, GAN lambda_G 1e-3 / lambda_D 1e-2, 5k steps, from stage 1's networks:
+              --config.networks.student.init_from=STAGE1_DIR --config.networks.fake_score.init_from=STAGE1_DIR
+              (the head starts fresh; without init_from both networks start from the teacher).
   sd21base    stage 1 on SD2.1-base (not a paper run).
   sdxl        four steps (999, 749, 499, 249) with backward simulation: lr 5e-7, CFG 8, 5 fake updates per
               generator update, GAN 5e-3 / 1e-2, batch 128, 19k steps; zero unconditional embeddings.

@@ -93,6 +93,27 @@ class Checkpointer:
             )
         return None
 
+    def restore_some(self, abstract_items: dict[str, PyTree]) -> tuple[int, dict[str, PyTree]]:
+        """Only the items ``abstract_items`` names, from the newest checkpoint (e.g. one network of another
+        run, to start from). Errors name the directory, the missing item or the mismatched parameter."""
+        step = self.manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{self.directory} holds no checkpoint")
+        stored = set(self.manager.item_metadata(step).keys())
+        missing = sorted(set(abstract_items) - stored)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} has no items {missing}; it has {sorted(stored)}"
+            )
+        mismatch = self._shape_mismatch(step, abstract_items)
+        if mismatch:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} does not fit this model ({mismatch})"
+            )
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return step, {name: restored[name] for name in abstract_items}
+
     def _shape_mismatch(self, step: int, abstract_items: dict[str, PyTree]) -> str | None:
         """The first parameter whose stored shape differs from the expected one, if the metadata is readable."""
         try:

@@ -305,13 +305,39 @@ def _meta(step: int, root: jax.Array, state) -> dict[str, Any]:
     }
 
 
+def start_from_other_runs(s: Setup, state: dict[str, PyTree]) -> dict[str, PyTree]:
+    """Networks with ``networks.<name>.init_from`` (a run directory) start from that run's latest parameters
+    of the same network (e.g. DMD2's stage 2 from stage 1); their optimizer state starts fresh and their EMA
+    from the loaded parameters. Only at a fresh start: a run's own checkpoint always wins."""
+    state = {**state, "params": dict(state["params"]), "ema": dict(state["ema"])}
+    for name in state["params"]:
+        source = s.config.networks[name].get("init_from", "") if name in s.config.networks else ""
+        if not source:
+            continue
+        directory = os.path.join(source, "checkpoints")
+        if not os.path.isdir(directory):
+            raise configuration.ConfigError(
+                f"networks.{name}.init_from={source!r}: {directory} does not exist (not a jdistill run directory?)"
+            )
+        other = Checkpointer(directory, every=0, keep=0)
+        try:
+            step, items = other.restore_some({name: s.abstract_state["params"][name]})
+        finally:
+            other.close()
+        state["params"][name] = items[name]
+        if name in state["ema"]:
+            state["ema"][name] = jax.tree.map(jnp.copy, items[name])
+        log.info("network %s starts from %s (step %d)", name, source, step)
+    return state
+
+
 def restore_or_init(s: Setup, ckpt: Checkpointer) -> tuple[int, dict[str, PyTree], jax.Array]:
     """(step, state, PRNG root): from the newest readable checkpoint, or freshly initialised."""
     abstract_items = _checkpoint_items(s.abstract_state)
     restored = ckpt.restore(abstract_items)
     if restored is None:
         root = jax.random.key(s.config.seed)
-        return 0, init_train_state(s, rng.stream(root, "init")), root
+        return 0, start_from_other_runs(s, init_train_state(s, rng.stream(root, "init"))), root
     step, items, meta = restored
     root = jax.random.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
     nonfinite = {

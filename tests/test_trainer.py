@@ -145,3 +145,30 @@ def test_checkpoint_of_another_model_is_refused_not_moved(tmp_path):
         train.train(wider, workdir)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))  # left where it was
     assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
+
+
+def test_networks_can_start_from_another_runs_checkpoint(tmp_path):
+    """networks.student.init_from: a fresh run's student = the other run's latest student (its fake score and
+    optimizer state start fresh); a wrong directory or a mismatched network is named."""
+    first = str(tmp_path / "first")
+    train.train(small_swiftbrush(("num_steps", "3")), first)
+    _, donor, _ = train.restore_latest(small_swiftbrush(("num_steps", "3")), first)
+    config = small_swiftbrush(("num_steps", "3"), ("networks.student.init_from", first))
+    s = train.setup(config, str(tmp_path / "second"))
+    ckpt = train.Checkpointer(str(tmp_path / "second" / "checkpoints"), every=0, keep=1)
+    step, state, _ = train.restore_or_init(s, ckpt)
+    ckpt.close()
+    assert step == 0
+    assert max_abs_diff(state["params"]["student"], donor["params"]["student"]) == 0.0
+    assert max_abs_diff(state["ema"]["student"], donor["params"]["student"]) == 0.0
+    assert max_abs_diff(state["params"]["fake_score"], donor["params"]["fake_score"]) > 0  # fresh
+    assert all(float(np.abs(x).sum()) == 0 for x in jax.tree.leaves(state["opt"]["student"][0].mu))
+
+    with pytest.raises(Exception, match=r"networks\.student\.init_from=.*does not exist"):
+        train.train(
+            small_swiftbrush(("networks.student.init_from", str(tmp_path / "nowhere"))), str(tmp_path / "c")
+        )
+    assert not os.path.exists(tmp_path / "nowhere")  # nothing created where the user pointed by mistake
+    wider = small_swiftbrush(("networks.student.init_from", first), ("networks.student.model.width", "48"))
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(student\[blocks\]"):
+        train.train(wider, str(tmp_path / "d"))

@@ -60,6 +60,7 @@ def discriminator_config(lr: float = 1e-5, hidden: int = 0, num_down: int = 2) -
             "model": {"arch": "head", "hidden": hidden, "num_down": num_down},
             "optimizer": optimizer_config(lr),
             "ema_decay": 0.0,
+            "init_from": "",  # a run directory: start from its latest head
         }
     )
 

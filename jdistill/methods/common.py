@@ -36,6 +36,7 @@ def network_config(
             "optimizer": optimizer_config(lr),
             "ema_decay": ema_decay,
             "lora": lora_config(),
+            "init_from": "",  # a run directory: start from its latest parameters of this network
         }
     )
 
