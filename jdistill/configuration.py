@@ -7,6 +7,7 @@ type of the value they replace. Unknown keys never pass silently.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -54,6 +55,25 @@ def choose_preset(arg: str | None, presets: Iterable[str], default: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- overrides
+
+
+def tool_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[ml_collections.ConfigDict | None, argparse.Namespace]:
+    """For tools that take a run config beside their own flags: ``--config=path.py[:preset]`` and
+    ``--config.key=value`` overrides, the rest parsed by ``parser``. A missing ``--config`` is a usage error;
+    a config that does not load is printed and (None, args) returned, for the tool to exit with status 1.
+    ``args.config`` holds the spec."""
+    spec, overrides, rest = split_config_args(argv)
+    args = parser.parse_args(rest)
+    args.config = spec
+    if spec is None:
+        parser.error("--config=path/to/recipe.py[:preset] is required")
+    try:
+        return load(spec, overrides), args
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return None, args
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:

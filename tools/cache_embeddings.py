@@ -23,25 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     from jdistill.data.embeddings import CACHE_DTYPES
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    spec, overrides, rest = configuration.split_config_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--dst", required=True)
     parser.add_argument("--batch", type=int, default=256, help="prompts per encoder call")
     parser.add_argument("--dtype", choices=CACHE_DTYPES, default="float32", help="storage dtype")
-    args = parser.parse_args(rest)
-    if spec is None:
-        parser.error("--config=path/to/recipe.py[:preset] is required")
+    config, args = configuration.tool_config(parser, argv)
+    if config is None:
+        return 1
 
     import jax
 
     from jdistill.data.embeddings import write_embedding_cache
     from jdistill.teachers.diffusers_world import load_prompt_encoder, training_prompts
 
-    try:
-        config = configuration.load(spec, overrides)
-    except configuration.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 1
     t = config.teacher
     if t.kind != "diffusers":
         print(f"teacher.kind is {t.kind!r}: only diffusers teachers encode prompts", file=sys.stderr)
@@ -64,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     info = {
-        "config": spec,
+        "config": args.config,
         "teacher": {"preset": t.preset, "source": source},
         "prompts": {"field": t.prompt_field},
     }

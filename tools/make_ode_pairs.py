@@ -22,26 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     from jdistill import configuration
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    spec, overrides, rest = configuration.split_config_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(rest)
-    if spec is None:
-        parser.error("--config=path/to/recipe.py[:preset] is required")
+    config, args = configuration.tool_config(parser, argv)
+    if config is None:
+        return 1
 
     from jdistill.data.pairs import write_pairs
     from jdistill.methods.ode_pairs import generate_ode_pairs
     from jdistill.teachers import build_world
 
-    try:
-        config = configuration.load(spec, overrides)
-    except configuration.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 1
     world = build_world(config)
     m = config.method
     arrays = generate_ode_pairs(
@@ -54,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     info = {
-        "config": spec,
+        "config": args.config,
         "steps": args.steps,
         "guidance_scale": m.guidance_scale,
         "cfg_convention": m.cfg_convention,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import glob
 import importlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,26 @@ class ArrayRecordRows:
     def describe(self, index: int) -> str:
         _, chunk, local = self.chunks.locate([index])
         return f"record {index} ({self.paths[chunk[0]]}, record {int(local[0])})"
+
+
+def jsonl_records(path: str) -> Iterator[tuple[Any, str]]:
+    """(parsed record, "<path> line <n>") for every non-blank line of a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                yield json.loads(line), where
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where} is not valid JSON: {err}") from None
+
+
+def string_value(value: Any, where: str, what: str) -> str:
+    """``value`` if it is a string; otherwise an error naming where it came from and what it should hold."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {what} holds {type(value).__name__}, not a string")
+    return value
 
 
 def field_of(record: Any, field: str, defaults: Sequence[str], where: str) -> Any:

@@ -30,7 +30,15 @@ from typing import NamedTuple, Protocol
 import numpy as np
 from PIL import Image, ImageOps
 
-from jdistill.data.files import ArrayRecordRows, ParquetRows, choose_column, detect_format, field_of
+from jdistill.data.files import (
+    ArrayRecordRows,
+    ParquetRows,
+    choose_column,
+    detect_format,
+    field_of,
+    jsonl_records,
+    string_value,
+)
 from jdistill.data.sources import draw_rows
 from jdistill.data.tf_example import example_value, looks_like_example
 
@@ -54,9 +62,7 @@ class ImageTextTable(Protocol):
 
 
 def _text(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: the caption is {type(value).__name__}, not a string")
-    return value
+    return string_value(value, where, "the caption")
 
 
 class ImageFolder:
@@ -66,18 +72,10 @@ class ImageFolder:
         meta = path if os.path.isfile(path) else os.path.join(path, "metadata.jsonl")
         self.path, root = path, os.path.dirname(meta)
         self.items: list[ImageText] = []
-        with open(meta, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{meta} line {number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where} is not valid JSON: {err}") from None
-                name = field_of(record, "file_name", (), where)
-                text = _text(field_of(record, text_field, TEXT_FIELDS, where), where)
-                self.items.append(ImageText(os.path.join(root, name), text, where))
+        for record, where in jsonl_records(meta):
+            name = field_of(record, "file_name", (), where)
+            text = _text(field_of(record, text_field, TEXT_FIELDS, where), where)
+            self.items.append(ImageText(os.path.join(root, name), text, where))
         if not self.items:
             raise ValueError(f"{meta} lists no images")
 

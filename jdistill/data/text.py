@@ -15,7 +15,15 @@ from typing import Protocol
 
 import numpy as np
 
-from jdistill.data.files import ArrayRecordRows, ParquetRows, choose_column, detect_format, field_of
+from jdistill.data.files import (
+    ArrayRecordRows,
+    ParquetRows,
+    choose_column,
+    detect_format,
+    field_of,
+    jsonl_records,
+    string_value,
+)
 from jdistill.data.sources import draw_rows
 from jdistill.data.tf_example import example_value, looks_like_example
 
@@ -50,9 +58,7 @@ class PromptList:
 
 
 def _checked(value: object, where: str, field: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: field {field!r} holds {type(value).__name__}, not a string")
-    return value
+    return string_value(value, where, f"field {field!r}")
 
 
 def _read_text(path: str) -> PromptList:
@@ -61,18 +67,11 @@ def _read_text(path: str) -> PromptList:
 
 
 def _read_jsonl(path: str, field: str) -> PromptList:
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where} is not valid JSON: {err}") from None
-            prompts.append(_checked(field_of(record, field, PROMPT_FIELDS, where), where, field or "prompt"))
-    return PromptList(tuple(prompts), path)
+    prompts = tuple(
+        _checked(field_of(record, field, PROMPT_FIELDS, where), where, field or "prompt")
+        for record, where in jsonl_records(path)
+    )
+    return PromptList(prompts, path)
 
 
 class ParquetPrompts:

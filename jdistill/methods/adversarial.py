@@ -86,8 +86,6 @@ class Discriminator:
 
     def on(self, carry) -> jax.Array:
         """1.0 from ``start_step`` on (the trainer passes the step number in ``carry``), else 0.0."""
-        if "step" not in carry:  # called outside the trainer
-            return jnp.float32(1.0)
         return (jnp.asarray(carry["step"]) >= self.cfg.start_step).astype(jnp.float32)
 
     def noised(self, key: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -102,8 +100,12 @@ class Discriminator:
         real = batch["real"]
         fake_t, t_fake = self.noised(k["fake"], jax.lax.stop_gradient(x_fake))
         real_t, t_real = self.noised(k["real"], real["x0"])
-        l_fake = self.logits(params, fake_t, t_fake, batch["cond"])
-        l_real = self.logits(params, real_t, t_real, real["cond"])
+        # One trunk pass over generated and real samples together.
+        both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), batch["cond"], real["cond"])
+        logits = self.logits(
+            params, jnp.concatenate([fake_t, real_t]), jnp.concatenate([t_fake, t_real]), both
+        )
+        l_fake, l_real = jnp.split(logits, [fake_t.shape[0]])
         d, _ = gan_losses(l_real, l_fake, self.cfg.loss)
         loss = masked_mean(d, ok)
         metrics = {"gan_d": loss, "logit_real": jnp.mean(l_real), "logit_fake": jnp.mean(l_fake)}

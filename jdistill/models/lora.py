@@ -120,7 +120,6 @@ class LoRANet:
         self.name = name
         self.base = base
         self.config = config
-        self.make = base.make
         shapes = target_kernels(base.abstract, config.targets)
         self.abstract = {
             module: {
