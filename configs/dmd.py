@@ -22,7 +22,7 @@ Presets:
   python tools/make_ode_pairs.py --config configs/dmd.py:gmm --out pairs/gmm --count 4096   # pairs on disk
 """
 
-from jdistill.config_base import base_config, dmd2_networks, gmm_distillation
+from jdistill.config_base import NARROW, base_config, dmd2_networks, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd
 
@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.method = dmd.default_config()
     c.method.guidance_scale = 3.0
     if preset == "gmm":
-        gmm_distillation(c, student_lr=3e-4)
+        gmm_distillation(c, student_lr=3e-4, student_size=NARROW, fake_size=NARROW)
         c.method.make_pairs = 4096
     else:
         dmd2_networks(c, preset, lr=1e-5, batch_size=2048, num_steps=40000)

@@ -21,7 +21,7 @@ Presets:
   python -m jdistill.main --config configs/sid_lsg.py:gmm --workdir runs/sid_lsg_gmm
 """
 
-from jdistill.config_base import base_config, gmm_distillation, sid_networks
+from jdistill.config_base import NARROW, base_config, gmm_distillation, sid_networks
 from jdistill.configuration import choose_preset
 from jdistill.methods import sid_lsg
 from jdistill.methods.adversarial import discriminator_config
@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.method = sid_lsg.default_config()
     c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
     if preset == "gmm":
-        gmm_distillation(c, student_lr=1e-3)
+        gmm_distillation(c, student_lr=1e-3, student_size=NARROW, fake_size=NARROW)
         c.num_steps = 5000
         return c
     sid_networks(c, preset, batch_size=512, num_steps=100000)

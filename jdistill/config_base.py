@@ -67,12 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+WIDE = (128, 256)  # MLP (width, hidden)
+NARROW = (64, 128)  # half the width: about 1.7x faster steps on a 2-core CPU
+
+
 def gmm_distillation(
-    c: ml_collections.ConfigDict, *, student_lr: float = 3e-4, fake_lr: float = 2e-3
+    c: ml_collections.ConfigDict,
+    *,
+    student_lr: float = 3e-4,
+    fake_lr: float = 2e-3,
+    student_size: tuple[int, int] = WIDE,
+    fake_size: tuple[int, int] = WIDE,
 ) -> None:
     """The Gaussian-mixture setting the distribution-matching presets share (measured on swiftbrush, see
     configs/swiftbrush.py): the VP teacher, 8000 steps of 256, a one-step x0 MLP student with Fourier
-    features, EMA and a cosine schedule, and a v-prediction MLP fake score trained from scratch."""
+    features, EMA and a cosine schedule, and a v-prediction MLP fake score trained from scratch; each MLP
+    (width, hidden) as given (3 residual blocks)."""
     from jdistill.methods.common import network_config
 
     c.teacher = gmm_teacher("vp")
@@ -81,9 +91,18 @@ def gmm_distillation(
     c.log_every = 200
     c.checkpoint.every = 2000
     c.sample.every = 2000
-    c.networks.student = network_config(prediction="x0", lr=student_lr, ema_decay=0.99, fourier_features=2)
+    c.networks.student = network_config(
+        prediction="x0",
+        lr=student_lr,
+        ema_decay=0.99,
+        fourier_features=2,
+        width=student_size[0],
+        hidden=student_size[1],
+    )
     c.networks.student.optimizer.schedule = "cosine"
-    c.networks.fake_score = network_config(prediction="v", lr=fake_lr, fourier_features=4)
+    c.networks.fake_score = network_config(
+        prediction="v", lr=fake_lr, fourier_features=4, width=fake_size[0], hidden=fake_size[1]
+    )
     c.networks.fake_score.optimizer.schedule = "cosine"
     c.method.fake_target = "v"
 

@@ -225,9 +225,12 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 
 def _path_choices() -> dict[str, tuple[str, ...]]:
+    from jdistill.diffusion.jvp import JVP_METHODS
     from jdistill.diffusion.schedules import SCHEDULE_KINDS
     from jdistill.methods import METHODS
     from jdistill.methods.distribution import GAN_KINDS
+    from jdistill.methods.lcm import TARGETS
+    from jdistill.methods.meanflow import TANGENTS
     from jdistill.teachers import WORLD_KINDS
     from jdistill.teachers.presets import PRESETS, UNCOND_RULES
 
@@ -238,7 +241,11 @@ def _path_choices() -> dict[str, tuple[str, ...]]:
         "teacher.preset": tuple(PRESETS),
         "teacher.uncond": ("", *UNCOND_RULES),
         "method.gan.loss": GAN_KINDS,
+        "method.target_network": TARGETS,
+        "method.jvp": JVP_METHODS,
+        "method.tangent": TANGENTS,
         "networks.discriminator.model.arch": ("head",),
+        "networks.logvar.model.arch": ("logvar",),
     }
 
 

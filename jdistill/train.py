@@ -169,8 +169,11 @@ def make_step(recipe: Recipe, active: tuple[Update, ...], prepare):
         for update in active:
             update_key = rng.stream(key, update.name)
 
-            def loss_fn(trainable, update=update, update_key=update_key, carry=carry):
-                return update.loss({**frozen, **params, **trainable}, batch, update_key, carry)
+            # EMA trees are readable as "<name>_ema" (LCM's target network), never trained.
+            averages = {f"{n}_ema": tree for n, tree in ema.items()}
+
+            def loss_fn(trainable, update=update, update_key=update_key, carry=carry, averages=averages):
+                return update.loss({**frozen, **params, **averages, **trainable}, batch, update_key, carry)
 
             trainable = {n: params[n] for n in update.trains}
             (loss, (aux, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)

@@ -26,6 +26,7 @@ from jdistill.diffusion.parameterization import Prediction
 from jdistill.diffusion.schedules import (
     FlowSchedule,
     Schedule,
+    TrigFlowSchedule,
     VPSchedule,
     shift_sigmas,
     time_shift_exponential,
@@ -133,12 +134,24 @@ def student_plan(schedule: Schedule, timesteps: tuple[float, ...] | np.ndarray) 
     return SamplerPlan(ts, np.append(alphas, 1.0), np.append(sigmas, 0.0))
 
 
+def path_plan(schedule: Schedule, timesteps: np.ndarray) -> SamplerPlan:
+    """The deterministic (DDIM-type) sampler through ``timesteps`` on any path, ending at t_min: each step
+    moves the prediction (x0, eps) to the next time's (alpha, sigma), first order in the ODE."""
+    ts = np.asarray(timesteps, np.float64)
+    nxt = jnp.asarray(np.append(ts[1:], schedule.t_min), jnp.float32)
+    alphas, sigmas = (np.asarray(a, np.float64) for a in schedule.alpha_sigma(nxt))
+    return SamplerPlan(ts, alphas, sigmas)
+
+
 def ode_plan(schedule: Schedule, num_inference_steps: int, spacing: str = "leading") -> SamplerPlan:
-    """The teacher's deterministic sampler: DDIM on VP schedules, flow Euler on rectified flow."""
+    """The teacher's deterministic sampler: DDIM on VP schedules, flow Euler on rectified flow, DDIM-type
+    steps uniform in t on TrigFlow."""
     if isinstance(schedule, VPSchedule):
         return ddim_plan(schedule, num_inference_steps, spacing=spacing)
     if isinstance(schedule, FlowSchedule):
         return flow_euler_plan(schedule, num_inference_steps)
+    if isinstance(schedule, TrigFlowSchedule):
+        return path_plan(schedule, np.linspace(schedule.t_max, schedule.t_min, num_inference_steps + 1)[:-1])
     raise ValueError(f"no deterministic sampler for a {type(schedule).__name__}")
 
 

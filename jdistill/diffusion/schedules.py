@@ -56,6 +56,11 @@ class Schedule:
         """The time value the network receives."""
         return jnp.asarray(t, jnp.float32)
 
+    def time_for_ratio(self, ratio: jax.Array) -> jax.Array:
+        """The time t (float32) at which sigma_t / alpha_t = ``ratio``, clamped to the schedule's range;
+        differentiable in ``ratio`` inside it. Two paths at the same ratio hold the same information."""
+        raise NotImplementedError
+
     def add_noise(self, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
         """x_t = alpha_t x0 + sigma_t eps, computed in float32 and returned in x0's dtype."""
         alpha, sigma = self.alpha_sigma(t)
@@ -119,6 +124,15 @@ class VPSchedule(Schedule):
         abar = self.alphas_cumprod_at(t)
         return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
+    def time_for_ratio(self, ratio: jax.Array) -> jax.Array:
+        # Inverse of the piecewise-linear alphas_cumprod: abar = 1 / (1 + ratio^2), found in its segment.
+        table = jnp.asarray(self.alphas_cumprod, jnp.float32)
+        abar = 1.0 / (1.0 + jnp.square(jnp.asarray(ratio, jnp.float32)))
+        below = jnp.sum(jax.lax.stop_gradient(abar)[..., None] <= table, axis=-1)  # table decreases
+        lo = jnp.clip(below - 1, 0, self.num_train_timesteps - 2)
+        frac = jnp.clip((table[lo] - abar) / (table[lo] - table[lo + 1]), 0.0, 1.0)
+        return lo.astype(jnp.float32) + frac
+
 
 def shift_sigmas(sigmas: np.ndarray | jax.Array, shift: float):
     """Static timestep shift of SD3 and FLUX-schnell: s' = shift s / (1 + (shift - 1) s)."""
@@ -156,6 +170,10 @@ class FlowSchedule(Schedule):
     def model_time(self, t: jax.Array) -> jax.Array:
         return jnp.asarray(t, jnp.float32) * self.num_train_timesteps
 
+    def time_for_ratio(self, ratio: jax.Array) -> jax.Array:
+        ratio = jnp.asarray(ratio, jnp.float32)
+        return jnp.where(jnp.isinf(ratio), 1.0, ratio / (1.0 + ratio))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrigFlowSchedule(Schedule):
@@ -179,6 +197,9 @@ class TrigFlowSchedule(Schedule):
 
     def prior_sample(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return self.sigma_data * jax.random.normal(key, shape, jnp.float32)
+
+    def time_for_ratio(self, ratio: jax.Array) -> jax.Array:
+        return jnp.arctan(jnp.asarray(ratio, jnp.float32) / self.sigma_data)
 
 
 SCHEDULE_KINDS = ("vp", "flow", "trigflow")

@@ -8,7 +8,7 @@ import ml_collections
 
 from jdistill.methods.recipe import Network, Recipe, Update
 
-METHODS = ("sft", "swiftbrush", "dmd", "dmd2", "sid", "sid_lsg")
+METHODS = ("sft", "swiftbrush", "dmd", "dmd2", "sid", "sid_lsg", "lcm", "scm", "meanflow")
 
 
 def method_module(name: str):

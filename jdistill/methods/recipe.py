@@ -9,8 +9,9 @@ it runs. The contract between them:
 - ``Update``: one gradient step of some networks on one loss. ``loss(params, batch, key, carry)`` gets
   every network's current parameters by name (frozen ones included) and returns
   ``(scalar, (metrics, carry))``; gradients are taken with respect to ``trains`` only, so everything else
-  is frozen for that update. ``carry`` passes values (e.g. the generated batch) to later updates of the
-  same step; it starts as ``{"step": the step number}``. An update runs on steps where ``step % every == offset``.
+  is frozen for that update. A network's EMA, if it has one, is there too as "<name>_ema" (LCM's target).
+  ``carry`` passes values (e.g. the generated batch) to later updates of the same step; it starts as
+  ``{"step": the step number}``. An update runs on steps where ``step % every == offset``.
 - ``sample(params, cond, key)``: student samples for a batch of conditions.
 - ``student_timesteps``: where that sampler evaluates the student (predict x0, re-noise with fresh noise).
 """

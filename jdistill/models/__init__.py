@@ -26,6 +26,8 @@ def mlp_config(**overrides) -> ml_collections.ConfigDict:
             "time_scale": 1.0,
             "out_dim": 0,  # 0: the data dimension; 1: a discriminator logit
             "fourier_features": 0,
+            "time_cond_proj_dim": 0,  # > 0: takes cond["timestep_cond"] (LCM's guidance embedding)
+            "second_time": False,  # takes cond["time_delta"] (MeanFlow's t - r)
         }
     )
     cfg.update(overrides)
@@ -57,6 +59,8 @@ def build_model(
             time_scale=cfg.time_scale,
             zero_out=zero_out,
             fourier_features=cfg.fourier_features,
+            time_cond_proj_dim=cfg.get("time_cond_proj_dim", 0),
+            second_time=cfg.get("second_time", False),
             out_dim=cfg.out_dim or None,
             rngs=rngs,
         )

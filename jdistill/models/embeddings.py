@@ -27,3 +27,10 @@ def timestep_embedding(
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
+
+
+def guidance_embedding(w: jax.Array, dim: int) -> jax.Array:
+    """LCM's guidance-scale embedding (diffusers' ``get_guidance_scale_embedding``): sinusoids of 1000 w."""
+    return timestep_embedding(
+        jnp.asarray(w, jnp.float32) * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0
+    )

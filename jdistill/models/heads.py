@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.embeddings import timestep_embedding
 from jdistill.models.layers import FP32, conv, group_norm, linear
 
 
@@ -57,3 +58,16 @@ class DiscriminatorHead(nnx.Module):
 def _groups(channels: int) -> int:
     """32 groups as DMD2's head, fewer when the channel count does not divide (tiny test models)."""
     return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+
+
+class LogVarHead(nnx.Module):
+    """sCM's adaptive loss weighting: a learned log-variance w(t), linear on a sinusoidal embedding of t."""
+
+    def __init__(self, *, time_embed_dim: int = 128, time_scale: float = 1.0, rngs: nnx.Rngs):
+        self.time_embed_dim = time_embed_dim
+        self.time_scale = time_scale
+        self.out = nnx.Linear(time_embed_dim, 1, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        t = jnp.asarray(t, jnp.float32).reshape(-1) * self.time_scale
+        return self.out(timestep_embedding(t, self.time_embed_dim))[:, 0]

@@ -36,12 +36,17 @@ class ResidualBlock(nnx.Module):
 
 
 class TimeMLP(nnx.Module):
-    """f(x, t, label) -> R^data_dim for flat data (B, data_dim).
+    """f(x, t, cond) -> R^data_dim for flat data (B, data_dim).
 
     ``t`` is the network time of the teacher's schedule (0..999 for VP, 1000 t for flow); ``time_scale``
     brings it to the range the sinusoidal embedding expects. ``label`` is an int class id, with id
     ``num_classes`` reserved for "no condition" (classifier-free guidance). ``zero_out`` starts the network
     at exactly zero output (used for residual fake scores that begin equal to the teacher).
+
+    ``cond`` is the label, or a dict with "label" and the optional inputs of students that take more than a
+    time: "timestep_cond" (B, time_cond_proj_dim), projected without bias and added to the time embedding's
+    input as in diffusers' UNet (LCM's guidance embedding), and "time_delta" (B,), a second time embedded
+    like the first (MeanFlow's t - r), in the same units as t.
     """
 
     def __init__(
@@ -57,6 +62,8 @@ class TimeMLP(nnx.Module):
         out_dim: int | None = None,
         zero_out: bool = False,
         fourier_features: int = 0,
+        time_cond_proj_dim: int = 0,
+        second_time: bool = False,
         rngs: nnx.Rngs,
     ):
         self.time_embed_dim = time_embed_dim
@@ -72,6 +79,16 @@ class TimeMLP(nnx.Module):
             time_embed_dim, width, kernel_metadata=sharding_metadata(None, "embed"), rngs=rngs
         )
         self.time_fc2 = nnx.Linear(width, width, kernel_metadata=sharding_metadata("embed", None), rngs=rngs)
+        self.cond_proj = (
+            nnx.Linear(time_cond_proj_dim, time_embed_dim, use_bias=False, rngs=rngs)
+            if time_cond_proj_dim
+            else None
+        )
+        self.delta_fc = (
+            nnx.Linear(time_embed_dim, width, kernel_metadata=sharding_metadata(None, "embed"), rngs=rngs)
+            if second_time
+            else None
+        )
         self.label_embed = nnx.Embed(num_classes + 1, width, rngs=rngs)
         self.blocks = nnx.List([ResidualBlock(width, hidden, rngs) for _ in range(depth)])
         self.norm_out = nnx.LayerNorm(width, rngs=rngs)
@@ -84,11 +101,21 @@ class TimeMLP(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array, t: jax.Array, label: jax.Array, *, return_mid: bool = False):
+    def __call__(self, x: jax.Array, t: jax.Array, cond, *, return_mid: bool = False):
         """The output, and with ``return_mid`` also the last hidden features (B, width) (a GAN trunk)."""
+        extra = cond if isinstance(cond, dict) else {"label": cond}
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1]) * self.time_scale
-        temb = self.time_fc2(nnx.silu(self.time_fc1(timestep_embedding(t, self.time_embed_dim))))
-        emb = temb + self.label_embed(label)
+        tin = timestep_embedding(t, self.time_embed_dim)
+        if "timestep_cond" in extra:
+            if self.cond_proj is None:
+                raise ValueError("a timestep condition was given, but the MLP has no time_cond_proj_dim")
+            tin = tin + self.cond_proj(extra["timestep_cond"].astype(jnp.float32))
+        hidden = self.time_fc1(tin)
+        if self.delta_fc is not None:
+            delta = jnp.broadcast_to(jnp.asarray(extra["time_delta"], jnp.float32), x.shape[:1])
+            hidden = hidden + self.delta_fc(timestep_embedding(delta * self.time_scale, self.time_embed_dim))
+        temb = self.time_fc2(nnx.silu(hidden))
+        emb = temb + self.label_embed(extra["label"])
         h = self.embed_in(fourier_encode(x, self.fourier_features))
         for block in self.blocks:
             h = block(h, emb)

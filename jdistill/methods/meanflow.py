@@ -1,0 +1,146 @@
+"""``meanflow``: average-velocity students distilled from a teacher's flow (MeanFlow).
+
+Reference: Geng et al., MeanFlow (arXiv 2505.13447); the distillation recipe of T2I-Distill's
+train_meanflow.py; methods.md section 5.
+
+The student u(z, r, t) is the average velocity over [r, t] on the rectified-flow path z_t = (1 - t) x + t eps
+(the teacher runs on it whatever its own path, through ``diffusion.reparameterize``); it takes t and the
+second time t - r, both O(1) (not x1000). Per step, on real data x and conditions c (dropped to the
+unconditional input with probability ``cond_dropout``):
+
+1. (r, t): the sorted pair of two logit-normal(mean, std) draws, r = t for a fraction 1 - ratio_r_not_t;
+2. v = the teacher's velocity with CFG w (convention "uncond"), optionally mixed with the student's own
+   guidance as T2I-Distill does: v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | 0);
+3. du/dt = JVP of the student (stop-gradient parameters) along (v~, 0, 1) in (z, r, t) (``tangent = "data"``:
+   along the data velocity eps - x instead, T2I-Distill's choice for unguided samples);
+4. target u_tgt = v~ - (t - r) du/dt; loss = sg(w) |u - sg(u_tgt)|^2, w = 1 / (|u - u_tgt|^2 + 1e-3)^p.
+
+Samples: z_1 = eps, then z_r = z_t - (t - r) u(z_t, r, t) over ``student_timesteps`` (1 first) down to 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.guidance import select_cond
+from jdistill.diffusion.jvp import directional_derivative
+from jdistill.diffusion.reparameterize import on_schedule
+from jdistill.diffusion.schedules import FlowSchedule
+from jdistill.methods.common import build_network, drop_conditions
+from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.trajectory import adaptive_loss, meanflow_target, meanflow_times, with_student_inputs
+from jdistill.rng import streams
+
+NETWORKS = ("student",)
+TANGENTS = ("teacher", "data")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "name": "meanflow",
+            "time_mean": -0.4,
+            "time_std": 1.0,
+            "ratio_r_not_t": 0.75,
+            "cond_dropout": 0.1,
+            "cfg_convention": "uncond",
+            "guidance_scale": 1.0,  # the teacher's CFG w (a guidance-distilled teacher: 1)
+            "guidance_mix": (1.0, 0.0),  # (omega, kappa); T2I-Distill: (1.0, 0.5)
+            "tangent": "teacher",
+            "jvp": "jvp",
+            "jvp_step": 1e-3,
+            "adaptive_power": 1.0,
+            "adaptive_eps": 1e-3,
+            "student_timesteps": (1.0,),  # e.g. (1.0, 0.5) for two steps
+        }
+    )
+
+
+def build(config: ml_collections.ConfigDict, world) -> Recipe:
+    m = config.method
+    if m.tangent not in TANGENTS:
+        raise ValueError(f"method.tangent: unknown {m.tangent!r}; choose one of {TANGENTS}")
+    net_cfg = config.networks.student
+    if net_cfg.model.get("arch") == "mlp" and not net_cfg.model.get("second_time"):
+        raise ValueError("a MeanFlow student takes two times: set networks.student.model.second_time=True")
+    schedule = FlowSchedule()
+    teacher = on_schedule(world.teacher, schedule)
+    network = build_network("student", net_cfg, world, config.num_steps)
+    omega, kappa = m.guidance_mix
+    times = tuple(float(t) for t in m.student_timesteps)
+    if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"method.student_timesteps must start at 1.0 and decrease, got {times}")
+
+    def average_velocity(p, z, r, t, cond):
+        """u(z, r, t | cond) in float32; times are flow times in [0, 1] (O(1) inputs)."""
+        n = z.shape[0]
+        r, t = (jnp.broadcast_to(jnp.asarray(a, jnp.float32), (n,)) for a in (r, t))
+        out = network.net.apply(p, z, t, with_student_inputs(cond, time_delta=t - r))
+        return out.astype(jnp.float32)
+
+    def loss(params, batch, key, carry):
+        k = streams(key, "time", "noise", "dropout")
+        x = batch["x0"].astype(jnp.float32)
+        n = x.shape[0]
+        cond = drop_conditions(k["dropout"], batch["cond"], world.uncond, m.cond_dropout)
+        r, t = meanflow_times(k["time"], n, m.time_mean, m.time_std, m.ratio_r_not_t)
+        eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
+        z_t = schedule.add_noise(x, eps, t)
+        v = predict_cfg(
+            teacher, params["teacher"], z_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
+        ).velocity
+        own = network.net_params(params)
+        frozen = jax.lax.stop_gradient(own)
+        if kappa:
+            u_cond = average_velocity(frozen, z_t, t, t, cond)
+            uncond = select_cond(cond, world.uncond, jnp.ones((n,), bool))
+            u_uncond = average_velocity(frozen, z_t, t, t, uncond)
+            v = omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
+        elif omega != 1.0:
+            v = omega * v
+        v = jax.lax.stop_gradient(v)
+        tangent_z = v if m.tangent == "teacher" else eps - x
+        _, du_dt = directional_derivative(
+            lambda z, r_, t_: average_velocity(frozen, z, r_, t_, cond),
+            (z_t, r, t),
+            (tangent_z, jnp.zeros_like(r), jnp.ones_like(t)),
+            method=m.jvp,
+            step=m.jvp_step,
+        )
+        target = jax.lax.stop_gradient(meanflow_target(v, du_dt, t, r))
+        u = average_velocity(own, z_t, r, t, cond)
+        value = adaptive_loss(u, target, m.adaptive_power, m.adaptive_eps)
+        metrics = {"mse": jnp.mean((u - target) ** 2)}
+        return value, (metrics, carry)
+
+    ends = (*times[1:], 0.0)
+
+    def sample_from(params, cond, z, key):
+        del key  # deterministic
+        p = network.net_params(params)
+        z = z.astype(jnp.float32)
+        for t, r in zip(times, ends, strict=True):
+            z = z - (t - r) * average_velocity(p, z, r, t, cond)
+        return z
+
+    def sample(params, cond, key):
+        n = jax.tree.leaves(cond)[0].shape[0]
+        return sample_from(
+            params,
+            cond,
+            schedule.prior_sample(streams(key, "latent")["latent"], (n, *world.sample_shape)),
+            key,
+        )
+
+    return Recipe(
+        networks=(network,),
+        updates=(Update("student", ("student",), loss),),
+        sample=sample,
+        data="data",
+        student_timesteps=times,
+    )

@@ -1,0 +1,178 @@
+"""``scm``: continuous-time consistency distillation in TrigFlow (sCM).
+
+Reference: Lu & Song, sCM (arXiv 2410.11081); the losses of SANA-Sprint (arXiv 2503.09641,
+NVlabs/Sana train_scm_ladd.py) and T2I-Distill's train_sCM.py; methods.md 4.2.
+
+The teacher runs as a TrigFlow model whatever its own path (eps / v / flow teachers through
+``diffusion.reparameterize``): at TrigFlow time t its x0 and eps give d x_t / dt = sd F_teacher. Per step, on
+real data x0 (times ``data_scale``, T2I-Distill: sd) and conditions c:
+
+1. tau ~ N(P_mean, P_std), t = arctan(e^tau / sd); x_t = cos t x0 + sin t z, z ~ N(0, sd^2).
+2. dx/dt = sd F_teacher(x_t, t; w), CFG w per sample from ``guidance_choices`` (convention "uncond"), no
+   gradient; the student sees w through its guidance embedding when ``guidance_embed``.
+3. (F-, dF-) = JVP of the student under stop-gradient along (cos t sin t dx/dt, cos t sin t) (``jvp``:
+   forward mode, or central differences);
+4. g = -cos^2 t (sd F- - dx/dt) - r (cos t sin t x_t + sd dF-), r = min(1, step / H), g / (|g| + 0.1);
+5. loss = mean[ e^{-w(t)} / (sd tan t) |F_theta - F- - g|^2 + w(t) ], w(t) the learned log-variance head
+   (``networks.logvar``), trained with the student.
+
+Samples: the student's x0 at each of ``student_timesteps`` (pi/2 first), re-noised with fresh noise between
+them (SANA-Sprint's two steps: pi/2 and 1.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.jvp import directional_derivative
+from jdistill.diffusion.reparameterize import on_schedule, trigflow_output
+from jdistill.diffusion.samplers import run_sampler, student_plan
+from jdistill.diffusion.schedules import TrigFlowSchedule
+from jdistill.methods.common import build_network, network_denoiser
+from jdistill.methods.recipe import Network, Recipe, Update
+from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
+from jdistill.models.heads import LogVarHead
+from jdistill.models.net import Net
+from jdistill.optim import make_optimizer, optimizer_config
+from jdistill.rng import streams
+
+NETWORKS = ("student", "logvar")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "name": "scm",
+            "sigma_data": 0.5,
+            "data_scale": 1.0,  # TrigFlow's data = the teacher's data times this (T2I-Distill: sigma_data)
+            "p_mean": 0.2,
+            "p_std": 1.6,
+            "time_eps": 1e-3,  # t kept inside (eps, pi/2 - eps): tan t and the prior weight stay finite
+            "tangent_warmup_steps": 4000,  # H
+            "tangent_norm_c": 0.1,
+            "jvp": "jvp",  # or "finite_difference" (networks with custom_vjp kernels)
+            "jvp_step": 1e-3,
+            "cfg_convention": "uncond",
+            "guidance_choices": (
+                4.0,
+                4.5,
+                5.0,
+            ),  # w per sample, uniform over these (SANA-Sprint, T2I-Distill)
+            "guidance_embed": False,  # the student takes w (needs networks.student.model.time_cond_proj_dim)
+            "student_timesteps": (math.pi / 2,),  # e.g. (pi/2, 1.3) for two steps
+            "sample_guidance": 4.5,
+        }
+    )
+
+
+def logvar_config(lr: float = 1e-3, time_embed_dim: int = 128, time_scale: float = 1.0):
+    """``networks.logvar``: the adaptive weighting head w(t) and its optimizer."""
+    return ml_collections.ConfigDict(
+        {
+            "model": {"arch": "logvar", "time_embed_dim": time_embed_dim, "time_scale": time_scale},
+            "optimizer": optimizer_config(lr),
+            "ema_decay": 0.0,
+            "init_from": "",
+        }
+    )
+
+
+def trigflow_student(config, world, schedule: TrigFlowSchedule):
+    """The student network and its denoiser on the TrigFlow path: a copy of the teacher (arch "teacher") keeps
+    the teacher's parameterization and is wrapped the way the teacher is; any other network (an MLP from
+    scratch) lives on the TrigFlow path itself."""
+    net_cfg = config.networks.student
+    network = build_network("student", net_cfg, world, config.num_steps)
+    if net_cfg.model.arch == "teacher":
+        base = network_denoiser(network, net_cfg, world.teacher.schedule)
+        return network, on_schedule(base, schedule, config.method.data_scale)
+    return network, network_denoiser(network, net_cfg, schedule)
+
+
+def build(config: ml_collections.ConfigDict, world) -> Recipe:
+    m = config.method
+    sd = m.sigma_data
+    schedule = TrigFlowSchedule(sigma_data=sd)
+    teacher = on_schedule(world.teacher, schedule, m.data_scale)
+    network, student = trigflow_student(config, world, schedule)
+    guidance_dim = config.networks.student.model.get("time_cond_proj_dim", 0) if m.guidance_embed else 0
+    if m.guidance_embed and not guidance_dim:
+        raise ValueError("method.guidance_embed needs networks.student.model.time_cond_proj_dim > 0")
+    lv = config.networks.logvar
+    logvar_net = Network(
+        Net(
+            "logvar",
+            lambda rngs: LogVarHead(
+                time_embed_dim=lv.model.time_embed_dim, time_scale=lv.model.time_scale, rngs=rngs
+            ),
+        ),
+        make_optimizer(lv.optimizer, config.num_steps),
+        lv.ema_decay,
+    )
+    choices = jnp.asarray(m.guidance_choices, jnp.float32)
+
+    def output(p, x_t, t, cond):
+        return trigflow_output(student.predict(p, x_t, t, cond), sd)
+
+    def loss(params, batch, key, carry):
+        k = streams(key, "time", "noise", "guidance")
+        x0 = m.data_scale * batch["x0"].astype(jnp.float32)
+        cond = batch["cond"]
+        n = x0.shape[0]
+        t = trigflow_times(k["time"], n, m.p_mean, m.p_std, sd, m.time_eps)
+        x_t = schedule.add_noise(x0, jax.random.normal(k["noise"], x0.shape, jnp.float32), t)
+        w = choices[jax.random.randint(k["guidance"], (n,), 0, len(m.guidance_choices))]
+        guided = predict_cfg(teacher, params["teacher"], x_t, t, cond, world.uncond, w, m.cfg_convention)
+        dxdt = jax.lax.stop_gradient(guided.velocity)
+        student_cond = with_student_inputs(cond, guidance=w, guidance_dim=guidance_dim)
+        own = network.net_params(params)
+        frozen = jax.lax.stop_gradient(own)
+        cs = jnp.cos(t) * jnp.sin(t)
+        f_minus, df_minus = directional_derivative(
+            lambda x, s: output(frozen, x, s, student_cond),
+            (x_t, t),
+            (cs.reshape(-1, *([1] * (x_t.ndim - 1))) * dxdt, cs),
+            method=m.jvp,
+            step=m.jvp_step,
+        )
+        warmup = jnp.minimum(1.0, carry["step"] / max(m.tangent_warmup_steps, 1))
+        g = scm_tangent(f_minus, df_minus, dxdt, x_t, t, sd, warmup, m.tangent_norm_c)
+        g = jax.lax.stop_gradient(g)
+        f_theta = output(own, x_t, t, student_cond)
+        logvar = logvar_net.net.apply(params["logvar"], t)
+        value = scm_loss(f_theta, jax.lax.stop_gradient(f_minus), g, t, logvar, sd)
+        metrics = {"tangent_norm": jnp.mean(jnp.abs(g)), "logvar": jnp.mean(logvar)}
+        return value, (metrics, carry)
+
+    plan = student_plan(schedule, tuple(m.student_timesteps))
+
+    def sample_from(params, cond, z, key):
+        n = z.shape[0]
+        student_cond = with_student_inputs(
+            cond, guidance=jnp.full((n,), m.sample_guidance, jnp.float32), guidance_dim=guidance_dim
+        )
+        p = network.net_params(params)
+        x = run_sampler(
+            lambda x_t, t: student.predict(p, x_t, t, student_cond), z, plan, renoise=True, key=key
+        )
+        return x / m.data_scale
+
+    def sample(params, cond, key):
+        k = streams(key, "latent", "renoise")
+        n = jax.tree.leaves(cond)[0].shape[0]
+        return sample_from(
+            params, cond, schedule.prior_sample(k["latent"], (n, *world.sample_shape)), k["renoise"]
+        )
+
+    return Recipe(
+        networks=(network, logvar_net),
+        updates=(Update("student", ("student", "logvar"), loss),),
+        sample=sample,
+        data="data",
+        student_timesteps=tuple(float(t) for t in m.student_timesteps),
+    )

@@ -1,0 +1,137 @@
+"""Pure pieces of the trajectory methods (LCM, sCM, MeanFlow): losses, boundary scalings, tangents, time
+samplers, and the student inputs beyond (x_t, t). Exact forms: ../shared/reference/methods.md sections 4-5."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdistill.diffusion.schedules import broadcast_to
+from jdistill.models.embeddings import guidance_embedding
+
+PyTree = Any
+
+
+def per_sample_sum(x: jax.Array) -> jax.Array:
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def with_student_inputs(
+    cond: PyTree,
+    *,
+    guidance: jax.Array | None = None,
+    guidance_dim: int = 0,
+    time_delta: jax.Array | None = None,
+) -> PyTree:
+    """The student's conditioning plus its extra inputs: LCM/sCM's guidance-scale embedding (diffusers'
+    ``timestep_cond``) and MeanFlow's second time. A label becomes {"label": ...}; a UNet's dict is extended."""
+    if guidance_dim == 0 and time_delta is None:
+        return cond
+    out = dict(cond) if isinstance(cond, dict) else {"label": cond}
+    if guidance_dim:
+        out["timestep_cond"] = guidance_embedding(guidance, guidance_dim)
+    if time_delta is not None:
+        out["time_delta"] = time_delta
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ LCM
+
+
+def huber_loss(a: jax.Array, b: jax.Array, c: float) -> jax.Array:
+    """mean(sqrt((a - b)^2 + c^2) - c) in float32 (LCM's pseudo-Huber); c = 0 is the mean squared error."""
+    diff = a.astype(jnp.float32) - b.astype(jnp.float32)
+    if c == 0:
+        return jnp.mean(diff**2)
+    return jnp.mean(jnp.sqrt(diff**2 + c**2) - c)
+
+
+def consistency_scalings(
+    t: jax.Array, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+) -> tuple[jax.Array, jax.Array]:
+    """LCM's boundary-condition scalings (c_skip, c_out) at integer timestep t: f = c_skip x_t + c_out x0_hat,
+    c_skip = sd^2 / ((10 t)^2 + sd^2), c_out = 10 t / sqrt((10 t)^2 + sd^2); f = x_t at t = 0."""
+    scaled = jnp.asarray(t, jnp.float32) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / jnp.sqrt(scaled**2 + sigma_data**2)
+    return c_skip, c_out
+
+
+def skipping_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> jnp.ndarray:
+    """LCM's DDIM grid {k - 1, 2k - 1, ..., N - 1} with k = N / n (19, 39, ..., 999 for 50 of 1000)."""
+    ratio = num_train_timesteps // num_ddim_timesteps
+    return jnp.arange(1, num_ddim_timesteps + 1, dtype=jnp.int32) * ratio - 1
+
+
+# ------------------------------------------------------------------------------------------------ sCM
+
+
+def trigflow_times(key: jax.Array, n: int, p_mean: float, p_std: float, sigma_data: float, eps: float):
+    """t = arctan(exp(tau) / sigma_d), tau ~ N(p_mean, p_std), kept inside (eps, pi/2 - eps) for tan."""
+    tau = p_mean + p_std * jax.random.normal(key, (n,), jnp.float32)
+    return jnp.clip(jnp.arctan(jnp.exp(tau) / sigma_data), eps, jnp.pi / 2 - eps)
+
+
+def scm_tangent(
+    f_minus: jax.Array,
+    df_minus: jax.Array,
+    dxdt: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    sigma_data: float,
+    warmup: jax.Array | float,
+    norm_c: float = 0.1,
+) -> jax.Array:
+    """sCM's target direction g = -cos^2 t (sd F- - dx/dt) - r (cos t sin t x_t + sd dF-), normalised per sample
+    g / (|g| + c) (c = 0: not normalised). ``df_minus`` is the JVP along (cos t sin t dx/dt, cos t sin t);
+    r is the tangent warm-up min(1, step / H). Float32, to be used under stop-gradient."""
+    cos, sin = (broadcast_to(f(t), x_t) for f in (jnp.cos, jnp.sin))
+    g = -(cos**2) * (sigma_data * f_minus - dxdt) - warmup * (cos * sin * x_t + sigma_data * df_minus)
+    if norm_c > 0:
+        norm = jnp.sqrt(per_sample_sum(g**2))
+        g = g / broadcast_to(norm + norm_c, g)
+    return g
+
+
+def scm_loss(
+    f_theta: jax.Array, f_minus: jax.Array, g: jax.Array, t: jax.Array, logvar: jax.Array, sigma_data: float
+) -> jax.Array:
+    """mean[ exp(-logvar) / (sd tan t) |F_theta - F- - g|^2 + logvar ] with F- and g stop-gradiented
+    (the learned adaptive weighting; the prior weight 1 / (sd tan t) is sCM's)."""
+    target = jax.lax.stop_gradient(f_minus + g)
+    sq = (f_theta.astype(jnp.float32) - target) ** 2
+    weight = jnp.exp(-logvar) / (sigma_data * jnp.tan(t))
+    return jnp.mean(broadcast_to(weight, sq) * sq + broadcast_to(logvar, sq))
+
+
+# ------------------------------------------------------------------------------------------------ MeanFlow
+
+
+def logit_normal(key: jax.Array, shape: tuple[int, ...], mean: float, std: float) -> jax.Array:
+    return jax.nn.sigmoid(mean + std * jax.random.normal(key, shape, jnp.float32))
+
+
+def meanflow_times(
+    key: jax.Array, n: int, mean: float, std: float, ratio_r_not_t: float
+) -> tuple[jax.Array, jax.Array]:
+    """(r, t): the sorted pair of two logit-normal draws, with r = t for a fraction 1 - ratio_r_not_t."""
+    k_times, k_equal = jax.random.split(key)
+    pair = logit_normal(k_times, (2, n), mean, std)
+    t, r = jnp.max(pair, axis=0), jnp.min(pair, axis=0)
+    equal = jax.random.uniform(k_equal, (n,)) >= ratio_r_not_t
+    return jnp.where(equal, t, r), t
+
+
+def meanflow_target(v: jax.Array, du_dt: jax.Array, t: jax.Array, r: jax.Array) -> jax.Array:
+    """The MeanFlow identity's target u = v - (t - r) du/dt (float32, for stop-gradient use)."""
+    return v.astype(jnp.float32) - broadcast_to(t - r, v) * du_dt.astype(jnp.float32)
+
+
+def adaptive_loss(u: jax.Array, target: jax.Array, power: float = 1.0, eps: float = 1e-3) -> jax.Array:
+    """mean over samples of sg(w) |u - sg(target)|^2 with w = 1 / (|u - target|^2 + eps)^p (per-sample sums of
+    squares): MeanFlow's adaptive weighting; p = 0 is the plain squared error."""
+    sq = per_sample_sum((u.astype(jnp.float32) - jax.lax.stop_gradient(target)) ** 2)
+    weight = jax.lax.stop_gradient(1.0 / (sq + eps) ** power)
+    return jnp.mean(weight * sq)
