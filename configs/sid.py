@@ -10,10 +10,13 @@ Presets:
              8000 steps of 256, within-0.5 / class consistency): alpha = 1 as SiD-LSG's scripts (1.2, the EDM
              setting: 0.603); kappa4 = kappa2 = 3 with 10% prompt dropout for the fake score; student lr 1e-3
              (1e-4: 0.767, 3e-4: 0.854, 1e-3: 0.940 / 0.968); 5000 steps keep the run under 3 minutes
-             (0.944 / 0.970, min mode share 0.110).
+             (0.944 / 0.970, min mode share 0.110). The student at half width (64 / 128), the fake score at
+             full width: 0.927 / 0.972 / 0.109 (both halved: 0.921 / 0.950).
   gmm_2step  two-step student at (999, 499), uniform mixture over step counts; student gradient norm
-             clipped at 0.3 (without it 5000 steps mode-collapse, see below).
-  gmm_4step  four-step student at (999, 749, 499, 249), clipped likewise.
+             clipped at 0.3 (without it 5000 steps mode-collapse, see below); both MLPs at half width
+             (0.945 / 0.102 / 0.982; full width 0.919 / 0.096 / 0.977).
+  gmm_4step  four-step student at (999, 749, 499, 249), clipped likewise, half width (0.941 / 0.063 / 0.977;
+             full width 0.940 / 0.080 / 0.981).
 
   Few-step SiD (arXiv 2505.12674; its released code ml-sid-dit, methods.md 3.4) on UNet teachers: uniform
   mixture over step counts, student from noise at t = 999, alpha 1, batch 256, Adam (0, 0.999) eps 1e-8,

@@ -8,8 +8,8 @@ kappa1 (fake-score training, 10% prompt dropout), kappa2 = kappa3 (fake score in
 Presets:
   gmm  analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student; the scripts'
        kappa1..kappa4 = 2, alpha = 1, 10% prompt dropout; student lr 1e-3 as the sid preset
-       and 5000 steps (measured 2026-11-23: within-0.5 0.954, min mode share 0.106, class consistency
-       0.982; 8000 steps: 0.971 / 0.109 / 0.986 in 179 s).
+       and 5000 steps, both MLPs at half width (measured 2026-11-23: within-0.5 0.959, min mode share
+       0.092, class consistency 0.987; full width 0.954 / 0.106 / 0.982, 8000 steps 0.971 / 0.109 / 0.986).
 
   sd15       the official scripts (run_sid.sh, methods.md 3.3): SD1.5 at 512, kappa1..kappa4 = 2, alpha 1,
              generator input sigma_625 z labelled t = 625, generator t ~ U{20..979}, 10% prompt dropout,
