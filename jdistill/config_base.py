@@ -112,7 +112,7 @@ def unet_distillation(
     preset: str,
     *,
     student_lr: float,
-    fake_lr: float,
+    fake_lr: float | None,
     batch_size: int,
     num_steps: int,
     optimizer: str = "adam",
@@ -127,6 +127,7 @@ def unet_distillation(
 ) -> None:
     """The student and fake score as the teacher's UNet (eps-prediction, float32 master copies of the teacher,
     or LoRAs (rank, alpha, targets) on it), one optimizer setting for both, and the diffusers teacher ``preset``.
+    ``fake_lr`` None: no fake score (a student alone, e.g. LCM).
 
     The teacher's weights come from ``teacher.path`` (a local pipeline or converted directory; empty: the
     preset's hub id) and the training prompts from ``teacher.prompts``; both are set on the command line.
@@ -143,7 +144,10 @@ def unet_distillation(
     c.sample.count = 64
     c.sample.final_count = 64
     c.sample.batch = 16
-    for name, lr, lora in (("student", student_lr, student_lora), ("fake_score", fake_lr, fake_lora)):
+    nets = [("student", student_lr, student_lora)]
+    if fake_lr is not None:
+        nets.append(("fake_score", fake_lr, fake_lora))
+    for name, lr, lora in nets:
         net = network_config(prediction="eps", lr=lr, ema_decay=student_ema if name == "student" else 0.0)
         net.model = teacher_model_config()
         net.optimizer.update(

@@ -53,6 +53,8 @@ def export_run(
     common = {
         "prediction": config.networks[name].prediction,
         "timesteps": s.recipe.student_timesteps,
+        "boundary": s.recipe.consistency_boundary,
+        "guidance": s.recipe.student_guidance,
         "dtype": dtype,
         "variant": config.teacher.variant or None,
         "info": {
@@ -70,7 +72,9 @@ def export_run(
             s.world.source, dst, params["teacher"], params[name], net.config, merged=lora_merged, **common
         )
     else:
-        record = export_pipeline(s.world.source, dst, params[name], **common)
+        extra = config.networks[name].model.get("time_cond_proj_dim", 0)  # LCM's guidance embedding
+        changes = {"time_cond_proj_dim": extra} if extra else None
+        record = export_pipeline(s.world.source, dst, params[name], unet_changes=changes, **common)
     log.info("exported step %d to %s; generate with pipe(prompt, **%s)", step, dst, record["call"])
     return dst
 

@@ -36,3 +36,21 @@ def tiny_pipelines(tmp_path_factory) -> dict[str, pathlib.Path]:
         "sdxl": tiny_pipeline.save_sdxl_pipeline(root / "sdxl"),
         "prompts": prompts,
     }
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> pathlib.Path:
+    """Eight small captioned images in the imagefolder layout (metadata.jsonl), for ``teacher.data``."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "metadata.jsonl"

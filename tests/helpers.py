@@ -26,6 +26,18 @@ SMALL = [
     ("sample.count", "64"),
     ("mesh.num_devices", "1"),  # the test process has 8 fake devices; only sharding tests use them
 ]
+# A UNet recipe on a tiny diffusers pipeline (conftest's tiny_pipelines): 32 px, one step, 8 samples.
+TINY_RUN = [
+    ("teacher.resolution", "32"),
+    ("batch_size", "8"),
+    ("num_steps", "1"),
+    ("log_every", "1"),
+    ("checkpoint.every", "1"),
+    ("progress_bar", "false"),
+    ("sample.count", "8"),
+    ("sample.final_count", "8"),
+    ("sample.batch", "8"),
+]
 SMALL_SWIFTBRUSH_NETS = [
     (f"networks.{n}.model.{k}", v)
     for n in ("student", "fake_score")

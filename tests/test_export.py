@@ -97,10 +97,12 @@ def test_scheduler_rules_for_other_students():
         student_scheduler(TEACHER_SCHEDULER, "velocity", (999.0,))
 
 
-def _pipeline_latents(pipe_dir, prompts, z_nhwc, call, side):
+def _pipeline_latents(pipe_dir, prompts, z_nhwc, call, side, lora_dir=None):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
     latents = torch.from_numpy(np.asarray(z_nhwc).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         out = pipe(prompts, latents=latents, output_type="latent", height=side, width=side, **call).images

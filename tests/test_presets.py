@@ -1,6 +1,6 @@
-"""Every preset of every recipe loads and validates, and the SD presets carry the papers' settings
-(../shared/reference/methods.md: SwiftBrush 1.1(c), DMD2 2.2(c), SiD-LSG 3.3(c), few-step SiD 3.4), the CFG
-convention and the unconditional input of each teacher."""
+"""Every preset of every recipe in configs/ loads and validates, and the SD presets carry the papers' settings
+(../shared/reference/methods.md: SwiftBrush 1.1(c), DMD2 2.2(c), SiD-LSG 3.3(c), few-step SiD 3.4, LCM 4.1(c)),
+the CFG convention and the unconditional input of each teacher."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from helpers import REPO, load
 
 from jdistill.teachers.presets import get_preset
 
-RECIPES = ("swiftbrush", "dmd", "dmd2", "sid", "sid_lsg")
+RECIPES = tuple(sorted(path.stem for path in (REPO / "configs").glob("*.py")))
+# CFG conventions: "uncond" y_u + w (y_c - y_u) unless listed; LCM's is y_c + w (y_c - y_u).
+CFG_CONVENTIONS = {"lcm": "cond"}
 
 
 def _presets(recipe: str) -> tuple[str, ...]:
@@ -24,10 +26,15 @@ def _presets(recipe: str) -> tuple[str, ...]:
 ALL = [(r, p) for r in RECIPES for p in _presets(r)]
 
 
+def test_every_recipe_is_found():
+    assert {"swiftbrush", "dmd", "dmd2", "sid", "sid_lsg", "lcm", "scm", "meanflow", "sft"} <= set(RECIPES)
+
+
 @pytest.mark.parametrize(("recipe", "preset"), ALL)
 def test_every_preset_loads_with_its_cfg_convention_and_unconditional_input(recipe, preset):
     c = load(f"configs/{recipe}.py:{preset}")
-    assert c.method.name == recipe and c.method.cfg_convention == "uncond"
+    convention = c.method.get("cfg_convention") or c.method.sampler.cfg_convention  # sft: its sampler's
+    assert c.method.name == recipe and convention == CFG_CONVENTIONS.get(recipe, "uncond")
     if preset.startswith("gmm"):
         assert c.teacher.kind == "gmm"  # unconditional input: the null label
         return
@@ -35,7 +42,7 @@ def test_every_preset_loads_with_its_cfg_convention_and_unconditional_input(reci
     # SD1.5 / SD2.1 encode the empty prompt; the SDXL recipes use zero embeddings (DMD2's convention).
     rule = get_preset(c.teacher.preset).uncond
     assert rule == ("zeros" if c.teacher.preset == "sdxl" else "empty_prompt") and c.teacher.uncond == ""
-    assert c.networks.student.model.arch == "teacher" and c.networks.fake_score.model.arch == "teacher"
+    assert all(c.networks[n].model.arch == "teacher" for n in ("student", "fake_score") if n in c.networks)
 
 
 def test_sd_presets_carry_the_papers_settings():
@@ -78,3 +85,34 @@ def test_sd_presets_carry_the_papers_settings():
 
     few = load("configs/sid.py:sd15_4step")
     assert tuple(few.method.student_timesteps) == (999.0, 749.0, 499.0, 249.0) and few.batch_size == 256
+
+
+def test_lcm_presets_carry_the_scripts_settings():
+    """LCM's training scripts and README examples (methods.md 4.1(c)); see configs/lcm.py."""
+    for preset in ("sd15", "sdxl", "sd15_lora", "sdxl_lora"):
+        c = load(f"configs/lcm.py:{preset}")
+        lora = preset.endswith("_lora")
+        m, student = c.method, c.networks.student
+        assert set(c.networks) == {"student"} and student.prediction == "eps"
+        assert (m.num_ddim_timesteps, m.huber_c, m.sigma_data, m.timestep_scaling) == (50, 1e-3, 0.5, 10.0)
+        assert tuple(m.student_timesteps) == (999.0, 759.0, 499.0, 259.0) and m.sample_guidance == 7.5
+        opt = student.optimizer
+        assert (opt.name, opt.weight_decay, opt.grad_clip, opt.warmup_steps) == ("adamw", 0.0, 1.0, 0)
+        assert (opt.b1, opt.b2, opt.eps, opt.schedule) == (0.9, 0.999, 1e-8, "constant")
+        assert (c.batch_size, c.num_steps) == (96, 1000)
+        if lora:
+            assert opt.lr == 1e-4 and student.ema_decay == 0.0 and student.model.time_cond_proj_dim == 0
+            assert (m.guidance_embed, m.target_network, tuple(m.guidance_range)) == (
+                False,
+                "online",
+                (6.5, 6.5),
+            )
+            assert (student.lora.rank, student.lora.alpha) == (64, 64.0)
+            targets = {"to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"}
+            if preset == "sdxl_lora":
+                targets |= {"proj_in", "proj_out"}
+            assert set(student.lora.targets) == targets
+        else:
+            assert opt.lr == 1e-6 and student.ema_decay == 0.95 and student.lora.rank == 0
+            assert (m.guidance_embed, m.target_network, tuple(m.guidance_range)) == (True, "ema", (5.0, 15.0))
+            assert student.model.time_cond_proj_dim == 256 and student.model.init == "teacher"

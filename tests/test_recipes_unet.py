@@ -17,23 +17,11 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from helpers import load
-from PIL import Image
+from helpers import TINY_RUN, load
 
 from jdistill import train
 from jdistill.models.lora import target_kernels
 
-TINY_RUN = [
-    ("teacher.resolution", "32"),
-    ("batch_size", "8"),
-    ("num_steps", "1"),
-    ("log_every", "1"),
-    ("checkpoint.every", "1"),
-    ("progress_bar", "false"),
-    ("sample.count", "8"),
-    ("sample.final_count", "8"),
-    ("sample.batch", "8"),
-]
 CASES = {
     "swiftbrush": ("configs/swiftbrush.py:sd15", "sd", []),
     "dmd": ("configs/dmd.py:sd15", "sd", [("method.make_pairs", "8"), ("method.pair_steps", "2")]),
@@ -46,19 +34,6 @@ CASES = {
     ),
     "sid_lsg": ("configs/sid_lsg.py:sd15", "sd", []),
 }
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """Eight small captioned images in the imagefolder layout (metadata.jsonl)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(root / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "metadata.jsonl"
 
 
 IN_DEFAULT_RUN = ("swiftbrush", "dmd2_sdxl_lora")

@@ -10,7 +10,12 @@ scheduler is chosen so that ``DiffusionPipeline.from_pretrained(dst)`` runs the 
 - several steps (predict x0, re-noise with fresh noise at the next timestep): ``LCMScheduler`` with
   ``original_inference_steps`` = the step count (its default timesteps are then 999, 999 - 1000/k, ...) and a
   huge ``timestep_scaling`` so that its boundary condition reduces to c_skip = 0, c_out = 1;
-- no few-step timesteps (e.g. an ``sft`` fine-tune): the teacher's scheduler with the new prediction type.
+- no few-step timesteps (e.g. an ``sft`` fine-tune): the teacher's scheduler with the new prediction type;
+- a consistency model (LCM: the sampler takes c_skip x_t + c_out x0 with sigma_d = 0.5 and a timestep scaling,
+  10 in LCM's scripts): ``LCMScheduler`` with that ``timestep_scaling``, for one step as well.
+
+A student with LCM's guidance embedding (``time_cond_proj_dim``) is called with guidance_scale = w + 1: diffusers'
+pipelines then embed w = guidance_scale - 1 as ``timestep_cond`` and run no classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULER_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # LCM's boundary condition is c_skip = s^2 / ((t k)^2 + s^2) with s = 0.5; k = 1e6 makes it < 1e-13 at t >= 1.
 LCM_TIMESTEP_SCALING = 1e6
+LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
@@ -79,8 +85,21 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
         f.write("\n")
 
 
-def student_scheduler(teacher_scheduler: Mapping[str, Any], prediction: str, timesteps: tuple[float, ...]):
-    """(scheduler config, call arguments) with which diffusers reproduces the student's sampler."""
+def student_scheduler(
+    teacher_scheduler: Mapping[str, Any],
+    prediction: str,
+    timesteps: tuple[float, ...],
+    boundary: tuple[float, float] | None = None,
+):
+    """(scheduler config, call arguments) with which diffusers reproduces the student's sampler.
+
+    ``boundary``: (sigma_data, timestep_scaling) of a consistency student's sampler (``Recipe.consistency_boundary``).
+    """
+    if boundary is not None and boundary[0] != LCM_SIGMA_DATA:
+        raise ValueError(
+            f"diffusers' LCMScheduler fixes sigma_data = {LCM_SIGMA_DATA}; this student's boundary condition has "
+            f"sigma_data = {boundary[0]}"
+        )
     if prediction not in SCHEDULER_PREDICTIONS:
         raise ValueError(
             f"cannot export a student predicting {prediction!r}; diffusers knows {list(SCHEDULER_PREDICTIONS)}"
@@ -99,7 +118,7 @@ def student_scheduler(teacher_scheduler: Mapping[str, Any], prediction: str, tim
             f"student timesteps {timesteps} are not integers; diffusers schedulers need integers"
         )
     k = len(steps)
-    if k == 1 and steps[0] == n_train - 1:
+    if k == 1 and steps[0] == n_train - 1 and boundary is None:
         config = {
             "_class_name": "DDIMScheduler",
             "_diffusers_version": version,
@@ -123,7 +142,7 @@ def student_scheduler(teacher_scheduler: Mapping[str, Any], prediction: str, tim
         "steps_offset": 1,  # unused by trailing spacing and by LCM; 1 keeps diffusers from warning
         "prediction_type": kind,
         "timestep_spacing": "leading",
-        "timestep_scaling": LCM_TIMESTEP_SCALING,
+        "timestep_scaling": LCM_TIMESTEP_SCALING if boundary is None else float(boundary[1]),
         "thresholding": False,
         "rescale_betas_zero_snr": False,
     }
@@ -163,15 +182,20 @@ def export_pipeline(
     prediction: str,
     timesteps: tuple[float, ...] = (),
     unet_config: Mapping[str, Any] | None = None,
+    unet_changes: Mapping[str, Any] | None = None,
+    boundary: tuple[float, float] | None = None,
+    guidance: float | None = None,
     dtype: str = "float32",
     variant: str | None = None,
     info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a diffusers pipeline to ``dst``: the teacher's pipeline at ``src`` with the UNet replaced.
 
-    ``unet_config`` defaults to the teacher's UNet config (a student with the teacher's architecture).
-    Returns what was written to ``dst/jdistill_export.json``: the call arguments that run the student's
-    sampler, the scheduler chosen, and ``info``.
+    ``unet_config`` defaults to the teacher's UNet config (a student with the teacher's architecture), updated
+    with ``unet_changes`` (e.g. LCM's ``time_cond_proj_dim``). ``boundary``: a consistency student's
+    (sigma_data, timestep_scaling); ``guidance``: the w (convention "cond") a student with a guidance
+    embedding is sampled with. Returns what was written to ``dst/jdistill_export.json``: the call arguments that
+    run the student's sampler, the scheduler chosen, and ``info``.
     """
     from jdistill.convert.pipeline import CONVERTED_MARKER, load_pipeline
 
@@ -182,6 +206,12 @@ def export_pipeline(
         raise FileExistsError(f"export destination {dst} exists and is not empty; choose a new directory")
     model_index = read_json(index_path)
     converted = os.path.exists(os.path.join(src, CONVERTED_MARKER))
+    teacher_unet_config = read_json(os.path.join(src, "unet", "config.json"))
+    config = {**(unet_config if unet_config is not None else teacher_unet_config), **dict(unet_changes or {})}
+    if guidance is not None and not config.get("time_cond_proj_dim"):
+        raise ValueError(f"guidance {guidance} for the student, but its UNet has no time_cond_proj_dim")
+    teacher_scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
+    scheduler, call = student_scheduler(teacher_scheduler, prediction, tuple(timesteps), boundary)
     os.makedirs(dst, exist_ok=True)
 
     flax_components = ("vae", "text_encoder", "text_encoder_2")
@@ -202,21 +232,19 @@ def export_pipeline(
         else:
             copy_component(folder, os.path.join(dst, name), variant)
 
-    teacher_unet_config = read_json(os.path.join(src, "unet", "config.json"))
-    config = dict(unet_config if unet_config is not None else teacher_unet_config)
     os.makedirs(os.path.join(dst, "unet"), exist_ok=True)
     write_json(os.path.join(dst, "unet", "config.json"), config)
     save_weights(os.path.join(dst, "unet"), to_state_dict(unet_params), dtype, "diffusion_pytorch_model")
 
-    teacher_scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
-    scheduler, call = student_scheduler(teacher_scheduler, prediction, tuple(timesteps))
     os.makedirs(os.path.join(dst, "scheduler"), exist_ok=True)
     write_json(os.path.join(dst, "scheduler", "scheduler_config.json"), scheduler)
     model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     write_json(os.path.join(dst, "model_index.json"), model_index)
 
     if call:
-        call["guidance_scale"] = 1.0  # a distilled student runs without classifier-free guidance
+        # A distilled student runs without classifier-free guidance; one with a guidance embedding takes
+        # w = guidance_scale - 1 through it (and diffusers then runs no CFG either).
+        call["guidance_scale"] = 1.0 if guidance is None else float(guidance) + 1.0
     record = {
         "call": call,
         "scheduler": scheduler["_class_name"],
@@ -243,6 +271,8 @@ def export_lora_pipeline(
     merged: bool,
     prediction: str,
     timesteps: tuple[float, ...] = (),
+    boundary: tuple[float, float] | None = None,
+    guidance: float | None = None,
     dtype: str = "float32",
     variant: str | None = None,
     info: Mapping[str, Any] | None = None,
@@ -257,7 +287,16 @@ def export_lora_pipeline(
     info = {**dict(info or {}), "lora_rank": lora_config.rank, "lora_merged": merged}
     unet = merge_lora(base_params, lora, lora_config) if merged else base_params
     record = export_pipeline(
-        src, dst, unet, prediction=prediction, timesteps=timesteps, dtype=dtype, variant=variant, info=info
+        src,
+        dst,
+        unet,
+        prediction=prediction,
+        timesteps=timesteps,
+        boundary=boundary,
+        guidance=guidance,
+        dtype=dtype,
+        variant=variant,
+        info=info,
     )
     if not merged:
         save_weights(dst, lora_state_dict(lora, lora_config), dtype, LORA_FILE.removesuffix(".safetensors"))

@@ -20,12 +20,14 @@ PyTree = Any
 
 
 def unet_net(config: UNetConfig, *, precision: Precision = FP32, attention_impl="xla", remat=False) -> Net:
-    return Net(
-        "unet",
-        lambda rngs: UNet2DConditionModel(
-            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
-        ),
-    )
+    """The UNet as a Net; ``net.variant(time_cond_proj_dim=256)`` builds it with other config fields."""
+
+    def remake(cfg: UNetConfig):
+        return lambda rngs: UNet2DConditionModel(
+            cfg, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
+        )
+
+    return Net("unet", remake(config), config=config, remake=remake)
 
 
 def load_unet(

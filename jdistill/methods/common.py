@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jdistill.convert.core import torch_key
 from jdistill.diffusion.denoiser import Denoiser, NetworkDenoiser
 from jdistill.diffusion.guidance import select_cond
 from jdistill.diffusion.parameterization import Prediction, to_prediction
@@ -69,6 +71,11 @@ def build_network(
             raise ValueError(f"network {name!r}: a LoRA already starts equal to its base; no residual on it")
         if "teacher" not in world.nets:
             raise ValueError("a LoRA network needs a network teacher (this teacher is analytic)")
+        if cfg.model.get("time_cond_proj_dim", 0):
+            raise ValueError(
+                f"network {name!r}: a LoRA adapts the teacher's own layers and cannot add a guidance embedding "
+                "(model.time_cond_proj_dim); LCM-LoRA distils a fixed guidance (method.guidance_embed=False)"
+            )
         lora_net = LoRANet(name, world.nets["teacher"], lora)
         return Network(
             net=lora_net,
@@ -81,10 +88,39 @@ def build_network(
     init = None
     if cfg.model.arch == "teacher" and cfg.model.init == "teacher":
 
-        def init(key, frozen):  # a float32 master copy of the teacher (which may be stored in bfloat16)
-            return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), frozen["teacher"])
+        def init(key, frozen):
+            return teacher_copy(key, frozen["teacher"], net.abstract)
 
     return Network(net=net, optimizer=optimizer, ema_decay=cfg.ema_decay, init=init)
+
+
+def teacher_copy(key: jax.Array, teacher: PyTree, abstract: PyTree) -> PyTree:
+    """A float32 master copy of the teacher's parameters (which may be stored in bfloat16), laid out as
+    ``abstract``. Linear kernels the teacher lacks (LCM's guidance projection ``time_embedding.cond_proj``)
+    start as torch's ``nn.Linear`` does, uniform in +-1/sqrt(fan_in), like LCM's scripts, which load the
+    teacher's weights into the student with ``strict=False``."""
+    own = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(teacher)[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves, unknown = [], []
+    for i, (path, spec) in enumerate(flat):
+        x = own.get(jax.tree_util.keystr(path))
+        if x is not None:
+            if tuple(x.shape) != tuple(spec.shape):
+                raise ValueError(
+                    f"{torch_key(path)}: the teacher's shape {tuple(x.shape)} differs from the network's "
+                    f"{tuple(spec.shape)}"
+                )
+            leaves.append(jnp.array(x, jnp.float32, copy=True))
+        elif getattr(path[-1], "key", None) == "kernel" and len(spec.shape) == 2:
+            bound = 1.0 / math.sqrt(spec.shape[0])
+            leaves.append(
+                jax.random.uniform(jax.random.fold_in(key, i), spec.shape, jnp.float32, -bound, bound)
+            )
+        else:
+            unknown.append(torch_key(path))
+    if unknown:
+        raise ValueError(f"parameters the teacher lacks, with no initialiser of their own: {unknown[:10]}")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -18,6 +18,8 @@ One update per step, on real data (x0, c):
 
 Sampling is LCM's multistep sampler: f at each of ``student_timesteps``, re-noised with fresh noise to the
 next one; guidance ``sample_guidance`` through the embedding (diffusers' pipeline takes guidance_scale = w + 1).
+A student with the teacher's UNet exports to a diffusers pipeline with diffusers' LCMScheduler (the same
+boundary scalings) and, with the embedding, guidance_scale = sample_guidance + 1 in the recorded call.
 """
 
 from __future__ import annotations
@@ -138,4 +140,6 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         sample=sample,
         data="data",
         student_timesteps=tuple(float(t) for t in m.student_timesteps),
+        consistency_boundary=(float(m.sigma_data), float(m.timestep_scaling)),
+        student_guidance=float(m.sample_guidance) if guidance_dim else None,
     )

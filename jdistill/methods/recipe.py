@@ -78,6 +78,12 @@ class Recipe:
     # the conditions' with the data's under "real"), or a DataSource of the recipe's own.
     data: Any = "conditions"
     sample_with: tuple[str, ...] = ("student",)  # networks whose EMA replaces them when sampling
+    # LCM's boundary condition (sigma_data, timestep_scaling): the sampler takes c_skip x_t + c_out x0 of the
+    # student at each step (diffusers' LCMScheduler); None: the student's x0 as it is.
+    consistency_boundary: tuple[float, float] | None = None
+    # The guidance w (convention "cond": y_c + w (y_c - y_u)) that the sampler gives the student through its
+    # guidance embedding (diffusers' ``timestep_cond``; its pipelines embed guidance_scale - 1); None: no such input.
+    student_guidance: float | None = None
     # The timesteps (schedule units) at which the student's sampler evaluates it, in order; export uses them
     # to write a diffusers scheduler that reproduces the sampler. Empty: not a few-step student.
     student_timesteps: tuple[float, ...] = ()

@@ -34,9 +34,15 @@ def mlp_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def teacher_model_config(init: str = "teacher") -> ml_collections.ConfigDict:
-    """A network with the teacher's architecture, initialised from the teacher's weights or at random."""
-    return ml_collections.ConfigDict({"arch": "teacher", "init": init})
+def teacher_model_config(init: str = "teacher", time_cond_proj_dim: int = 0) -> ml_collections.ConfigDict:
+    """A network with the teacher's architecture, initialised from the teacher's weights or at random.
+
+    ``time_cond_proj_dim`` > 0 (UNet teachers): plus LCM's guidance embedding, diffusers' ``time_cond_proj_dim``
+    (the UNet then takes cond["timestep_cond"]); from the teacher, its new projection starts at random.
+    """
+    return ml_collections.ConfigDict(
+        {"arch": "teacher", "init": init, "time_cond_proj_dim": time_cond_proj_dim}
+    )
 
 
 def build_model(
@@ -71,7 +77,22 @@ def build_model(
             raise ValueError(
                 "a zero-initialised residual on a network teacher is not supported; use a LoRA or a copy"
             )
-        return world.nets["teacher"].make
+        base = world.nets["teacher"]
+        extra = cfg.get("time_cond_proj_dim", 0)
+        if not extra:
+            return base.make
+        if not hasattr(base.config, "time_cond_proj_dim"):
+            kind = type(base.config).__name__ if base.config is not None else "a network without a config"
+            raise ValueError(
+                f"model.time_cond_proj_dim={extra} (a guidance embedding) needs a UNet teacher; this teacher's "
+                f"network is {kind}"
+            )
+        own = base.config.time_cond_proj_dim
+        if own not in (None, extra):
+            raise ValueError(
+                f"model.time_cond_proj_dim={extra}, but the teacher's UNet already has time_cond_proj_dim={own}"
+            )
+        return base.variant(time_cond_proj_dim=extra)
     raise ValueError(f"unknown model arch {cfg.arch!r}; choose one of {ARCHITECTURES}")
 
 

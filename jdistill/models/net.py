@@ -8,6 +8,7 @@ plain dict of arrays back into the module for one call. jit, grad, optax and Orb
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +31,26 @@ def build_layer(make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.M
 
 
 class Net:
-    """A module definition with functional ``init`` and ``apply``."""
+    """A module definition with functional ``init`` and ``apply``.
 
-    def __init__(self, name: str, make: Callable[[nnx.Rngs], nnx.Module]):
+    ``config`` is the module's own configuration (e.g. a ``UNetConfig``) when it has one, and ``remake(config)``
+    a constructor of the same module, with the same precision and options, from another such configuration:
+    ``variant`` builds a network with this one's architecture plus changes (LCM's student: the teacher's UNet
+    with a guidance embedding).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        make: Callable[[nnx.Rngs], nnx.Module],
+        *,
+        config: Any = None,
+        remake: Callable[[Any], Callable[[nnx.Rngs], nnx.Module]] | None = None,
+    ):
         self.name = name
         self.make = make
+        self.config = config
+        self.remake = remake
         token = _ABSTRACT.set(True)
         try:
             module = make(nnx.Rngs(0))
@@ -58,6 +74,12 @@ class Net:
 
     def num_params(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.abstract))
+
+    def variant(self, **changes) -> Callable[[nnx.Rngs], nnx.Module]:
+        """A constructor of this module with fields of its configuration changed (same precision and options)."""
+        if self.remake is None or not dataclasses.is_dataclass(self.config):
+            raise ValueError(f"network {self.name!r} has no configuration to build a variant from")
+        return self.remake(dataclasses.replace(self.config, **changes))
 
 
 def _logical_axes(state: nnx.State) -> PyTree:
