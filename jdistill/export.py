@@ -44,6 +44,8 @@ def export_run(
         return dst
     if s.world.source is None:
         return _export_flat(config, s.recipe.sample_with, params, dst, step)
+    if s.recipe.no_diffusers_export:
+        raise configuration.ConfigError(f"method {config.method.name!r}: {s.recipe.no_diffusers_export}")
     (name,) = s.recipe.sample_with
     if config.networks[name].model.arch != "teacher":
         raise configuration.ConfigError(

@@ -143,4 +143,6 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         sample=sample,
         data="data",
         student_timesteps=times,
+        no_diffusers_export="an average-velocity student (two time inputs) has no diffusers pipeline; use "
+        "--mode sample, or the flat export of a gmm run",
     )

@@ -89,6 +89,9 @@ class Recipe:
     student_timesteps: tuple[float, ...] = ()
     # The sampler's initial latents are this times prior noise (SiD-LSG: sigma_625); export records it.
     student_input_scale: float = 1.0
+    # Why the student cannot be written as a diffusers pipeline (its sampler has no diffusers scheduler);
+    # empty: it can.
+    no_diffusers_export: str = ""
 
     def __post_init__(self):
         names = [n.name for n in self.networks]

@@ -175,4 +175,6 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         sample=sample,
         data="data",
         student_timesteps=tuple(float(t) for t in m.student_timesteps),
+        no_diffusers_export="the student samples on the TrigFlow path (times in [0, pi/2]), which no diffusers "
+        "scheduler of a UNet pipeline reproduces; use --mode sample, or the flat export of a gmm run",
     )
