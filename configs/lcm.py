@@ -12,6 +12,8 @@ Presets:
              scripts' skipping-step DDIM grid (50 of 1000), boundary scalings (sigma_d 0.5, x10), pseudo-Huber
              c = 1e-3 and EMA target 0.95. The student is an x0-prediction MLP from scratch with a guidance
              embedding (time_cond_proj_dim 32); toy-specific: w ~ U[1, 3] (LCM: [5, 15] for SD), sampled at w = 2.
+             Measured 2026-11-23 (within-0.5 / min mode share / class consistency): 1 step 0.967 / 0.113 /
+             0.978, 2 steps (999, 499) 0.972 / 0.117 / 0.982, 4 steps 0.982 / 0.112 / 0.991.
   sd15       LCM on SD1.5 (train_lcm_distill_sd_wds.py): a full student with the teacher's UNet plus the
              guidance embedding (time_cond_proj_dim 256, the new projection random, every other weight from the
              teacher), eps-prediction, EMA target 0.95, real latents of captioned images (teacher.data).

@@ -9,7 +9,10 @@ Presets:
   gmm  analytic 8-mode Gaussian-mixture teacher on the TrigFlow path (sigma_d 0.5; the teacher is exact on any
        path), real mixture samples as data; sCM's loss with tangent warm-up, tangent normalisation c = 0.1,
        the learned log-variance weighting and forward-mode JVP. The student is a TrigFlow (F-prediction)
-       MLP from scratch with O(1) time input; toy-specific: CFG w = 3.
+       MLP from scratch with O(1) time input; toy-specific: CFG w = 3. Measured 2026-11-23 (within-0.5 / min
+       mode share / class consistency): 1 step 0.980 / 0.114 / 0.991, 2 steps (pi/2, 1.1) 0.982 / 0.118 / 0.992;
+       with method.jvp=finite_difference 0.969 / 0.122 / 0.990; the same MLP with its time embedding at 100 t
+       (not O(1)) collapsed to 0.0 within-0.5.
 
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm --mode eval \
