@@ -19,7 +19,7 @@ from jdistill import train
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.samplers import ode_plan, run_sampler
 from jdistill.methods import build_recipe
-from jdistill.rng import streams
+from jdistill.methods.rollout import sampler_noise
 
 # swiftbrush's preset is checked (with resume) in test_main.py. The three slowest presets (100-180 s each on
 # a busy 2-core machine) are marked ``heavy`` and left out of the default run to keep CI under 20 minutes;
@@ -41,12 +41,7 @@ PRESETS = [
 @pytest.mark.acceptance
 @pytest.mark.parametrize("spec", PRESETS)
 def test_gmm_preset_distils_the_mixture(tmp_path, spec):
-    start = time.perf_counter()
-    result = run_main(tmp_path / "run", spec=spec, timeout=600)
-    elapsed = time.perf_counter() - start
-    assert result.returncode == 0, result.stderr[-3000:]
-    samples = np.load(tmp_path / "run/samples/final.npy")
-    labels = np.load(tmp_path / "run/samples/final_labels.npy")
+    elapsed, samples, labels = run_preset(tmp_path / "run", spec)
     within, shares, consistent = gmm_quality(samples, labels)
     config = json.loads((tmp_path / "run/config.json").read_text())
     print(
@@ -54,6 +49,15 @@ def test_gmm_preset_distils_the_mixture(tmp_path, spec):
     )
     assert config["method"]["cfg_convention"] == "uncond"
     assert gmm_passes(samples, labels)
+
+
+def run_preset(workdir, spec: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """Run the preset as a user does; (seconds, final samples, their labels)."""
+    start = time.perf_counter()
+    result = run_main(workdir, spec=spec, timeout=600)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    return elapsed, np.load(workdir / "samples/final.npy"), np.load(workdir / "samples/final_labels.npy")
 
 
 def gmm_passes(samples, labels) -> bool:
@@ -89,12 +93,7 @@ def teacher_ode_samples(config, world, z, labels):
 @pytest.mark.acceptance
 @pytest.mark.parametrize("spec", list(TRAJECTORY))
 def test_trajectory_preset_distils_the_mixture_in_one_and_two_steps(tmp_path, spec):
-    start = time.perf_counter()
-    result = run_main(tmp_path / "run", spec=spec, timeout=600)
-    elapsed = time.perf_counter() - start
-    assert result.returncode == 0, result.stderr[-3000:]
-    samples = np.load(tmp_path / "run/samples/final.npy")
-    labels = np.load(tmp_path / "run/samples/final_labels.npy")
+    elapsed, samples, labels = run_preset(tmp_path / "run", spec)
     assert gmm_passes(samples, labels), gmm_quality(samples, labels)
 
     config = load(spec)
@@ -107,8 +106,7 @@ def test_trajectory_preset_distils_the_mixture_in_one_and_two_steps(tmp_path, sp
     for steps in TRAJECTORY[spec]:
         recipe = build_recipe(load(spec, [("method.student_timesteps", repr(steps))]), s.world)
         student = np.asarray(jax.jit(recipe.sample)(params, labels, key))
-        # the noise the sampler starts from: the "latent" stream of its key, the path's prior
-        z = path.prior_sample(streams(key, "latent")["latent"], student.shape)
+        z, _ = sampler_noise(key, path, student.shape)  # the noise the student's sampler started from
         reference = np.asarray(teacher_ode_samples(config, s.world, z, labels))
         distance = float(np.mean(np.linalg.norm(student - reference, axis=1)))
         within, shares, consistent = gmm_quality(student, labels)

@@ -154,7 +154,7 @@ def test_jvp_along_x_and_t_matches_central_differences_under_jit(make):
     assert rel_err(tangent, reference) < 1e-2
     assert rel_err(tangent_fd, reference) < 1e-3  # the fallback is that central difference (jit rounding)
     np.testing.assert_allclose(out, out_fd)
-    assert rel_err(tangent, np.zeros_like(tangent) + 1.0) > 0  # not trivially constant
+    assert float(jnp.abs(tangent).max()) > 1e-2  # a real direction, not a vanishing one
 
 
 def test_unknown_jvp_method_is_named():
@@ -202,8 +202,8 @@ def test_time_samplers():
 SMALL_NET = [("networks.student.model.width", "32"), ("networks.student.model.hidden", "64")]
 
 
-def recipe_and_batch(spec: str):
-    config = load(spec, [("batch_size", "16"), *SMALL_NET])
+def recipe_and_batch(spec: str, overrides=()):
+    config = load(spec, [("batch_size", "16"), *SMALL_NET, *overrides])
     world = build_world(config)
     recipe = build_recipe(config, world)
     frozen = dict(world.frozen)
@@ -325,10 +325,14 @@ def test_scm_loss_and_stop_gradients_by_hand():
     check_loss_and_gradient(recipe, params, batch, key, step, hand)
 
 
-def test_meanflow_loss_and_stop_gradients_by_hand():
-    """u_tgt = v - (t - r) du/dt with du/dt by central differences along (v, 0, 1); the adaptive weight and
-    the target carry no gradient."""
-    config, world, recipe, params, batch = recipe_and_batch("configs/meanflow.py:gmm")
+@pytest.mark.parametrize("mix", [(1.0, 0.0), (0.8, 0.0), (1.0, 0.5)], ids=["teacher", "omega", "kappa"])
+def test_meanflow_loss_and_stop_gradients_by_hand(mix):
+    """u_tgt = v~ - (t - r) du/dt with du/dt by central differences along (v~, 0, 1) and T2I-Distill's mix
+    v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | 0) of the frozen student; the adaptive
+    weight and the target carry no gradient."""
+    config, world, recipe, params, batch = recipe_and_batch(
+        "configs/meanflow.py:gmm", [("method.guidance_mix", repr(mix))]
+    )
     m = config.method
     key = jax.random.key(13)
     net = recipe.networks[0].net
@@ -347,7 +351,13 @@ def test_meanflow_loss_and_stop_gradients_by_hand():
         z = (1 - t)[:, None] * x + t[:, None] * eps
         if constants is None:
             guided = predict_cfg(world.teacher, {}, z, t, cond, world.uncond, 3.0)
-            v = guided.eps - guided.x0  # flow velocity
+            omega, kappa = mix
+            v = omega * (guided.eps - guided.x0)  # flow velocity
+            v = (
+                v
+                + kappa * u_fn(p["student"], z, t, t, cond)
+                + (1 - omega - kappa) * u_fn(p["student"], z, t, t, jnp.full_like(cond, 2))
+            )
             h = 1e-2
             du = (
                 u_fn(p["student"], z + h * v, r, t + h, cond) - u_fn(p["student"], z - h * v, r, t - h, cond)

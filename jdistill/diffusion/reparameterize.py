@@ -40,8 +40,8 @@ class MatchedDenoiser:
     schedule: Schedule
     data_scale: float = 1.0
 
-    def base_time(self, t: jax.Array) -> jax.Array:
-        alpha, sigma = self.schedule.alpha_sigma(t)
+    def base_time(self, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
+        """The base path's time at the target's (alpha, sigma)."""
         base = self.base.schedule
         # |alpha|: float32 cos(pi/2) is -4e-8.
         s = base.time_for_ratio(sigma / (self.data_scale * jnp.abs(alpha)))
@@ -50,11 +50,11 @@ class MatchedDenoiser:
     def predict(self, params: PyTree, x_t: jax.Array, t: jax.Array, cond: PyTree) -> Prediction:
         x_t = x_t.astype(jnp.float32)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
-        s = self.base_time(t)
+        a, sig = self.schedule.alpha_sigma(t)  # per sample (B,)
+        s = self.base_time(a, sig)
         base_alpha, base_sigma = self.base.schedule.alpha_sigma(s)
         # x_t / |(c alpha, sigma)| and x_s / |(alpha_s, sigma_s)| are the same unit-norm mix of x0 and eps.
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        scale = jnp.hypot(base_alpha, base_sigma) / jnp.hypot(self.data_scale * alpha, sigma)
+        scale = jnp.hypot(base_alpha, base_sigma) / jnp.hypot(self.data_scale * a, sig)
         pred = self.base.predict(params, broadcast_to(scale, x_t) * x_t, s, cond)
         # Same ratio: the base's (x0, eps) satisfy x_t = alpha (c x0) + sigma eps exactly.
         alpha, sigma, dalpha, dsigma = path_coefficients(self.schedule, t, x_t)

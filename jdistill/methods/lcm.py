@@ -33,6 +33,7 @@ from jdistill.diffusion.samplers import run_sampler, student_plan
 from jdistill.diffusion.schedules import VPSchedule, broadcast_to
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import consistency_scalings, huber_loss, skipping_grid, with_student_inputs
 from jdistill.rng import streams
 
@@ -115,24 +116,17 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
-    def sample_from(params, cond, z, key):
-        n = z.shape[0]
-        student_cond = with_student_inputs(
-            cond, guidance=jnp.full((n,), m.sample_guidance, jnp.float32), guidance_dim=guidance_dim
-        )
+    def sample(params, cond, key):
+        n = jax.tree.leaves(cond)[0].shape[0]
+        z, renoise = sampler_noise(key, schedule, (n, *world.sample_shape))
+        student_cond = with_student_inputs(cond, guidance=m.sample_guidance, guidance_dim=guidance_dim)
         p = network.net_params(params)
 
         def denoise(x_t, t):
             pred = student.predict(p, x_t, t, student_cond)
             return pred.replace(x0=consistency(p, x_t, t, student_cond))
 
-        return run_sampler(denoise, z, plan, renoise=True, key=key)
-
-    def sample(params, cond, key):
-        k = streams(key, "latent", "renoise")
-        n = jax.tree.leaves(cond)[0].shape[0]
-        z = schedule.prior_sample(k["latent"], (n, *world.sample_shape))
-        return sample_from(params, cond, z, k["renoise"])
+        return run_sampler(denoise, z, plan, renoise=True, key=renoise)
 
     return Recipe(
         networks=(network,),

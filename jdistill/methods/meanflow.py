@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.diffusion.guidance import select_cond
+from jdistill.diffusion.guidance import concat_cond
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
 from jdistill.diffusion.schedules import FlowSchedule
 from jdistill.methods.common import build_network, drop_conditions
 from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import adaptive_loss, meanflow_target, meanflow_times, with_student_inputs
 from jdistill.rng import streams
 
@@ -96,13 +97,17 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         ).velocity
         own = network.net_params(params)
         frozen = jax.lax.stop_gradient(own)
-        if kappa:
-            u_cond = average_velocity(frozen, z_t, t, t, cond)
-            uncond = select_cond(cond, world.uncond, jnp.ones((n,), bool))
-            u_uncond = average_velocity(frozen, z_t, t, t, uncond)
+        if (omega, kappa) != (1.0, 0.0):
+            # v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | 0): one batched pass
+            both = average_velocity(
+                frozen,
+                jnp.concatenate([z_t, z_t]),
+                jnp.concatenate([t, t]),
+                jnp.concatenate([t, t]),
+                concat_cond(cond, world.uncond),
+            )
+            u_cond, u_uncond = jnp.split(both, 2)
             v = omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
-        elif omega != 1.0:
-            v = omega * v
         v = jax.lax.stop_gradient(v)
         tangent_z = v if m.tangent == "teacher" else eps - x
         _, du_dt = directional_derivative(
@@ -120,22 +125,13 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     ends = (*times[1:], 0.0)
 
-    def sample_from(params, cond, z, key):
-        del key  # deterministic
+    def sample(params, cond, key):
+        n = jax.tree.leaves(cond)[0].shape[0]
+        z, _ = sampler_noise(key, schedule, (n, *world.sample_shape))  # deterministic after the noise
         p = network.net_params(params)
-        z = z.astype(jnp.float32)
         for t, r in zip(times, ends, strict=True):
             z = z - (t - r) * average_velocity(p, z, r, t, cond)
         return z
-
-    def sample(params, cond, key):
-        n = jax.tree.leaves(cond)[0].shape[0]
-        return sample_from(
-            params,
-            cond,
-            schedule.prior_sample(streams(key, "latent")["latent"], (n, *world.sample_shape)),
-            key,
-        )
 
     return Recipe(
         networks=(network,),

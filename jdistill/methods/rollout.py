@@ -54,6 +54,17 @@ def backward_simulate(
     return jax.lax.stop_gradient(x), jnp.broadcast_to(ts[k], (n,))
 
 
+def sampler_noise(
+    key: jax.Array, schedule: Schedule, shape: tuple[int, ...], scale: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """(initial noise, key for re-noising) of a student sampler: the prior noise comes from the "latent" stream
+    of the sampling key (tests rebuild it to run the teacher's ODE from the same noise)."""
+    from jdistill.rng import streams
+
+    k = streams(key, "latent", "renoise")
+    return scale * schedule.prior_sample(k["latent"], shape), k["renoise"]
+
+
 STUDENT_INPUTS = ("noise", "noised_zero")
 
 
@@ -116,15 +127,9 @@ class FewStepStudent:
     def sample(self, params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
         """The deployed sampler: all steps, fresh noise between them."""
         from jdistill.diffusion.samplers import run_sampler
-        from jdistill.rng import streams
 
         n = jax.tree.leaves(cond)[0].shape[0]
-        k = streams(key, "latent", "renoise")
-        z = self.prior(k["latent"], n)
+        z, renoise = sampler_noise(key, self.schedule, (n, *self.sample_shape), self.input_scale)
         return run_sampler(
-            lambda x, t: self.denoiser.predict(params, x, t, cond),
-            z,
-            self.plan,
-            renoise=True,
-            key=k["renoise"],
+            lambda x, t: self.denoiser.predict(params, x, t, cond), z, self.plan, renoise=True, key=renoise
         )

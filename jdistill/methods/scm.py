@@ -32,9 +32,10 @@ from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule, trigflow_output
 from jdistill.diffusion.samplers import run_sampler, student_plan
-from jdistill.diffusion.schedules import TrigFlowSchedule
+from jdistill.diffusion.schedules import TrigFlowSchedule, broadcast_to
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.recipe import Network, Recipe, Update
+from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
 from jdistill.models.heads import LogVarHead
 from jdistill.models.net import Net
@@ -136,7 +137,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         f_minus, df_minus = directional_derivative(
             lambda x, s: output(frozen, x, s, student_cond),
             (x_t, t),
-            (cs.reshape(-1, *([1] * (x_t.ndim - 1))) * dxdt, cs),
+            (broadcast_to(cs, dxdt) * dxdt, cs),
             method=m.jvp,
             step=m.jvp_step,
         )
@@ -151,23 +152,15 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
-    def sample_from(params, cond, z, key):
-        n = z.shape[0]
-        student_cond = with_student_inputs(
-            cond, guidance=jnp.full((n,), m.sample_guidance, jnp.float32), guidance_dim=guidance_dim
-        )
+    def sample(params, cond, key):
+        n = jax.tree.leaves(cond)[0].shape[0]
+        z, renoise = sampler_noise(key, schedule, (n, *world.sample_shape))
+        student_cond = with_student_inputs(cond, guidance=m.sample_guidance, guidance_dim=guidance_dim)
         p = network.net_params(params)
         x = run_sampler(
-            lambda x_t, t: student.predict(p, x_t, t, student_cond), z, plan, renoise=True, key=key
+            lambda x_t, t: student.predict(p, x_t, t, student_cond), z, plan, renoise=True, key=renoise
         )
         return x / m.data_scale
-
-    def sample(params, cond, key):
-        k = streams(key, "latent", "renoise")
-        n = jax.tree.leaves(cond)[0].shape[0]
-        return sample_from(
-            params, cond, schedule.prior_sample(k["latent"], (n, *world.sample_shape)), k["renoise"]
-        )
 
     return Recipe(
         networks=(network, logvar_net),

@@ -26,12 +26,15 @@ def with_student_inputs(
     time_delta: jax.Array | None = None,
 ) -> PyTree:
     """The student's conditioning plus its extra inputs: LCM/sCM's guidance-scale embedding (diffusers'
-    ``timestep_cond``) and MeanFlow's second time. A label becomes {"label": ...}; a UNet's dict is extended."""
+    ``timestep_cond``; ``guidance`` per sample or one value) and MeanFlow's second time. A label becomes
+    {"label": ...}; a UNet's dict is extended."""
     if guidance_dim == 0 and time_delta is None:
         return cond
     out = dict(cond) if isinstance(cond, dict) else {"label": cond}
     if guidance_dim:
-        out["timestep_cond"] = guidance_embedding(guidance, guidance_dim)
+        n = jax.tree.leaves(cond)[0].shape[0]
+        w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (n,))
+        out["timestep_cond"] = guidance_embedding(w, guidance_dim)
     if time_delta is not None:
         out["time_delta"] = time_delta
     return out
