@@ -203,3 +203,36 @@ def sid_networks(
         betas=(0.0, 0.999),
         student_ema=0.5 ** (batch_size / 50000),
     )
+
+
+def digits_distillation(
+    c: ml_collections.ConfigDict,
+    *,
+    student_lr: float,
+    fake_lr: float | None,
+    num_steps: int,
+    batch_size: int = 32,
+    **kwargs,
+) -> None:
+    """The miniature digits world (the shipped teacher, ``teacher.kind = "digits"``): student and fake score as
+    full copies of the teacher's small UNet (``unet_distillation``'s networks, ``kwargs`` passed on), sized
+    to finish on a 2-core CPU in minutes; final samples: 10 per (digit, colour) pair, scored by the
+    classifier (digit / colour accuracy, Frechet distance, diversity)."""
+    from jdistill.teachers.digits_world import digits_teacher_config
+
+    unet_distillation(
+        c,
+        "digits",
+        student_lr=student_lr,
+        fake_lr=fake_lr,
+        batch_size=batch_size,
+        num_steps=num_steps,
+        **kwargs,
+    )
+    c.teacher = digits_teacher_config()
+    c.log_every = 50
+    c.checkpoint.every = max(num_steps // 2, 1)
+    c.sample.every = 0
+    c.sample.count = 64
+    c.sample.final_count = 600
+    c.sample.batch = 200

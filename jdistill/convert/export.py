@@ -71,11 +71,21 @@ def cast_state_dict(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, An
 
 
 def save_weights(folder: str, state: Mapping[str, np.ndarray], dtype: str, stem: str) -> str:
-    from safetensors.torch import save_file
-
+    """``folder/stem.safetensors`` in ``dtype``; float32 and float16 are written without torch (the digits
+    world's main job runs on the core install), bfloat16 through torch."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{stem}.safetensors")
-    save_file(cast_state_dict(state, dtype), path, metadata={"format": "pt"})
+    if dtype == "bfloat16":
+        from safetensors.torch import save_file
+
+        save_file(cast_state_dict(state, dtype), path, metadata={"format": "pt"})
+    else:
+        from safetensors.numpy import save_file
+
+        arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
+        save_file(arrays, path, metadata={"format": "pt"})
     return path
 
 

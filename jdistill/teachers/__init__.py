@@ -10,7 +10,7 @@ import ml_collections
 
 from jdistill.teachers.base import World
 
-WORLD_KINDS = ("gmm", "diffusers")
+WORLD_KINDS = ("gmm", "diffusers", "digits")
 
 
 def build_world(

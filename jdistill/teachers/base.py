@@ -44,3 +44,6 @@ class World:
     save_samples: Callable[[str, np.ndarray, dict], None]  # (path stem, samples, prepared host batch)
     prepare: Callable[[dict[str, PyTree], dict], dict] = _identity  # (frozen, batch) -> batch, jittable
     source: str | None = None  # local directory of the teacher's pipeline, for export (diffusers worlds)
+    decode: Callable[[np.ndarray], np.ndarray] | None = (
+        None  # latent samples -> images in [-1, 1] (VAE worlds)
+    )

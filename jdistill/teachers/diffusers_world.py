@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +13,7 @@ import numpy as np
 from jdistill.convert.pipeline import Pipeline, load_pipeline
 from jdistill.data.embeddings import COND, EmbeddingCache
 from jdistill.data.images import ImageTextSource, open_image_text
+from jdistill.data.sources import DataSource
 from jdistill.data.text import PromptSource, PromptTable, open_prompts
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
@@ -102,15 +106,33 @@ def training_prompts(config: ml_collections.ConfigDict) -> PromptTable:
     return open_prompts(config.teacher.prompts, config.teacher.prompt_field)
 
 
-def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
+@dataclasses.dataclass(frozen=True)
+class BuiltInSources:
+    """Prompts and images a world generates itself (the digits world) instead of reading tables; each takes
+    the teacher's ``tokenize``. ``eval_batch(tokenize, n)`` may add label arrays for the world's metrics."""
+
+    conditions: Callable[[Callable], DataSource]
+    data: Callable[[Callable], DataSource]
+    eval_batch: Callable[[Callable, int], dict[str, np.ndarray]]
+
+
+def build(
+    config: ml_collections.ConfigDict, shardings_for=None, built_in: BuiltInSources | None = None
+) -> World:
+    """The world of ``config.teacher``; with ``built_in``, prompt and image tables are used only where
+    ``teacher.prompts`` / ``teacher.data`` name one."""
     t = config.teacher
     preset = get_preset(t.preset)
     encoders = tuple(name for name, _ in preset.encoders)
     # Tables and the cache's manifest first: a wrong path or a stale cache fails before the networks load.
-    prompts = training_prompts(config)
+    prompts = training_prompts(config) if built_in is None or t.prompts else None
     eval_prompts = open_prompts(t.eval_prompts, t.prompt_field) if t.eval_prompts else prompts
     cache = EmbeddingCache(t.embedding_cache) if t.embedding_cache else None
     if cache is not None:
+        if prompts is None:
+            raise ValueError(
+                "teacher.embedding_cache needs the prompt table it was made from (teacher.prompts)"
+            )
         cache.verify(preset=preset.name, prompts=prompts)
     image_table = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
     pipe = _load(config, ("unet", "vae", *encoders), shardings_for)
@@ -163,25 +185,33 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     uncond = jax.tree.map(np.asarray, uncond)
 
     def eval_batch(n: int) -> dict[str, np.ndarray]:
+        if eval_prompts is None:
+            return built_in.eval_batch(encoder.tokenize, n)
         return encoder.tokenize(eval_prompts.take([i % len(eval_prompts) for i in range(n)]))
 
-    conditions = PromptSource(prompts, encoder.tokenize, seed=config.seed)
+    if prompts is None:
+        conditions = built_in.conditions(encoder.tokenize)
+    else:
+        conditions = PromptSource(prompts, encoder.tokenize, seed=config.seed)
     if cache is not None:
         cache.verify(probe=jax.tree.map(np.asarray, empty), source=pipe.path)
         conditions = cache.source(seed=config.seed)
     data = None
     if image_table is not None:
         data = ImageTextSource(image_table, encoder.tokenize, resolution, seed=config.seed)
+    elif built_in is not None:
+        data = built_in.data(encoder.tokenize)
 
     decode = jax.jit(lambda p, z: vae.net.apply(p, z, method="images_from_latents"))
 
+    def decode_images(samples: np.ndarray, chunk: int = 8) -> np.ndarray:
+        return np.concatenate(
+            [np.asarray(decode(frozen["vae"], samples[i : i + chunk])) for i in range(0, len(samples), chunk)]
+        )
+
     def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
         np.save(f"{stem}.npy", samples)
-        shown = samples[:64]
-        images = np.concatenate(
-            [np.asarray(decode(frozen["vae"], shown[i : i + 8])) for i in range(0, len(shown), 8)]
-        )
-        image_grid_png(f"{stem}.png", images)
+        image_grid_png(f"{stem}.png", decode_images(samples[:64]))
 
     def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:
         # Image metrics (FID, CLIP score) come with the evaluation module; here: finite and latent statistics.
@@ -206,5 +236,6 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
         evaluate=evaluate,
         save_samples=save_samples,
         prepare=prepare,
+        decode=decode_images,
         source=pipe.path,
     )

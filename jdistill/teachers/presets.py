@@ -11,6 +11,10 @@ import json
 import os
 
 CONFIG_ROOT = os.path.join(os.path.dirname(__file__), "configs")
+# The miniature digits world's teacher, trained by tools/build_digits_world.py and shipped with the package.
+DIGITS_ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits")
+DIGITS_TEACHER = os.path.join(DIGITS_ROOT, "teacher")
+DIGITS_CLASSIFIER = os.path.join(DIGITS_ROOT, "classifier")
 UNCOND_RULES = ("empty_prompt", "zeros")
 
 
@@ -79,6 +83,10 @@ PRESETS = {
         "text_encoder_2",
         "zeros",
         "sdxl",
+    ),
+    # 32x32 RGB images, 8x8x4 latents, a 2-layer CLIP text encoder: see jdistill/digits.
+    "digits": TeacherPreset(
+        "digits", DIGITS_TEACHER, "eps", 32, (("text_encoder", "last"),), None, "empty_prompt", "digits"
     ),
 }
 

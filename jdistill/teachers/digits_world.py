@@ -1,0 +1,82 @@
+"""The miniature digits world: the shipped digits teacher, its own prompts and images, classifier metrics.
+
+A diffusers world (``teacher.kind = "digits"``, preset "digits", default path the teacher shipped in
+``jdistill/assets/digits/teacher``) whose training prompts are random captions of (digit, colour) pairs,
+whose real images are the rendered data set (``teacher.data`` need not be set: LCM, sCM and the GAN terms get
+real images), whose evaluation prompts are balanced over the 60 pairs with their labels, and whose metrics
+are read by the project's digit classifier (``jdistill.evaluate.digits``) on VAE-decoded samples.
+``teacher.prompts`` / ``teacher.data`` still override the built-in sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from jdistill.digits import data
+from jdistill.teachers import diffusers_world
+from jdistill.teachers.base import World
+from jdistill.teachers.presets import DIGITS_CLASSIFIER
+from jdistill.visualize import image_grid_png
+
+LABELS = ("digit", "colour")
+
+
+def digits_teacher_config() -> ml_collections.ConfigDict:
+    c = diffusers_world.diffusers_teacher_config("digits")
+    c.kind = "digits"
+    c.classifier = ""  # directory of the digit classifier; empty: the shipped one
+    return c
+
+
+def built_in_sources(seed: int) -> diffusers_world.BuiltInSources:
+    def eval_batch(tokenize, n: int) -> dict[str, np.ndarray]:
+        prompts = data.evaluation_prompts(n)
+        return {
+            **tokenize(prompts.prompts),
+            "digit": prompts.digits.astype(np.int32),
+            "colour": prompts.colours.astype(np.int32),
+        }
+
+    return diffusers_world.BuiltInSources(
+        conditions=lambda tokenize: data.DigitsPromptSource(tokenize, seed=seed),
+        data=lambda tokenize: data.DigitsImageSource(tokenize, seed=seed),
+        eval_batch=eval_batch,
+    )
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """Decoded images in [-1, 1] -> [0, 1]."""
+    return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
+    from jdistill.digits.classifier import load_classifier
+    from jdistill.evaluate.digits import digits_metrics
+
+    t = config.teacher
+    if t.preset != "digits":
+        raise ValueError(f"teacher.kind 'digits' needs teacher.preset 'digits', got {t.preset!r}")
+    classifier_dir = t.get("classifier", "") or DIGITS_CLASSIFIER
+    classifier = load_classifier(classifier_dir)  # before the networks: a missing file fails fast
+    world = diffusers_world.build(config, shardings_for, built_in_sources(config.seed))
+    base_evaluate = world.evaluate
+
+    def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:
+        results = base_evaluate(samples, batch)
+        if all(k in batch for k in LABELS):
+            images = to_unit(world.decode(samples))
+            results.update(digits_metrics(classifier, images, batch["digit"], batch["colour"]))
+        return results
+
+    def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
+        np.save(f"{stem}.npy", samples)
+        shown = world.decode(samples[:64])
+        image_grid_png(f"{stem}.png", shown)
+        if all(k in batch for k in LABELS):  # the evaluation prompts (eval_batch draws them the same way)
+            with open(f"{stem}_prompts.txt", "w") as f:
+                f.write("\n".join(data.evaluation_prompts(len(samples)).prompts[:64]) + "\n")
+
+    return dataclasses.replace(world, evaluate=evaluate, save_samples=save_samples)
