@@ -19,7 +19,7 @@ import numpy as np
 
 from jdistill.digits import data
 from jdistill.digits.classifier import TrainedClassifier
-from jdistill.evaluate.fid import frechet_distance, statistics
+from jdistill.evaluate.frechet import frechet_distance, statistics
 
 
 def _mean_pairwise(x: np.ndarray) -> float:
