@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 100
     c.progress_bar = True
     c.max_nonfinite_streak = 20  # consecutive skipped (non-finite) updates before the run stops
+    c.export_when_done = False  # after training, export the student to DIR/export (as --mode export does)
 
     c.teacher = gmm_teacher()
     c.method = ml_collections.ConfigDict()  # set by the recipe: name + the method's own settings

@@ -51,6 +51,8 @@ def main(argv: list[str]) -> None:
     try:
         if FLAGS.mode == "train":
             train.train(config, FLAGS.workdir)
+            if config.export_when_done:
+                _export_once(config, FLAGS.workdir)
         elif FLAGS.mode == "sample":
             print(train.sample(config, FLAGS.workdir))
         elif FLAGS.mode == "eval":
@@ -61,6 +63,18 @@ def main(argv: list[str]) -> None:
             print(export_run(config, FLAGS.workdir))
     except (configuration.ConfigError, train.TrainingError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+
+
+def _export_once(config, workdir: str) -> None:
+    from jdistill.export import export_run
+
+    dst = os.path.join(workdir, "export")
+    if os.path.isdir(dst) and os.listdir(dst):
+        print(
+            f"{dst} already holds an export of this run; not written again (tools/export_diffusers.py --dst DIR writes another)"
+        )
+        return
+    print(export_run(config, workdir, dst))
 
 
 def run() -> None:

@@ -38,6 +38,10 @@ def test_every_preset_loads_with_its_cfg_convention_and_unconditional_input(reci
     if preset.startswith("gmm"):
         assert c.teacher.kind == "gmm"  # unconditional input: the null label
         return
+    if preset.startswith("digits"):  # the shipped digits teacher, encoding the empty prompt
+        assert c.teacher.kind == "digits" and c.teacher.preset == "digits" and c.teacher.uncond == ""
+        assert get_preset("digits").uncond == "empty_prompt"
+        return
     assert c.teacher.kind == "diffusers" and c.teacher.preset in preset
     # SD1.5 / SD2.1 encode the empty prompt; the SDXL recipes use zero embeddings (DMD2's convention).
     rule = get_preset(c.teacher.preset).uncond

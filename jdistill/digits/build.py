@@ -15,8 +15,20 @@ def _done(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
 
-def build_world(out: str, *, unet_steps: int = 0, seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Run the stages into ``out``; returns (and writes to ``out/build.json``) every stage's metrics."""
+def build_world(
+    out: str,
+    *,
+    unet_steps: int = 0,
+    seed: int = 0,
+    component_steps: dict[str, int] | None = None,
+    sft_overrides: tuple[tuple[str, str], ...] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the stages into ``out``; returns (and writes to ``out/build.json``) every stage's metrics.
+
+    ``component_steps``: training steps of "classifier", "text_encoder", "vae" (default: their functions');
+    ``sft_overrides``: more config overrides of the UNet's sft run (tests shrink it)."""
+    steps = dict(component_steps or {})
     import numpy as np
     from transformers import CLIPTokenizer
 
@@ -40,7 +52,7 @@ def build_world(out: str, *, unet_steps: int = 0, seed: int = 0, log: Callable[[
     classifier_dir = os.path.join(out, "classifier")
     if not _done(classifier_dir):
         t0 = time.time()
-        model = clf.train_classifier(seed=seed)
+        model = clf.train_classifier(seed=seed, **_steps(steps, "classifier"))
         test = data.split("test")
         n_colours = len(data.COLOUR_NAMES)
         index, colours = np.repeat(test, n_colours), np.tile(np.arange(n_colours), len(test))
@@ -55,9 +67,9 @@ def build_world(out: str, *, unet_steps: int = 0, seed: int = 0, log: Callable[[
         t0 = time.time()
         write_tokenizer(os.path.join(out, "tokenizer"))
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
-        text = components.train_text_encoder(tokenizer, seed=seed)
+        text = components.train_text_encoder(tokenizer, seed=seed, **_steps(steps, "text_encoder"))
         log(f"text encoder: caption accuracy {text.metrics['caption_accuracy']:.3f}")
-        vae = components.train_vae(seed=seed)
+        vae = components.train_vae(seed=seed, **_steps(steps, "vae"))
         log(
             f"vae: reconstruction MAE {vae.metrics['reconstruction_mae']:.2f} / 255, scale {vae.config.scaling_factor}"
         )
@@ -72,6 +84,7 @@ def build_world(out: str, *, unet_steps: int = 0, seed: int = 0, log: Callable[[
     overrides = [("teacher.path", init_dir), ("teacher.classifier", classifier_dir), ("seed", str(seed))]
     if unet_steps:
         overrides.append(("num_steps", str(unet_steps)))
+    overrides += list(sft_overrides)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     config = configuration.load(os.path.join(repo, "configs", "sft.py:digits"), overrides)
     run_dir = os.path.join(out, "sft")
@@ -82,6 +95,7 @@ def build_world(out: str, *, unet_steps: int = 0, seed: int = 0, log: Callable[[
         "steps": config.num_steps,
         "seconds_this_run": round(time.time() - t0, 1),
     }
+    record["guidance_scale"] = config.method.sampler.guidance_scale  # the CFG scale of the metrics
     save()
     log(
         f"unet (sft, {config.num_steps} steps, 50 DDIM steps, CFG {config.method.sampler.guidance_scale}): {metrics}"
@@ -94,6 +108,10 @@ def build_world(out: str, *, unet_steps: int = 0, seed: int = 0, log: Callable[[
     # The export records where it came from; the shipped teacher is its own source.
     os.remove(os.path.join(teacher_dir, "jdistill_export.json"))
     return record
+
+
+def _steps(steps: dict[str, int], stage: str) -> dict[str, int]:
+    return {"steps": steps[stage]} if stage in steps else {}
 
 
 def install(out: str) -> str:
