@@ -13,7 +13,7 @@ interrupted build resumes, the UNet's training from its last checkpoint):
    metrics of every stage.
 
 ``--install`` then copies ``teacher/`` and ``classifier/`` into jdistill/assets/digits/, the shipped world.
-Needs the torch extra (diffusers writes the untrained UNet and the export casts through torch).
+Runs on the core install (no torch needed).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 - VAE: a small ``AutoencoderKL`` (32x32x3 <-> 8x8x4) trained on the rendered images with L1 + L2
   reconstruction and a light KL term; its ``scaling_factor`` is set to 1 / std of the latents, as SD's was.
 - ``write_pipeline``: a ``StableDiffusionPipeline`` directory (tokenizer, text encoder, VAE, an untrained
-  UNet in diffusers' default initialisation, DDIM scheduler with SD's scaled-linear betas) that the ``sft``
+  UNet, DDIM scheduler with SD's scaled-linear betas) that the ``sft``
   digits preset trains the UNet of.
 """
 
@@ -23,11 +23,13 @@ import optax
 
 from jdistill.convert.clip import clip_state_dict, clip_text_net
 from jdistill.convert.export import save_weights, write_json
+from jdistill.convert.unet import unet_net, unet_state_dict
 from jdistill.convert.vae import vae_net, vae_state_dict
 from jdistill.digits import data
 from jdistill.digits.tokenizer import MAX_LENGTH, write_tokenizer
 from jdistill.models.clip import CLIPTextConfig
 from jdistill.models.net import Net
+from jdistill.models.unet import UNetConfig
 from jdistill.models.vae import AutoencoderKLConfig
 
 PyTree = object
@@ -203,9 +205,6 @@ def _vae_run(net: Net, params, x, key):
 
 def write_pipeline(folder: str, text_encoder: Trained, vae: Trained, seed: int = 0) -> str:
     """A StableDiffusionPipeline directory with the trained text encoder and VAE and an untrained UNet."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
     if os.path.exists(folder) and os.listdir(folder):
         raise FileExistsError(f"{folder} exists and is not empty")
     write_tokenizer(os.path.join(folder, "tokenizer"))
@@ -223,8 +222,13 @@ def write_pipeline(folder: str, text_encoder: Trained, vae: Trained, seed: int =
     write_json(os.path.join(vae_dir, "config.json"), {"_class_name": "AutoencoderKL", **vae.config.to_dict()})
     save_weights(vae_dir, vae_state_dict(vae.params), "float32", "diffusion_pytorch_model")
 
-    torch.manual_seed(seed)
-    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(os.path.join(folder, "unet"))
+    # The UNet's weights here are a placeholder with the right shapes: the sft preset starts from its own
+    # random initialisation (model.init = "random").
+    unet_dir = os.path.join(folder, "unet")
+    os.makedirs(unet_dir, exist_ok=True)
+    write_json(os.path.join(unet_dir, "config.json"), {"_class_name": "UNet2DConditionModel", **UNET_CONFIG})
+    params = unet_net(UNetConfig.from_dict(UNET_CONFIG)).init(jax.random.key(seed))
+    save_weights(unet_dir, unet_state_dict(params), "float32", "diffusion_pytorch_model")
 
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
