@@ -14,17 +14,44 @@ Presets:
        with method.jvp=finite_difference 0.969 / 0.122 / 0.990; the same MLP with its time embedding at 100 t
        (not O(1)) collapsed to 0.0 within-0.5.
 
+  sd15_ladd  SANA-Sprint's hybrid (sCM + 0.5 LADD) mapped to an SD1.5 teacher, on real latents of captioned
+       images (teacher.data). From SANA-Sprint's released config (configs/sana_sprint_config/1024ms/
+       SanaSprint_1600M_1024px_allqknorm_bf16_scm_ladd.yaml) and train_scm_ladd.py: sigma_d 0.5 with the
+       latents times sigma_d (its clean_images = z * sigma_data: data_scale 0.5), P_mean 0.2, P_std 1.6, tangent
+       warm-up 4000, c = 0.1, the learned log-variance, teacher CFG w per sample from {4, 4.5, 5} given to the
+       student (its cfg_embed), adv_lambda 0.5 with scm_lambda 1, hinge loss (D: 0.5 (real + fake), i.e.
+       discriminator weight 0.5), t_D from "logit_normal_trigflow" (-0.6, 1.0), train_largest_timestep with
+       probability 0.5 at 1.5708, misaligned pairs on, a different t_D per group (diff_timesteps_D), lr 2e-6
+       for student and heads, weight decay 0, gradient clip 0.1 for both, constant lr after 5000 warm-up
+       steps for the student (its scheduler only steps the generator), batch 16 per GPU, G and D one step
+       each. The R1 penalty is off there (r1_penalty's default; its weight when on is 1e-5:
+       --config.method.gan.r1_weight=1e-5).
+       Assumptions (SANA-Sprint's teacher is a 1.6B linear-attention DiT, not a UNet): heads on the UNet's
+       down blocks 0-2 and its mid block (four taps early to late, as SANA's heads on blocks [2, 8, 14, 19]
+       of 20), each jdistill's DMD2-style head (strided convolutions, per-location logits) instead of SANA's
+       token-wise conv heads; the student is the teacher's UNet plus LCM's guidance embedding
+       (time_cond_proj_dim 256, sinusoids of 1000 w) for SANA's cfg_embed; AdamW (0.9, 0.999, eps 1e-8) for
+       CAME; 8 GPUs (batch 128) and 10000 steps (the released config gives epochs over its toy data); the
+       log-variance head at the student's lr (SANA trains it with the model's optimizer); float32 (SANA: bf16
+       with fp32 attention; --config.teacher.dtype=bfloat16 for the frozen networks). The UNet sees its own
+       0..999 timesteps through SNR matching; SANA-Sprint first fine-tunes its teacher to a dense O(1) time
+       embedding (not done here). One-step sampling at pi/2 (two steps as SANA-Sprint's pipeline:
+       --config.method.student_timesteps='(1.5707963, 1.3)'). Not a measured run.
+
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm --mode eval \
       --config.method.student_timesteps='(1.5707963, 1.1)'        # the same student, two steps
+  python -m jdistill.main --config configs/scm.py:sd15_ladd --workdir runs/scm_sd15_ladd \
+      --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt   # prompts: samples only
 """
 
-from jdistill.config_base import base_config, gmm_teacher
+from jdistill.config_base import base_config, gmm_teacher, unet_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import scm
+from jdistill.methods.adversarial import discriminator_config
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm",)
+PRESETS = ("gmm", "sd15_ladd")
 
 
 def get_config(arg=None):
@@ -46,4 +73,29 @@ def get_config(arg=None):
         )
         c.networks.student.optimizer.schedule = "cosine"
         c.networks.logvar = scm.logvar_config(lr=1e-2)
+        return c
+
+    lr = 2e-6
+    unet_distillation(
+        c,
+        "sd15",
+        student_lr=lr,
+        fake_lr=None,
+        batch_size=128,
+        num_steps=10000,
+        optimizer="adamw",
+        grad_clip=0.1,
+        warmup_steps=5000,
+    )
+    c.networks.student.model.time_cond_proj_dim = 256
+    c.networks.logvar = scm.logvar_config(lr=lr)
+    c.networks.discriminator = discriminator_config(lr=lr)
+    c.networks.discriminator.optimizer.update({"name": "adamw", "grad_clip": 0.1})
+    m = c.method
+    m.data_scale = m.sigma_data
+    m.guidance_embed = True
+    m.gan.update({"generator_weight": 0.5, "discriminator_weight": 0.5, "feature_layers": (0, 1, 2, -1)})
+    c.log_every = 50
+    c.checkpoint.every = 500
+    c.sample.every = 500
     return c

@@ -47,7 +47,8 @@ class MatchedDenoiser:
         s = base.time_for_ratio(sigma / (self.data_scale * jnp.abs(alpha)))
         return jnp.clip(s, base.t_min, base.t_max)
 
-    def predict(self, params: PyTree, x_t: jax.Array, t: jax.Array, cond: PyTree) -> Prediction:
+    def base_inputs(self, x_t: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(x_s, s): the base path's state and time (float32, s per sample) holding what (x_t, t) holds."""
         x_t = x_t.astype(jnp.float32)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
         a, sig = self.schedule.alpha_sigma(t)  # per sample (B,)
@@ -55,7 +56,12 @@ class MatchedDenoiser:
         base_alpha, base_sigma = self.base.schedule.alpha_sigma(s)
         # x_t / |(c alpha, sigma)| and x_s / |(alpha_s, sigma_s)| are the same unit-norm mix of x0 and eps.
         scale = jnp.hypot(base_alpha, base_sigma) / jnp.hypot(self.data_scale * a, sig)
-        pred = self.base.predict(params, broadcast_to(scale, x_t) * x_t, s, cond)
+        return broadcast_to(scale, x_t) * x_t, s
+
+    def predict(self, params: PyTree, x_t: jax.Array, t: jax.Array, cond: PyTree) -> Prediction:
+        x_t = x_t.astype(jnp.float32)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
+        pred = self.base.predict(params, *self.base_inputs(x_t, t), cond)
         # Same ratio: the base's (x0, eps) satisfy x_t = alpha (c x0) + sigma eps exactly.
         alpha, sigma, dalpha, dsigma = path_coefficients(self.schedule, t, x_t)
         return Prediction(

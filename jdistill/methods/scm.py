@@ -18,6 +18,19 @@ real data x0 (times ``data_scale``, T2I-Distill: sd) and conditions c:
 
 Samples: the student's x0 at each of ``student_timesteps`` (pi/2 first), re-noised with fresh noise between
 them (SANA-Sprint's two steps: pi/2 and 1.3).
+
+With ``method.gan`` on (SANA-Sprint's hybrid, L = L_sCM + lambda_adv L_adv, ``methods/adversarial.py``): LADD
+heads (``networks.discriminator``) on feature maps of the frozen teacher, trained by a second update after the
+student's, one step each per train step.
+
+- generator (in the student update): on the real x0, times t_G from sCM's distribution, replaced by pi/2 with
+  probability ``gan.max_time_prob`` (SANA-Sprint's train_largest_timestep: one-step quality), fresh noise,
+  x0_G = cos t_G x_t - sin t_G sd F_theta (the same student call as sCM's F_theta), re-noised at t_D and
+  classified by the heads on the teacher's features; lambda_adv times the G loss (hinge: -mean D) is added,
+  its gradient reaching the student through the frozen teacher, the heads held fixed.
+- discriminator (heads only): sg(x0_G) from the student update, the real images and the real images with
+  shifted prompts (misaligned pairs, extra fakes), each noised at its own t_D; hinge loss, plus an R1-style
+  penalty on the heads' inputs (``gan.r1_weight``). The student is not touched.
 """
 
 from __future__ import annotations
@@ -33,16 +46,19 @@ from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule, trigflow_output
 from jdistill.diffusion.samplers import run_sampler, student_plan
 from jdistill.diffusion.schedules import TrigFlowSchedule, broadcast_to
+from jdistill.methods.adversarial import build_teacher_discriminator, enabled, ladd_config
 from jdistill.methods.common import build_network, network_denoiser
+from jdistill.methods.distribution import finite_rows, zero_bad_rows
 from jdistill.methods.recipe import Network, Recipe, Update
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
 from jdistill.models.heads import LogVarHead
 from jdistill.models.net import Net
 from jdistill.optim import make_optimizer, optimizer_config
-from jdistill.rng import streams
+from jdistill.rng import stream, streams
 
 NETWORKS = ("student", "logvar")
+OPTIONAL_NETWORKS = ("discriminator",)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -67,6 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
             "guidance_embed": False,  # the student takes w (needs networks.student.model.time_cond_proj_dim)
             "student_timesteps": (math.pi / 2,),  # e.g. (pi/2, 1.3) for two steps
             "sample_guidance": 4.5,
+            # LADD; off. SANA-Sprint: generator_weight (lambda_adv) 0.5, discriminator_weight 0.5
+            "gan": ladd_config(),
         }
     )
 
@@ -95,6 +113,15 @@ def trigflow_student(config, world, schedule: TrigFlowSchedule):
     return network, network_denoiser(network, net_cfg, schedule)
 
 
+def adversarial_times(key: jax.Array, n: int, m: ml_collections.ConfigDict) -> jax.Array:
+    """t_G of LADD's generator pass: sCM's training times, each replaced by pi/2 (pure noise: the one-step
+    sampler's input) with probability ``m.gan.max_time_prob``."""
+    k = streams(key, "time", "max_time")
+    t = trigflow_times(k["time"], n, m.p_mean, m.p_std, m.sigma_data, m.time_eps)
+    top = jax.random.bernoulli(k["max_time"], m.gan.max_time_prob, (n,))
+    return jnp.where(top, jnp.float32(math.pi / 2), t)
+
+
 def build(config: ml_collections.ConfigDict, world) -> Recipe:
     m = config.method
     sd = m.sigma_data
@@ -116,6 +143,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         lv.ema_decay,
     )
     choices = jnp.asarray(m.guidance_choices, jnp.float32)
+    disc = build_teacher_discriminator(config, world, teacher, m.time_eps) if enabled(m.get("gan")) else None
 
     def output(p, x_t, t, cond):
         return trigflow_output(student.predict(p, x_t, t, cond), sd)
@@ -144,11 +172,34 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         warmup = jnp.minimum(1.0, carry["step"] / max(m.tangent_warmup_steps, 1))
         g = scm_tangent(f_minus, df_minus, dxdt, x_t, t, sd, warmup, m.tangent_norm_c)
         g = jax.lax.stop_gradient(g)
-        f_theta = output(own, x_t, t, student_cond)
+        if disc is None:
+            f_theta = output(own, x_t, t, student_cond)
+        else:  # LADD's generator pass on the real x0 at its own times, in the same student call
+            ka = streams(key, "adversarial_time", "adversarial_noise")
+            t_adv = adversarial_times(ka["adversarial_time"], n, m)
+            noise = jax.random.normal(ka["adversarial_noise"], x0.shape, jnp.float32)
+            x_adv = schedule.add_noise(x0, noise, t_adv)
+            pair = jax.tree.map(lambda c: jnp.concatenate([c, c]), student_cond)
+            pred = student.predict(own, jnp.concatenate([x_t, x_adv]), jnp.concatenate([t, t_adv]), pair)
+            f_theta = trigflow_output(pred, sd)[:n]
+            x0_adv = pred.x0[n:]  # cos t x_t - sin t sd F_theta
         logvar = logvar_net.net.apply(params["logvar"], t)
         value = scm_loss(f_theta, jax.lax.stop_gradient(f_minus), g, t, logvar, sd)
         metrics = {"tangent_norm": jnp.mean(jnp.abs(g)), "logvar": jnp.mean(logvar)}
-        return value, (metrics, carry)
+        if disc is None:
+            return value, (metrics, carry)
+        ok = finite_rows(x0_adv)
+        x0_adv = zero_bad_rows(x0_adv, ok)
+        adversarial, gan_metrics = disc.generator_loss(params, x0_adv, cond, stream(key, "gan"), ok)
+        metrics = {**metrics, "scm": value, **gan_metrics}
+        new_carry = {"ladd_x0": jax.lax.stop_gradient(x0_adv), "ladd_ok": ok}
+        return disc.combine(value, adversarial, carry), (metrics, new_carry)
+
+    def discriminator_loss(params, batch, key, carry):
+        """The heads' update on this step's sg(x0_G) (carried from the student update) and the real batch."""
+        real = {"x0": m.data_scale * batch["x0"].astype(jnp.float32), "cond": batch["cond"]}
+        total, metrics = disc.discriminator_loss(params, carry["ladd_x0"], carry["ladd_ok"], real, key, carry)
+        return total, (metrics, carry)
 
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
@@ -162,9 +213,12 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
         return x / m.data_scale
 
+    updates = (Update("student", ("student", "logvar"), loss),)
+    if disc is not None:  # after the student's: it reads the student's x0 from the carry
+        updates += (Update("discriminator", ("discriminator",), discriminator_loss),)
     return Recipe(
-        networks=(network, logvar_net),
-        updates=(Update("student", ("student", "logvar"), loss),),
+        networks=(network, logvar_net) + ((disc.heads,) if disc is not None else ()),
+        updates=updates,
         sample=sample,
         data="data",
         student_timesteps=tuple(float(t) for t in m.student_timesteps),

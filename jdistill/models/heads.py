@@ -9,6 +9,8 @@ through a small MLP.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,15 +46,39 @@ class DiscriminatorHead(nnx.Module):
             raise ValueError(f"discriminator features must be (C,) or (H, W, C), got {feature_shape}")
 
     def __call__(self, features: jax.Array) -> jax.Array:
-        """One float32 logit per sample."""
+        """One float32 logit per sample: the mean of ``logit_map``."""
+        logits = self.logit_map(features)
+        return jnp.mean(logits.reshape(logits.shape[0], -1), axis=1)
+
+    def logit_map(self, features: jax.Array) -> jax.Array:
+        """Float32 logits per location (B, H', W'), or (B, 1) for flat features."""
         h = features.astype(jnp.float32)
         if self.spatial:
             for i in range(0, len(self.layers), 2):
                 h = nnx.silu(self.layers[i + 1](self.layers[i](h)))
-            return jnp.mean(self.out(h), axis=(1, 2, 3))
+            return self.out(h)[..., 0]
         for layer in self.layers:
             h = nnx.silu(layer(h))
-        return self.out(h)[:, 0]
+        return self.out(h)
+
+
+class DiscriminatorHeads(nnx.Module):
+    """One ``DiscriminatorHead`` per feature map of a trunk (LADD: heads on several layers of the frozen
+    teacher). The call returns every head's per-location logits side by side, (B, sum of locations), so that
+    a GAN loss is taken per location as in SANA-Sprint's heads."""
+
+    def __init__(
+        self, feature_shapes: Sequence[tuple[int, ...]], *, hidden: int = 0, num_down: int = 2, rngs: nnx.Rngs
+    ):
+        self.heads = nnx.List(
+            [DiscriminatorHead(tuple(s), hidden=hidden, num_down=num_down, rngs=rngs) for s in feature_shapes]
+        )
+
+    def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+        if len(features) != len(self.heads):
+            raise ValueError(f"{len(self.heads)} discriminator heads got {len(features)} feature maps")
+        maps = [head.logit_map(f) for head, f in zip(self.heads, features, strict=True)]
+        return jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1)
 
 
 def _groups(channels: int) -> int:

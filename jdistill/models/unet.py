@@ -502,7 +502,17 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, rngs, p)
         self.conv_out = conv(ch[0], cfg.out_channels, 3, rngs, p, padding=1)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, cond: dict, *, return_mid: bool = False):
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        cond: dict,
+        *,
+        return_mid: bool = False,
+        return_features: bool = False,
+    ):
+        """The output; with ``return_mid`` also the mid block's output (a GAN trunk), with ``return_features``
+        also every down block's output and then the mid block's (LADD's discriminator taps)."""
         cfg = self.config
         b = sample.shape[0]
         context = cond["encoder_hidden_states"].astype(self.dtype)
@@ -532,12 +542,14 @@ class UNet2DConditionModel(nnx.Module):
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         x = self.conv_in(x)
-        skips = [x]
+        skips, features = [x], []
         for block in self.down_blocks:
             x, outs = block(x, emb, context)
             skips.extend(outs)
+            features.append(x)
         x = self.mid_block(x, emb, context)
         mid = x
+        features.append(mid)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
@@ -546,6 +558,8 @@ class UNet2DConditionModel(nnx.Module):
                 size = skips[-1].shape[1:3]
             x = block(x, block_skips, emb, context, size)
         x = self.conv_out(nnx.silu(self.conv_norm_out(x)).astype(self.dtype))
+        if return_features:
+            return x, tuple(features)
         return (x, mid) if return_mid else x
 
 
