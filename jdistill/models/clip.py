@@ -8,13 +8,16 @@ Behaviour kept from transformers: pre-norm blocks with a causal mask (plus an op
 quick_gelu / gelu activations, pooling at the EOS token -- argmax of the ids for configs with the legacy
 ``eos_token_id == 2`` (SD1.x, SD2.x, SDXL), first occurrence of ``eos_token_id`` otherwise -- and
 ``hidden_states`` = (embeddings, every layer output), the last one before ``final_layer_norm``.
+
+The encoder (``CLIPEncoder`` and its layers) is shared with the vision tower (``jdistill.models.clip_vision``),
+which runs it without the causal mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +109,18 @@ def prompt_embeds(out: CLIPTextOutput, layer: str = "last") -> jax.Array:
     raise ValueError(f"unknown prompt layer {layer!r}; choose one of {PROMPT_LAYERS}")
 
 
+class CLIPEncoderConfig(Protocol):
+    """The fields the encoder layers read: ``CLIPTextConfig`` and the vision tower's ``CLIPVisionConfig`` both
+    have them (transformers shares ``CLIPEncoder`` between the towers too)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    hidden_act: str
+    layer_norm_eps: float
+
+
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, p: Precision):
         self.token_embedding = embed(cfg.vocab_size, cfg.hidden_size, rngs, p)
@@ -121,9 +136,9 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, p: Precision, impl: str):
+    def __init__(self, cfg: CLIPEncoderConfig, rngs: nnx.Rngs, p: Precision, impl: str, causal: bool = True):
         d = cfg.hidden_size
-        self.heads, self.impl = cfg.num_attention_heads, impl
+        self.heads, self.impl, self.causal = cfg.num_attention_heads, impl, causal
         self.k_proj = linear(d, d, rngs, p, axes=("embed", "heads"))
         self.v_proj = linear(d, d, rngs, p, axes=("embed", "heads"))
         self.q_proj = linear(d, d, rngs, p, axes=("embed", "heads"))
@@ -132,12 +147,12 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         q, k, v = (split_heads(f(x), self.heads) for f in (self.q_proj, self.k_proj, self.v_proj))
         # Default scale 1/sqrt(head_dim), as CLIP's.
-        out = attention(q, k, v, impl=self.impl, is_causal=True, mask=mask)
+        out = attention(q, k, v, impl=self.impl, is_causal=self.causal, mask=mask)
         return self.out_proj(merge_heads(out))
 
 
 class CLIPMLP(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, p: Precision):
+    def __init__(self, cfg: CLIPEncoderConfig, rngs: nnx.Rngs, p: Precision):
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, rngs, p, axes=("embed", "mlp"))
         self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, rngs, p, axes=("mlp", "embed"))
@@ -147,9 +162,9 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, p: Precision, impl: str):
+    def __init__(self, cfg: CLIPEncoderConfig, rngs: nnx.Rngs, p: Precision, impl: str, causal: bool = True):
         self.dtype = p.dtype
-        self.self_attn = CLIPAttention(cfg, rngs, p, impl)
+        self.self_attn = CLIPAttention(cfg, rngs, p, impl, causal)
         self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, p)
         self.mlp = CLIPMLP(cfg, rngs, p)
         self.layer_norm2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, p)
@@ -168,9 +183,21 @@ _call_remat = nnx.remat(_call)
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool):
+    """The stack of pre-norm layers: causal for the text tower, bidirectional (``causal=False``) for vision."""
+
+    def __init__(
+        self,
+        cfg: CLIPEncoderConfig,
+        rngs: nnx.Rngs,
+        p: Precision,
+        impl: str,
+        remat: bool,
+        causal: bool = True,
+    ):
         self.remat = remat
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs, p, impl) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List(
+            [CLIPEncoderLayer(cfg, rngs, p, impl, causal) for _ in range(cfg.num_hidden_layers)]
+        )
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> list[jax.Array]:
         """Every layer's output, in order."""
