@@ -68,7 +68,7 @@ def augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
     return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: metrics cache the reference features per model
 class TrainedClassifier:
     net: Net
     params: PyTree

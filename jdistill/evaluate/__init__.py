@@ -1,1 +1,2 @@
-"""Evaluation: sample statistics for toy worlds; FID and CLIP score for images (later)."""
+"""Evaluation: mode statistics for the Gaussian-mixture world (gmm), the digits world's classifier metrics
+(digits), the Frechet distance (frechet), FID with a Flax InceptionV3 (fid) and CLIP score (clip_score)."""
