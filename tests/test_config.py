@@ -21,7 +21,9 @@ def test_presets_load_and_validate(spec):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown preset 'sdxx'.*\['gmm', 'sd21base', 'sd15', 'sdxl'\]"):
+    with pytest.raises(
+        ConfigError, match=r"unknown preset 'sdxx'.*\['digits', 'gmm', 'sd21base', 'sd15', 'sdxl'\]"
+    ):
         load("configs/swiftbrush.py:sdxx")
 
 
