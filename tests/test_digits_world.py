@@ -63,7 +63,8 @@ def test_digits_metrics_on_real_images_and_their_degradations(classifier):
     images, digits, colours = _real("test")
     real = digits_metrics(classifier, images, digits, colours)
     assert real["prompt_accuracy"] >= 0.97
-    assert real["frechet_distance"] < 1.0
+    # Measured 7.1 for the held-out fifth against all real images (the shipped teacher's 50-step samples: 74).
+    assert real["frechet_distance"] < 20.0
     assert 0.8 < real["diversity"] < 1.2  # held-out digits vary like the reference set
     rng = np.random.default_rng(0)
     previous = real["frechet_distance"]
