@@ -86,7 +86,7 @@ def recipe_rows(names: list[str], out: str) -> list[dict]:
                 json.dump({"train_seconds": time.time() - t0}, f)
         with open(timing) as f:
             seconds = json.load(f)["train_seconds"]
-        steps = len(config.method.get("student_timesteps", (0,)) or (0,))
+        steps = len(config.method.student_timesteps) if "student_timesteps" in config.method else 1
         rows.append(
             {"model": f"{name} ({spec.split(':')[1]})", "steps": steps, **metrics, "train_seconds": seconds}
         )

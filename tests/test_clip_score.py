@@ -12,19 +12,15 @@ import dataclasses
 import functools
 import importlib
 import json
-import os
-import pathlib
-import subprocess
 import sys
-import tempfile
 import types
-import zipfile
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_wheels
 import torch
 from flax import nnx
 from safetensors.numpy import save_file
@@ -306,9 +302,6 @@ def test_load_from_transformers_folder(tmp_path):
 
 # --- OpenCLIP ----------------------------------------------------------------------------------------------
 
-OPEN_CLIP_VERSION = "3.3.0"
-PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest"]
-REFERENCE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "reference"
 OPEN_CLIP_CFG = dict(
     embed_dim=24,
     vision_cfg=dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32),
@@ -316,37 +309,10 @@ OPEN_CLIP_CFG = dict(
 )
 
 
-def _unpacked_open_clip() -> pathlib.Path:
-    target = REFERENCE / f"open_clip-{OPEN_CLIP_VERSION}"
-    if (target / "open_clip").is_dir():
-        return target
-    REFERENCE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=REFERENCE) as tmp:  # per process: xdist workers may race here
-        subprocess.run(
-            [*PIP_DOWNLOAD, tmp, f"open-clip-torch=={OPEN_CLIP_VERSION}"],
-            check=True,
-        )
-        (wheel,) = pathlib.Path(tmp).glob("open_clip_torch-*.whl")
-        unpacked = pathlib.Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheel) as z:
-            z.extractall(
-                unpacked, [n for n in z.namelist() if n.startswith("open_clip/") and n.endswith(".py")]
-            )
-        try:
-            os.rename(unpacked, target)
-        except OSError:  # another worker finished first
-            if not (target / "open_clip").is_dir():
-                raise
-    return target
-
-
 @functools.cache
 def open_clip_model_module() -> types.ModuleType:
-    """``open_clip.model`` from the unpacked wheel; skips the test if the wheel cannot be downloaded."""
-    try:
-        root = _unpacked_open_clip()
-    except (subprocess.CalledProcessError, OSError, ValueError) as err:
-        pytest.skip(f"open-clip-torch {OPEN_CLIP_VERSION} wheel unavailable: {err}")
+    """``open_clip.model`` from the unpacked wheel (``reference_wheels``)."""
+    root = reference_wheels.unpacked("open_clip")
     package = types.ModuleType("open_clip")  # bypasses open_clip/__init__ (factory, torchvision transforms)
     package.__path__ = [str(root / "open_clip")]
     stubs = {

@@ -33,12 +33,17 @@ def test_build_writes_a_diffusers_teacher_and_resumes(tmp_path):
     for stage in ("classifier", "text_encoder", "vae", "unet"):
         assert stage in record, stage
     assert record["unet"]["steps"] == 2
-    assert {"digit_accuracy", "colour_accuracy", "frechet_distance", "diversity"} <= set(record["unet"]["final"])
+    assert {"digit_accuracy", "colour_accuracy", "frechet_distance", "diversity"} <= set(
+        record["unet"]["final"]
+    )
     with open(os.path.join(out, "build.json")) as f:
         assert json.load(f)["vae"]["scaling_factor"] == record["vae"]["scaling_factor"]
 
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(out, "teacher"))
-    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.scaling_factor == record["vae"]["scaling_factor"]
+    assert (
+        pipe.unet.config.sample_size == 8
+        and pipe.vae.config.scaling_factor == record["vae"]["scaling_factor"]
+    )
     assert pipe.tokenizer("a red seven")["input_ids"][1:-1] == [
         pipe.tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("a", "red", "seven")
     ]

@@ -26,7 +26,7 @@ def classifier():
     return load_classifier(DIGITS_CLASSIFIER)
 
 
-def _real(part: str, per_colour: bool = True):
+def _real(part: str):
     index = data.split(part)
     n = len(data.COLOUR_NAMES)
     index, colours = np.repeat(index, n), np.tile(np.arange(n), len(index))

@@ -59,33 +59,9 @@ def load_tool(name: str) -> types.ModuleType:
     return module
 
 
-def reference_fid_score() -> types.ModuleType:
-    """``pytorch_fid.fid_score`` (for ``calculate_frechet_distance``).
-
-    It imports ``torchvision.transforms`` at module level, and the torchvision wheel's compiled ops need CUDA,
-    so a real ``import torchvision`` is used when it works and otherwise a placeholder package (only a
-    ``__path__`` into the unpacked wheel) stands in while it imports, as ``reference_wheels`` does for
-    ``pytorch_fid.inception``; afterwards the torchvision entries leave ``sys.modules`` again.
-    """
-    reference_wheels.pytorch_fid_inception()  # puts the pytorch_fid package in sys.modules
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        tv = reference_wheels.unpacked("torchvision")
-        placeholder = types.ModuleType("torchvision")
-        placeholder.__path__ = [str(tv / "torchvision")]
-        placeholder.__version__ = reference_wheels.WHEELS["torchvision"]
-        sys.modules["torchvision"] = placeholder
-    try:
-        return importlib.import_module("pytorch_fid.fid_score")
-    finally:
-        for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[key]
-
-
 def torch_fid_inception(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the bare FID Inception3, pytorch-fid's ``InceptionV3`` wrapper around it), random weights, eval mode."""
-    pfi = reference_wheels.pytorch_fid_inception()
+    pfi = reference_wheels.pytorch_fid("inception")
     torch.manual_seed(seed)
     # fid_inception_v3() without load_state_dict_from_url: the same construction.
     inception = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
@@ -214,7 +190,7 @@ def test_frechet_distance_closed_form_and_pytorch_fid():
     v1, v2 = rng.uniform(0.1, 2.0, d), rng.uniform(0.1, 2.0, d)
     closed = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
     assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(closed, rel=1e-10)
-    reference = reference_fid_score().calculate_frechet_distance
+    reference = reference_wheels.pytorch_fid("fid_score").calculate_frechet_distance
     # Full-rank covariances, and rank-deficient ones (fewer samples than dimensions: a singular product).
     for n in (200, 9):
         a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))

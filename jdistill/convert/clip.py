@@ -40,8 +40,43 @@ def clip_text_net(
     )
 
 
-def _add_prefix(key: str) -> str:
-    return key if key.startswith((PREFIX, PROJECTION)) else PREFIX + key
+def load_tower(
+    source: str | Mapping[str, Any],
+    config: Any,
+    config_cls: type,
+    make_net: Callable[[Any, bool], Net],
+    *,
+    prefix: str,
+    projection: str,
+    names: tuple[str, str],
+    with_projection: bool | None,
+    variant: str | None,
+    allow_pickle: bool,
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None,
+) -> tuple[Net, PyTree]:
+    """One CLIP tower (text or vision) from a folder or a state dict: the class follows the weights (with
+    projection iff ``<projection>weight`` is there) unless ``with_projection`` is given; the hub layout (every
+    key under ``prefix``) and the unprefixed one transformers 5 saves both load. ``names``: the model's class
+    names without / with projection, for messages."""
+    config, state = component_source(source, config, config_cls, variant, allow_pickle)
+    if with_projection is None:
+        with_projection = projection + "weight" in state
+    # One layout per checkpoint: if any key has the hub prefix, all must (others are reported unexpected).
+    prefixed = any(k.startswith(prefix) for k in state)
+
+    def add_prefix(key: str) -> str:
+        return key if key.startswith((prefix, projection)) else prefix + key
+
+    net = make_net(config, with_projection)
+    params = load_state_dict(
+        net.abstract,
+        state,
+        rename=None if prefixed else add_prefix,
+        ignore=IGNORE,
+        place=place,
+        what=names[with_projection],
+    )
+    return net, params
 
 
 def load_clip_text(
@@ -62,23 +97,21 @@ def load_clip_text(
     ``text_projection.weight``. Loading is strict (``ConversionError`` names missing, unexpected and mis-shaped
     keys).
     """
-    config, state = component_source(source, config, CLIPTextConfig, variant, allow_pickle)
-    if with_projection is None:
-        with_projection = PROJECTION + "weight" in state
-    # One layout per checkpoint: if any key has the hub prefix, all must (others are reported unexpected).
-    prefixed = any(k.startswith(PREFIX) for k in state)
-    net = clip_text_net(
+    return load_tower(
+        source,
         config,
+        CLIPTextConfig,
+        lambda cfg, proj: clip_text_net(
+            cfg, with_projection=proj, precision=precision, attention_impl=attention_impl, remat=remat
+        ),
+        prefix=PREFIX,
+        projection=PROJECTION,
+        names=("CLIPTextModel", "CLIPTextModelWithProjection"),
         with_projection=with_projection,
-        precision=precision,
-        attention_impl=attention_impl,
-        remat=remat,
+        variant=variant,
+        allow_pickle=allow_pickle,
+        place=place,
     )
-    what = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
-    params = load_state_dict(
-        net.abstract, state, rename=None if prefixed else _add_prefix, ignore=IGNORE, place=place, what=what
-    )
-    return net, params
 
 
 def clip_state_dict(params: PyTree, prefix: bool = True) -> dict[str, np.ndarray]:

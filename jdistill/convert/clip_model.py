@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from jdistill.convert.clip import IGNORE as HF_IGNORE
+from jdistill.convert.clip import load_tower
 from jdistill.convert.core import ConversionError, load_state_dict
 from jdistill.convert.io import PICKLE_SUFFIXES, component_source, lazy_state_dict, read_json
 from jdistill.models.clip import LEGACY_EOS_TOKEN_ID, CLIPTextConfig
@@ -57,7 +59,6 @@ from jdistill.models.net import Net
 
 PyTree = Any
 Place = Callable[[tuple[str, ...], np.ndarray], Any]
-HF_IGNORE = (r"(^|\.)position_ids$",)
 # Non-persistent buffers some exports still carry, and the scalars of OpenAI's original state dicts.
 OPEN_CLIP_IGNORE = (
     r"(^|\.)attn_mask$",
@@ -116,26 +117,21 @@ def load_clip_vision(
     ``convert.clip.load_clip_text``: the class follows the weights (``visual_projection.weight`` present) unless
     ``with_projection`` is given; the hub layout (``vision_model.`` prefix) and the unprefixed one transformers
     5 saves for ``CLIPVisionModel`` both load."""
-    config, state = component_source(source, config, CLIPVisionConfig, variant, allow_pickle)
-    if with_projection is None:
-        with_projection = "visual_projection.weight" in state
-    prefixed = any(k.startswith("vision_model.") for k in state)
-
-    def add_prefix(key: str) -> str:
-        return key if key.startswith(("vision_model.", "visual_projection.")) else "vision_model." + key
-
-    net = clip_vision_net(
+    return load_tower(
+        source,
         config,
+        CLIPVisionConfig,
+        lambda cfg, proj: clip_vision_net(
+            cfg, with_projection=proj, precision=precision, attention_impl=attention_impl, remat=remat
+        ),
+        prefix="vision_model.",
+        projection="visual_projection.",
+        names=("CLIPVisionModel", "CLIPVisionModelWithProjection"),
         with_projection=with_projection,
-        precision=precision,
-        attention_impl=attention_impl,
-        remat=remat,
+        variant=variant,
+        allow_pickle=allow_pickle,
+        place=place,
     )
-    what = "CLIPVisionModelWithProjection" if with_projection else "CLIPVisionModel"
-    params = load_state_dict(
-        net.abstract, state, rename=None if prefixed else add_prefix, ignore=HF_IGNORE, place=place, what=what
-    )
-    return net, params
 
 
 def load_clip_model(

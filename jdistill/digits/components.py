@@ -152,10 +152,9 @@ def train_text_encoder(tokenizer, steps: int = 800, batch: int = 128, seed: int 
     params, history = _adam_loop(loss, params, steps, 1e-3, batches, seed)
     ids, digits, colours = batches(steps)
     pooled = net.apply(params["encoder"], ids).pooler_output
-    acc = float(
-        np.mean(np.asarray(pooled @ params["heads"]["digit"]).argmax(-1) == digits)
-        * np.mean(np.asarray(pooled @ params["heads"]["colour"]).argmax(-1) == colours)
-    )
+    digit_ok = np.asarray(pooled @ params["heads"]["digit"]).argmax(-1) == digits
+    colour_ok = np.asarray(pooled @ params["heads"]["colour"]).argmax(-1) == colours
+    acc = float(np.mean(digit_ok & colour_ok))  # both read from a fresh batch of captions
     return Trained(net, params["encoder"], config, {"loss": history, "caption_accuracy": acc})
 
 

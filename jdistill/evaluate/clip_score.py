@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jdistill.convert.clip_model import load_clip
+from jdistill.evaluate.images import checked_images
 from jdistill.models.clip_vision import CLIPConfig, l2_normalize
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
@@ -47,7 +48,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLAMPS = ("mean", "pair")
 # Float images outside [0, 1] by more than this are taken for a mistake (e.g. [-1, 1] VAE outputs).
-RANGE_SLACK = 1e-2
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -185,7 +185,7 @@ class CLIPScore:
                 chunk = (
                     images[rows] if isinstance(images, np.ndarray) else np.stack([images[i] for i in rows])
                 )
-                out[rows] = self._batch(_checked(chunk), ids[rows], mask[rows])
+                out[rows] = self._batch(checked_images(chunk), ids[rows], mask[rows])
         return out
 
     def __call__(
@@ -214,23 +214,6 @@ def _groups(images: np.ndarray | list[np.ndarray]) -> dict[tuple[int, ...], np.n
             raise ValueError(f"each image must be (height, width, 3), got shape {np.shape(image)}")
         groups.setdefault(np.shape(image), []).append(i)
     return {k: np.asarray(v) for k, v in groups.items()}
-
-
-def _checked(images: np.ndarray) -> np.ndarray:
-    """A batch (B, H, W, 3) as uint8 or float32, with float values checked to lie in [0, 1]."""
-    if images.shape[-1] != 3:
-        raise ValueError(f"images must be RGB (height, width, 3), got shape {images.shape[1:]}")
-    if images.dtype == np.uint8:
-        return images
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
-        raise ValueError(
-            f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-            "(images in [-1, 1] map to [0, 1] by (x + 1) / 2)"
-        )
-    return images.astype(np.float32)
 
 
 def _load_tokenizer(path: str) -> Any:

@@ -6,7 +6,7 @@ The protocol, step by step (pytorch-fid 0.3.0's ``InceptionV3(resize_input=True,
 1. Images: (N, H, W, 3) RGB, uint8 (divided by 255 in float32, as torchvision's ``ToTensor``) or float in
    [0, 1] (float values are used as given: pytorch-fid reads PNG files, i.e. 8-bit levels, so to reproduce a
    number computed from saved PNGs pass uint8 images, e.g. ``np.round(x * 255).astype(np.uint8)``). Floats
-   outside [0, 1] by more than ``RANGE_SLACK`` are refused (a [-1, 1] VAE output is a common mistake).
+   outside [0, 1] by more than ``images.RANGE_SLACK`` are refused (a [-1, 1] VAE output is a common mistake).
 2. Resize to 299 x 299 by bilinear interpolation with half-pixel centres and *no* antialiasing: torch's
    ``F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)`` (``antialias=False``, its
    default), which is what pytorch-fid calls; so shrinking large images aliases exactly as in pytorch-fid.
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdistill.evaluate.frechet import frechet_distance, statistics
+from jdistill.evaluate.images import checked_images
 from jdistill.models.net import Net
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
 PyTree = Any
 RESOLUTION = 299
 # Float images outside [0, 1] by more than this are taken for a mistake (e.g. [-1, 1] VAE outputs).
-RANGE_SLACK = 1e-2
 # pytorch-fid's IMAGE_EXTENSIONS (fid_score.py).
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
 Images = np.ndarray | Iterable[np.ndarray]
@@ -137,18 +137,7 @@ def _as_batch(item: Any) -> np.ndarray:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must be (height, width, 3) or (batch, height, width, 3), got {x.shape}")
-    if x.dtype == np.uint8:
-        return x
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {x.dtype}")
-    if x.size:
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
-            raise ValueError(
-                f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                "(images in [-1, 1] map to [0, 1] by (x + 1) / 2)"
-            )
-    return x.astype(np.float32)
+    return checked_images(x)
 
 
 def _batches(images: Images, batch_size: int) -> Iterator[np.ndarray]:
