@@ -98,3 +98,15 @@ def test_learn_merges_is_bpe():
     assert merges[0] == ("a", "b</w>")
     assert merges[1] == ("a", "ab</w>")
     assert len(merges) == 2
+
+
+def test_every_caption_parses_back_to_its_digit_and_colour():
+    for d in range(10):
+        for c in range(len(data.COLOUR_NAMES)):
+            for t in range(len(data.TEMPLATES)):
+                for numeral in (False, True):
+                    assert data.parse_caption(data.caption(d, c, t, numeral)) == (d, c)
+    assert data.parse_caption("Seven, in RED.") == (7, 0)
+    for bad in ("a red 17", "a red blue seven", "a red three and a four", "seven", "a photo of a cat"):
+        with pytest.raises(ValueError, match="not a digits caption"):
+            data.parse_caption(bad)

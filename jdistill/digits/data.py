@@ -102,6 +102,23 @@ def caption(digit: int, colour: int, template: int, numeral: bool) -> str:
     return text
 
 
+def parse_caption(text: str) -> tuple[int, int]:
+    """(digit, colour) named by a digits caption (any phrasing that names one digit, as a word or a numeral,
+    and one colour); ValueError otherwise."""
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    digits = {
+        NUMBER_WORDS.index(w) if w in NUMBER_WORDS else int(w)
+        for w in words
+        if w in NUMBER_WORDS or w.isdigit()
+    }
+    colours = {COLOUR_NAMES.index(w) for w in words if w in COLOUR_NAMES}
+    if len(digits) != 1 or len(colours) != 1 or any(w.isdigit() and len(w) > 1 for w in words):
+        raise ValueError(
+            f"not a digits caption: {text!r} (needs one digit, 0-9 or a number word, and one of {COLOUR_NAMES})"
+        )
+    return digits.pop(), colours.pop()
+
+
 def random_captions(rng: np.random.Generator, digits: np.ndarray, colours: np.ndarray) -> list[str]:
     return _captions(digits, colours, *_phrasing(rng, len(digits)))
 

@@ -1,0 +1,171 @@
+"""Score text-to-image outputs: a diffusers pipeline's samples, or images already drawn.
+
+    python tools/evaluate.py --pipeline runs/digits/export --out runs/digits/eval
+    python tools/evaluate.py --pipeline jdistill/assets/digits/teacher --steps 50 --guidance 4 --out eval_t50
+    python tools/evaluate.py --images samples.npy --prompts prompts.txt \\
+        [--fid-inception pt_inception.pth --fid-ref ref.npz] [--clip-model /models/clip-vit-large-patch14]
+
+``--pipeline DIR`` loads DIR with ``diffusers.StableDiffusionPipeline.from_pretrained`` (needs torch and
+diffusers: ``pip install -e '.[torch]'``) and draws one image per digits evaluation prompt (``--count``, balanced
+over the 60 (digit, colour) pairs, the prompts jdistill's runs are scored on). Steps and guidance default to
+the call an exported student records in ``jdistill_export.json``, else to the shipped teacher's (50 steps, its
+build's guidance scale). ``--images`` (a folder or ``.npy`` (N, H, W, 3), uint8 or float in [0, 1]) with
+``--prompts`` (a text file, one prompt per image, e.g. a run's ``samples/final_prompts.txt``) scores images
+drawn elsewhere.
+
+Metrics: on digits prompts (every prompt names one digit and one colour) the project's classifier gives digit,
+colour and prompt accuracy, the Frechet distance in its feature space and diversity
+(``jdistill.evaluate.digits``); FID with ``--fid-inception`` (pytorch-fid's weights file) and ``--fid-ref``
+(statistics ``.npz`` from ``tools/fid_stats.py``); CLIP score with ``--clip-model`` (a transformers CLIP
+directory). ``--out DIR`` receives ``metrics.json``, ``images.npy``, ``prompts.txt`` and a PNG grid of the
+first 64 images. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pipeline_call(path: str) -> dict:
+    """The sampling call to use for a pipeline directory: an export's recorded one, else the teacher's."""
+    record = os.path.join(path, "jdistill_export.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            return dict(json.load(f)["call"])
+    from jdistill.teachers.presets import DIGITS_ROOT
+
+    with open(os.path.join(DIGITS_ROOT, "build.json")) as f:
+        return {"num_inference_steps": 50, "guidance_scale": json.load(f)["guidance_scale"]}
+
+
+def draw(path: str, prompts: list[str], call: dict, seed: int, batch_size: int) -> np.ndarray:
+    """uint8 images (N, H, W, 3) from diffusers' StableDiffusionPipeline at ``path``."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        images = pipe(prompts[i : i + batch_size], generator=generator, output_type="np", **call).images
+        out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def digits_labels(prompts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(digits, colours) when every prompt is a digits caption, else None."""
+    from jdistill.digits.data import parse_caption
+
+    try:
+        pairs = np.array([parse_caption(p) for p in prompts])
+    except ValueError:
+        return None
+    return pairs[:, 0], pairs[:, 1]
+
+
+def score(images: np.ndarray, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    labels = digits_labels(prompts)
+    if labels is not None:
+        from jdistill.digits.classifier import load_classifier
+        from jdistill.evaluate.digits import digits_metrics
+        from jdistill.teachers.presets import DIGITS_CLASSIFIER
+
+        metrics.update(digits_metrics(load_classifier(DIGITS_CLASSIFIER), images, *labels))
+    if args.fid_inception:
+        from jdistill.evaluate.fid import InceptionFeatures, fid
+
+        features = InceptionFeatures.from_file(args.fid_inception, batch_size=args.batch_size)
+        metrics["fid"] = float(fid(images, args.fid_ref, features))
+    if args.clip_model:
+        from jdistill.evaluate.clip_score import CLIPScore
+
+        metrics["clip_score"] = float(CLIPScore.from_pretrained(args.clip_model)(images, prompts))
+    return metrics
+
+
+def read_prompts(path: str) -> list[str]:
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pipeline", help="a diffusers StableDiffusionPipeline directory to draw from")
+    source.add_argument("--images", help="a folder of images or a .npy array (N, H, W, 3)")
+    parser.add_argument("--prompts", help="with --images: a text file, one prompt per image")
+    parser.add_argument("--steps", type=int, help="with --pipeline: num_inference_steps")
+    parser.add_argument("--guidance", type=float, help="with --pipeline: guidance_scale")
+    parser.add_argument("--count", type=int, default=600, help="with --pipeline: images to draw")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--fid-inception", help="pytorch-fid's Inception weights (.pth or converted .safetensors)"
+    )
+    parser.add_argument("--fid-ref", help="with --fid-inception: reference statistics (.npz)")
+    parser.add_argument("--clip-model", help="a transformers CLIP directory: CLIP score")
+    parser.add_argument("--out", help="a directory for metrics.json, the images, prompts and a PNG grid")
+    args = parser.parse_args(argv)
+    if bool(args.fid_inception) != bool(args.fid_ref):
+        parser.error("FID needs both --fid-inception and --fid-ref")
+    if args.images and not args.prompts:
+        parser.error("--images needs --prompts (one prompt per image)")
+    if args.images and (args.steps or args.guidance is not None):
+        parser.error("--steps and --guidance apply to --pipeline only")
+
+    if args.pipeline:
+        from jdistill.digits.data import evaluation_prompts
+
+        if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+            parser.error(f"{args.pipeline} is not a diffusers pipeline directory (no model_index.json)")
+        prompts = evaluation_prompts(args.count).prompts
+        call = pipeline_call(args.pipeline)
+        if args.steps:
+            call["num_inference_steps"] = args.steps
+        if args.guidance is not None:
+            call["guidance_scale"] = args.guidance
+        images = draw(args.pipeline, prompts, call, args.seed, args.batch_size)
+    else:
+        from jdistill.evaluate.fid import read_images
+
+        call = {}
+        prompts = read_prompts(args.prompts)
+        images = np.concatenate(list(read_images(args.images)))
+        if len(images) != len(prompts):
+            parser.error(f"{len(images)} images but {len(prompts)} prompts in {args.prompts}")
+    metrics = score(images, prompts, args)
+    if not metrics:
+        parser.error(
+            "nothing to measure: the prompts are not digits captions and no --fid-* / --clip-model given"
+        )
+    record = {"source": args.pipeline or args.images, **({"call": call} if call else {}), "metrics": metrics}
+    print(json.dumps(record, indent=2))
+    if args.out:
+        from jdistill.visualize import image_grid_png
+
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        np.save(os.path.join(args.out, "images.npy"), images)
+        with open(os.path.join(args.out, "prompts.txt"), "w") as f:
+            f.write("\n".join(prompts) + "\n")
+        grid = images[:64].astype(np.float32) / 127.5 - 1 if images.dtype == np.uint8 else images[:64] * 2 - 1
+        image_grid_png(os.path.join(args.out, "grid.png"), grid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
