@@ -5,6 +5,14 @@ Reference: Yin et al., DMD2, NeurIPS 2024 (arXiv 2405.14867), official code tian
 only (the fake score runs without guidance, as DMD2 asserts); unconditional input = the null label (gmm).
 
 Presets:
+  digits     the shipped digits teacher (jdistill/assets/digits), one-step student, GAN off (method.gan
+             switches it on: real images come with the world). Student and fake score are full copies of the
+             teacher's UNet; DMD2's optimizer (AdamW (0.9, 0.999), wd 0.01, clip 10, one lr for both) at lr
+             1e-4 with 50 warm-up steps; real-score CFG 4 (the teacher's sampling scale; the fake score without
+             guidance); 2 fake-score updates per generator update (TTUR 10 leaves too few generator updates
+             in a short run); student EMA 0.99; 800 steps of 32. Measured 2026-12-02 (2-core CPU shared with
+             three other jobs: 1.7 steps/s, 11.6 min): Frechet distance 229, digit accuracy 0.805, colour
+             0.925, diversity 1.15 (teacher at 1 DDIM step: 1180 / 0.567; at 4 steps: 297 / 0.947).
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. The losses
              and timestep ranges (DM t ~ U{20..980}, fake t ~ U{0..999}) are the paper's. Toy-specific
              choices, each measured (2026-11-23 sweeps, 8000 steps of 256, within-0.5 / class consistency):
@@ -29,22 +37,41 @@ Presets:
               2k iterations on 10k ODE pairs; not reproduced here).
   sdxl_lora   sdxl with a LoRA student (rank 64, alpha 8, attention projections), lr 5e-5, 16k steps.
 
+  python -m jdistill.main --config configs/dmd2.py:digits --workdir runs/dmd2_digits
   python -m jdistill.main --config configs/dmd2.py:gmm --workdir runs/dmd2_gmm
 """
 
-from jdistill.config_base import base_config, dmd2_networks, gmm_distillation
+from jdistill.config_base import base_config, digits_distillation, dmd2_networks, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd2
 from jdistill.methods.adversarial import discriminator_config
 
-PRESETS = ("gmm", "gmm_4step", "sd15", "sd15_gan", "sd21base", "sdxl", "sdxl_1step", "sdxl_lora")
+PRESETS = ("digits", "gmm", "gmm_4step", "sd15", "sd15_gan", "sd21base", "sdxl", "sdxl_1step", "sdxl_lora")
 FOUR_STEPS = (999.0, 749.0, 499.0, 249.0)
+DIGITS_LR = 1e-4
 
 
 def get_config(arg=None):
     preset = choose_preset(arg, PRESETS, default="gmm")
     c = base_config()
     c.method = dmd2.default_config()
+    if preset == "digits":
+        # DMD2's optimizer (AdamW, wd 0.01, clip 10, one lr for both networks) with a short warm-up.
+        digits_distillation(
+            c,
+            student_lr=DIGITS_LR,
+            fake_lr=DIGITS_LR,
+            num_steps=800,
+            optimizer="adamw",
+            weight_decay=0.01,
+            grad_clip=10.0,
+            warmup_steps=50,
+            student_ema=0.99,
+        )
+        c.method.guidance_scale = 4.0  # the teacher's own sampling scale, real score only
+        c.method.generator_every = 2
+        c.networks.discriminator = discriminator_config(lr=DIGITS_LR)  # used when method.gan is on
+        return c
     if preset.startswith("gmm"):
         gmm_distillation(c, student_lr=3e-4)
         c.method.guidance_scale = 2.0
