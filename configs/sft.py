@@ -46,7 +46,7 @@ def digits_sft(c) -> None:
     from jdistill.teachers.digits_world import digits_teacher_config
 
     c.teacher = digits_teacher_config()
-    c.num_steps = 8000
+    c.num_steps = 5000  # the shipped teacher's build (jdistill/assets/digits/build.json)
     c.batch_size = 64
     c.log_every = 200
     c.checkpoint.every = 1000

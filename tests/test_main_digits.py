@@ -1,0 +1,57 @@
+"""The README's first command in full: SwiftBrush distils the shipped digits teacher on the CPU, writes a
+sample grid and metrics, and exports a one-step diffusers student that diffusers' own pipeline runs.
+
+Several minutes on 2 cores, so not in the default run: ``python -m pytest -m digits``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import REPO, main_command, subprocess_env
+
+from jdistill.digits import data
+from jdistill.teachers.presets import DIGITS_CLASSIFIER
+
+pytestmark = pytest.mark.digits
+
+
+def test_readme_main_job_leaves_grid_metrics_and_a_one_step_diffusers_student(tmp_path):
+    import subprocess
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from jdistill.digits.classifier import load_classifier
+    from jdistill.evaluate.digits import digits_metrics
+
+    workdir = tmp_path / "digits"
+    done = subprocess.run(
+        main_command(workdir, "configs/swiftbrush.py"),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (workdir / "samples" / "final.png").stat().st_size > 0
+    prompts = (workdir / "samples" / "final_prompts.txt").read_text().splitlines()
+    assert len(prompts) == len(np.load(workdir / "samples" / "final.npy"))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "eval/digit_accuracy" in r][-1]
+    assert final["eval/digit_accuracy"] >= 0.8, final
+
+    export = workdir / "export"
+    call = json.loads((export / "jdistill_export.json").read_text())["call"]
+    assert call == {"num_inference_steps": 1, "guidance_scale": 1.0}
+    pipe = StableDiffusionPipeline.from_pretrained(os.fspath(export))
+    pipe.set_progress_bar_config(disable=True)
+    labelled = data.evaluation_prompts(300)
+    images = pipe(
+        labelled.prompts, generator=torch.Generator().manual_seed(0), output_type="np", **call
+    ).images
+    metrics = digits_metrics(load_classifier(DIGITS_CLASSIFIER), images, labelled.digits, labelled.colours)
+    assert metrics["digit_accuracy"] >= 0.8, metrics
