@@ -6,7 +6,8 @@ digits student, on the same 600 evaluation prompts (10 per (digit, colour)), rea
 Columns: Frechet distance in the classifier's feature space (lower is better), digit / colour accuracy,
 diversity (1 = as varied as the data), training time of the run (wall clock, this machine), sampling steps.
 Each recipe is trained with its ``digits`` preset (``configs/<recipe>.py:<preset>``) into ``--out/<name>``;
-an existing finished run is reused (its recorded training time kept). Results go to ``--out/results.json``
+an existing finished run is reused (its recorded training time kept), as are the teacher rows
+(``--out/teacher_rows.json``, for the same count and seed). Results go to ``--out/results.json``
 and a Markdown table is printed for README.md / benchmarks/RESULTS.md.
 """
 
@@ -22,9 +23,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# name -> (config spec, student step counts to sample with: None = the preset's own)
-RECIPES = {
-    "swiftbrush": ("configs/swiftbrush.py:digits", None),
+# name -> (config spec, other student timesteps to sample the trained student with: multi-step samplers only)
+RECIPES: dict[str, tuple[str, tuple[tuple[float, ...], ...]]] = {
+    "swiftbrush": ("configs/swiftbrush.py:digits", ()),
 }
 TEACHER_STEPS = (50, 25, 4, 1)
 COLUMNS = ("frechet_distance", "digit_accuracy", "colour_accuracy", "diversity")
@@ -75,7 +76,7 @@ def recipe_rows(names: list[str], out: str) -> list[dict]:
 
     rows = []
     for name in names:
-        spec, _ = RECIPES[name]
+        spec, other_timesteps = RECIPES[name]
         config = configuration.load(os.path.join(REPO, spec), [])
         workdir = os.path.join(out, name)
         timing = os.path.join(workdir, "benchmark_time.json")
@@ -86,11 +87,19 @@ def recipe_rows(names: list[str], out: str) -> list[dict]:
                 json.dump({"train_seconds": time.time() - t0}, f)
         with open(timing) as f:
             seconds = json.load(f)["train_seconds"]
+        model = f"{name} ({spec.split(':')[1]})"
         steps = len(config.method.student_timesteps) if "student_timesteps" in config.method else 1
-        rows.append(
-            {"model": f"{name} ({spec.split(':')[1]})", "steps": steps, **metrics, "train_seconds": seconds}
-        )
+        rows.append({"model": model, "steps": steps, **metrics, "train_seconds": seconds})
         print(rows[-1], flush=True)
+        for timesteps in other_timesteps:  # the same student, sampled with other steps (nothing rewritten)
+            override = [("method.student_timesteps", repr(tuple(float(t) for t in timesteps)))]
+            s, state, _ = train.restore_latest(
+                configuration.load(os.path.join(REPO, spec), override), workdir
+            )
+            samples, batch = train.draw_samples(s, state, config.sample.final_count, config.sample.seed + 1)
+            metrics = s.world.evaluate(samples, batch)
+            rows.append({"model": model, "steps": len(timesteps), **metrics, "train_seconds": seconds})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -119,7 +128,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1235)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = teacher_rows(args.count, args.seed)
+    cached = os.path.join(args.out, "teacher_rows.json")  # the teacher rows do not change between runs
+    key = {"count": args.count, "seed": args.seed, "steps": list(TEACHER_STEPS)}
+    rows = None
+    if os.path.exists(cached):
+        with open(cached) as f:
+            record = json.load(f)
+        rows = record["rows"] if record["key"] == key else None
+    if rows is None:
+        rows = teacher_rows(args.count, args.seed)
+        with open(cached, "w") as f:
+            json.dump({"key": key, "rows": rows}, f, indent=2)
     if not args.teacher_only:
         rows += recipe_rows([n for n in args.recipes.split(",") if n], args.out)
     record = {
