@@ -4,6 +4,7 @@ differences, and the losses recomputed by hand with their stop-gradients made ex
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ from jdistill.methods.trajectory import (
     consistency_scalings,
     meanflow_times,
     skipping_grid,
+    time_delta_embedding,
     trigflow_times,
+    with_student_inputs,
 )
 from jdistill.models.embeddings import guidance_embedding
 from jdistill.models.mlp import TimeMLP
@@ -31,6 +34,7 @@ from jdistill.models.unet import UNetConfig
 from jdistill.rng import streams
 from jdistill.teachers import build_world
 from jdistill.teachers.gmm import GaussianMixture, GMMTeacher
+from jdistill.teachers.presets import DIGITS_ROOT
 
 VP = VPSchedule.from_betas()
 TRIG = TrigFlowSchedule(sigma_data=0.5)
@@ -155,6 +159,88 @@ def test_jvp_along_x_and_t_matches_central_differences_under_jit(make):
     assert rel_err(tangent_fd, reference) < 1e-3  # the fallback is that central difference (jit rounding)
     np.testing.assert_allclose(out, out_fd)
     assert float(jnp.abs(tangent).max()) > 1e-2  # a real direction, not a vanishing one
+
+
+def unet_meanflow_velocity():
+    """A tiny random eps UNet on SD's VP path read on the flow path as MeanFlow's u(z, r, t): t - r enters
+    through its timestep condition (``with_student_inputs(..., delta_dim)``)."""
+    kw = VARIANTS["lcm"]
+    net = unet_net(UNetConfig.from_dict(kw))
+    params = net.init(jax.random.key(4))
+    rng = np.random.default_rng(5)
+    states = jnp.asarray(rng.standard_normal((2, 7, kw["cross_attention_dim"])), jnp.float32)
+    denoiser = on_schedule(NetworkDenoiser(net, "eps", VP), FlowSchedule())
+
+    def u(z, r, t):
+        cond = with_student_inputs(
+            {"encoder_hidden_states": states}, time_delta=t - r, delta_dim=kw["time_cond_proj_dim"]
+        )
+        return denoiser.predict(params, z, t, cond).velocity
+
+    def plain(z, t):  # the same UNet without any timestep condition
+        return denoiser.predict(params, z, t, {"encoder_hidden_states": states}).velocity
+
+    z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+    return u, plain, z
+
+
+def test_unet_meanflow_student_takes_t_minus_r_and_has_a_jvp_in_r_and_t():
+    """The UNet's u(z, r, t) depends on r through t - r, equals the UNet without the condition at r = t (the
+    embedding of 0 is zero), and forward-mode JVP along (v, dr, dt) through it matches central differences."""
+    u, plain, z = unet_meanflow_velocity()
+    t = jnp.asarray([0.9, 0.5], jnp.float32)
+    np.testing.assert_allclose(time_delta_embedding(jnp.zeros(2), 16), 0.0, atol=1e-7)
+    np.testing.assert_allclose(u(z, t, t), plain(z, t), atol=1e-6)
+    changed = u(z, jnp.asarray([0.2, 0.1]), t) - u(z, t, t)
+    assert float(jnp.abs(changed).max(axis=(1, 2, 3)).min()) > 1e-3  # every sample sees its r
+    with pytest.raises(ValueError, match="one timestep_cond"):
+        with_student_inputs({"x": t}, guidance=2.0, guidance_dim=16, time_delta=t, delta_dim=16)
+
+    r = jnp.asarray([0.3, 0.2], jnp.float32)
+    v = jnp.asarray(np.random.default_rng(6).standard_normal(z.shape), jnp.float32)
+    tangents = (v, jnp.asarray([0.4, -0.3]), jnp.ones(2))
+    out, tangent = jax.jit(lambda *a: directional_derivative(u, a, tangents, method="jvp"))(z, r, t)
+    reference = central_difference(u, (z, r, t), tangents, 1e-4)
+    np.testing.assert_allclose(out, u(z, r, t), rtol=1e-4, atol=1e-4)  # jit rounding
+    assert rel_err(tangent, reference) < 1e-2
+    # the r part alone is nonzero: d/dr reaches the UNet through t - r
+    _, du_dr = jax.jvp(lambda r_: u(z, r_, t), (r,), (jnp.ones(2),))
+    assert float(jnp.abs(du_dr).max()) > 1e-2
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(DIGITS_ROOT, "build.json")), reason="the digits world is not installed"
+)
+def test_meanflow_unet_student_starts_as_the_teacher_and_trains_its_t_minus_r_projection():
+    """configs/meanflow.py:digits: the student is the teacher's UNet with a zero t - r projection, so its
+    one-step sample z - u(z, 0, 1) is the teacher's conditional flow step; the loss (du/dt through the UNet) is
+    finite and trains that projection; export names why it cannot be done."""
+    config = load("configs/meanflow.py:digits", [("batch_size", "4")])
+    world = build_world(config)
+    recipe = build_recipe(config, world)
+    frozen = dict(world.frozen)
+    (student,) = recipe.networks
+    params = {**frozen, "student": student.initial_params(jax.random.key(0), frozen)}
+    start = {
+        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params["student"])[0]
+    }
+    proj = "['time_embedding']['cond_proj']['kernel']"
+    assert start[proj].shape == (64, 32) and not np.any(np.asarray(start[proj]))
+
+    batch = jax.jit(world.prepare)(frozen, world.data.local_batch(0, 4, np.arange(4)))
+    key = jax.random.key(3)
+    samples = recipe.sample(params, batch["cond"], key)
+    z = FlowSchedule().prior_sample(streams(key, "latent")["latent"], samples.shape)
+    teacher = on_schedule(world.teacher, FlowSchedule()).predict(frozen["teacher"], z, 1.0, batch["cond"])
+    np.testing.assert_allclose(samples, z - teacher.velocity, rtol=1e-4, atol=1e-4)
+
+    update = recipe.updates[0]
+    value, grads = jax.jit(
+        jax.value_and_grad(lambda p: update.loss({**params, "student": p}, batch, key, {"step": 0})[0])
+    )(params["student"])
+    flat_grads = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    assert np.isfinite(float(value)) and float(jnp.abs(flat_grads[proj]).max()) > 0
+    assert "t - r" in recipe.no_diffusers_export
 
 
 def test_unknown_jvp_method_is_named():

@@ -15,11 +15,17 @@ unconditional input with probability ``cond_dropout``):
    along the data velocity eps - x instead, T2I-Distill's choice for unguided samples);
 4. target u_tgt = v~ - (t - r) du/dt; loss = sg(w) |u - sg(u_tgt)|^2, w = 1 / (|u - u_tgt|^2 + 1e-3)^p.
 
+A UNet student (model arch "teacher", a copy of the teacher) keeps the teacher's parameterization and path and
+is read on the flow path the way the teacher is (u = eps - x0 of its prediction at the SNR-matched timestep);
+t - r enters as sinusoids of 1000 (t - r) (minus those of 0) through diffusers' ``time_cond_proj_dim``
+projection, which starts at zero so that the student starts as the teacher's conditional velocity.
+
 Samples: z_1 = eps, then z_r = z_t - (t - r) u(z_t, r, t) over ``student_timesteps`` (1 first) down to 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -31,8 +37,8 @@ from jdistill.diffusion.guidance import concat_cond
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
 from jdistill.diffusion.schedules import FlowSchedule
-from jdistill.methods.common import build_network, drop_conditions
-from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.common import build_network, drop_conditions, network_denoiser
+from jdistill.methods.recipe import Network, Recipe, Update
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import adaptive_loss, meanflow_target, meanflow_times, with_student_inputs
 from jdistill.rng import streams
@@ -62,16 +68,42 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
+def start_as_teacher(network: Network) -> Network:
+    """A UNet student copied from the teacher with its t - r projection (``time_embedding.cond_proj``) at zero:
+    u(z, r, t) starts as the teacher's conditional velocity v(z, t) for every r (the projection still gets
+    gradients, its input being nonzero for r < t)."""
+    copy = network.initial_params
+
+    def init(key, frozen):
+        def zero(path, x):
+            return jnp.zeros_like(x) if "cond_proj" in jax.tree_util.keystr(path) else x
+
+        return jax.tree_util.tree_map_with_path(zero, copy(key, frozen))
+
+    return dataclasses.replace(network, init=init)
+
+
 def build(config: ml_collections.ConfigDict, world) -> Recipe:
     m = config.method
     if m.tangent not in TANGENTS:
         raise ValueError(f"method.tangent: unknown {m.tangent!r}; choose one of {TANGENTS}")
     net_cfg = config.networks.student
-    if net_cfg.model.get("arch") == "mlp" and not net_cfg.model.get("second_time"):
+    unet = net_cfg.model.get("arch") == "teacher"
+    if not unet and not net_cfg.model.get("second_time"):
         raise ValueError("a MeanFlow student takes two times: set networks.student.model.second_time=True")
+    delta_dim = net_cfg.model.get("time_cond_proj_dim", 0) if unet else 0
+    if unet and not delta_dim:
+        raise ValueError(
+            "a MeanFlow UNet student takes t - r through its timestep condition: set "
+            "networks.student.model.time_cond_proj_dim (e.g. 64)"
+        )
     schedule = FlowSchedule()
     teacher = on_schedule(world.teacher, schedule)
     network = build_network("student", net_cfg, world, config.num_steps)
+    if unet:
+        # A copy of the teacher on its own path, read on the flow path as the teacher is: u = eps - x0.
+        network = start_as_teacher(network)
+        student = on_schedule(network_denoiser(network, net_cfg, world.teacher.schedule), schedule)
     omega, kappa = m.guidance_mix
     times = tuple(float(t) for t in m.student_timesteps)
     if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
@@ -81,7 +113,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         """u(z, r, t | cond) in float32; times are flow times in [0, 1] (O(1) inputs)."""
         n = z.shape[0]
         r, t = (jnp.broadcast_to(jnp.asarray(a, jnp.float32), (n,)) for a in (r, t))
-        out = network.net.apply(p, z, t, with_student_inputs(cond, time_delta=t - r))
+        inputs = with_student_inputs(cond, time_delta=t - r, delta_dim=delta_dim)
+        if unet:
+            return student.predict(p, z, t, inputs).velocity.astype(jnp.float32)
+        out = network.net.apply(p, z, t, inputs)
         return out.astype(jnp.float32)
 
     def loss(params, batch, key, carry):
@@ -139,6 +174,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         sample=sample,
         data="data",
         student_timesteps=times,
-        no_diffusers_export="an average-velocity student (two time inputs) has no diffusers pipeline; use "
+        no_diffusers_export="an average-velocity student (two time inputs, z_r = z_t - (t - r) u) has no "
+        "diffusers pipeline: no diffusers scheduler takes the UNet's t - r input or its flow-path update; use "
         "--mode sample, or the flat export of a gmm run",
     )

@@ -18,25 +18,43 @@ def per_sample_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
 
 
+def time_delta_embedding(delta: jax.Array, dim: int) -> jax.Array:
+    """MeanFlow's second time t - r (flow units, [0, 1]) as a UNet's ``timestep_cond``: the guidance embedding's
+    sinusoids of 1000 (t - r) minus those of 0, so that r = t adds nothing to the time embedding."""
+    delta = jnp.asarray(delta, jnp.float32)
+    return guidance_embedding(delta, dim) - guidance_embedding(jnp.zeros_like(delta), dim)
+
+
 def with_student_inputs(
     cond: PyTree,
     *,
     guidance: jax.Array | None = None,
     guidance_dim: int = 0,
     time_delta: jax.Array | None = None,
+    delta_dim: int = 0,
 ) -> PyTree:
     """The student's conditioning plus its extra inputs: LCM/sCM's guidance-scale embedding (diffusers'
-    ``timestep_cond``; ``guidance`` per sample or one value) and MeanFlow's second time. A label becomes
-    {"label": ...}; a UNet's dict is extended."""
+    ``timestep_cond``; ``guidance`` per sample or one value) and MeanFlow's second time: raw as "time_delta"
+    (the MLP embeds it itself), or with ``delta_dim`` > 0 embedded as the UNet's ``timestep_cond``
+    (``time_delta_embedding``; a UNet has one such input, so not together with a guidance embedding). A label
+    becomes {"label": ...}; a UNet's dict is extended."""
     if guidance_dim == 0 and time_delta is None:
         return cond
     out = dict(cond) if isinstance(cond, dict) else {"label": cond}
+    n = jax.tree.leaves(cond)[0].shape[0]
     if guidance_dim:
-        n = jax.tree.leaves(cond)[0].shape[0]
         w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (n,))
         out["timestep_cond"] = guidance_embedding(w, guidance_dim)
     if time_delta is not None:
-        out["time_delta"] = time_delta
+        delta = jnp.broadcast_to(jnp.asarray(time_delta, jnp.float32), (n,))
+        if delta_dim:
+            if guidance_dim:
+                raise ValueError(
+                    "a UNet student has one timestep_cond: a guidance embedding or t - r, not both"
+                )
+            out["timestep_cond"] = time_delta_embedding(delta, delta_dim)
+        else:
+            out["time_delta"] = delta
     return out
 
 
