@@ -6,6 +6,15 @@ unconditional input = the null label (gmm). Regression weight 0.25 as the paper'
 place of LPIPS, see jdistill/methods/dmd.py).
 
 Presets:
+  digits  the shipped digits teacher (jdistill/assets/digits), one-step student at t = 999; 512 ODE pairs
+       (25 DDIM steps with the same CFG: half the cost of 50; the teacher's Frechet distance at 25 steps 79,
+       at 50 steps 74) generated in memory when the run starts; real-score CFG 4 (the teacher's sampling scale), the fake
+       score without guidance, regression weight 0.25 (MSE in latent space). Student and fake score are full
+       copies of the teacher's UNet with the optimizer below (AdamW, wd 0.01, clip 10, one lr for both) at
+       lr 1e-4 with 50 warm-up steps, student EMA 0.99, 1:1 updates, 600 steps of 32. Measured 2026-12-02
+       (2-core CPU shared with four other jobs: 0.86 steps/s, 18.7 min with the pairs): Frechet distance 151,
+       digit accuracy 0.898, colour 0.940, diversity 1.04 (teacher at 1 DDIM step: 1180 / 0.567; DMD2's
+       digits preset without the regression: 229 / 0.805).
   gmm  analytic 8-mode Gaussian-mixture teacher on SD's VP schedule; 4096 ODE pairs (50 DDIM steps, same
        CFG) generated in memory when the run starts; real-score CFG w = 3 (the paper's FID model), the
        networks of the swiftbrush preset at half width (64 / 128, 1.7x faster steps; full width: 0.955 /
@@ -19,15 +28,17 @@ Presets:
        no EMA) with DMD's 1:1 update ratio [unverified for DMD v1].
   sd21base, sdxl   the same on those teachers (not paper runs).
 
+  python -m jdistill.main --config configs/dmd.py:digits --workdir runs/dmd_digits
   python -m jdistill.main --config configs/dmd.py:gmm --workdir runs/dmd_gmm
   python tools/make_ode_pairs.py --config configs/dmd.py:gmm --out pairs/gmm --count 4096   # pairs on disk
 """
 
-from jdistill.config_base import NARROW, base_config, dmd2_networks, gmm_distillation
+from jdistill.config_base import NARROW, base_config, digits_distillation, dmd2_networks, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd
 
-PRESETS = ("gmm", "sd15", "sd21base", "sdxl")
+PRESETS = ("digits", "gmm", "sd15", "sd21base", "sdxl")
+DIGITS_LR = 1e-4
 
 
 def get_config(arg=None):
@@ -35,7 +46,23 @@ def get_config(arg=None):
     c = base_config()
     c.method = dmd.default_config()
     c.method.guidance_scale = 3.0
-    if preset == "gmm":
+    if preset == "digits":
+        # DMD2's optimizer (the sd15 preset's, see below) with a short warm-up; 1:1 updates as DMD.
+        digits_distillation(
+            c,
+            student_lr=DIGITS_LR,
+            fake_lr=DIGITS_LR,
+            num_steps=600,
+            optimizer="adamw",
+            weight_decay=0.01,
+            grad_clip=10.0,
+            warmup_steps=50,
+            student_ema=0.99,
+        )
+        c.method.guidance_scale = 4.0  # the teacher's own sampling scale, real score and pairs
+        c.method.make_pairs = 512
+        c.method.pair_steps = 25
+    elif preset == "gmm":
         gmm_distillation(c, student_lr=3e-4, student_size=NARROW, fake_size=NARROW)
         c.method.make_pairs = 4096
     else:
