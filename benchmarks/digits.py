@@ -80,6 +80,7 @@ def recipe_rows(names: list[str], out: str) -> list[dict]:
         config = configuration.load(os.path.join(REPO, spec), [])
         workdir = os.path.join(out, name)
         timing = os.path.join(workdir, "benchmark_time.json")
+        _check_same_config(config, workdir)
         t0 = time.time()
         metrics = train.train(config, workdir)
         if not os.path.exists(timing):
@@ -101,6 +102,23 @@ def recipe_rows(names: list[str], out: str) -> list[dict]:
             rows.append({"model": model, "steps": len(timesteps), **metrics, "train_seconds": seconds})
             print(rows[-1], flush=True)
     return rows
+
+
+def _check_same_config(config, workdir: str) -> None:
+    """A reused run must have been trained with the preset as it is now."""
+    from jdistill import configuration
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(configuration.to_json(config))
+    if old != new:
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise SystemExit(
+            f"{workdir} was trained with another config (sections {changed}): remove it to retrain"
+        )
 
 
 def markdown(rows: list[dict]) -> str:
