@@ -23,8 +23,8 @@ Presets:
        exact time derivative carries 3-8x the smooth one in wiggles between them (measured at t = 0.5-1.45).
        Measured 2026-12-02 (2-core CPU shared with other jobs: 1.4 steps/s, 12 min): 1 step Frechet 451.6,
        digit / colour accuracy 0.77 / 0.66, diversity 1.16; 2 steps (pi/2, 1.3) 145.7, 0.985 / 0.93, 0.87
-       (teacher DDIM with CFG 4: 1 step 1180.1 / 0.567, 4 steps 296.9 / 0.947, 50 steps 74.1 / 0.997). With
-       jax.jvp: 1 step 537.0, 0.78 / 0.42 at lr 1e-4; 1280 (worse than the teacher) at lr 3e-4.
+       (teacher DDIM with CFG 4: 1 step 1180.1 / 0.567, 4 steps 296.9 / 0.947, 50 steps 74.1 / 0.997). At lr
+       2e-4: 1 step 498.7, 0.85 / 0.46. With jax.jvp: 1 step 537.0, 0.78 / 0.42 at lr 1e-4; 1280 (worse than the teacher) at lr 3e-4.
 
   sd15_ladd  SANA-Sprint's hybrid (sCM + 0.5 LADD) mapped to an SD1.5 teacher, on real latents of captioned
        images (teacher.data). From SANA-Sprint's released config (configs/sana_sprint_config/1024ms/
