@@ -26,6 +26,14 @@ sys.path.insert(0, REPO)
 # name -> (config spec, other student timesteps to sample the trained student with: multi-step samplers only)
 RECIPES: dict[str, tuple[str, tuple[tuple[float, ...], ...]]] = {
     "swiftbrush": ("configs/swiftbrush.py:digits", ()),
+    "dmd": ("configs/dmd.py:digits", ()),
+    "dmd2": ("configs/dmd2.py:digits", ()),
+    "sid": ("configs/sid.py:digits", ()),
+    "sid_lsg": ("configs/sid_lsg.py:digits", ()),
+    "sid_4step": ("configs/sid.py:digits_4step", ()),
+    "lcm": ("configs/lcm.py:digits", ((999.0,), (999.0, 499.0))),  # LCM's grid; trained for 4 steps
+    "scm": ("configs/scm.py:digits", ((1.5707963267948966, 1.3),)),  # TrigFlow times; 1 step by default
+    "meanflow": ("configs/meanflow.py:digits", ((1.0, 0.5), (1.0, 0.75, 0.5, 0.25))),
 }
 TEACHER_STEPS = (50, 25, 4, 1)
 COLUMNS = ("frechet_distance", "digit_accuracy", "colour_accuracy", "diversity")
@@ -114,6 +122,9 @@ def _check_same_config(config, workdir: str) -> None:
     with open(path) as f:
         old = json.load(f)
     new = json.loads(configuration.to_json(config))
+    for cosmetic in ("progress_bar",):  # settings that do not change what is trained
+        old.pop(cosmetic, None)
+        new.pop(cosmetic, None)
     if old != new:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise SystemExit(
