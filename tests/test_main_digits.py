@@ -45,13 +45,15 @@ def test_readme_main_job_leaves_grid_metrics_and_a_one_step_diffusers_student(tm
     assert final["eval/digit_accuracy"] >= 0.8, final
 
     export = workdir / "export"
-    call = json.loads((export / "jdistill_export.json").read_text())["call"]
-    assert call == {"num_inference_steps": 1, "guidance_scale": 1.0}
+    record = json.loads((export / "jdistill_export.json").read_text())
+    # One step without CFG; at t = 625 it is named by timesteps=[625] (LCMScheduler) rather than a step count.
+    assert record["call"] == {"timesteps": [625], "guidance_scale": 1.0}, record
     pipe = StableDiffusionPipeline.from_pretrained(os.fspath(export))
     pipe.set_progress_bar_config(disable=True)
     labelled = data.evaluation_prompts(300)
-    images = pipe(
-        labelled.prompts, generator=torch.Generator().manual_seed(0), output_type="np", **call
-    ).images
+    # The student starts from sigma_625 z (SiD-LSG's input): the export records the factor.
+    shape = (300, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    latents = record["latents_scale"] * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    images = pipe(labelled.prompts, latents=latents, output_type="np", **record["call"]).images
     metrics = digits_metrics(load_classifier(DIGITS_CLASSIFIER), images, labelled.digits, labelled.colours)
     assert metrics["digit_accuracy"] >= 0.8, metrics

@@ -34,11 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pipeline_call(path: str) -> dict:
-    """The sampling call to use for a pipeline directory: an export's recorded one, else the teacher's."""
+    """The sampling call to use for a pipeline directory: an export's recorded one (with ``latents_scale``, the
+    factor of its initial latents, when it is not 1), else the teacher's."""
     record = os.path.join(path, "jdistill_export.json")
     if os.path.exists(record):
         with open(record) as f:
-            return dict(json.load(f)["call"])
+            info = json.load(f)
+        scale = float(info.get("latents_scale", 1.0))
+        return {**info["call"], **({"latents_scale": scale} if scale != 1.0 else {})}
     from jdistill.teachers.presets import DIGITS_ROOT
 
     with open(os.path.join(DIGITS_ROOT, "build.json")) as f:
@@ -53,9 +56,14 @@ def draw(path: str, prompts: list[str], call: dict, seed: int, batch_size: int) 
     pipe = StableDiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
+    call = dict(call)
+    scale = call.pop("latents_scale", 1.0)
+    channels, side = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     out = []
     for i in range(0, len(prompts), batch_size):
-        images = pipe(prompts[i : i + batch_size], generator=generator, output_type="np", **call).images
+        batch = prompts[i : i + batch_size]
+        latents = scale * torch.randn((len(batch), channels, side, side), generator=generator)
+        images = pipe(batch, latents=latents, output_type="np", **call).images
         out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))
     return np.concatenate(out)
 
