@@ -33,7 +33,7 @@ Presets:
   python tools/make_ode_pairs.py --config configs/dmd.py:gmm --out pairs/gmm --count 4096   # pairs on disk
 """
 
-from jdistill.config_base import NARROW, base_config, digits_distillation, dmd2_networks, gmm_distillation
+from jdistill.config_base import NARROW, base_config, dmd2_digits, dmd2_networks, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd
 
@@ -48,17 +48,7 @@ def get_config(arg=None):
     c.method.guidance_scale = 3.0
     if preset == "digits":
         # DMD2's optimizer (the sd15 preset's, see below) with a short warm-up; 1:1 updates as DMD.
-        digits_distillation(
-            c,
-            student_lr=DIGITS_LR,
-            fake_lr=DIGITS_LR,
-            num_steps=600,
-            optimizer="adamw",
-            weight_decay=0.01,
-            grad_clip=10.0,
-            warmup_steps=50,
-            student_ema=0.99,
-        )
+        dmd2_digits(c, lr=DIGITS_LR, num_steps=600)
         c.method.guidance_scale = 4.0  # the teacher's own sampling scale, real score and pairs
         c.method.make_pairs = 512
         c.method.pair_steps = 25

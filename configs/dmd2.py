@@ -41,7 +41,7 @@ Presets:
   python -m jdistill.main --config configs/dmd2.py:gmm --workdir runs/dmd2_gmm
 """
 
-from jdistill.config_base import base_config, digits_distillation, dmd2_networks, gmm_distillation
+from jdistill.config_base import base_config, dmd2_digits, dmd2_networks, gmm_distillation
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd2
 from jdistill.methods.adversarial import discriminator_config
@@ -57,17 +57,7 @@ def get_config(arg=None):
     c.method = dmd2.default_config()
     if preset == "digits":
         # DMD2's optimizer (AdamW, wd 0.01, clip 10, one lr for both networks) with a short warm-up.
-        digits_distillation(
-            c,
-            student_lr=DIGITS_LR,
-            fake_lr=DIGITS_LR,
-            num_steps=800,
-            optimizer="adamw",
-            weight_decay=0.01,
-            grad_clip=10.0,
-            warmup_steps=50,
-            student_ema=0.99,
-        )
+        dmd2_digits(c, lr=DIGITS_LR, num_steps=800)
         c.method.guidance_scale = 4.0  # the teacher's own sampling scale, real score only
         c.method.generator_every = 2
         c.networks.discriminator = discriminator_config(lr=DIGITS_LR)  # used when method.gan is on

@@ -237,3 +237,20 @@ def digits_distillation(
     c.sample.count = 64
     c.sample.final_count = 600
     c.sample.batch = 200
+
+
+def dmd2_digits(c: ml_collections.ConfigDict, *, lr: float, num_steps: int) -> None:
+    """``digits_distillation`` with DMD2's optimizer (AdamW (0.9, 0.999), weight decay 0.01, gradient clip 10,
+    one lr for student and fake score; its sd15 preset's) plus a short warm-up and student EMA 0.99, for the
+    DMD family's digits presets."""
+    digits_distillation(
+        c,
+        student_lr=lr,
+        fake_lr=lr,
+        num_steps=num_steps,
+        optimizer="adamw",
+        weight_decay=0.01,
+        grad_clip=10.0,
+        warmup_steps=50,
+        student_ema=0.99,
+    )
