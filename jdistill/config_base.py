@@ -167,6 +167,10 @@ def unet_distillation(
         c.networks[name] = net
 
 
+# DMD2's optimizer (official scripts, methods.md 2.2(c)): AdamW (0.9, 0.999), weight decay 0.01, gradient clip 10.
+DMD2_OPTIMIZER = {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 10.0}
+
+
 def dmd2_networks(
     c: ml_collections.ConfigDict, preset: str, *, lr: float, batch_size: int, num_steps: int, **kwargs
 ) -> None:
@@ -180,10 +184,8 @@ def dmd2_networks(
         fake_lr=lr,
         batch_size=batch_size,
         num_steps=num_steps,
-        optimizer="adamw",
-        weight_decay=0.01,
-        grad_clip=10.0,
         warmup_steps=500,
+        **DMD2_OPTIMIZER,
         **kwargs,
     )
 
@@ -248,9 +250,7 @@ def dmd2_digits(c: ml_collections.ConfigDict, *, lr: float, num_steps: int) -> N
         student_lr=lr,
         fake_lr=lr,
         num_steps=num_steps,
-        optimizer="adamw",
-        weight_decay=0.01,
-        grad_clip=10.0,
         warmup_steps=50,
         student_ema=0.99,
+        **DMD2_OPTIMIZER,
     )
