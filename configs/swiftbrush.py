@@ -20,8 +20,8 @@ Presets:
        steps of 16 (0.718), a fake update twice per generator update (0.687), Adam beta1 0 (0.642), fake
        prompt dropout 0.5 (0.777). Writes sample grids (samples/final.png with the prompts in
        final_prompts.txt), metrics (metrics.jsonl: digit / colour accuracy, Frechet distance, diversity) and a
-       diffusers pipeline (export/, one step; its initial latents are sigma_625 z: pass
-       latents=latents_scale * randn, as jdistill_export.json records).
+       diffusers pipeline (export/: pipe(prompt, num_inference_steps=1, guidance_scale=1); the t = 625 input
+       is folded into its scheduler and UNet, see jdistill.convert.export.OneStepFold).
   gmm  analytic 8-mode Gaussian-mixture teacher on SD's VP schedule (scaled_linear betas). The losses,
        timestep ranges (VSD t ~ U{20..980}, fake t ~ U{0..999}), 1:1 update order and 10% prompt dropout
        are the paper's. Toy-specific choices, each measured (2026-11-23 sweeps):

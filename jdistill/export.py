@@ -57,6 +57,7 @@ def export_run(
         "timesteps": s.recipe.student_timesteps,
         "boundary": s.recipe.consistency_boundary,
         "guidance": s.recipe.student_guidance,
+        "input_scale": s.recipe.student_input_scale,
         "dtype": dtype,
         "variant": config.teacher.variant or None,
         "info": {
@@ -64,8 +65,6 @@ def export_run(
             "step": step,
             "ema": bool(config.sample.use_ema),
             "workdir": workdir,
-            # Initial latents = this x randn (SiD-LSG: sigma_625 z, not z): pass latents= accordingly.
-            "latents_scale": s.recipe.student_input_scale,
         },
     }
     net = s.recipe.network(name).net

@@ -17,7 +17,7 @@ from test_pipeline import _tool, tiny_config
 from jdistill import train
 from jdistill.convert.converted import convert_pipeline
 from jdistill.convert.core import to_state_dict
-from jdistill.convert.export import LCM_TIMESTEP_SCALING, export_pipeline, student_scheduler
+from jdistill.convert.export import LCM_TIMESTEP_SCALING, export_pipeline, one_step_fold, student_scheduler
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.parameterization import to_prediction
 from jdistill.diffusion.schedules import VPSchedule
@@ -61,6 +61,46 @@ def test_one_step_scheduler_returns_x0_exactly(prediction):
     prev = scheduler.step(torch.from_numpy(out), 999, torch.from_numpy(x_t)).prev_sample.numpy()
     # Only the parameterization conversion's float32 rounding separates them (|x0| ~ 3, sqrt(abar) ~ 0.07).
     np.testing.assert_allclose(prev, x0, atol=2e-5)
+
+
+def _sigma(t: int) -> float:
+    return float(np.sqrt(1 - VPSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000).alphas_cumprod[t]))
+
+
+@pytest.mark.parametrize(
+    ("prediction", "t", "noised_zero"),
+    [("eps", 625, True), ("v", 625, True), ("x0", 625, True), ("eps", 399, False), ("eps", 999, True)],
+)
+def test_one_step_fold_runs_other_timesteps_and_inputs_in_one_ddim_step(prediction, t, noised_zero):
+    """A student at timestep t from latents s z (SiD-LSG: s = sigma_t), called with num_inference_steps=1 on
+    z: DDIM's step on the folded output (conv_out x f) is the student's x0 computed by our conversions."""
+    from diffusers import DDIMScheduler
+
+    scale = _sigma(t) if noised_zero else 1.0
+    config, call = student_scheduler(TEACHER_SCHEDULER, prediction, (float(t),), input_scale=scale)
+    fold = one_step_fold(TEACHER_SCHEDULER, prediction, t, scale)
+    assert config["_class_name"] == "DDIMScheduler" and call == {"num_inference_steps": 1}
+    assert fold.conv_in == scale and (fold.conv_out == 1.0) == (prediction == "x0" or not noised_zero)
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [t]
+    schedule = VPSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000)
+    rng = np.random.default_rng(t)
+    z, f = rng.standard_normal((2, 2, 4, 8, 8)).astype(np.float32)
+    x_in, tt = jnp.asarray(scale * z), jnp.full((2,), float(t))
+    x0 = np.asarray(to_prediction(jnp.asarray(f), prediction, x_in, schedule, tt).as_type("x0"))
+    prev = scheduler.step(torch.from_numpy(fold.conv_out * f), t, torch.from_numpy(z)).prev_sample.numpy()
+    np.testing.assert_allclose(prev, x0, atol=2e-6 * np.abs(x0).max())
+
+
+def test_one_step_fold_declines_where_it_cannot():
+    # eps from sigma_100 z: sqrt(a) = alpha_100 / sigma_100 > 1, so the timesteps=[T] call and latents_scale stay.
+    assert one_step_fold(TEACHER_SCHEDULER, "eps", 100, _sigma(100)) is None
+    config, call = student_scheduler(TEACHER_SCHEDULER, "eps", (100.0,), input_scale=_sigma(100))
+    assert config["_class_name"] == "LCMScheduler" and call == {"timesteps": [100]}
+    cosine = {**TEACHER_SCHEDULER, "beta_schedule": "squaredcos_cap_v2"}
+    assert one_step_fold(cosine, "eps", 625, _sigma(625)) is None
+    assert one_step_fold(cosine, "eps", 999) is not None  # the teacher's own last step needs no betas
 
 
 @pytest.mark.parametrize(("prediction", "timesteps"), [("eps", (999, 749, 499, 249)), ("v", (999, 500))])
@@ -153,6 +193,41 @@ def test_sdxl_export_generates_like_jdistill_and_round_trips(tiny_pipelines, tmp
     np.testing.assert_allclose(again, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max())
     with pytest.raises(FileExistsError, match="not empty"):
         export_pipeline(world.source, str(dst), world.frozen["teacher"], prediction="eps")
+
+
+def test_folded_one_step_export_generates_like_jdistill(tiny_pipelines, tmp_path):
+    """SiD-LSG's one-step sampler (sigma_625 z labelled 625) exported for a plain num_inference_steps=1 call:
+    the pipeline, fed z, returns what jdistill's sampler returns from sigma_625 z."""
+    from jdistill.methods.rollout import FewStepStudent
+
+    config = tiny_config(tiny_pipelines, "sd")
+    world = build_world(config)
+    student = FewStepStudent(world.teacher, world.sample_shape, (625.0,), "noised_zero")
+    record = export_pipeline(
+        world.source,
+        str(tmp_path / "sd"),
+        world.frozen["teacher"],
+        prediction="eps",
+        timesteps=(625.0,),
+        input_scale=student.input_scale,
+    )
+    assert (
+        record["call"] == {"num_inference_steps": 1, "guidance_scale": 1.0} and record["latents_scale"] == 1.0
+    )
+    written = _read_safetensors(tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
+    original = to_state_dict(jax.tree.map(np.asarray, world.frozen["teacher"]))
+    for key, factor in record["unet_folded"].items():  # the trained weights are recovered by dividing
+        np.testing.assert_allclose(written[key].numpy() / factor, original[key], rtol=1e-6)
+    assert torch.equal(written["conv_in.bias"], torch.from_numpy(original["conv_in.bias"]))
+
+    prompts = ["a red circle", "the digit 3"]
+    key = jax.random.key(3)
+    cond = jax.jit(world.prepare)(world.frozen, world.conditions.tokenize(prompts))["cond"]
+    ours = np.asarray(student.sample(world.frozen["teacher"], cond, key))  # from sigma_625 z
+    z = world.teacher.schedule.prior_sample(streams(key, "latent", "renoise")["latent"], ours.shape)
+    kind, theirs = _pipeline_latents(tmp_path / "sd", prompts, z, record["call"], config.teacher.resolution)
+    assert kind == "StableDiffusionPipeline"
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-5
 
 
 def test_exported_run_loads_in_diffusers_and_generates_like_jdistill(tiny_pipelines, tmp_path, capsys):

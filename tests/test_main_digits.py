@@ -46,14 +46,16 @@ def test_readme_main_job_leaves_grid_metrics_and_a_one_step_diffusers_student(tm
 
     export = workdir / "export"
     record = json.loads((export / "jdistill_export.json").read_text())
-    # One step without CFG; at t = 625 it is named by timesteps=[625] (LCMScheduler) rather than a step count.
-    assert record["call"] == {"timesteps": [625], "guidance_scale": 1.0}, record
+    # The acceptance's call: one step, no CFG. The student's t = 625 and sigma_625 z input are folded into the
+    # scheduler and UNet, so the pipeline's own latents (unit noise) go in.
+    assert record["call"] == {"num_inference_steps": 1, "guidance_scale": 1.0}, record
+    assert record["latents_scale"] == 1.0 and "unet_folded" in record, record
     pipe = StableDiffusionPipeline.from_pretrained(os.fspath(export))
     pipe.set_progress_bar_config(disable=True)
     labelled = data.evaluation_prompts(300)
-    # The student starts from sigma_625 z (SiD-LSG's input): the export records the factor.
-    shape = (300, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    latents = record["latents_scale"] * torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    images = pipe(labelled.prompts, latents=latents, output_type="np", **record["call"]).images
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(
+        labelled.prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np", generator=generator
+    ).images
     metrics = digits_metrics(load_classifier(DIGITS_CLASSIFIER), images, labelled.digits, labelled.colours)
     assert metrics["digit_accuracy"] >= 0.8, metrics

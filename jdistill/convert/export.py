@@ -5,8 +5,10 @@ components are taken from the teacher's source directory (copied as files from a
 written from Flax parameters when the source is a directory made by ``tools/convert_teacher.py``), and the
 scheduler is chosen so that ``DiffusionPipeline.from_pretrained(dst)`` runs the student's own sampler:
 
-- one step at the last timestep: ``DDIMScheduler`` with trailing spacing and ``set_alpha_to_one``; its single
-  step returns the predicted x0 exactly;
+- one step: ``DDIMScheduler`` with trailing spacing and ``set_alpha_to_one``; its single step returns the
+  predicted x0 exactly. A step at another timestep T, or from latents s z rather than z (SiD-LSG's sigma_T z),
+  is folded into that plain ``num_inference_steps=1`` call (``OneStepFold``): the schedule is cut after T, its
+  last beta set, and the UNet's conv_in / conv_out rescaled (recorded in ``jdistill_export.json``);
 - several steps (predict x0, re-noise with fresh noise at the next timestep): ``LCMScheduler`` with
   ``original_inference_steps`` = the step count (its default timesteps are then 999, 999 - 1000/k, ...) and a
   huge ``timestep_scaling`` so that its boundary condition reduces to c_skip = 0, c_out = 1;
@@ -20,7 +22,9 @@ pipelines then embed w = guidance_scale - 1 as ``timestep_cond`` and run no clas
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -95,15 +99,100 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
         f.write("\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class OneStepFold:
+    """A one-step student's sampler as DDIM's single trailing step, called with ``num_inference_steps=1``.
+
+    The student maps x = s z (s = ``conv_in``: 1 for plain noise, sigma_T for SiD-LSG's input), labelled T,
+    to x0 = convert(f(x)). DDIM with trailing spacing takes its one step at ``num_train_timesteps - 1`` on the
+    pipeline's latents z and, with alpha_prev = 1, returns x0' = (z - sqrt(1 - a) f') / sqrt(a) for eps
+    (sqrt(a) z - sqrt(1 - a) f' for v, f' for x0), a being its alphas_cumprod there. Matching x0' = x0 for
+    every z fixes a; so the schedule is cut after T (its last timestep is then T), its last beta sets a, and the
+    UNet's linear ends absorb the rest: conv_in's kernel times s (f sees s z), conv_out's kernel and bias times
+    ``conv_out`` (f' = conv_out f).
+    """
+
+    timestep: int
+    betas: tuple[float, ...] | None = None  # None: the teacher's schedule unchanged
+    conv_in: float = 1.0
+    conv_out: float = 1.0
+
+    @property
+    def changes_weights(self) -> bool:
+        return self.conv_in != 1.0 or self.conv_out != 1.0
+
+
+def teacher_betas(scheduler: Mapping[str, Any]) -> np.ndarray | None:
+    """The teacher scheduler's betas in float64, or None for a beta schedule we do not compute."""
+    from jdistill.diffusion.schedules import BETA_SCHEDULES, make_betas
+
+    if scheduler.get("trained_betas") is not None:
+        return np.asarray(scheduler["trained_betas"], np.float64)
+    kind = scheduler.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES or scheduler.get("rescale_betas_zero_snr"):
+        return None
+    return make_betas(
+        kind,
+        scheduler.get("beta_start", 0.0001),
+        scheduler.get("beta_end", 0.02),
+        int(scheduler.get("num_train_timesteps", 1000)),
+    )
+
+
+def one_step_fold(
+    teacher_scheduler: Mapping[str, Any], prediction: str, timestep: int, input_scale: float = 1.0
+) -> OneStepFold | None:
+    """How ``OneStepFold`` runs this student, or None where it cannot (a would leave (0, 1): eps with
+    alpha_T >= s; or a schedule we do not compute): such students keep the ``timesteps=[T]`` call."""
+    n_train = int(teacher_scheduler.get("num_train_timesteps", 1000))
+    if timestep == n_train - 1 and input_scale == 1.0:
+        return OneStepFold(timestep)
+    betas = teacher_betas(teacher_scheduler)
+    if betas is None or not 0 <= timestep < len(betas):
+        return None
+    if input_scale == 1.0:  # the teacher's own coefficients at T: only the schedule is cut
+        return OneStepFold(timestep, tuple(float(b) for b in betas[: timestep + 1]))
+    abar = np.cumprod(1.0 - betas)
+    alpha, sigma, s = math.sqrt(abar[timestep]), math.sqrt(1.0 - abar[timestep]), float(input_scale)
+    a = {"eps": (alpha / s) ** 2, "v": (alpha * s) ** 2, "x0": float(abar[timestep])}[prediction]
+    if not 0.0 < a < 1.0:
+        return None
+    conv_out = {"eps": sigma / (s * math.sqrt(1 - a)), "v": sigma / math.sqrt(1 - a), "x0": 1.0}[prediction]
+    previous = float(abar[timestep - 1]) if timestep > 0 else 1.0
+    last = 1.0 - a / previous  # may be negative (a above the teacher's abar[T-1]); diffusers takes it as is
+    return OneStepFold(timestep, (*(float(b) for b in betas[:timestep]), last), s, conv_out)
+
+
+def fold_unet(state: Mapping[str, np.ndarray], fold: OneStepFold) -> dict[str, np.ndarray]:
+    """A diffusers UNet state dict with ``fold``'s factors on conv_in's kernel and conv_out (float64 products
+    rounded once to the tensors' dtype)."""
+    out = dict(state)
+    factors = {
+        "conv_in.weight": fold.conv_in,
+        "conv_out.weight": fold.conv_out,
+        "conv_out.bias": fold.conv_out,
+    }
+    for key, factor in factors.items():
+        if key not in out:
+            raise ConversionError(f"cannot fold the one-step sampler into the UNet: it has no {key}")
+        value = np.asarray(out[key])
+        out[key] = (value.astype(np.float64) * factor).astype(value.dtype)
+    return out
+
+
 def student_scheduler(
     teacher_scheduler: Mapping[str, Any],
     prediction: str,
     timesteps: tuple[float, ...],
     boundary: tuple[float, float] | None = None,
+    input_scale: float = 1.0,
 ):
     """(scheduler config, call arguments) with which diffusers reproduces the student's sampler.
 
-    ``boundary``: (sigma_data, timestep_scaling) of a consistency student's sampler (``Recipe.consistency_boundary``).
+    ``boundary``: (sigma_data, timestep_scaling) of a consistency student's sampler (``Recipe.consistency_boundary``);
+    ``input_scale``: the student's first input is this times unit noise (``Recipe.student_input_scale``). A
+    one-step student's call is ``num_inference_steps=1`` when ``one_step_fold`` applies (the exported UNet must
+    then carry the fold's factors: ``export_pipeline`` does it).
     """
     if boundary is not None and boundary[0] != LCM_SIGMA_DATA:
         raise ValueError(
@@ -128,7 +217,10 @@ def student_scheduler(
             f"student timesteps {timesteps} are not integers; diffusers schedulers need integers"
         )
     k = len(steps)
-    if k == 1 and steps[0] == n_train - 1 and boundary is None:
+    fold = one_step_fold(teacher_scheduler, prediction, steps[0], input_scale) if k == 1 else None
+    if fold is not None and boundary is None:
+        if fold.betas is not None:  # the schedule cut after T, so that trailing spacing's one step is at T
+            base = {**base, "num_train_timesteps": len(fold.betas), "trained_betas": list(fold.betas)}
         config = {
             "_class_name": "DDIMScheduler",
             "_diffusers_version": version,
@@ -195,6 +287,7 @@ def export_pipeline(
     unet_changes: Mapping[str, Any] | None = None,
     boundary: tuple[float, float] | None = None,
     guidance: float | None = None,
+    input_scale: float = 1.0,
     dtype: str = "float32",
     variant: str | None = None,
     info: Mapping[str, Any] | None = None,
@@ -204,8 +297,10 @@ def export_pipeline(
     ``unet_config`` defaults to the teacher's UNet config (a student with the teacher's architecture), updated
     with ``unet_changes`` (e.g. LCM's ``time_cond_proj_dim``). ``boundary``: a consistency student's
     (sigma_data, timestep_scaling); ``guidance``: the w (convention "cond") a student with a guidance
-    embedding is sampled with. Returns what was written to ``dst/jdistill_export.json``: the call arguments that
-    run the student's sampler, the scheduler chosen, and ``info``.
+    embedding is sampled with; ``input_scale``: the student's first input is this times unit noise (folded into
+    the UNet for one-step students, see ``OneStepFold``; otherwise recorded as ``latents_scale``, the factor to
+    give the pipeline's ``latents``). Returns what was written to ``dst/jdistill_export.json``: the call
+    arguments that run the student's sampler, the scheduler chosen, and ``info``.
     """
     from jdistill.convert.pipeline import CONVERTED_MARKER, load_pipeline
 
@@ -221,7 +316,12 @@ def export_pipeline(
     if guidance is not None and not config.get("time_cond_proj_dim"):
         raise ValueError(f"guidance {guidance} for the student, but its UNet has no time_cond_proj_dim")
     teacher_scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
-    scheduler, call = student_scheduler(teacher_scheduler, prediction, tuple(timesteps), boundary)
+    scheduler, call = student_scheduler(
+        teacher_scheduler, prediction, tuple(timesteps), boundary, input_scale
+    )
+    fold = None
+    if scheduler["_class_name"] == "DDIMScheduler" and timesteps:
+        fold = one_step_fold(teacher_scheduler, prediction, round(timesteps[0]), input_scale)
     os.makedirs(dst, exist_ok=True)
 
     flax_components = ("vae", "text_encoder", "text_encoder_2")
@@ -244,7 +344,10 @@ def export_pipeline(
 
     os.makedirs(os.path.join(dst, "unet"), exist_ok=True)
     write_json(os.path.join(dst, "unet", "config.json"), config)
-    save_weights(os.path.join(dst, "unet"), to_state_dict(unet_params), dtype, "diffusion_pytorch_model")
+    state = to_state_dict(unet_params)
+    if fold is not None and fold.changes_weights:
+        state = fold_unet(state, fold)
+    save_weights(os.path.join(dst, "unet"), state, dtype, "diffusion_pytorch_model")
 
     os.makedirs(os.path.join(dst, "scheduler"), exist_ok=True)
     write_json(os.path.join(dst, "scheduler", "scheduler_config.json"), scheduler)
@@ -260,10 +363,18 @@ def export_pipeline(
         "scheduler": scheduler["_class_name"],
         "prediction": prediction,
         "student_timesteps": list(timesteps),
+        # Initial latents = this x randn: 1 unless the student's input scale could not be folded into the UNet.
+        "latents_scale": 1.0 if fold is not None else float(input_scale),
         "unet_dtype": dtype,
         "teacher_source": os.path.abspath(src),
         **dict(info or {}),
     }
+    if fold is not None and fold.changes_weights:  # divide them out to recover the trained weights
+        record["unet_folded"] = {
+            "conv_in.weight": fold.conv_in,
+            "conv_out.weight": fold.conv_out,
+            "conv_out.bias": fold.conv_out,
+        }
     write_json(os.path.join(dst, EXPORT_MARKER), record)
     return record
 
@@ -283,6 +394,7 @@ def export_lora_pipeline(
     timesteps: tuple[float, ...] = (),
     boundary: tuple[float, float] | None = None,
     guidance: float | None = None,
+    input_scale: float = 1.0,
     dtype: str = "float32",
     variant: str | None = None,
     info: Mapping[str, Any] | None = None,
@@ -304,6 +416,7 @@ def export_lora_pipeline(
         timesteps=timesteps,
         boundary=boundary,
         guidance=guidance,
+        input_scale=input_scale,  # a fold touches conv_in / conv_out only, which LoRA never adapts
         dtype=dtype,
         variant=variant,
         info=info,
