@@ -145,3 +145,23 @@ def test_shipped_teacher_in_jdistill_equals_diffusers():
     np.testing.assert_allclose(eps.transpose(0, 3, 1, 2), eps_t, rtol=1e-4, atol=1e-4)
     img = np.asarray(vae.net.apply(vae.params, z.transpose(0, 2, 3, 1), method="decode"))
     np.testing.assert_allclose(img.transpose(0, 3, 1, 2), img_t, rtol=1e-4, atol=1e-4)
+
+
+def test_digits_world_saves_a_grid_of_64_and_one_prompt_per_sample(tmp_path):
+    """The main job's final samples: the latents (all), a PNG grid of the first 64 decoded, and the prompts of
+    all of them in order (what tools/evaluate.py --images ... --prompts ... reads back)."""
+    from helpers import load
+    from PIL import Image
+
+    from jdistill.teachers import build_world
+
+    config = load("configs/swiftbrush.py:digits")
+    world = build_world(config)
+    n = 70
+    samples = np.random.default_rng(0).normal(size=(n, *world.sample_shape)).astype(np.float32)
+    labelled = data.evaluation_prompts(n)
+    world.save_samples(str(tmp_path / "final"), samples, {"digit": labelled.digits, "colour": labelled.colours})
+    assert (tmp_path / "final_prompts.txt").read_text().splitlines() == list(labelled.prompts)
+    np.testing.assert_array_equal(np.load(tmp_path / "final.npy"), samples)
+    tile = config.teacher.resolution or 32  # the digits preset's images are 32 pixels
+    assert Image.open(tmp_path / "final.png").size == (8 * tile, 8 * tile)  # 64 of 70, 8 by 8

@@ -76,7 +76,7 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
         shown = world.decode(samples[:64])
         image_grid_png(f"{stem}.png", shown)
         if all(k in batch for k in LABELS):  # the evaluation prompts (eval_batch draws them the same way)
-            with open(f"{stem}_prompts.txt", "w") as f:
-                f.write("\n".join(data.evaluation_prompts(len(samples)).prompts[:64]) + "\n")
+            with open(f"{stem}_prompts.txt", "w") as f:  # one per sample: the grid shows the first 64
+                f.write("\n".join(data.evaluation_prompts(len(samples)).prompts) + "\n")
 
     return dataclasses.replace(world, evaluate=evaluate, save_samples=save_samples)
