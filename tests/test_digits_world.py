@@ -160,7 +160,9 @@ def test_digits_world_saves_a_grid_of_64_and_one_prompt_per_sample(tmp_path):
     n = 70
     samples = np.random.default_rng(0).normal(size=(n, *world.sample_shape)).astype(np.float32)
     labelled = data.evaluation_prompts(n)
-    world.save_samples(str(tmp_path / "final"), samples, {"digit": labelled.digits, "colour": labelled.colours})
+    world.save_samples(
+        str(tmp_path / "final"), samples, {"digit": labelled.digits, "colour": labelled.colours}
+    )
     assert (tmp_path / "final_prompts.txt").read_text().splitlines() == list(labelled.prompts)
     np.testing.assert_array_equal(np.load(tmp_path / "final.npy"), samples)
     tile = config.teacher.resolution or 32  # the digits preset's images are 32 pixels

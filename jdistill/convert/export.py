@@ -186,13 +186,26 @@ def student_scheduler(
     timesteps: tuple[float, ...],
     boundary: tuple[float, float] | None = None,
     input_scale: float = 1.0,
-):
-    """(scheduler config, call arguments) with which diffusers reproduces the student's sampler.
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scheduler config, call arguments) with which diffusers reproduces the student's sampler (see
+    ``scheduler_plan``)."""
+    config, call, _ = scheduler_plan(teacher_scheduler, prediction, timesteps, boundary, input_scale)
+    return config, call
+
+
+def scheduler_plan(
+    teacher_scheduler: Mapping[str, Any],
+    prediction: str,
+    timesteps: tuple[float, ...],
+    boundary: tuple[float, float] | None = None,
+    input_scale: float = 1.0,
+) -> tuple[dict[str, Any], dict[str, Any], OneStepFold | None]:
+    """(scheduler config, call arguments, fold): diffusers reproduces the student's sampler with that scheduler
+    and call, on a UNet carrying the fold's factors (``fold_unet``) when there is a fold.
 
     ``boundary``: (sigma_data, timestep_scaling) of a consistency student's sampler (``Recipe.consistency_boundary``);
     ``input_scale``: the student's first input is this times unit noise (``Recipe.student_input_scale``). A
-    one-step student's call is ``num_inference_steps=1`` when ``one_step_fold`` applies (the exported UNet must
-    then carry the fold's factors: ``export_pipeline`` does it).
+    one-step student's call is ``num_inference_steps=1`` when ``one_step_fold`` applies.
     """
     if boundary is not None and boundary[0] != LCM_SIGMA_DATA:
         raise ValueError(
@@ -209,7 +222,7 @@ def student_scheduler(
     if not timesteps:
         config = dict(teacher_scheduler)
         config["prediction_type"] = kind
-        return config, {}
+        return config, {}, None
     n_train = int(base.get("num_train_timesteps", 1000))
     steps = [round(t) for t in timesteps]
     if any(abs(t - s) > 1e-6 for t, s in zip(timesteps, steps, strict=True)):
@@ -217,8 +230,9 @@ def student_scheduler(
             f"student timesteps {timesteps} are not integers; diffusers schedulers need integers"
         )
     k = len(steps)
-    fold = one_step_fold(teacher_scheduler, prediction, steps[0], input_scale) if k == 1 else None
-    if fold is not None and boundary is None:
+    one_step = k == 1 and boundary is None
+    fold = one_step_fold(teacher_scheduler, prediction, steps[0], input_scale) if one_step else None
+    if fold is not None:
         if fold.betas is not None:  # the schedule cut after T, so that trailing spacing's one step is at T
             base = {**base, "num_train_timesteps": len(fold.betas), "trained_betas": list(fold.betas)}
         config = {
@@ -233,7 +247,7 @@ def student_scheduler(
             "thresholding": False,
             "rescale_betas_zero_snr": False,
         }
-        return config, {"num_inference_steps": 1}
+        return config, {"num_inference_steps": 1}, fold
     config = {
         "_class_name": "LCMScheduler",
         "_diffusers_version": version,
@@ -250,7 +264,7 @@ def student_scheduler(
     }
     default = [(n_train // k) * i - 1 for i in range(k, 0, -1)]  # LCM's timesteps for this step count
     call = {"num_inference_steps": k} if steps == default else {"timesteps": steps}
-    return config, call
+    return config, call, None
 
 
 def copy_component(src: str, dst: str, variant: str | None = None) -> None:
@@ -316,12 +330,9 @@ def export_pipeline(
     if guidance is not None and not config.get("time_cond_proj_dim"):
         raise ValueError(f"guidance {guidance} for the student, but its UNet has no time_cond_proj_dim")
     teacher_scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
-    scheduler, call = student_scheduler(
+    scheduler, call, fold = scheduler_plan(
         teacher_scheduler, prediction, tuple(timesteps), boundary, input_scale
     )
-    fold = None
-    if scheduler["_class_name"] == "DDIMScheduler" and timesteps:
-        fold = one_step_fold(teacher_scheduler, prediction, round(timesteps[0]), input_scale)
     os.makedirs(dst, exist_ok=True)
 
     flax_components = ("vae", "text_encoder", "text_encoder_2")
