@@ -17,7 +17,7 @@ from test_pipeline import _tool, tiny_config
 from jdistill import train
 from jdistill.convert.converted import convert_pipeline
 from jdistill.convert.core import to_state_dict
-from jdistill.convert.export import LCM_TIMESTEP_SCALING, export_pipeline, one_step_fold, student_scheduler
+from jdistill.convert.export import LCM_TIMESTEP_SCALING, export_pipeline, one_step_fold, scheduler_plan
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.parameterization import to_prediction
 from jdistill.diffusion.schedules import VPSchedule
@@ -52,7 +52,7 @@ def _x0_and_output(prediction: str, t: int, seed: int = 0):
 def test_one_step_scheduler_returns_x0_exactly(prediction):
     from diffusers import DDIMScheduler
 
-    config, call = student_scheduler(TEACHER_SCHEDULER, prediction, (999.0,))
+    config, call, _ = scheduler_plan(TEACHER_SCHEDULER, prediction, (999.0,))
     assert config["_class_name"] == "DDIMScheduler" and call == {"num_inference_steps": 1}
     scheduler = DDIMScheduler.from_config(config)
     scheduler.set_timesteps(1)
@@ -77,8 +77,8 @@ def test_one_step_fold_runs_other_timesteps_and_inputs_in_one_ddim_step(predicti
     from diffusers import DDIMScheduler
 
     scale = _sigma(t) if noised_zero else 1.0
-    config, call = student_scheduler(TEACHER_SCHEDULER, prediction, (float(t),), input_scale=scale)
-    fold = one_step_fold(TEACHER_SCHEDULER, prediction, t, scale)
+    config, call, fold = scheduler_plan(TEACHER_SCHEDULER, prediction, (float(t),), input_scale=scale)
+    assert fold == one_step_fold(TEACHER_SCHEDULER, prediction, t, scale)
     assert config["_class_name"] == "DDIMScheduler" and call == {"num_inference_steps": 1}
     assert fold.conv_in == scale and (fold.conv_out == 1.0) == (prediction == "x0" or not noised_zero)
     scheduler = DDIMScheduler.from_config(config)
@@ -96,7 +96,7 @@ def test_one_step_fold_runs_other_timesteps_and_inputs_in_one_ddim_step(predicti
 def test_one_step_fold_declines_where_it_cannot():
     # eps from sigma_100 z: sqrt(a) = alpha_100 / sigma_100 > 1, so the timesteps=[T] call and latents_scale stay.
     assert one_step_fold(TEACHER_SCHEDULER, "eps", 100, _sigma(100)) is None
-    config, call = student_scheduler(TEACHER_SCHEDULER, "eps", (100.0,), input_scale=_sigma(100))
+    config, call, _ = scheduler_plan(TEACHER_SCHEDULER, "eps", (100.0,), input_scale=_sigma(100))
     assert config["_class_name"] == "LCMScheduler" and call == {"timesteps": [100]}
     cosine = {**TEACHER_SCHEDULER, "beta_schedule": "squaredcos_cap_v2"}
     assert one_step_fold(cosine, "eps", 625, _sigma(625)) is None
@@ -107,7 +107,7 @@ def test_one_step_fold_declines_where_it_cannot():
 def test_few_step_scheduler_predicts_x0_and_renoises(prediction, timesteps):
     from diffusers import LCMScheduler
 
-    config, call = student_scheduler(TEACHER_SCHEDULER, prediction, tuple(float(t) for t in timesteps))
+    config, call, _ = scheduler_plan(TEACHER_SCHEDULER, prediction, tuple(float(t) for t in timesteps))
     assert config["_class_name"] == "LCMScheduler" and config["timestep_scaling"] == LCM_TIMESTEP_SCALING
     default = timesteps == (999, 749, 499, 249)
     assert call == ({"num_inference_steps": 4} if default else {"timesteps": list(timesteps)})
@@ -129,12 +129,12 @@ def test_few_step_scheduler_predicts_x0_and_renoises(prediction, timesteps):
 
 
 def test_scheduler_rules_for_other_students():
-    config, call = student_scheduler(TEACHER_SCHEDULER, "v", ())
+    config, call, _ = scheduler_plan(TEACHER_SCHEDULER, "v", ())
     assert config == {**TEACHER_SCHEDULER, "prediction_type": "v_prediction"} and call == {}
     with pytest.raises(ValueError, match="not integers"):
-        student_scheduler(TEACHER_SCHEDULER, "eps", (999.5,))
+        scheduler_plan(TEACHER_SCHEDULER, "eps", (999.5,))
     with pytest.raises(ValueError, match="cannot export a student predicting 'velocity'"):
-        student_scheduler(TEACHER_SCHEDULER, "velocity", (999.0,))
+        scheduler_plan(TEACHER_SCHEDULER, "velocity", (999.0,))
 
 
 def _pipeline_latents(pipe_dir, prompts, z_nhwc, call, side, lora_dir=None):

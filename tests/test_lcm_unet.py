@@ -18,7 +18,7 @@ from test_export import TEACHER_SCHEDULER, _pipeline_latents, _x0_and_output
 from test_unet import VARIANTS
 
 from jdistill import rng, train
-from jdistill.convert.export import LORA_FILE, student_scheduler
+from jdistill.convert.export import LORA_FILE, scheduler_plan
 from jdistill.convert.unet import unet_net
 from jdistill.export import export_run
 from jdistill.methods.common import build_network, network_config
@@ -127,7 +127,7 @@ def test_lcm_lora_trains_one_step_and_its_lora_loads_in_diffusers(tiny_pipelines
 def test_exported_scheduler_applies_lcm_boundary_condition(timesteps):
     from diffusers import LCMScheduler
 
-    config, call = student_scheduler(TEACHER_SCHEDULER, "eps", tuple(map(float, timesteps)), (0.5, 10.0))
+    config, call, _ = scheduler_plan(TEACHER_SCHEDULER, "eps", tuple(map(float, timesteps)), (0.5, 10.0))
     assert config["_class_name"] == "LCMScheduler" and config["timestep_scaling"] == 10.0
     scheduler = LCMScheduler.from_config(config)
     scheduler.set_timesteps(**call)
@@ -140,7 +140,7 @@ def test_exported_scheduler_applies_lcm_boundary_condition(timesteps):
         c_skip, c_out = (float(c[0]) for c in consistency_scalings(jnp.asarray([t])))
         np.testing.assert_allclose(step.denoised.numpy(), c_skip * x_t + c_out * x0, atol=2e-5)
     with pytest.raises(ValueError, match=r"fixes sigma_data = 0\.5"):
-        student_scheduler(TEACHER_SCHEDULER, "eps", (999.0,), (1.0, 10.0))
+        scheduler_plan(TEACHER_SCHEDULER, "eps", (999.0,), (1.0, 10.0))
 
 
 def test_guidance_embedding_needs_a_unet_teacher_and_a_full_student():

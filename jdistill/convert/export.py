@@ -180,19 +180,6 @@ def fold_unet(state: Mapping[str, np.ndarray], fold: OneStepFold) -> dict[str, n
     return out
 
 
-def student_scheduler(
-    teacher_scheduler: Mapping[str, Any],
-    prediction: str,
-    timesteps: tuple[float, ...],
-    boundary: tuple[float, float] | None = None,
-    input_scale: float = 1.0,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(scheduler config, call arguments) with which diffusers reproduces the student's sampler (see
-    ``scheduler_plan``)."""
-    config, call, _ = scheduler_plan(teacher_scheduler, prediction, timesteps, boundary, input_scale)
-    return config, call
-
-
 def scheduler_plan(
     teacher_scheduler: Mapping[str, Any],
     prediction: str,
