@@ -6,7 +6,8 @@ the fake UNet's mid block with real images), only sizes and step counts shrink.
 About 1 to 2.5 minutes per recipe on 2 busy cores (tracing the UNet steps twice, compilation and Orbax saves
 dominate). The default run keeps the case that covers the most (SDXL, four steps with backward simulation,
 a LoRA student, a full fake score with the GAN on real images, resume); the others are marked ``e2e``:
-``python -m pytest -m e2e``. (swiftbrush on the tiny SD teacher also trains, by default, in test_export.py.)"""
+``python -m pytest -m e2e``. (By default swiftbrush also trains on the tiny SD teacher in test_export.py, and
+a LoRA fake score in test_lora.py.)"""
 
 from __future__ import annotations
 
