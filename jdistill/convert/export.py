@@ -69,7 +69,7 @@ def cast_state_dict(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, An
     target = getattr(torch, dtype)
     out = {}
     for key, value in state.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(value, np.float32)))
+        tensor = torch.from_numpy(np.array(value, np.float32))  # a writable contiguous copy, as torch wants
         out[key] = tensor.to(target).contiguous()
     return out
 
