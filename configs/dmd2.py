@@ -12,7 +12,9 @@ Presets:
              guidance); 2 fake-score updates per generator update (TTUR 10 leaves too few generator updates
              in a short run); student EMA 0.99; 800 steps of 32. Measured 2026-12-02 (2-core CPU shared with
              three other jobs: 1.7 steps/s, 11.6 min): Frechet distance 229, digit accuracy 0.805, colour
-             0.925, diversity 1.15 (teacher at 1 DDIM step: 1180 / 0.567; at 4 steps: 297 / 0.947).
+             0.925, diversity 1.15 (teacher at 1 DDIM step: 1180 / 0.567; at 4 steps: 297 / 0.947). With
+             SiD-LSG's input instead (method.student_input="noised_zero", student_timesteps (625,); measured
+             2026-12-03): Frechet 138, digit 1.000, colour 0.998, diversity 0.58 (clean but narrow).
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. The losses
              and timestep ranges (DM t ~ U{20..980}, fake t ~ U{0..999}) are the paper's. Toy-specific
              choices, each measured (2026-11-23 sweeps, 8000 steps of 256, within-0.5 / class consistency):

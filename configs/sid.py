@@ -12,7 +12,9 @@ Presets:
              back-propagates through teacher and fake score (with CFG: four UNet passes), about twice the cost
              of a DMD2 step. Measured 2026-12-02 (2-core CPU shared with three to five other jobs: 0.61 steps/s,
              19.8 min): Frechet distance 205, digit accuracy 0.800, colour 0.875, diversity 1.16 (teacher at
-             1 DDIM step: 1180 / 0.567).
+             1 DDIM step: 1180 / 0.567). With SiD-LSG's input instead (method.student_input="noised_zero",
+             student_timesteps (625,); measured 2026-12-03): Frechet 62.2, digit 1.000, colour 0.998,
+             diversity 0.64, the same as sid_lsg's digits preset: the input, not LSG, makes the difference.
   digits_4step  the same with a four-step student at (999, 749, 499, 249), uniform mixture over step counts
              (no clipping needed at this lr). Measured 2026-12-02 (0.59 steps/s shared, 20.5 min): Frechet
              distance 59.8, digit accuracy 0.998, colour 1.000, diversity 0.67 (teacher at 4 DDIM steps:
