@@ -69,8 +69,8 @@ def cast_state_dict(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, An
     target = getattr(torch, dtype)
     out = {}
     for key, value in state.items():
-        tensor = torch.from_numpy(np.array(value, np.float32))  # a writable contiguous copy, as torch wants
-        out[key] = tensor.to(target).contiguous()
+        # np.array copies: a writable, contiguous array, as torch.from_numpy wants.
+        out[key] = torch.from_numpy(np.array(value, np.float32)).to(target)
     return out
 
 
