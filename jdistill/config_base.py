@@ -47,9 +47,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "num_devices": -1})
     c.sharding = ml_collections.ConfigDict(
         {
-            # logical axis name -> mesh axis (or None: replicate)
-            "rules": (("embed", None), ("mlp", "fsdp"), ("heads", "fsdp"), ("vocab", "fsdp")),
+            # logical axis name -> mesh axis (or None: replicate). A mesh axis splits at most one dimension of
+            # a parameter, the first whose rule names it and which it divides: a convolution kernel is split
+            # along its input channels, or its output channels where fsdp does not divide the input's.
+            "rules": (
+                ("embed", None),
+                ("mlp", "fsdp"),
+                ("heads", "fsdp"),
+                ("vocab", "fsdp"),
+                ("conv_in", "fsdp"),
+                ("conv_out", "fsdp"),
+                ("lora", "fsdp"),
+            ),
             "unannotated": "replicate",  # or "fsdp": shard the largest divisible dim of big unannotated params
+            # Under fsdp > 1 a parameter over this size that no rule splits is an error naming it...
+            "max_replicated_mib": 1.0,
+            "allow_replicated": (),  # ...unless "<network>/<path>" matches one of these patterns (fnmatch)
         }
     )
     c.distributed = ml_collections.ConfigDict(

@@ -204,6 +204,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from jdistill.methods.rollout import STUDENT_INPUTS
     from jdistill.models import ARCHITECTURES, NETWORK_INITS
     from jdistill.models.attention import ATTENTION_IMPLS
+    from jdistill.models.layers import REMAT_POLICIES
 
     return {
         "cfg_convention": CFG_CONVENTIONS,
@@ -220,6 +221,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "init": NETWORK_INITS,
         "attention_impl": ATTENTION_IMPLS,
         "dtype": ("float32", "bfloat16", "float16"),
+        "compute_dtype": ("", "float32", "bfloat16", "float16"),
+        "remat": ("", *REMAT_POLICIES, False, True),  # booleans: run configs written before policies
         "param_dtype": ("float32", "bfloat16", "float16"),
     }
 

@@ -7,6 +7,8 @@ divide is replicated instead. Batches are sharded over both mesh axes along thei
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 import math
 import os
@@ -67,9 +69,12 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
-    """A (data, fsdp) mesh. ``data = -1`` takes all remaining devices; ``num_devices`` > 0 uses a prefix."""
-    devices = jax.devices()
+def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp) mesh. ``data = -1`` takes all remaining devices; ``num_devices`` > 0 uses a prefix.
+
+    ``devices`` defaults to ``jax.devices()``; ``tools/plan.py`` passes abstract devices of a TPU topology.
+    """
+    devices = list(jax.devices() if devices is None else devices)
     if cfg.num_devices > 0:
         if cfg.num_devices > len(devices):
             raise ValueError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices exist")
@@ -166,6 +171,87 @@ def tree_shardings(
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
+class ShardingError(ValueError):
+    """A large parameter would be replicated on every device under FSDP."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPolicy:
+    """The config's ``sharding`` section: logical-axis rules, what to do with unannotated parameters, and the
+    guard against large replicated parameters under FSDP (a parameter over ``max_replicated_mib`` that no
+    rule shards is an error, unless its "<network>/<path>" matches a pattern of ``allow_replicated``)."""
+
+    rules: Rules
+    unannotated: str = "replicate"
+    max_replicated_mib: float = 1.0
+    allow_replicated: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> ShardingPolicy:
+        return cls(
+            tuple(tuple(r) for r in cfg.rules),
+            cfg.unannotated,
+            cfg.get("max_replicated_mib", 1.0),
+            tuple(cfg.get("allow_replicated", ())),
+        )
+
+    def shardings(self, network: str, abstract: PyTree, logical_axes: PyTree, mesh: Mesh) -> PyTree:
+        """The parameters' NamedShardings; raises ShardingError naming every large replicated parameter."""
+        out = tree_shardings(abstract, logical_axes, self.rules, mesh, self.unannotated)
+        if mesh.shape["fsdp"] > 1 and self.max_replicated_mib > 0:
+            limit = self.max_replicated_mib * 2**20
+            bad = [
+                (name, leaf)
+                for name, leaf, sharding in _named_leaves(network, abstract, out)
+                if sharding.is_fully_replicated
+                and _nbytes(leaf) > limit
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.allow_replicated)
+            ]
+            if bad:
+                listed = ", ".join(f"{n} {tuple(x.shape)} ({_nbytes(x) / 2**20:.1f} MiB)" for n, x in bad[:8])
+                more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+                raise ShardingError(
+                    f"under mesh fsdp={mesh.shape['fsdp']}, no sharding rule splits {listed}{more}: each would "
+                    "be replicated on every device. Map its logical axes in sharding.rules, or allow it with "
+                    "sharding.allow_replicated (patterns such as 'teacher/*embedding*') or a higher "
+                    "sharding.max_replicated_mib."
+                )
+        return out
+
+
+def _nbytes(leaf) -> int:
+    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+
+
+def _named_leaves(network: str, abstract: PyTree, shardings: PyTree):
+    """("<network>/<a>/<b>", leaf, sharding) for every parameter."""
+    for (path, leaf), sharding in zip(_flatten_with_paths(abstract), jax.tree.leaves(shardings), strict=True):
+        keys = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        yield f"{network}/{keys}", leaf, sharding
+
+
+def sharding_report(network: str, abstract: PyTree, shardings: PyTree) -> dict[str, Any]:
+    """Parameter count, bytes, bytes per device and the replicated fraction (by count) of one network; with
+    the replicated parameters' names (largest first)."""
+    params = replicated = per_device = total = 0
+    names = []
+    for name, leaf, sharding in _named_leaves(network, abstract, shardings):
+        n = math.prod(leaf.shape)
+        params += n
+        total += _nbytes(leaf)
+        per_device += math.prod(sharding.shard_shape(tuple(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+        if sharding.is_fully_replicated and sharding.num_devices > 1:
+            replicated += n
+            names.append((n, name))
+    return {
+        "params": params,
+        "bytes": total,
+        "bytes_per_device": per_device,
+        "replicated_fraction": replicated / max(params, 1),
+        "replicated": [name for _, name in sorted(names, reverse=True)],
+    }
+
+
 def _is_axes(x) -> bool:
     return x is None or (isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
 
@@ -193,6 +279,22 @@ def follow_params(abstract: PyTree, params_abstract: PyTree, params_shardings: P
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keep an activation's leading (batch) dimension split over the batch mesh axes.
+
+    Models call this at block boundaries, so XLA's sharding propagation cannot drift into gathering the
+    batch when FSDP-sharded weights meet it. It reads the mesh the trainer sets around its steps
+    (``jax.set_mesh``); without one, or with a batch the axes do not divide, it does nothing.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if n == 1 or x.ndim == 0 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1))))
 
 
 def local_rows(sharding: NamedSharding, global_size: int) -> np.ndarray:

@@ -58,25 +58,38 @@ class Setup:
         return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    mesh = parallel.make_mesh(config.mesh)
+def setup(
+    config: ml_collections.ConfigDict, workdir: str | None, *, abstract: bool = False, devices=None
+) -> Setup:
+    """Mesh, world, recipe, placed frozen parameters and the train state's shapes and shardings.
+
+    ``abstract``: shapes only (``tools/plan.py``): the world is built without weights or data and the frozen
+    parameters are ``jax.ShapeDtypeStruct``s with their shardings; ``devices`` may then be abstract devices of
+    an accelerator this machine does not have.
+    """
+    mesh = parallel.make_mesh(config.mesh, devices)
     if config.batch_size % parallel.batch_divisor(mesh):
         raise configuration.ConfigError(
             f"batch_size={config.batch_size} must be divisible by the {parallel.batch_divisor(mesh)} devices "
             f"of the batch axes ({parallel.describe(mesh)})"
         )
-    rules, unannotated = config.sharding.rules, config.sharding.unannotated
+    policy = parallel.ShardingPolicy.from_config(config.sharding)
 
     def shardings_for(name: str, net) -> PyTree:  # frozen networks load straight into these
-        return parallel.tree_shardings(net.abstract, net.logical_axes, rules, mesh, unannotated)
+        return policy.shardings(name, net.abstract, net.logical_axes, mesh)
 
-    world = build_world(config, shardings_for)
+    world = build_world(config, shardings_for, abstract=abstract)
     recipe = build_recipe(config, world)
     frozen_shardings = {
-        name: parallel.tree_shardings(tree, world.frozen_axes[name], rules, mesh, unannotated)
+        name: policy.shardings(name, tree, world.frozen_axes[name], mesh)
         for name, tree in world.frozen.items()
     }
-    frozen = jax.device_put(world.frozen, frozen_shardings)
+    if abstract:
+        frozen = jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), world.frozen, frozen_shardings
+        )
+    else:
+        frozen = jax.device_put(world.frozen, frozen_shardings)
     abstract_state = abstract_train_state(recipe, frozen, mesh, config)
     batch_sharding = parallel.batch_sharding(mesh)
     rows = parallel.local_rows(batch_sharding, config.batch_size)
@@ -108,13 +121,11 @@ def _init_fn(recipe: Recipe):
 def abstract_train_state(recipe: Recipe, frozen: PyTree, mesh, config) -> dict[str, PyTree]:
     """Shapes of the whole train state (nothing allocated), each leaf with its target sharding."""
     shapes = jax.eval_shape(_init_fn(recipe), jax.random.key(0), frozen)
-    rules, unannotated = config.sharding.rules, config.sharding.unannotated
+    policy = parallel.ShardingPolicy.from_config(config.sharding)
     shardings: dict[str, Any] = {"params": {}, "opt": {}, "ema": {}}
     for network in recipe.networks:
         name = network.name
-        ps = parallel.tree_shardings(
-            shapes["params"][name], network.net.logical_axes, rules, mesh, unannotated
-        )
+        ps = policy.shardings(name, shapes["params"][name], network.net.logical_axes, mesh)
         shardings["params"][name] = ps
         shardings["opt"][name] = parallel.follow_params(shapes["opt"][name], shapes["params"][name], ps, mesh)
         if name in shapes["ema"]:
@@ -392,7 +403,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             while step < config.num_steps:
                 local = source.local_batch(step, config.batch_size, s.rows)
                 batch = parallel.global_batch(local, s.batch_sharding, config.batch_size)
-                state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
+                with jax.set_mesh(s.mesh):  # models keep activations batch-sharded (parallel.constrain_batch)
+                    state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
                 if sync_each_step:
                     jax.block_until_ready(metrics)
                 step += 1

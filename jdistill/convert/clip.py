@@ -37,6 +37,7 @@ def clip_text_net(
     return Net(
         "text_encoder",
         lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
+        config=config,
     )
 
 

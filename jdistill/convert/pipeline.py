@@ -53,11 +53,16 @@ class Pipeline:
     @property
     def prediction(self) -> str:
         """The UNet's parameterization according to the scheduler config: "eps" or "v"."""
-        kind = self.scheduler_config.get("prediction_type", "epsilon")
-        mapping = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-        if kind not in mapping:
-            raise ConversionError(f"unsupported scheduler prediction_type {kind!r} in {self.path}")
-        return mapping[kind]
+        return prediction_type(self.scheduler_config, self.path)
+
+
+def prediction_type(scheduler_config: dict, where: str) -> str:
+    """jdistill's name ("eps", "v", "x0") of a diffusers scheduler config's ``prediction_type``."""
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    mapping = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+    if kind not in mapping:
+        raise ConversionError(f"unsupported scheduler prediction_type {kind!r} in {where}")
+    return mapping[kind]
 
 
 def sharded_placer(

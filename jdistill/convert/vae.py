@@ -63,6 +63,7 @@ def vae_net(
         lambda rngs: AutoencoderKL(
             config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
         ),
+        config=config,
     )
 
 

@@ -137,7 +137,7 @@ class Discriminator(_Switched):
     def logits(self, params, x_t: jax.Array, t: jax.Array, cond: PyTree) -> jax.Array:
         """One float32 logit per sample; trunk and head run on ``params`` (frozen or not: the caller's grad)."""
         trunk_in = self.trunk.net_params(params)
-        _, features = self.trunk.net.apply(trunk_in, x_t, self.schedule.model_time(t), cond, return_mid=True)
+        features = self.trunk.net.apply(trunk_in, x_t, self.schedule.model_time(t), cond, mid_only=True)
         return self.clamped(self.head.net.apply(params[self.head.name], features))
 
     def noised(self, key: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -209,7 +209,7 @@ def build_discriminator(config: ml_collections.ConfigDict, world, trunk: Network
     abstract = {**world.frozen, trunk.name: trunk.net.abstract}
 
     def features(params, x, t):
-        return trunk.net.apply(trunk.net_params(params), x, t, cond, return_mid=True)[1]
+        return trunk.net.apply(trunk.net_params(params), x, t, cond, mid_only=True)
 
     shape = tuple(jax.eval_shape(features, abstract, x, t).shape[1:])
     head = _heads(

@@ -84,7 +84,7 @@ def build_network(
             init=lambda key, frozen: init_lora(key, frozen["teacher"], lora),
             inputs=lambda params: {"base": params["teacher"], "lora": params[name]},
         )
-    net = Net(name, build_model(cfg.model, world, zero_out=zero_out))
+    net = Net(name, build_model(cfg.model, world, zero_out=zero_out), **_teacher_config(cfg.model, world))
     init = None
     if cfg.model.arch == "teacher" and cfg.model.init == "teacher":
 
@@ -92,6 +92,17 @@ def build_network(
             return teacher_copy(key, frozen["teacher"], net.abstract)
 
     return Network(net=net, optimizer=optimizer, ema_decay=cfg.ema_decay, init=init)
+
+
+def _teacher_config(model: ml_collections.ConfigDict, world) -> dict[str, Any]:
+    """A network with the teacher's architecture keeps the teacher's configuration (with LCM's guidance
+    embedding where asked), so plans and exports read its shape like the teacher's."""
+    base = world.nets.get("teacher") if model.arch == "teacher" else None
+    if base is None or not dataclasses.is_dataclass(base.config):
+        return {}
+    extra = model.get("time_cond_proj_dim", 0)
+    config = dataclasses.replace(base.config, time_cond_proj_dim=extra) if extra else base.config
+    return {"config": config, "remake": base.remake}
 
 
 def teacher_copy(key: jax.Array, teacher: PyTree, abstract: PyTree) -> PyTree:

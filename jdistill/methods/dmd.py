@@ -23,7 +23,7 @@ from jdistill.data.pairs import PairsSource
 from jdistill.methods import dmd2
 from jdistill.methods.distribution import finite_rows, masked_mean
 from jdistill.methods.ode_pairs import generate_ode_pairs
-from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.recipe import Pass, Recipe, Update
 
 NETWORKS = ("student", "fake_score")
 REGRESSION_LOSSES = ("mse",)
@@ -65,7 +65,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         raise ValueError(
             "dmd needs teacher ODE pairs: set method.pairs (tools/make_ode_pairs.py) or method.make_pairs"
         )
-    parts, _, dm_loss = dmd2.distribution_matching(config, world)
+    parts, _, dm_loss, dm_passes = dmd2.distribution_matching(config, world)
     (t_student,) = parts.student.timesteps
 
     def generator_loss(params, batch, key, carry):
@@ -82,8 +82,21 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     return parts.recipe(
         (
-            Update("generator", ("student",), generator_loss, every=m.generator_every),
-            Update("fake_score", ("fake_score",), parts.fake_score_loss(world, m)),
+            Update(
+                "generator",
+                ("student",),
+                generator_loss,
+                every=m.generator_every,
+                # plus the regression's student forward on the pair's noise, differentiated
+                passes=(*dm_passes, Pass("student", 1.0, "params")),
+                carries=("x",),
+            ),
+            Update(
+                "fake_score",
+                ("fake_score",),
+                parts.fake_score_loss(world, m),
+                passes=parts.fake_score_passes(m),
+            ),
         ),
         data=source,
     )

@@ -30,8 +30,8 @@ from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.methods.adversarial import build_discriminator, enabled, gan_config
 from jdistill.methods.common import pseudo_target_loss
 from jdistill.methods.distribution import dmd_direction
-from jdistill.methods.recipe import JOINT, Recipe, Update
-from jdistill.methods.score_distillation import student_and_fake
+from jdistill.methods.recipe import JOINT, Pass, Recipe, Update
+from jdistill.methods.score_distillation import cfg_evaluations, student_and_fake
 from jdistill.rng import stream
 
 NETWORKS = ("student", "fake_score")
@@ -82,17 +82,34 @@ def distribution_matching(config: ml_collections.ConfigDict, world):
             loss = disc.combine(loss, adversarial, carry)
         return loss, (metrics, {"x": jax.lax.stop_gradient(x)})
 
-    return parts, disc, generator_loss
+    passes = (
+        *parts.generation_passes("params"),
+        Pass("teacher", cfg_evaluations(m.guidance_scale, m.cfg_convention)),
+        *parts.fake_passes(1.0, "none"),
+    )
+    if disc is not None:  # the head's trunk on x_t' noised from x: the gradient flows through its input
+        passes += (Pass(parts.fake_net.name, 1.0, "input", trunk=True),)
+    return parts, disc, generator_loss, passes
 
 
 def build(config: ml_collections.ConfigDict, world) -> Recipe:
-    parts, disc, generator_loss = distribution_matching(config, world)
+    parts, disc, generator_loss, passes = distribution_matching(config, world)
     fake_trains = ("fake_score",) if disc is None else ("fake_score", "discriminator")
     fake_loss = parts.fake_score_loss(world, config.method, discriminator=disc)
+    fake_passes = parts.fake_score_passes(config.method)
+    if disc is not None:  # the trunk and head trained on generated and real samples together
+        fake_passes += (Pass(parts.fake_net.name, 2.0, "params", trunk=True),)
     return parts.recipe(
         (
-            Update("generator", ("student",), generator_loss, every=config.method.generator_every),
-            Update("fake_score", fake_trains, fake_loss),
+            Update(
+                "generator",
+                ("student",),
+                generator_loss,
+                every=config.method.generator_every,
+                passes=passes,
+                carries=("x",),
+            ),
+            Update("fake_score", fake_trains, fake_loss, passes=fake_passes),
         ),
         data="conditions" if disc is None else JOINT,
         discriminator=disc,

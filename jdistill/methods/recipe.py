@@ -57,6 +57,32 @@ class Network:
         return self.init(key, frozen) if self.init else self.net.init(key)
 
 
+GRADS = ("none", "input", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """A network evaluation an update makes, for the analytic FLOP count of ``tools/plan.py``.
+
+    ``samples`` evaluations of ``network`` per sample of the batch (2 for a CFG pair, (K - 1) / 2 for the
+    expected backward simulation of a K-step student), differentiated through nothing ("none": one forward),
+    through its input only ("input": about two) or with respect to its parameters ("params": about three).
+    ``unless_carried``: not made when an earlier update of the same step carried that key (the fake-score
+    update regenerates x only on steps without a generator update). ``trunk``: only up to the bottleneck
+    (a GAN head's features; the head's own few convolutions are not counted).
+    """
+
+    network: str
+    samples: float = 1.0
+    grad: str = "none"
+    unless_carried: str = ""
+    trunk: bool = False
+
+    def __post_init__(self):
+        if self.grad not in GRADS:
+            raise ValueError(f"pass grad {self.grad!r}; choose one of {GRADS}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Update:
     name: str
@@ -64,6 +90,10 @@ class Update:
     loss: LossFn
     every: int = 1
     offset: int = 0
+    # The network evaluations of ``loss`` (empty: not declared, no analytic count) and the carry keys it
+    # hands to later updates of the step.
+    passes: tuple[Pass, ...] = ()
+    carries: tuple[str, ...] = ()
 
     def active(self, step: int) -> bool:
         return step % self.every == self.offset

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import Denoiser, predict_cfg
+from jdistill.diffusion.guidance import is_identity
 from jdistill.diffusion.schedules import sample_timesteps
 from jdistill.methods.adversarial import Discriminator
 from jdistill.methods.common import (
@@ -23,7 +24,7 @@ from jdistill.methods.common import (
     network_denoiser,
 )
 from jdistill.methods.distribution import finite_rows, zero_bad_rows
-from jdistill.methods.recipe import LossFn, Network, Recipe, Update
+from jdistill.methods.recipe import LossFn, Network, Pass, Recipe, Update
 from jdistill.methods.rollout import FewStepStudent
 from jdistill.rng import streams
 
@@ -53,6 +54,27 @@ class StudentAndFake:
         t = sample_timesteps(schedule, k["timestep"], (x.shape[0],), *t_range)
         eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
         return x, ok, t, schedule.add_noise(jax.lax.stop_gradient(x) if detach else x, eps, t)
+
+    def generation_passes(self, grad: str, unless_carried: str = "") -> tuple[Pass, ...]:
+        """The student's evaluations in ``generate``: a few-step student's backward simulation (k ~ U{0..K-1}
+        forwards without gradient, (K - 1) / 2 expected) and the differentiated last step."""
+        k = len(self.student.timesteps)
+        rollout = (Pass("student", (k - 1) / 2, "none", unless_carried),) if k > 1 else ()
+        return (*rollout, Pass("student", 1.0, grad, unless_carried))
+
+    def fake_passes(self, samples: float, grad: str) -> tuple[Pass, ...]:
+        """The fake score's evaluations: its network, and the teacher under a residual fake score."""
+        if isinstance(self.fake, ResidualDenoiser):
+            return (
+                Pass("teacher", samples, "none" if grad == "params" else grad),
+                Pass("fake_score", samples, grad),
+            )
+        return (Pass("fake_score", samples, grad),)
+
+    def fake_score_passes(self, m: ml_collections.ConfigDict, guidance: float = 1.0, noise_draws: int = 1):
+        """``fake_score_loss``'s passes (without a discriminator)."""
+        samples = noise_draws * cfg_evaluations(guidance, m.cfg_convention)
+        return (*self.generation_passes("none", unless_carried="x"), *self.fake_passes(samples, "params"))
 
     def fake_score_loss(
         self,
@@ -119,6 +141,11 @@ class StudentAndFake:
             student_timesteps=self.student.timesteps,
             student_input_scale=self.student.input_scale,
         )
+
+
+def cfg_evaluations(scale, convention: str) -> int:
+    """Network evaluations per sample of a prediction under CFG ``scale``: 1 when it is the identity."""
+    return 1 if is_identity(scale, convention) else 2
 
 
 def student_and_fake(

@@ -32,8 +32,8 @@ from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.guidance import select_cond
 from jdistill.methods.adversarial import build_discriminator, enabled, gan_config
 from jdistill.methods.distribution import masked_mean, sid_generator_loss, sid_weight
-from jdistill.methods.recipe import JOINT, Recipe, Update
-from jdistill.methods.score_distillation import student_and_fake
+from jdistill.methods.recipe import JOINT, Pass, Recipe, Update
+from jdistill.methods.score_distillation import cfg_evaluations, student_and_fake
 
 NETWORKS = ("student", "fake_score")
 OPTIONAL_NETWORKS = ("discriminator",)
@@ -103,14 +103,25 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         return loss, (metrics, carry)
 
     fake_score_loss = parts.fake_score_loss(world, m, guidance=m.fake_train_guidance, discriminator=disc)
+    fake_passes = parts.fake_score_passes(m, guidance=m.fake_train_guidance)
+    # the generator's gradient reaches x through the frozen networks' inputs
+    generator_passes = (
+        *parts.generation_passes("params"),
+        Pass("teacher", cfg_evaluations(m.teacher_guidance, m.cfg_convention), "input"),
+        *parts.fake_passes(cfg_evaluations(m.fake_guidance, m.cfg_convention), "input"),
+    )
+    if disc is not None:  # the head's trunk: on x_t in the generator loss, on generated and real samples here
+        generator_passes += (Pass(parts.fake_net.name, 1.0, "input", trunk=True),)
+        fake_passes += (Pass(parts.fake_net.name, 2.0, "params", trunk=True),)
     return parts.recipe(
         (
             Update(
                 "fake_score",
                 ("fake_score",) if disc is None else ("fake_score", "discriminator"),
                 fake_score_loss,
+                passes=fake_passes,
             ),
-            Update("generator", ("student",), generator_loss),
+            Update("generator", ("student",), generator_loss, passes=generator_passes),
         ),
         data="conditions" if disc is None else JOINT,
         discriminator=disc,

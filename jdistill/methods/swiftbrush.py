@@ -24,8 +24,8 @@ import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.methods.common import pseudo_target_loss
-from jdistill.methods.recipe import Recipe, Update
-from jdistill.methods.score_distillation import student_and_fake
+from jdistill.methods.recipe import Pass, Recipe, Update
+from jdistill.methods.score_distillation import cfg_evaluations, student_and_fake
 
 FAKE_SCORE_INITS = ("teacher_residual", "network")
 
@@ -83,11 +83,27 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
         return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
 
+    cfg = cfg_evaluations(m.guidance_scale, m.cfg_convention)
+    generator_passes = (
+        *parts.generation_passes("params"),
+        Pass("teacher", cfg),
+        *parts.fake_passes(cfg, "none"),
+    )
     return parts.recipe(
         (
-            Update("generator", ("student",), generator_loss, every=m.generator_every),
             Update(
-                "fake_score", ("fake_score",), parts.fake_score_loss(world, m, noise_draws=m.fake_noise_draws)
+                "generator",
+                ("student",),
+                generator_loss,
+                every=m.generator_every,
+                passes=generator_passes,
+                carries=("x",),
+            ),
+            Update(
+                "fake_score",
+                ("fake_score",),
+                parts.fake_score_loss(world, m, noise_draws=m.fake_noise_draws),
+                passes=parts.fake_score_passes(m, noise_draws=m.fake_noise_draws),
             ),
         )
     )

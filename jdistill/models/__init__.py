@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jdistill.models.layers import DTYPES
 from jdistill.models.mlp import TimeMLP
 from jdistill.models.net import Net
 
@@ -39,9 +42,17 @@ def teacher_model_config(init: str = "teacher", time_cond_proj_dim: int = 0) -> 
 
     ``time_cond_proj_dim`` > 0 (UNet teachers): plus LCM's guidance embedding, diffusers' ``time_cond_proj_dim``
     (the UNet then takes cond["timestep_cond"]); from the teacher, its new projection starts at random.
+    Its parameters are float32 master weights whatever the teacher's storage; it computes in
+    ``compute_dtype`` and rematerialises per ``remat`` (empty: the teacher's settings).
     """
     return ml_collections.ConfigDict(
-        {"arch": "teacher", "init": init, "time_cond_proj_dim": time_cond_proj_dim}
+        {
+            "arch": "teacher",
+            "init": init,
+            "time_cond_proj_dim": time_cond_proj_dim,
+            "compute_dtype": "",
+            "remat": "",
+        }
     )
 
 
@@ -79,20 +90,32 @@ def build_model(
             )
         base = world.nets["teacher"]
         extra = cfg.get("time_cond_proj_dim", 0)
-        if not extra:
-            return base.make
-        if not hasattr(base.config, "time_cond_proj_dim"):
+        if extra and not hasattr(base.config, "time_cond_proj_dim"):
             kind = type(base.config).__name__ if base.config is not None else "a network without a config"
             raise ValueError(
                 f"model.time_cond_proj_dim={extra} (a guidance embedding) needs a UNet teacher; this teacher's "
                 f"network is {kind}"
             )
+        if base.remake is None:
+            if cfg.get("compute_dtype") or cfg.get("remat"):
+                raise ValueError(
+                    "model.compute_dtype / model.remat need a teacher network that can be rebuilt"
+                )
+            return base.make
+        options = {
+            "param_dtype": jnp.float32,
+            "dtype": DTYPES[cfg.compute_dtype] if cfg.get("compute_dtype") else None,
+        }
+        if cfg.get("remat"):
+            options["remat_policy"] = cfg.remat
+        if not extra:
+            return base.remake(base.config, **options)
         own = base.config.time_cond_proj_dim
         if own not in (None, extra):
             raise ValueError(
                 f"model.time_cond_proj_dim={extra}, but the teacher's UNet already has time_cond_proj_dim={own}"
             )
-        return base.variant(time_cond_proj_dim=extra)
+        return base.remake(dataclasses.replace(base.config, time_cond_proj_dim=extra), **options)
     raise ValueError(f"unknown model arch {cfg.arch!r}; choose one of {ARCHITECTURES}")
 
 

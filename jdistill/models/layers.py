@@ -9,7 +9,9 @@ follow torch semantics: ``Linear(in, out)``, ``Conv(in, out, kernel, stride, pad
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -25,6 +27,7 @@ class Precision:
 
 
 FP32 = Precision()
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def linear(
@@ -116,3 +119,28 @@ def embed(num: int, dim: int, rngs: nnx.Rngs, p: Precision, *, axes=("vocab", "e
         ),
         rngs,
     )
+
+
+# Rematerialisation per block, from most memory to least: "none" keeps every activation for the backward
+# pass; "attention" recomputes the transformer blocks (whose attention probabilities dominate at high
+# resolution) and keeps the resnets'; "dots" recomputes everything but the matrix products' outputs (XLA's
+# dots_saveable: convolutions, norms and softmaxes are recomputed); "full" keeps only each block's input.
+REMAT_POLICIES = ("none", "attention", "dots", "full")
+
+
+def remat_policy(remat: bool | str) -> str:
+    """The policy name of a ``remat`` setting (booleans: older configs' off and full)."""
+    if isinstance(remat, bool) or remat in ("", None):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r}; choose one of {REMAT_POLICIES}")
+    return remat
+
+
+def block_caller(remat: bool | str, kind: str) -> Callable:
+    """``call(module, *args)`` for a sub-module of ``kind`` ("resnet" or "attention") under ``remat``."""
+    policy = remat_policy(remat)
+    if policy == "none" or (policy == "attention" and kind != "attention"):
+        return lambda m, *a: m(*a)
+    saved = jax.checkpoint_policies.dots_saveable if policy == "dots" else None
+    return nnx.remat(lambda m, *a: m(*a), policy=saved)

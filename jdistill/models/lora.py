@@ -128,7 +128,8 @@ class LoRANet:
             }
             for module, (fan_in, fan_out) in shapes.items()
         }
-        self.logical_axes = jax.tree.map(lambda _: None, self.abstract)
+        # The adapters' model-width dimensions carry "lora", which the default rules split over fsdp.
+        self.logical_axes = {module: {"A": ("lora", None), "B": (None, "lora")} for module in self.abstract}
 
     def init(self, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
         return init_lora(key, self.base.abstract, self.config)

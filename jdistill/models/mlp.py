@@ -101,8 +101,9 @@ class TimeMLP(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array, t: jax.Array, cond, *, return_mid: bool = False):
-        """The output, and with ``return_mid`` also the last hidden features (B, width) (a GAN trunk)."""
+    def __call__(self, x: jax.Array, t: jax.Array, cond, *, return_mid: bool = False, mid_only: bool = False):
+        """The output, and with ``return_mid`` also the last hidden features (B, width) (a GAN trunk); with
+        ``mid_only`` those features alone."""
         extra = cond if isinstance(cond, dict) else {"label": cond}
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1]) * self.time_scale
         tin = timestep_embedding(t, self.time_embed_dim)
@@ -119,5 +120,7 @@ class TimeMLP(nnx.Module):
         h = self.embed_in(fourier_encode(x, self.fourier_features))
         for block in self.blocks:
             h = block(h, emb)
+        if mid_only:
+            return h
         out = self.out(nnx.silu(self.norm_out(h)))
         return (out, h) if return_mid else out

@@ -22,7 +22,8 @@ from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
 from jdistill.models.embeddings import timestep_embedding
-from jdistill.models.layers import FP32, Precision, conv, group_norm, layer_norm, linear
+from jdistill.models.layers import FP32, Precision, block_caller, conv, group_norm, layer_norm, linear
+from jdistill.parallel import constrain_batch
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -267,11 +268,6 @@ class Upsample2D(nnx.Module):
         return self.conv(x)
 
 
-def _maybe_remat(enabled: bool):
-    """Call a sub-module, rematerialising its activations in the backward pass when ``enabled``."""
-    return nnx.remat(lambda m, *a: m(*a)) if enabled else (lambda m, *a: m(*a))
-
-
 # ------------------------------------------------------------------------------------------------ blocks
 
 
@@ -311,7 +307,14 @@ class DownBlock(nnx.Module):
     """CrossAttnDownBlock2D (with attentions) or DownBlock2D."""
 
     def __init__(
-        self, spec: _BlockSpec, cfg: UNetConfig, temb_dim: int, rngs, p: Precision, impl: str, remat: bool
+        self,
+        spec: _BlockSpec,
+        cfg: UNetConfig,
+        temb_dim: int,
+        rngs,
+        p: Precision,
+        impl: str,
+        remat: bool | str,
     ):
         self.remat = remat
         n = cfg.layers_per_block
@@ -335,12 +338,12 @@ class DownBlock(nnx.Module):
         self.downsamplers = nnx.List([Downsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
 
     def __call__(self, x, temb, context):
-        call = _maybe_remat(self.remat)
+        call, attend = block_caller(self.remat, "resnet"), block_caller(self.remat, "attention")
         outputs = []
         for i, resnet in enumerate(self.resnets):
             x = call(resnet, x, temb)
             if self.attentions is not None:
-                x = call(self.attentions[i], x, context)
+                x = attend(self.attentions[i], x, context)
             outputs.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -352,7 +355,14 @@ class UpBlock(nnx.Module):
     """CrossAttnUpBlock2D (with attentions) or UpBlock2D; consumes skip connections from the down path."""
 
     def __init__(
-        self, spec: _BlockSpec, cfg: UNetConfig, temb_dim: int, rngs, p: Precision, impl: str, remat: bool
+        self,
+        spec: _BlockSpec,
+        cfg: UNetConfig,
+        temb_dim: int,
+        rngs,
+        p: Precision,
+        impl: str,
+        remat: bool | str,
     ):
         self.remat = remat
         n = cfg.layers_per_block + 1
@@ -370,12 +380,12 @@ class UpBlock(nnx.Module):
         self.upsamplers = nnx.List([Upsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
 
     def __call__(self, x, skips: list, temb, context, upsample_size=None):
-        call = _maybe_remat(self.remat)
+        call, attend = block_caller(self.remat, "resnet"), block_caller(self.remat, "attention")
         for i, resnet in enumerate(self.resnets):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = call(resnet, x, temb)
             if self.attentions is not None:
-                x = call(self.attentions[i], x, context)
+                x = attend(self.attentions[i], x, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -406,9 +416,9 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         )
 
     def __call__(self, x, temb, context):
-        call = _maybe_remat(self.remat)
+        call, attend = block_caller(self.remat, "resnet"), block_caller(self.remat, "attention")
         x = call(self.resnets[0], x, temb)
-        x = call(self.attentions[0], x, context)
+        x = attend(self.attentions[0], x, context)
         return call(self.resnets[1], x, temb)
 
 
@@ -447,7 +457,7 @@ class UNet2DConditionModel(nnx.Module):
         rngs: nnx.Rngs,
         precision: Precision = FP32,
         attention_impl: str = "xla",
-        remat: bool = False,
+        remat: bool | str = False,
     ):
         cfg = self.config = config
         p, impl = precision, attention_impl
@@ -510,9 +520,11 @@ class UNet2DConditionModel(nnx.Module):
         *,
         return_mid: bool = False,
         return_features: bool = False,
+        mid_only: bool = False,
     ):
         """The output; with ``return_mid`` also the mid block's output (a GAN trunk), with ``return_features``
-        also every down block's output and then the mid block's (LADD's discriminator taps)."""
+        also every down block's output and then the mid block's (LADD's discriminator taps); with
+        ``mid_only`` the mid block's output alone (the up path is not built)."""
         cfg = self.config
         b = sample.shape[0]
         context = cond["encoder_hidden_states"].astype(self.dtype)
@@ -541,14 +553,17 @@ class UNet2DConditionModel(nnx.Module):
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        x = self.conv_in(x)
+        x = constrain_batch(self.conv_in(x))
         skips, features = [x], []
         for block in self.down_blocks:
             x, outs = block(x, emb, context)
+            x = constrain_batch(x)
             skips.extend(outs)
             features.append(x)
-        x = self.mid_block(x, emb, context)
+        x = constrain_batch(self.mid_block(x, emb, context))
         mid = x
+        if mid_only:
+            return mid
         features.append(mid)
         for block in self.up_blocks:
             n = len(block.resnets)
@@ -556,7 +571,7 @@ class UNet2DConditionModel(nnx.Module):
             size = None
             if skips and (skips[-1].shape[1] != 2 * x.shape[1] or skips[-1].shape[2] != 2 * x.shape[2]):
                 size = skips[-1].shape[1:3]
-            x = block(x, block_skips, emb, context, size)
+            x = constrain_batch(block(x, block_skips, emb, context, size))
         x = self.conv_out(nnx.silu(self.conv_norm_out(x)).astype(self.dtype))
         if return_features:
             return x, tuple(features)

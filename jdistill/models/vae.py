@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
-from jdistill.models.layers import FP32, Precision, conv, group_norm, linear
+from jdistill.models.layers import FP32, Precision, block_caller, conv, group_norm, linear
 
 DOWN_BLOCKS = ("DownEncoderBlock2D",)
 UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -205,9 +205,9 @@ class Attention(nnx.Module):
         return (out.reshape(b, h, w, c) + x) / self.rescale_output_factor
 
 
-def _caller(remat: bool) -> Callable:
-    """Call a sub-module, rematerialising its activations in the backward pass when ``remat``."""
-    return nnx.remat(lambda m, *a: m(*a)) if remat else (lambda m, *a: m(*a))
+def _caller(remat: bool | str) -> Callable:
+    """Call a sub-module under the remat policy (``layers.block_caller``; the VAE's blocks count as resnets)."""
+    return block_caller(remat, "resnet")
 
 
 # ------------------------------------------------------------------------------------------------ blocks

@@ -14,13 +14,21 @@ WORLD_KINDS = ("gmm", "diffusers", "digits")
 
 
 def build_world(
-    config: ml_collections.ConfigDict, shardings_for: Callable[[str, Any], Any] | None = None
+    config: ml_collections.ConfigDict,
+    shardings_for: Callable[[str, Any], Any] | None = None,
+    *,
+    abstract: bool = False,
 ) -> World:
     """The world of ``config.teacher``; ``shardings_for(name, net)`` gives the target shardings into which
-    frozen networks are loaded (no full copy on one device)."""
+    frozen networks are loaded (no full copy on one device). ``abstract``: a diffusers teacher's shapes only
+    (no weights or data read; other teachers are small and built as usual)."""
     kind = config.teacher.kind
     if kind not in WORLD_KINDS:
         raise ValueError(f"unknown teacher.kind {kind!r}; choose one of {list(WORLD_KINDS)}")
+    if abstract and kind == "diffusers":
+        from jdistill.teachers.diffusers_world import build_abstract
+
+        return build_abstract(config)
     return importlib.import_module(f"jdistill.teachers.{kind}_world").build(config, shardings_for)
 
 

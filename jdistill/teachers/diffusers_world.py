@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
@@ -10,20 +11,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdistill.convert.pipeline import Pipeline, load_pipeline
+from jdistill.convert.io import read_json
+from jdistill.convert.pipeline import Pipeline, component_net, load_pipeline, prediction_type
 from jdistill.data.embeddings import COND, EmbeddingCache
 from jdistill.data.images import ImageTextSource, open_image_text
-from jdistill.data.sources import DataSource
+from jdistill.data.sources import DataSource, SyntheticSource
 from jdistill.data.text import PromptSource, PromptTable, open_prompts
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
-from jdistill.models.layers import Precision
+from jdistill.models.layers import DTYPES, Precision
+from jdistill.models.net import Net
 from jdistill.teachers.base import World
 from jdistill.teachers.presets import UNCOND_RULES, TeacherPreset, get_preset
 from jdistill.teachers.prompts import IDS, PromptEncoder
 from jdistill.visualize import image_grid_png
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
@@ -38,7 +39,7 @@ def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
             "dtype": "float32",  # compute dtype of the frozen networks
             "param_dtype": "float32",  # storage dtype of the frozen networks
             "attention_impl": "xla",
-            "remat": False,
+            "remat": "none",  # per block: "none", "attention", "dots" or "full" (jdistill/models/layers.py)
             "resolution": 0,  # image side in pixels; 0: the preset's
             "uncond": "",  # "empty_prompt" or "zeros"; empty: the preset's rule
             # Prompt tables: .txt (one per line), .jsonl, .parquet or array_record (file, directory or glob).
@@ -106,6 +107,42 @@ def training_prompts(config: ml_collections.ConfigDict) -> PromptTable:
     return open_prompts(config.teacher.prompts, config.teacher.prompt_field)
 
 
+def _prepare_fn(encoder: PromptEncoder, vae: Net) -> Callable[[dict, dict], dict]:
+    def prepare(params, batch):
+        """Token ids -> conditioning (or cached conditioning "cond.<key>" as it is); uint8 images -> latents
+        x0 from the VAE posterior mean (deterministic: a real image always maps to the same x0)."""
+        out = {k: v for k, v in batch.items() if not k.startswith((IDS, COND)) and k != "images"}
+        cached = {k[len(COND) :]: v.astype(jnp.float32) for k, v in batch.items() if k.startswith(COND)}
+        ids = {k: v for k, v in batch.items() if k.startswith(IDS)}
+        if cached:
+            out["cond"] = encoder.with_time_ids(cached)
+        elif ids:
+            out["cond"] = encoder.encode(params, ids)
+        if "images" in batch:
+            pixels = batch["images"].astype(jnp.float32) / 127.5 - 1.0
+            out["x0"] = vae.apply(params["vae"], pixels, method="latents_from_images")
+        return out
+
+    return prepare
+
+
+def _schedule(sched: dict) -> VPSchedule:
+    return VPSchedule.from_betas(
+        sched.get("beta_schedule", "scaled_linear"),
+        sched.get("beta_start", 0.00085),
+        sched.get("beta_end", 0.012),
+        sched.get("num_train_timesteps", 1000),
+    )
+
+
+def _sample_shape(resolution: int, vae_config: dict, unet_config: dict) -> tuple[int, int, int]:
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
+    side = resolution // factor
+    return (side, side, unet_config.get("in_channels", 4))
+
+
 @dataclasses.dataclass(frozen=True)
 class BuiltInSources:
     """Prompts and images a world generates itself (the digits world) instead of reading tables; each takes
@@ -137,22 +174,10 @@ def build(
     image_table = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
     pipe = _load(config, ("unet", "vae", *encoders), shardings_for)
 
-    sched = pipe.scheduler_config
-    schedule = VPSchedule.from_betas(
-        sched.get("beta_schedule", "scaled_linear"),
-        sched.get("beta_start", 0.00085),
-        sched.get("beta_end", 0.012),
-        sched.get("num_train_timesteps", 1000),
-    )
     unet, vae = pipe.components["unet"], pipe.components["vae"]
-    teacher = NetworkDenoiser(unet.net, pipe.prediction, schedule)
-
+    teacher = NetworkDenoiser(unet.net, pipe.prediction, _schedule(pipe.scheduler_config))
     resolution = t.resolution or preset.resolution
-    factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
-    side = resolution // factor
-    sample_shape = (side, side, unet.config.get("in_channels", 4))
+    sample_shape = _sample_shape(resolution, vae.config, unet.config)
 
     encoder = _prompt_encoder(preset, pipe, resolution)
     frozen = {"teacher": unet.params, "vae": vae.params}
@@ -161,20 +186,7 @@ def build(
         frozen[name] = pipe.components[name].params
         nets[name] = pipe.components[name].net
 
-    def prepare(params, batch):
-        """Token ids -> conditioning (or cached conditioning "cond.<key>" as it is); uint8 images -> latents
-        x0 from the VAE posterior mean (deterministic: a real image always maps to the same x0)."""
-        out = {k: v for k, v in batch.items() if not k.startswith((IDS, COND)) and k != "images"}
-        cached = {k[len(COND) :]: v.astype(jnp.float32) for k, v in batch.items() if k.startswith(COND)}
-        ids = {k: v for k, v in batch.items() if k.startswith(IDS)}
-        if cached:
-            out["cond"] = encoder.with_time_ids(cached)
-        elif ids:
-            out["cond"] = encoder.encode(params, ids)
-        if "images" in batch:
-            pixels = batch["images"].astype(jnp.float32) / 127.5 - 1.0
-            out["x0"] = vae.net.apply(params["vae"], pixels, method="latents_from_images")
-        return out
+    prepare = _prepare_fn(encoder, vae.net)
 
     uncond_rule = t.uncond or preset.uncond
     empty = jax.jit(encoder.encode)(frozen, encoder.tokenize([""]))
@@ -238,4 +250,94 @@ def build(
         prepare=prepare,
         decode=decode_images,
         source=pipe.path,
+    )
+
+
+def build_abstract(config: ml_collections.ConfigDict) -> World:
+    """The world's shapes, for plans (``tools/plan.py``): every network built from its configuration, frozen
+    parameters as ``jax.ShapeDtypeStruct``; no weights, tokenizers, prompts or images are read.
+
+    Configurations come from ``teacher.path`` when it is a local pipeline or converted directory, else from
+    the preset's stored ones (``jdistill/teachers/configs``). Batches are zeros of the real batches' shapes
+    and dtypes (token ids, cached embeddings, images), ``uncond`` zeros of the conditioning's shapes.
+    Sampling and evaluation are not available.
+    """
+    t = config.teacher
+    preset = get_preset(t.preset)
+    encoders = tuple(name for name, _ in preset.encoders)
+    for key in ("dtype", "param_dtype"):
+        if t[key] not in DTYPES:
+            raise ValueError(f"teacher.{key}={t[key]!r}; choose one of {list(DTYPES)}")
+    local = t.path if t.path and os.path.isfile(os.path.join(t.path, "model_index.json")) else ""
+
+    def stored(component: str) -> dict:
+        return (
+            read_json(os.path.join(local, component, "config.json"))
+            if local
+            else preset.component_config(component)
+        )
+
+    scheduler = (
+        read_json(os.path.join(local, "scheduler", "scheduler_config.json"))
+        if local
+        else preset.scheduler_config
+    )
+    precision = Precision(dtype=DTYPES[t.dtype], param_dtype=DTYPES[t.param_dtype])
+    configs = {name: stored(name) for name in ("unet", "vae", *encoders)}
+    built = {
+        name: component_net(name, cfg, precision=precision, attention_impl=t.attention_impl, remat=t.remat)
+        for name, cfg in configs.items()
+    }
+    nets = {"teacher": built["unet"], "vae": built["vae"], **{n: built[n] for n in encoders}}
+    frozen = {name: net.abstract for name, net in nets.items()}
+    resolution = t.resolution or preset.resolution
+    sample_shape = _sample_shape(resolution, configs["vae"], configs["unet"])
+    time_ids = (resolution, resolution, 0, 0, resolution, resolution) if preset.pooled_from else None
+    encoder = PromptEncoder(
+        tuple((name, nets[name], layer) for name, layer in preset.encoders), {}, preset.pooled_from, time_ids
+    )
+    lengths = {name: configs[name].get("max_position_embeddings", 77) for name in encoders}
+
+    def token_ids(n: int) -> dict[str, np.ndarray]:
+        return {IDS + name: np.zeros((n, lengths[name]), np.int32) for name in encoders}
+
+    cond_shapes = jax.eval_shape(encoder.encode, frozen, token_ids(1))
+    uncond = {k: np.zeros(v.shape, v.dtype) for k, v in cond_shapes.items()}
+    if t.embedding_cache:
+
+        def conditions(rng, n):
+            return {
+                COND + k: np.zeros((n, *v.shape[1:]), np.float32)
+                for k, v in cond_shapes.items()
+                if k != "time_ids"
+            }
+    else:
+
+        def conditions(rng, n):
+            return token_ids(n)
+
+    def images(rng, n):
+        return {"images": np.zeros((n, resolution, resolution, 3), np.uint8), **token_ids(n)}
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("an abstract world (shapes only) cannot sample, evaluate or save")
+
+    return World(
+        teacher=NetworkDenoiser(
+            nets["teacher"], prediction_type(scheduler, t.path or preset.name), _schedule(scheduler)
+        ),
+        frozen=frozen,
+        frozen_axes={name: net.logical_axes for name, net in nets.items()},
+        nets=nets,
+        sample_shape=sample_shape,
+        uncond=uncond,
+        conditions=SyntheticSource(conditions),
+        data=SyntheticSource(images),
+        num_classes=0,
+        eval_batch=unavailable,
+        evaluate=unavailable,
+        save_samples=unavailable,
+        prepare=_prepare_fn(encoder, nets["vae"]),
+        decode=unavailable,
+        source=None,
     )

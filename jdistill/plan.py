@@ -1,0 +1,245 @@
+"""Plans: what a recipe's train step costs at real size, worked out without weights or accelerators.
+
+``plan(config, devices)`` builds the run abstractly (``train.setup(abstract=True)``: shapes only), then
+
+- per network (trained and frozen): parameter count, bytes, bytes per device and the fraction left
+  replicated under the mesh;
+- per device: the trained state (parameters, optimizer state, EMA) and the frozen parameters;
+- per distinct train step (one per set of active updates, e.g. DMD2's generator + fake-score step and its
+  fake-score-only steps): FLOPs from XLA's cost analysis of the lowered step (the whole step, all devices
+  together), beside an analytic count from the recipe's declared passes (``methods.recipe.Pass``) and the
+  networks' hand-counted forward FLOPs (``jdistill.flops``);
+- with ``compile``: the compiled step's memory analysis per device (arguments, outputs, temporaries, peak),
+  and whether it fits the device.
+
+Devices may be abstract (a TPU topology this machine does not have): lowering needs no device memory, and
+a deviceless compile for TPU gives the memory figures. XLA's cost analysis counts a loop body once: a
+few-step student's backward simulation (``lax.fori_loop`` over a random number of steps) is counted as one
+student forward where the analytic count has the expected (K - 1) / 2.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jdistill import flops as hand
+from jdistill import parallel, train
+from jdistill.data.joint import SEPARATOR
+from jdistill.methods.recipe import Pass, Update
+from jdistill.models.clip import CLIPTextConfig
+from jdistill.models.lora import LoRANet
+from jdistill.models.unet import UNetConfig
+from jdistill.models.vae import AutoencoderKLConfig
+from jdistill.teachers.prompts import IDS
+
+PyTree = Any
+GRAD_FACTOR = {"none": 1.0, "input": 2.0, "params": 3.0}
+
+
+def _bytes_per_device(tree: PyTree) -> int:
+    return sum(
+        math.prod(x.sharding.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def abstract_batch(s: train.Setup, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of a global batch of the step's source (one row is drawn to learn them)."""
+    row = s.recipe.source(s.world).local_batch(0, 1, np.arange(1))
+    return {
+        k: jax.ShapeDtypeStruct(
+            (batch_size, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=s.batch_sharding
+        )
+        for k, v in row.items()
+    }
+
+
+def step_kinds(updates: tuple[Update, ...]) -> list[tuple[tuple[Update, ...], float]]:
+    """Each distinct set of active updates with the fraction of steps it runs on."""
+    cycle = math.lcm(*(u.every for u in updates)) if updates else 1
+    counts = Counter(tuple(u for u in updates if u.active(step)) for step in range(cycle))
+    return [(active, n / cycle) for active, n in counts.items() if active]
+
+
+# ------------------------------------------------------------------------------------------------ analytic
+
+
+class Analytic:
+    """Forward FLOPs per sample of the run's networks, from their configurations (None: not countable)."""
+
+    def __init__(self, s: train.Setup):
+        self.s = s
+        self.nets = {**s.world.nets, **{n.name: n.net for n in s.recipe.networks}}
+        h, w = s.world.sample_shape[:2] if len(s.world.sample_shape) == 3 else (0, 0)
+        self.latent = (h, w)
+        uncond = s.world.uncond
+        ehs = uncond.get("encoder_hidden_states") if isinstance(uncond, dict) else None
+        self.context = int(np.shape(ehs)[-2]) if ehs is not None else 77
+
+    def unet(self, name: str) -> UNetConfig | None:
+        net = self.nets.get(name)
+        cfg = getattr(net.base if isinstance(net, LoRANet) else net, "config", None)
+        return cfg if isinstance(cfg, UNetConfig) else None
+
+    def pass_flops(self, p: Pass) -> float | None:
+        cfg = self.unet(p.network)
+        if cfg is None:
+            return None
+        forward = hand.unet_forward(cfg, *self.latent, self.context, trunk=p.trunk)
+        factor = GRAD_FACTOR[p.grad]
+        if isinstance(self.nets[p.network], LoRANet) and p.grad == "params":
+            # Frozen kernels need no weight gradient; the adapted ones do (W + s A B is differentiated).
+            adapted = hand.unet_forward(cfg, *self.latent, self.context, projections_only=True, trunk=p.trunk)
+            factor = 2.0 + adapted / forward
+        return p.samples * factor * forward
+
+    def prepare_flops(self, batch: dict[str, jax.ShapeDtypeStruct]) -> float | None:
+        """The step's input preparation: text encoders on token ids, the VAE encoder on images."""
+        total = 0.0
+        for key, spec in batch.items():
+            leaf = key.rsplit(SEPARATOR, 1)[-1]
+            n = spec.shape[0]
+            if leaf.startswith(IDS):
+                cfg = self.nets[leaf[len(IDS) :]].config
+                if not isinstance(cfg, CLIPTextConfig):
+                    return None
+                total += n * hand.clip_text_forward(cfg, spec.shape[1])
+            elif leaf == "images":
+                cfg = self.nets["vae"].config
+                if not isinstance(cfg, AutoencoderKLConfig):
+                    return None
+                total += n * hand.vae_encode(cfg, spec.shape[1], spec.shape[2])
+        return total
+
+    def step(self, active: tuple[Update, ...], batch: dict, batch_size: int) -> float | None:
+        if any(not u.passes for u in active):
+            return None
+        carried: set[str] = set()
+        total = self.prepare_flops(batch)
+        if total is None:
+            return None
+        for u in active:
+            for p in u.passes:
+                if p.unless_carried and p.unless_carried in carried:
+                    continue
+                f = self.pass_flops(p)
+                if f is None:
+                    return None
+                total += batch_size * f
+            carried.update(u.carries)
+        return total
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def _memory(compiled, platform: str) -> dict[str, int]:
+    """Bytes per device. ``peak``: the TPU compiler's own peak (buffer lifetimes included); elsewhere the
+    sum of arguments, outputs not aliased to them, and temporaries (the CPU's peak figure leaves out
+    arguments)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    out["peak"] = peak if platform == "tpu" and peak else out["total"]
+    return out
+
+
+def plan(
+    config: ml_collections.ConfigDict,
+    devices=None,
+    *,
+    compile: bool = False,
+    device_memory: int | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """The plan of ``config``'s train step on ``devices`` (default: this machine's) as a JSON-able dict."""
+    start = time.perf_counter()
+    s = train.setup(config, None, abstract=True, devices=devices)
+    mesh = s.mesh
+    networks: dict[str, Any] = {}
+    for network in s.recipe.networks:
+        params = s.abstract_state["params"][network.name]
+        networks[network.name] = {
+            "trained": True,
+            **parallel.sharding_report(network.name, params, s.state_shardings["params"][network.name]),
+        }
+    for name, tree in s.frozen.items():
+        networks[name] = {
+            "trained": False,
+            **parallel.sharding_report(name, tree, jax.tree.map(lambda x: x.sharding, tree)),
+        }
+    state_bytes = _bytes_per_device(s.abstract_state)
+    frozen_bytes = _bytes_per_device(s.frozen)
+    log(f"built abstractly in {time.perf_counter() - start:.1f} s: {parallel.describe(mesh)}")
+
+    batch = abstract_batch(s, config.batch_size)
+    replicated = parallel.replicated(mesh)
+    step_spec = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
+    key_spec = jax.eval_shape(lambda: jax.random.key(0))
+    key_spec = jax.ShapeDtypeStruct(key_spec.shape, key_spec.dtype, sharding=replicated)
+    analytic = Analytic(s)
+    functions = train.StepFunctions(s)
+    steps = []
+    for active, fraction in step_kinds(s.recipe.updates):
+        step_num = next(i for i in range(10**6) if s.recipe.active_updates(i) == active)
+        entry: dict[str, Any] = {"updates": [u.name for u in active], "fraction": fraction}
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            lowered = functions(step_num).lower(s.abstract_state, s.frozen, batch, step_spec, key_spec)
+        entry["lower_s"] = round(time.perf_counter() - t0, 1)
+        cost = lowered.cost_analysis() or {}
+        entry["flops"] = float(cost.get("flops", 0.0)) or None
+        entry["analytic_flops"] = analytic.step(active, batch, config.batch_size)
+        if compile:
+            t0 = time.perf_counter()
+            compiled = lowered.compile()
+            entry["compile_s"] = round(time.perf_counter() - t0, 1)
+            entry["memory"] = _memory(compiled, mesh.devices.flat[0].platform)
+        log(
+            f"step {'+'.join(entry['updates'])}: lowered in {entry['lower_s']} s, "
+            f"{_fmt(entry['flops'])} FLOPs (analytic {_fmt(entry['analytic_flops'])})"
+            + (f", compiled in {entry['compile_s']} s" if compile else "")
+        )
+        steps.append(entry)
+    full = max(steps, key=lambda e: (len(e["updates"]), e["flops"] or 0))
+    peak = max((e["memory"]["peak"] for e in steps if e.get("memory")), default=None)
+    return {
+        "config": config.get("name", None) or config.method.name,
+        "method": config.method.name,
+        "teacher": config.teacher.get("preset", config.teacher.kind),
+        "batch": config.batch_size,
+        "devices": int(mesh.devices.size),
+        "platform": mesh.devices.flat[0].platform,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "networks": networks,
+        "state_bytes_per_device": state_bytes,
+        "frozen_bytes_per_device": frozen_bytes,
+        "steps": steps,
+        "flops_per_step": full["flops"],
+        "analytic_flops_per_step": full["analytic_flops"],
+        "mean_flops_per_step": _mean(steps, "flops"),
+        "peak_bytes_per_device": peak,
+        "device_memory_bytes": device_memory,
+        "fits": None if peak is None or device_memory is None else bool(peak <= device_memory),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _mean(steps: list[dict], key: str) -> float | None:
+    if any(e[key] is None for e in steps):
+        return None
+    return sum(e[key] * e["fraction"] for e in steps)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
