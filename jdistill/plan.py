@@ -205,6 +205,9 @@ def plan(
             compiled = lowered.compile()
             entry["compile_s"] = round(time.perf_counter() - t0, 1)
             entry["memory"] = _memory(compiled, mesh.devices.flat[0].platform)
+            if entry["flops"] is None:  # TPU lowerings give no cost analysis: one device's share, compiled
+                per_device = (compiled.cost_analysis() or {}).get("flops")
+                entry["flops"] = float(per_device) * mesh.devices.size if per_device else None
         log(
             f"step {'+'.join(entry['updates'])}: lowered in {entry['lower_s']} s, "
             f"{_fmt(entry['flops'])} FLOPs (analytic {_fmt(entry['analytic_flops'])})"

@@ -7,6 +7,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_pipeline
@@ -221,3 +222,26 @@ def test_activations_are_constrained_to_the_batch_axes_under_a_mesh():
     n = constrained.count("sharding_constraint")
     assert n == 2 + len(net.config.down_block_types) + len(net.config.up_block_types), n
     assert math.prod(mesh.shape.values()) == 8
+
+
+def output_dtype(net, params):
+    x = jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)
+    cond = {"encoder_hidden_states": jax.ShapeDtypeStruct((1, 77, 768), jnp.float32)}
+    return jax.eval_shape(lambda p, x, c: net.apply(p, x, jnp.ones((1,)), c), params, x, cond).dtype
+
+
+@pytest.mark.parametrize("compute", ["", "float32"])
+def test_trained_copies_keep_float32_master_weights_and_their_own_compute_dtype(compute):
+    """bfloat16 storage for the frozen teacher, float32 master weights and optimizer state for the trained
+    copies, which compute in the teacher's dtype unless their model.compute_dtype says otherwise."""
+    bf16 = [("teacher.dtype", "bfloat16"), ("teacher.param_dtype", "bfloat16"), ("batch_size", "8")]
+    config = load("configs/dmd2.py:sd15", [*bf16, ("networks.fake_score.model.compute_dtype", compute)])
+    s = train.setup(config, None, abstract=True)
+    assert {x.dtype for x in jax.tree.leaves(s.frozen["teacher"])} == {jnp.dtype(jnp.bfloat16)}
+    for part in ("params", "opt"):
+        dtypes = {x.dtype for x in jax.tree.leaves(s.abstract_state[part]) if x.ndim}
+        assert dtypes == {jnp.dtype(jnp.float32)}, (part, dtypes)
+    params = s.abstract_state["params"]
+    expected = jnp.float32 if compute else jnp.bfloat16
+    assert output_dtype(s.recipe.network("fake_score").net, params["fake_score"]) == expected
+    assert output_dtype(s.recipe.network("student").net, params["student"]) == jnp.bfloat16

@@ -161,7 +161,7 @@ def render(r: dict) -> str:
             f"{name + tag:<16}{n['params']:>16,}{_gib(n['bytes']):>12}{_gib(n['bytes_per_device']):>13}"
             f"{n['replicated_fraction']:>12.4f}"
         )
-        if n["replicated_fraction"] > 0.01:
+        if n["replicated_fraction"] > 0.01 and r["mesh"].get("fsdp", 1) > 1:
             lines.append(f"    largest replicated: {', '.join(n['replicated'][:5])}")
     lines.append(
         f"trained state per device: {_gib(r['state_bytes_per_device'])}; frozen: {_gib(r['frozen_bytes_per_device'])}"

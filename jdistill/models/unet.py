@@ -22,7 +22,16 @@ from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
 from jdistill.models.embeddings import timestep_embedding
-from jdistill.models.layers import FP32, Precision, block_caller, conv, group_norm, layer_norm, linear
+from jdistill.models.layers import (
+    FP32,
+    Precision,
+    block_caller,
+    conv,
+    group_norm,
+    layer_norm,
+    linear,
+    remat_policy,
+)
 from jdistill.parallel import constrain_batch
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -461,6 +470,7 @@ class UNet2DConditionModel(nnx.Module):
     ):
         cfg = self.config = config
         p, impl = precision, attention_impl
+        remat = remat_policy(remat)  # an unknown policy fails here, not at the first call
         self.dtype = p.dtype
         ch = cfg.block_out_channels
         n_blocks = len(ch)
