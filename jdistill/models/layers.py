@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models import dense
 from jdistill.models.net import build_layer, sharding_metadata
 
 
@@ -41,6 +42,7 @@ def linear(
             dtype=p.dtype,
             param_dtype=p.param_dtype,
             kernel_metadata=sharding_metadata(*axes),
+            dot_general=dense.dot_general,  # fast weight gradients on CPU (models/dense.py)
             rngs=r,
         ),
         rngs,
