@@ -154,11 +154,11 @@ def render(r: dict) -> str:
     lines = [
         f"{r['method']} / {r['teacher']}: batch {r['batch']} on {r['devices']} {r['platform']} devices, mesh {r['mesh']}"
     ]
-    lines.append(f"{'network':<16}{'params':>16}{'bytes':>12}{'per device':>13}{'replicated':>12}")
+    lines.append(f"{'network':<24}{'params':>15}{'bytes':>12}{'per device':>13}{'replicated':>12}")
     for name, n in r["networks"].items():
         tag = "" if n["trained"] else " (frozen)"
         lines.append(
-            f"{name + tag:<16}{n['params']:>16,}{_gib(n['bytes']):>12}{_gib(n['bytes_per_device']):>13}"
+            f"{name + tag:<24}{n['params']:>15,}{_gib(n['bytes']):>12}{_gib(n['bytes_per_device']):>13}"
             f"{n['replicated_fraction']:>12.4f}"
         )
         if n["replicated_fraction"] > 0.01 and r["mesh"].get("fsdp", 1) > 1:
