@@ -160,9 +160,11 @@ def plan(
     *,
     compile: bool = False,
     device_memory: int | None = None,
+    full_step_only: bool = False,
     log=print,
 ) -> dict[str, Any]:
-    """The plan of ``config``'s train step on ``devices`` (default: this machine's) as a JSON-able dict."""
+    """The plan of ``config``'s train step on ``devices`` (default: this machine's) as a JSON-able dict;
+    ``full_step_only``: only the step with the most updates (one compile instead of one per kind)."""
     start = time.perf_counter()
     s = train.setup(config, None, abstract=True, devices=devices)
     mesh = s.mesh
@@ -190,7 +192,10 @@ def plan(
     analytic = Analytic(s)
     functions = train.StepFunctions(s)
     steps = []
-    for active, fraction in step_kinds(s.recipe.updates):
+    kinds = step_kinds(s.recipe.updates)
+    if full_step_only:
+        kinds = [max(kinds, key=lambda kind: len(kind[0]))]
+    for active, fraction in kinds:
         step_num = next(i for i in range(10**6) if s.recipe.active_updates(i) == active)
         entry: dict[str, Any] = {"updates": [u.name for u in active], "fraction": fraction}
         t0 = time.perf_counter()
@@ -230,7 +235,7 @@ def plan(
         "steps": steps,
         "flops_per_step": full["flops"],
         "analytic_flops_per_step": full["analytic_flops"],
-        "mean_flops_per_step": _mean(steps, "flops"),
+        "mean_flops_per_step": None if full_step_only else _mean(steps, "flops"),
         "peak_bytes_per_device": peak,
         "device_memory_bytes": device_memory,
         "fits": None if peak is None or device_memory is None else bool(peak <= device_memory),

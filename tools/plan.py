@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--compile", action="store_true", help="compile (always for TPU targets)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--full-step-only", action="store_true", help="only the step with every update active"
+    )
     from jdistill.configuration import ConfigError, split_config_args
 
     spec, overrides, rest = split_config_args(argv)
@@ -128,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = configuration.load(spec, [*overrides, *extra, ("mesh.num_devices", "-1")])
         result = plan.plan(
-            config, devices, compile=args.compile or devices is not None, device_memory=memory, log=log
+            config,
+            devices,
+            compile=args.compile or devices is not None,
+            device_memory=memory,
+            full_step_only=args.full_step_only,
+            log=log,
         )
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
