@@ -1,18 +1,23 @@
 """Orbax checkpoints: one item per trained network, optimizer state and EMA, plus JSON metadata.
 
 Layout: ``<workdir>/checkpoints/<step>/<item>/`` with items ``<net>``, ``<net>_opt``, ``<net>_ema`` and
-``meta`` (step, data position, PRNG key, non-finite counters). Saves are asynchronous;
+``meta`` (step, data position, PRNG key, non-finite counters). The directory is any ``etils.epath`` path: local
+or ``gs://`` (Orbax writes the arrays through TensorStore, the rest through epath). Saves are asynchronous;
 Orbax only lists a step once it is completely written, so a run killed mid-save resumes from the previous
-one. A listed checkpoint that cannot be read (files deleted or truncated) is moved aside to
-``<workdir>/checkpoints.corrupt/`` with a warning and the next older one is used: nothing is deleted.
+one. A listed checkpoint that is incomplete or cannot be decoded (files deleted or truncated, bad metadata) is
+moved aside to ``<workdir>/checkpoints.corrupt/`` with a warning and the next older one is used: nothing is
+deleted. A read that fails with a transient I/O error (a network file system's timeout, EIO) is retried with
+backoff and then raised with nothing moved: a good checkpoint is never set aside for a flaky read.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import shutil
+import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -24,15 +29,37 @@ from jdistill import parallel
 PyTree = Any
 log = logging.getLogger(__name__)
 
+# Below this many bytes a single process copies the whole state to host memory before saving (fast for small
+# states, see Checkpointer.save); above it Orbax gets the device arrays and copies shard by shard.
+HOST_COPY_LIMIT_BYTES = 256 << 20
+
 
 class CheckpointError(RuntimeError):
     pass
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every: int,
+        keep: int,
+        async_save: bool = True,
+        host_copy_limit_bytes: int = HOST_COPY_LIMIT_BYTES,
+        read_attempts: int = 4,
+        retry_delay_s: float = 2.0,
+    ):
+        """``directory``: local or remote (``gs://...``). ``host_copy_limit_bytes``: states up to this size are
+        copied to host memory in one go before saving. A transient read error is tried ``read_attempts`` times
+        in all, waiting ``retry_delay_s`` and then twice as long each time."""
+        if read_attempts < 1:
+            raise ValueError(f"read_attempts={read_attempts} must be at least 1")
+        self.directory = absolute(directory)
         self.every = every
+        self.host_copy_limit_bytes = host_copy_limit_bytes
+        self.read_attempts = read_attempts
+        self.retry_delay_s = retry_delay_s
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
@@ -51,10 +78,12 @@ class Checkpointer:
         """Start an (async) save of ``items`` (array pytrees) and ``meta`` (JSON) at ``step``."""
         if step in self.manager.all_steps():
             return
-        if jax.process_count() == 1:
-            # One process sees every shard: hand Orbax host arrays. Its per-shard device transfers cost about
-            # 1 ms per leaf and device (a small UNet's train state on 8 CPU devices: 8.6 s against 1.4 s);
-            # the files are the same and restore into the target shardings either way.
+        if jax.process_count() == 1 and tree_bytes(items) <= self.host_copy_limit_bytes:
+            # One process sees every shard: for a small state hand Orbax host arrays. Its per-shard device
+            # transfers cost about 1 ms per leaf and device (a small UNet's train state on 8 CPU devices: 8.6 s
+            # against 1.4 s); the files are the same and restore into the target shardings either way. A large
+            # state stays on the devices: Orbax copies each shard once (one replica) as it writes it, and no
+            # second, whole-state host copy is built.
             items = jax.device_get(items)
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         args["meta"] = ocp.args.JsonSave(meta)
@@ -65,27 +94,25 @@ class Checkpointer:
     ) -> tuple[int, dict[str, PyTree], dict[str, Any]] | None:
         """The newest readable checkpoint restored into ``abstract_items``' shapes, dtypes and shardings.
 
-        Returns None when the directory holds no checkpoint. Unreadable checkpoints are moved aside.
+        Returns None when the directory holds no checkpoint. Incomplete or undecodable checkpoints are moved
+        aside; transient read errors are retried, then raised with nothing moved.
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = sorted(self._all_steps(), reverse=True)
         for step in steps:
-            try:
-                args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
-                args["meta"] = ocp.args.JsonRestore()
-                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-                items = {name: restored[name] for name in abstract_items}
-                meta = dict(restored["meta"])
-                if meta.get("step") != step:
-                    raise CheckpointError(f"metadata says step {meta.get('step')}, directory says {step}")
-                return step, items, meta
-            except Exception as err:  # any failure to read: corrupt (moved aside) or another model's (error)
-                mismatch = self._shape_mismatch(step, abstract_items)
-                if mismatch:
-                    raise CheckpointError(
-                        f"checkpoint {step} in {self.directory} was written for a different model ({mismatch}). "
-                        "Use a new --workdir, or the config that wrote it."
-                    ) from err
-                self._set_aside(step, err)
+            for attempt in range(1, self.read_attempts + 1):
+                try:
+                    return (step, *self._restore_step(step, abstract_items))
+                except Exception as err:
+                    mismatch = self._shape_mismatch(step, abstract_items)
+                    if mismatch:
+                        raise CheckpointError(
+                            f"checkpoint {step} in {self.directory} was written for a different model "
+                            f"({mismatch}). Use a new --workdir, or the config that wrote it."
+                        ) from err
+                    if not (is_transient(err) or self._probe_is_transient(step)):
+                        self._set_aside(step, err)  # incomplete or undecodable: the next older one
+                        break
+                    self._retry_or_raise(step, attempt, err)
         if steps:
             raise CheckpointError(
                 f"none of the checkpoints {steps} in {self.directory} could be read; they were moved to "
@@ -111,19 +138,71 @@ class Checkpointer:
                 f"checkpoint {step} in {self.directory} does not fit this model ({mismatch})"
             )
         args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+        for attempt in range(1, self.read_attempts + 1):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+                return step, {name: restored[name] for name in abstract_items}
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                self._retry_or_raise(step, attempt, err)
+        raise AssertionError("unreachable")
+
+    def _all_steps(self) -> list[int]:
+        """The listed steps; listing the directory is retried like a read."""
+        for attempt in range(1, self.read_attempts + 1):
+            try:
+                self.manager.reload()
+                return list(self.manager.all_steps())
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                self._retry_or_raise(None, attempt, err)
+        raise AssertionError("unreachable")
+
+    def _restore_step(self, step: int, abstract_items: dict[str, PyTree]) -> tuple[dict, dict]:
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+        args["meta"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return step, {name: restored[name] for name in abstract_items}
+        items = {name: restored[name] for name in abstract_items}
+        meta = dict(restored["meta"])
+        if meta.get("step") != step:
+            raise CheckpointError(f"metadata says step {meta.get('step')}, directory says {step}")
+        return items, meta
+
+    def _retry_or_raise(self, step: int | None, attempt: int, err: Exception) -> None:
+        what = f"checkpoint {step} in {self.directory}" if step is not None else f"{self.directory}"
+        if attempt >= self.read_attempts:
+            raise CheckpointError(
+                f"{what} could not be read after {attempt} attempts: transient I/O error "
+                f"({type(err).__name__}: {str(err)[:300]}). Nothing was moved or deleted; run again when the "
+                "storage is reachable."
+            ) from err
+        delay = self.retry_delay_s * 2 ** (attempt - 1)
+        log.warning("reading %s failed (%s: %s); retrying in %.1f s", what, type(err).__name__, err, delay)
+        time.sleep(delay)
+
+    def _probe_is_transient(self, step: int) -> bool:
+        """Whether walking the step's directory (listing it, reading its small metadata files) fails with a
+        transient error: then the restore's failure is not evidence of a bad checkpoint."""
+        try:
+            for path in _walk_files(self.directory / str(step)):
+                if path.name.startswith("_") or path.name in ("metadata", "manifest.ocdbt"):
+                    path.read_bytes()
+        except Exception as err:
+            return is_transient(err)
+        return False
 
     def _shape_mismatch(self, step: int, abstract_items: dict[str, PyTree]) -> str | None:
         """The first parameter whose stored shape differs from the expected one, if the metadata is readable."""
         try:
             handler = ocp.StandardCheckpointHandler()
             stored_items = {
-                name: _shapes(handler.metadata(epath.Path(self.directory) / str(step) / name).tree)
+                name: _shapes(handler.metadata(self.directory / str(step) / name).tree)
                 for name in abstract_items
                 if not name.endswith("_opt")  # optimizer states follow their parameters
             }
-        except Exception:  # unreadable metadata: corrupt, not mismatched
+        except Exception:  # unreadable metadata: corrupt or a flaky read, not mismatched
             return None
         for name, stored in stored_items.items():
             expected = _shapes(abstract_items[name])
@@ -133,17 +212,18 @@ class Checkpointer:
         return None
 
     def _set_aside(self, step: int, err: Exception) -> None:
+        corrupt = epath.Path(f"{self.directory}.corrupt")
         warnings.warn(
             f"checkpoint {step} in {self.directory} is unreadable ({type(err).__name__}: {str(err)[:300]}); "
-            f"moving it to {self.directory}.corrupt/{step} and falling back to an earlier one",
-            stacklevel=3,
+            f"moving it to {corrupt / str(step)} and falling back to an earlier one",
+            stacklevel=4,
         )
         if parallel.is_main_process():
-            dest = os.path.join(self.directory + ".corrupt", str(step))
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            if os.path.exists(dest):
-                shutil.rmtree(dest)
-            shutil.move(os.path.join(self.directory, str(step)), dest)
+            dest = corrupt / str(step)
+            corrupt.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest.rmtree()
+            (self.directory / str(step)).rename(dest)
         parallel.sync(f"checkpoint_set_aside_{step}")
         self.manager.reload()
 
@@ -153,6 +233,64 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def absolute(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an epath: a URL (``gs://...``) as it is, a local path made absolute (Orbax needs that)."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))
+
+
+# Errors that say the storage could not be reached or answered, not that the data is bad: OSErrors other than
+# "no such file" (timeouts, connection errors, EIO, ...), and TensorStore's status codes for the same.
+_NOT_TRANSIENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+_NOT_TRANSIENT_OSERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+_TRANSIENT_STATUS = (
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+    "RESOURCE_EXHAUSTED",
+    "Input/output error",
+)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it wraps) is an I/O failure worth retrying rather than bad data."""
+    for e in _chain(err):
+        if isinstance(e, OSError):
+            if not isinstance(e, _NOT_TRANSIENT_OSERRORS) and e.errno not in _NOT_TRANSIENT_ERRNOS:
+                return True
+        elif any(status in str(e) for status in _TRANSIENT_STATUS):
+            return True
+    return False
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err``, its causes and contexts, and the members of exception groups, each once."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def _walk_files(root: epath.Path) -> Iterator[epath.Path]:
+    for child in root.iterdir():
+        if child.is_dir():
+            yield from _walk_files(child)
+        else:
+            yield child
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Total bytes of a tree's array leaves (global sizes, whatever their sharding)."""
+    return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(tree))
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
