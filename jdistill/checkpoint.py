@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jdistill import parallel
+from jdistill import parallel, paths
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Checkpointer:
         in all, waiting ``retry_delay_s`` and then twice as long each time."""
         if read_attempts < 1:
             raise ValueError(f"read_attempts={read_attempts} must be at least 1")
-        self.directory = absolute(directory)
+        self.directory = paths.absolute(directory)
         self.every = every
         self.host_copy_limit_bytes = host_copy_limit_bytes
         self.read_attempts = read_attempts
@@ -233,14 +233,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def absolute(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an epath: a URL (``gs://...``) as it is, a local path made absolute (Orbax needs that)."""
-    text = os.fspath(path)
-    if "://" in text:
-        return epath.Path(text)
-    return epath.Path(os.path.abspath(text))
 
 
 # Errors that say the storage could not be reached or answered, not that the data is bad: OSErrors other than

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import io
+import os
+
 import numpy as np
 from PIL import Image, ImageDraw
+
+from jdistill import paths
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
+def _save_png(img: Image.Image, path: str | os.PathLike) -> None:
+    buffer = io.BytesIO()  # encoded in memory, written whole: the path may be remote (gs://)
+    img.save(buffer, format="PNG")
+    paths.as_path(path).write_bytes(buffer.getvalue())
+
+
 def scatter_png(
-    path: str,
+    path: str | os.PathLike,
     points: np.ndarray,
     labels: np.ndarray | None = None,
     *,
@@ -36,10 +47,10 @@ def scatter_png(
         x, y = to_px(xy)
         draw.line((x - 6, y, x + 6, y), fill="black", width=2)
         draw.line((x, y - 6, x, y + 6), fill="black", width=2)
-    img.save(path)
+    _save_png(img, path)
 
 
-def image_grid_png(path: str, images: np.ndarray, *, columns: int = 8) -> None:
+def image_grid_png(path: str | os.PathLike, images: np.ndarray, *, columns: int = 8) -> None:
     """Images (N, H, W, C) in [-1, 1] as one PNG grid."""
     images = np.clip((np.asarray(images, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
     n, h, w, c = images.shape
@@ -49,4 +60,4 @@ def image_grid_png(path: str, images: np.ndarray, *, columns: int = 8) -> None:
     for i, img in enumerate(images):
         r, q = divmod(i, cols)
         grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img
-    Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]).save(path)
+    _save_png(Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]), path)

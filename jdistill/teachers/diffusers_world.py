@@ -21,6 +21,7 @@ from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
 from jdistill.models.layers import DTYPES, Precision
 from jdistill.models.net import Net
+from jdistill.paths import save_npy
 from jdistill.teachers.base import World
 from jdistill.teachers.presets import UNCOND_RULES, TeacherPreset, get_preset
 from jdistill.teachers.prompts import IDS, PromptEncoder
@@ -222,7 +223,7 @@ def build(
         )
 
     def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
-        np.save(f"{stem}.npy", samples)
+        save_npy(f"{stem}.npy", samples)
         image_grid_png(f"{stem}.png", decode_images(samples[:64]))
 
     def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:

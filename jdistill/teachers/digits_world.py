@@ -15,6 +15,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from jdistill import paths
 from jdistill.digits import data
 from jdistill.teachers import diffusers_world
 from jdistill.teachers.base import World
@@ -72,11 +73,11 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
         return results
 
     def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
-        np.save(f"{stem}.npy", samples)
+        paths.save_npy(f"{stem}.npy", samples)
         shown = world.decode(samples[:64])
         image_grid_png(f"{stem}.png", shown)
         if all(k in batch for k in LABELS):  # the evaluation prompts (eval_batch draws them the same way)
-            with open(f"{stem}_prompts.txt", "w") as f:  # one per sample: the grid shows the first 64
-                f.write("\n".join(data.evaluation_prompts(len(samples)).prompts) + "\n")
+            prompts = data.evaluation_prompts(len(samples)).prompts  # one per sample: the grid shows 64
+            paths.as_path(f"{stem}_prompts.txt").write_text("\n".join(prompts) + "\n")
 
     return dataclasses.replace(world, evaluate=evaluate, save_samples=save_samples)

@@ -8,6 +8,7 @@ import numpy as np
 from jdistill.data.sources import SyntheticSource
 from jdistill.diffusion.schedules import make_schedule
 from jdistill.evaluate.gmm import mode_statistics
+from jdistill.paths import save_npy
 from jdistill.teachers.base import World
 from jdistill.teachers.gmm import GaussianMixture, GMMTeacher
 from jdistill.visualize import scatter_png
@@ -36,8 +37,8 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
 
     def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
         labels = batch["cond"]
-        np.save(f"{stem}.npy", samples)
-        np.save(f"{stem}_labels.npy", labels)
+        save_npy(f"{stem}.npy", samples)
+        save_npy(f"{stem}_labels.npy", labels)
         scatter_png(f"{stem}.png", samples, labels, reference=mixture.means)
 
     return World(
