@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_steps = 1000
     c.batch_size = 256  # global, over all devices and processes
+    # Gradient accumulation: each update's gradient is the mean over this many micro-batches of the batch,
+    # run one after another (activations of one micro-batch at a time), then one optimizer update. The
+    # same global batch on fewer chips; batch_size must divide by micro_batches x the batch devices.
+    c.micro_batches = 1
     c.log_every = 100
     c.progress_bar = True
     c.max_nonfinite_streak = 20  # consecutive skipped (non-finite) updates before the run stops

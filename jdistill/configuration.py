@@ -282,6 +282,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("num_steps", "batch_size", "log_every"):
         if cfg[key] <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {cfg[key]}")
+    micro_batches = cfg.get("micro_batches", 1)  # run configs written before the key have none
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ConfigError(f"config key 'micro_batches' must be a positive integer, got {micro_batches!r}")
+    if cfg.batch_size % micro_batches:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} must be divisible by micro_batches={micro_batches} (equal micro-batches)"
+        )
     module = method_module(cfg.method.name)
     needed = tuple(getattr(module, "NETWORKS", ()))
     optional = tuple(getattr(module, "OPTIONAL_NETWORKS", ()))  # e.g. a GAN's discriminator

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jdistill import configuration, parallel, rng
+from jdistill import configuration, microbatch, parallel, paths, rng
 from jdistill.checkpoint import Checkpointer
 from jdistill.methods import build_recipe
 from jdistill.methods.recipe import Recipe, Update
@@ -73,6 +73,9 @@ def setup(
             f"batch_size={config.batch_size} must be divisible by the {parallel.batch_divisor(mesh)} devices "
             f"of the batch axes ({parallel.describe(mesh)})"
         )
+    microbatch.check(
+        config.batch_size, config.get("micro_batches", 1), parallel.batch_divisor(mesh), parallel.describe(mesh)
+    )
     policy = parallel.ShardingPolicy.from_config(config.sharding)
 
     def shardings_for(name: str, net) -> PyTree:  # frozen networks load straight into these
@@ -162,17 +165,24 @@ def ema_update(ema: PyTree, params: PyTree, decay: float, step: jax.Array) -> Py
     return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
 
 
-def make_step(recipe: Recipe, active: tuple[Update, ...], prepare):
+def make_step(recipe: Recipe, active: tuple[Update, ...], prepare, micro_batches: int = 1):
     """The pure train step for steps where the updates ``active`` run, in order.
 
     Each update takes gradients of its loss with respect to its own networks only; everything else it reads
     is frozen for it. An update whose loss or gradients are not finite is skipped (parameters and optimizer
-    state kept) and counted in ``nonfinite``.
+    state kept) and counted in ``nonfinite``. ``micro_batches`` > 1: each update accumulates the mean
+    gradient of that many micro-batches before its one optimizer update (jdistill/microbatch.py: the carry's
+    layout, the random keys, and why the result equals the full batch's in distribution, not bitwise).
     """
     networks = {n.name: n for n in recipe.networks}
+    k = micro_batches
 
     def step(state, frozen, batch, step_num, root):
-        batch = prepare(frozen, batch)  # e.g. token ids -> prompt embeddings, inside the same program
+        if k > 1:  # prepared one micro-batch at a time, stacked (k, ...)
+            rows = jax.tree.leaves(batch)[0].shape[0] // k
+            batch = microbatch.prepare_stacked(prepare, frozen, batch, k)
+        else:
+            batch = prepare(frozen, batch)  # e.g. token ids -> prompt embeddings, inside the same program
         key = rng.step_key(root, step_num)
         params, opt = dict(state["params"]), dict(state["opt"])
         ema, nonfinite = dict(state["ema"]), dict(state["nonfinite"])
@@ -183,11 +193,18 @@ def make_step(recipe: Recipe, active: tuple[Update, ...], prepare):
             # EMA trees are readable as "<name>_ema" (LCM's target network), never trained.
             averages = {f"{n}_ema": tree for n, tree in ema.items()}
 
-            def loss_fn(trainable, update=update, update_key=update_key, carry=carry, averages=averages):
-                return update.loss({**frozen, **params, **averages, **trainable}, batch, update_key, carry)
+            def loss_fn(trainable, batch, key, carry, update=update, averages=averages):
+                return update.loss({**frozen, **params, **averages, **trainable}, batch, key, carry)
 
             trainable = {n: params[n] for n in update.trains}
-            (loss, (aux, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            if k > 1:
+                loss, aux, new_carry, grads = microbatch.accumulate(
+                    loss_fn, trainable, batch, update_key, carry, k, rows
+                )
+            else:
+                (loss, (aux, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                    trainable, batch, update_key, carry
+                )
             new_params, new_opts = {}, {}
             for n in update.trains:
                 updates, new_opts[n] = networks[n].optimizer.update(grads[n], opt[n], params[n])
@@ -226,7 +243,7 @@ class StepFunctions:
             frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
             replicated = parallel.replicated(s.mesh)
             self.cache[names] = jax.jit(
-                make_step(s.recipe, active, s.recipe.prepare(s.world)),
+                make_step(s.recipe, active, s.recipe.prepare(s.world), s.config.get("micro_batches", 1)),
                 in_shardings=(s.state_shardings, frozen_shardings, s.batch_sharding, replicated, replicated),
                 out_shardings=(s.state_shardings, replicated),
                 donate_argnums=(0,),
