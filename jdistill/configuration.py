@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 
 class ConfigError(ValueError):
@@ -315,12 +316,11 @@ def _tuples(value: Any) -> Any:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote to ``workdir/config.json``, validated and locked."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / "config.json"  # the run directory may be remote (gs://)
+    if not path.is_file():
         raise ConfigError(f"{path} does not exist: is {workdir} a jdistill run directory?")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err})") from err
     cfg = ml_collections.ConfigDict(_tuples(data))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from jdistill import configuration, parallel
+from jdistill import configuration, parallel, paths
 from jdistill.convert.export import EXPORT_DTYPES, export_lora_pipeline, export_pipeline
 from jdistill.models.lora import LoRANet
 
@@ -37,7 +36,7 @@ def export_run(
 
     if dtype not in EXPORT_DTYPES:
         raise configuration.ConfigError(f"export dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
-    dst = dst or os.path.join(workdir, "export")
+    dst = dst or str(paths.as_path(workdir) / "export")
     s, state, step = train.restore_latest(config, workdir)
     params = parallel.to_host(train.sampling_params(s, state))
     if not parallel.is_main_process():
@@ -81,15 +80,15 @@ def export_run(
 
 
 def _export_flat(config, names: tuple[str, ...], params: dict[str, PyTree], dst: str, step: int) -> str:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    os.makedirs(dst, exist_ok=True)
+    out = paths.as_path(dst)
+    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         flat = {
             ".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(params[name])[0]
         }
-        save_file(flat, os.path.join(dst, f"{name}.safetensors"), metadata={"step": str(step)})
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        f.write(configuration.to_json(config))
+        (out / f"{name}.safetensors").write_bytes(save(flat, metadata={"step": str(step)}))
+    (out / "config.json").write_text(configuration.to_json(config))
     return dst

@@ -6,12 +6,11 @@ Kept short on purpose: all logic lives in importable, tested modules (train.py, 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
 
-from jdistill import configuration, parallel
+from jdistill import configuration, parallel, paths
 
 MODES = ("train", "sample", "eval", "export")
 flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, checkpoints/, samples/).")
@@ -44,7 +43,7 @@ def main(argv: list[str]) -> None:
     except configuration.ConfigError as err:
         sys.exit(f"config error: {err}")
     parallel.initialize_distributed(config.distributed)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
+    paths.as_path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
 
     from jdistill import train  # after distributed start-up: importing models touches no devices, but be safe
 
@@ -68,8 +67,8 @@ def main(argv: list[str]) -> None:
 def _export_once(config, workdir: str) -> None:
     from jdistill.export import export_run
 
-    dst = os.path.join(workdir, "export")
-    if os.path.isdir(dst) and os.listdir(dst):
+    dst = str(paths.as_path(workdir) / "export")
+    if paths.is_nonempty_dir(dst):
         print(
             f"{dst} already holds an export of this run; not written again (tools/export_diffusers.py --dst DIR writes another)"
         )

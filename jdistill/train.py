@@ -279,22 +279,34 @@ class StopSignal:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step (main process only)."""
+    """``metrics.jsonl``: one JSON object per logged step (main process only).
 
-    def __init__(self, path: str, resume_step: int):
-        self.path = path
+    Local files are appended to; a remote one (``gs://``: objects cannot be appended to) is rewritten whole.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_step: int):
+        self.path = paths.as_path(path)
         self.enabled = parallel.is_main_process()
-        if self.enabled and os.path.exists(path):
+        self.append = not paths.is_remote(path)
+        self.lines: list[str] = []
+        if self.enabled and self.path.exists():
             # Drop entries of steps that a resumed run redoes.
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.lines = [
+                line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(self.lines))
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in values.items()}}) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps({"step": step, **{k: _jsonable(v) for k, v in values.items()}}) + "\n"
+        if self.append:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
 
 
 def _jsonable(v):
@@ -345,8 +357,8 @@ def start_from_other_runs(s: Setup, state: dict[str, PyTree]) -> dict[str, PyTre
         source = s.config.networks[name].get("init_from", "") if name in s.config.networks else ""
         if not source:
             continue
-        directory = os.path.join(source, "checkpoints")
-        if not os.path.isdir(directory):
+        directory = paths.as_path(source) / "checkpoints"
+        if not directory.is_dir():
             raise configuration.ConfigError(
                 f"networks.{name}.init_from={source!r}: {directory} does not exist (not a jdistill run directory?)"
             )
@@ -382,22 +394,22 @@ def restore_or_init(s: Setup, ckpt: Checkpointer) -> tuple[int, dict[str, PyTree
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (or resume) the recipe in ``config``; returns the final evaluation metrics."""
     s = setup(config, workdir)
+    run = paths.as_path(workdir)  # local or remote (gs://): every file of the run goes through epath
     if parallel.is_main_process():
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(configuration.to_json(config))
+        (run / "samples").mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(configuration.to_json(config))
     log.info("%s", parallel.describe(s.mesh))
     for network in s.recipe.networks:
         log.info("network %s: %d parameters", network.name, network.net.num_params())
 
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        run / "checkpoints",
         every=config.checkpoint.every,
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
     )
     step, state, root = restore_or_init(s, ckpt)
-    metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
+    metrics_log = MetricsLog(run / "metrics.jsonl", step)
     steps = StepFunctions(s)
     source = s.recipe.source(s.world)
     if source is None:
@@ -519,7 +531,7 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 def write_samples(s: Setup, state, name: str, count: int, seed: int | None = None) -> tuple[np.ndarray, dict]:
     samples, batch = draw_samples(s, state, count, s.config.sample.seed if seed is None else seed)
     if parallel.is_main_process():
-        s.world.save_samples(os.path.join(s.workdir, "samples", name), samples, batch)
+        s.world.save_samples(str(paths.as_path(s.workdir) / "samples" / name), samples, batch)
     return samples, batch
 
 
@@ -538,7 +550,7 @@ def evaluate_final(s: Setup, state) -> dict[str, float]:
 
 def restore_latest(config, workdir) -> tuple[Setup, dict[str, PyTree], int]:
     s = setup(config, workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=config.checkpoint.keep)
+    ckpt = Checkpointer(paths.as_path(workdir) / "checkpoints", every=0, keep=config.checkpoint.keep)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: run --mode train first")
     step, state, _ = restore_or_init(s, ckpt)
@@ -548,17 +560,18 @@ def restore_latest(config, workdir) -> tuple[Setup, dict[str, PyTree], int]:
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     s, state, step = restore_latest(config, workdir)
+    samples = paths.as_path(workdir) / "samples"
     if parallel.is_main_process():
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        samples.mkdir(parents=True, exist_ok=True)
     name = f"sample_step{step:07d}"
     write_samples(s, state, name, config.sample.count)
-    return os.path.join(workdir, "samples", name)
+    return str(samples / name)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     s, state, step = restore_latest(config, workdir)
     results = evaluate_final(s, state)
-    MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=1 << 62).write(
+    MetricsLog(paths.as_path(workdir) / "metrics.jsonl", resume_step=1 << 62).write(
         step, {f"eval/{k}": v for k, v in results.items()}
     )
     return results

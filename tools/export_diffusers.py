@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from jdistill import configuration
+    from jdistill import configuration, paths
     from jdistill.convert.core import ConversionError
     from jdistill.export import export_run
 
@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    marker = os.path.join(dst, "jdistill_export.json")
-    if os.path.exists(marker):
-        with open(marker) as f:
-            print(f"wrote {dst}; generate with pipe(prompt, **{json.load(f)['call']})")
+    marker = paths.as_path(dst) / "jdistill_export.json"
+    if marker.exists():
+        print(f"wrote {dst}; generate with pipe(prompt, **{json.loads(marker.read_text())['call']})")
     else:
         print(f"wrote {dst}")
     return 0

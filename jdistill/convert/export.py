@@ -26,12 +26,12 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from jdistill import paths
 from jdistill.convert.core import ConversionError, to_state_dict
 from jdistill.convert.io import read_json
 
@@ -74,29 +74,31 @@ def cast_state_dict(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, An
     return out
 
 
-def save_weights(folder: str, state: Mapping[str, np.ndarray], dtype: str, stem: str) -> str:
+def save_weights(folder: str | os.PathLike, state: Mapping[str, np.ndarray], dtype: str, stem: str) -> str:
     """``folder/stem.safetensors`` in ``dtype``; float32 and float16 are written without torch (the digits
-    world's main job runs on the core install), bfloat16 through torch."""
+    world's main job runs on the core install), bfloat16 through torch. A remote folder (``gs://``) gets the
+    file serialised in memory and written whole; a local one is written directly."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{stem}.safetensors")
+    paths.as_path(folder).mkdir(parents=True, exist_ok=True)
+    path = str(paths.as_path(folder) / f"{stem}.safetensors")
     if dtype == "bfloat16":
-        from safetensors.torch import save_file
+        from safetensors import torch as writer
 
-        save_file(cast_state_dict(state, dtype), path, metadata={"format": "pt"})
+        tensors = cast_state_dict(state, dtype)
     else:
-        from safetensors.numpy import save_file
+        from safetensors import numpy as writer
 
-        arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
-        save_file(arrays, path, metadata={"format": "pt"})
+        tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
+    if paths.is_remote(path):
+        paths.as_path(path).write_bytes(writer.save(tensors, metadata={"format": "pt"}))
+    else:
+        writer.save_file(tensors, path, metadata={"format": "pt"})
     return path
 
 
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(dict(data), f, indent=2, sort_keys=True)
-        f.write("\n")
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    paths.as_path(path).write_text(json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,14 +257,16 @@ def scheduler_plan(
 
 
 def copy_component(src: str, dst: str, variant: str | None = None) -> None:
-    """Copy a component folder; with a variant, its variant weights become the plain-named weights."""
-    os.makedirs(dst, exist_ok=True)
-    names = sorted(os.listdir(src))
+    """Copy a component folder; with a variant, its variant weights become the plain-named weights.
+    Files are streamed (``paths.copy_file``): ``dst`` may be on another store than ``src`` (``gs://``)."""
+    src_dir, dst_dir = paths.as_path(src), paths.as_path(dst)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in src_dir.iterdir())
     tag = f".{variant}" if variant else None
     chosen: dict[str, str] = {}
     for name in names:
-        if os.path.isdir(os.path.join(src, name)):
-            shutil.copytree(os.path.join(src, name), os.path.join(dst, name), dirs_exist_ok=True)
+        if (src_dir / name).is_dir():
+            paths.copy_tree(src_dir / name, dst_dir / name)
             continue
         target = name.replace(tag, "") if tag and tag in name else name
         if target in chosen and tag and tag not in name:
@@ -270,11 +274,11 @@ def copy_component(src: str, dst: str, variant: str | None = None) -> None:
         chosen[target] = name
     for target, name in chosen.items():
         if tag and tag in name and name.endswith(".json") and ".index" in name:  # sharded: rename the shards
-            index = read_json(os.path.join(src, name))
+            index = json.loads((src_dir / name).read_text())
             index["weight_map"] = {k: v.replace(tag, "") for k, v in index["weight_map"].items()}
-            write_json(os.path.join(dst, target), index)
+            write_json(dst_dir / target, index)
         else:
-            shutil.copy2(os.path.join(src, name), os.path.join(dst, target))
+            paths.copy_file(src_dir / name, dst_dir / target)
 
 
 def export_pipeline(
@@ -308,7 +312,7 @@ def export_pipeline(
     index_path = os.path.join(src, "model_index.json")
     if not os.path.exists(index_path):
         raise ConversionError(f"{src} has no model_index.json: not a pipeline directory")
-    if os.path.exists(dst) and os.listdir(dst):
+    if paths.is_nonempty_dir(dst):
         raise FileExistsError(f"export destination {dst} exists and is not empty; choose a new directory")
     model_index = read_json(index_path)
     converted = os.path.exists(os.path.join(src, CONVERTED_MARKER))
@@ -320,7 +324,8 @@ def export_pipeline(
     scheduler, call, fold = scheduler_plan(
         teacher_scheduler, prediction, tuple(timesteps), boundary, input_scale
     )
-    os.makedirs(dst, exist_ok=True)
+    out = paths.as_path(dst)
+    out.mkdir(parents=True, exist_ok=True)
 
     flax_components = ("vae", "text_encoder", "text_encoder_2")
     for name, spec in model_index.items():
@@ -331,26 +336,24 @@ def export_pipeline(
             continue
         if converted and name in flax_components:
             component = load_pipeline(src, components=(name,), allow_download=False).components[name]
-            os.makedirs(os.path.join(dst, name), exist_ok=True)
-            write_json(os.path.join(dst, name, "config.json"), component.config)
+            (out / name).mkdir(parents=True, exist_ok=True)
+            write_json(out / name / "config.json", component.config)
             stem = "diffusion_pytorch_model" if name == "vae" else "model"
-            save_weights(
-                os.path.join(dst, name), component_state_dict(name, component.params), "float32", stem
-            )
+            save_weights(out / name, component_state_dict(name, component.params), "float32", stem)
         else:
-            copy_component(folder, os.path.join(dst, name), variant)
+            copy_component(folder, str(out / name), variant)
 
-    os.makedirs(os.path.join(dst, "unet"), exist_ok=True)
-    write_json(os.path.join(dst, "unet", "config.json"), config)
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    write_json(out / "unet" / "config.json", config)
     state = to_state_dict(unet_params)
     if fold is not None and fold.changes_weights:
         state = fold_unet(state, fold)
-    save_weights(os.path.join(dst, "unet"), state, dtype, "diffusion_pytorch_model")
+    save_weights(out / "unet", state, dtype, "diffusion_pytorch_model")
 
-    os.makedirs(os.path.join(dst, "scheduler"), exist_ok=True)
-    write_json(os.path.join(dst, "scheduler", "scheduler_config.json"), scheduler)
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
     model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-    write_json(os.path.join(dst, "model_index.json"), model_index)
+    write_json(out / "model_index.json", model_index)
 
     if call:
         # A distilled student runs without classifier-free guidance; one with a guidance embedding takes
@@ -364,7 +367,7 @@ def export_pipeline(
         # Initial latents = this x randn: 1 unless the student's input scale could not be folded into the UNet.
         "latents_scale": 1.0 if fold is not None else float(input_scale),
         "unet_dtype": dtype,
-        "teacher_source": os.path.abspath(src),
+        "teacher_source": str(paths.absolute(src)),
         **dict(info or {}),
     }
     if fold is not None and fold.changes_weights:  # divide them out to recover the trained weights
@@ -373,7 +376,7 @@ def export_pipeline(
             "conv_out.weight": fold.conv_out,
             "conv_out.bias": fold.conv_out,
         }
-    write_json(os.path.join(dst, EXPORT_MARKER), record)
+    write_json(out / EXPORT_MARKER, record)
     return record
 
 
@@ -421,6 +424,6 @@ def export_lora_pipeline(
     )
     if not merged:
         save_weights(dst, lora_state_dict(lora, lora_config), dtype, LORA_FILE.removesuffix(".safetensors"))
-        record["load_lora_weights"] = dst
-        write_json(os.path.join(dst, EXPORT_MARKER), record)
+        record["load_lora_weights"] = str(dst)
+        write_json(paths.as_path(dst) / EXPORT_MARKER, record)
     return record
