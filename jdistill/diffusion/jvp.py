@@ -1,9 +1,11 @@
 """Directional derivatives of networks under jit: forward mode, or central differences as a fallback.
 
 sCM and MeanFlow need d/dt of a network output along the ODE, i.e. a Jacobian-vector product. ``jax.jvp``
-computes it exactly in one pass, but not through functions with a ``custom_vjp`` (fused attention kernels):
-``method="finite_difference"`` then takes (f(x + h v) - f(x - h v)) / 2h in float32 instead. Callers pass
-a closure over stop-gradient parameters, so no backward graph is built for the tangent pass.
+computes it exactly in one pass, but not through functions with a ``custom_vjp``: the fused attention kernels
+(cudnn, splash) are traced as the forward-differentiable chunked attention inside the JVP
+(``models.attention.forward_mode_attention``). For other custom-VJP code, ``method="finite_difference"``
+takes (f(x + h v) - f(x - h v)) / 2h in float32 instead. Callers pass a closure over stop-gradient
+parameters, so no backward graph is built for the tangent pass.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jdistill.models.attention import forward_mode_attention
 
 PyTree = Any
 JVP_METHODS = ("jvp", "finite_difference")
@@ -30,7 +34,10 @@ def directional_derivative(
     primals = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), primals)
     tangents = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tangents)
     if method == "jvp":
-        return jax.jvp(f, primals, tangents)
+        with (
+            forward_mode_attention()
+        ):  # fused attention kernels (custom VJPs) traced as chunked attention here
+            return jax.jvp(f, primals, tangents)
     if method != "finite_difference":
         raise ValueError(f"unknown JVP method {method!r}; choose one of {JVP_METHODS}")
 

@@ -19,6 +19,7 @@ from jdistill.data.sources import DataSource, SyntheticSource
 from jdistill.data.text import PromptSource, PromptTable, open_prompts
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
+from jdistill.models.attention import ATTENTION_IMPLS
 from jdistill.models.layers import DTYPES, Precision
 from jdistill.models.net import Net
 from jdistill.paths import save_npy
@@ -39,7 +40,7 @@ def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
             "allow_pickle": False,
             "dtype": "float32",  # compute dtype of the frozen networks
             "param_dtype": "float32",  # storage dtype of the frozen networks
-            "attention_impl": "xla",
+            "attention_impl": "xla",  # xla, chunked (memory-efficient), cudnn, splash (TPU) or auto
             "remat": "none",  # per block: "none", "attention", "dots" or "full" (jdistill/models/layers.py)
             "resolution": 0,  # image side in pixels; 0: the preset's
             "uncond": "",  # "empty_prompt" or "zeros"; empty: the preset's rule
@@ -60,7 +61,13 @@ def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
 def _load(config: ml_collections.ConfigDict, components: tuple[str, ...], shardings_for=None) -> Pipeline:
     t = config.teacher
     preset = get_preset(t.preset)
-    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("uncond", ("", *UNCOND_RULES))):
+    checks = (
+        ("dtype", DTYPES),
+        ("param_dtype", DTYPES),
+        ("uncond", ("", *UNCOND_RULES)),
+        ("attention_impl", ATTENTION_IMPLS),
+    )
+    for key, allowed in checks:
         if t[key] not in allowed:
             raise ValueError(f"teacher.{key}={t[key]!r}; choose one of {list(allowed)}")
     pipe = load_pipeline(
