@@ -115,7 +115,7 @@ SPLASH = dict(interpret=True, splash_min_length=1, splash_block_q=128, splash_bl
 
 
 def test_splash_kernel_in_interpret_mode_matches_the_plain_formula():
-    """Lengths 200 x 150 (both padded to the 128 blocks) and head_dim 40 (padded to 128), as in SD1.5."""
+    """Lengths 200 x 150 (both padded to the 128 blocks) and SD1.5's head_dim 40."""
     q, k, v = qkv(1, 200, 150, 2, 40)
     w = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
     with attention_options(**SPLASH):
@@ -219,3 +219,18 @@ def test_directional_derivative_through_a_unet_with_a_fused_kernel(impl):
     with attention_options(splash_min_length=1):
         got = jax.jit(lambda: tangent(fused_net))()
     assert max_rel(got, jax.jit(lambda: tangent(xla_net))()) < 1e-5
+
+
+def test_config_names_the_attention_choices():
+    import pathlib
+
+    from jdistill import configuration
+
+    spec = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "dmd2.py") + ":sd15"
+    assert (
+        configuration.load(spec, [("teacher.attention_impl", "chunked")]).teacher.attention_impl == "chunked"
+    )
+    with pytest.raises(
+        configuration.ConfigError, match=r"'teacher.attention_impl' has value 'flash'.*'splash'"
+    ):
+        configuration.load(spec, [("teacher.attention_impl", "flash")])

@@ -2,9 +2,10 @@
 
 The kernel works on one example in the head-major layout (heads, length, head_dim), with block sizes that are
 multiples of 128 and no built-in softmax scale; this wrapper scales the queries, pads lengths to the blocks
-(padded keys masked through segment ids), pads head_dim to a multiple of 128 (zeros change no logit), and vmaps
-over the batch. A Pallas call runs on one device's data, so under a mesh with batch axes the call is wrapped in
-``jax.shard_map`` over those axes; models stay mesh-agnostic (the mesh comes from ``jax.set_mesh``).
+(padded keys masked through segment ids) and vmaps over the batch. Any head_dim works: the kernel tiles it
+over 128 lanes itself (SD's 40, 64, 80 and 160 compile for TPU v5p). A Pallas call runs on one device's data,
+so under a mesh with batch axes the call is wrapped in ``jax.shard_map`` over those axes; models stay
+mesh-agnostic (the mesh comes from ``jax.set_mesh``).
 
 The kernel has a custom VJP: ``jax.grad`` runs its fused backward kernels, ``jax.jvp`` cannot pass through it
 (``attention.forward_mode_attention`` swaps in the chunked implementation there).
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-LANES = 128  # the kernel's block sizes and (padded) head_dim are multiples of this
+LANES = 128  # the kernel's block sizes are multiples of this
 BATCH_AXES = ("data", "fsdp")  # jdistill.parallel's batch axes (not imported: models must not need it)
 
 
@@ -63,17 +64,15 @@ def _per_device(
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     _, tq, h, d = q.shape
-    tk, dv = k.shape[1], v.shape[3]
+    tk = k.shape[1]
     bq, tq_pad = _blocks(tq, block_q)
     bkv, tk_pad = _blocks(tk, block_kv)
-    dp, dvp = _round_up(d, LANES), _round_up(dv, LANES)
 
-    def layout(x, length, dim):  # (b, t, h, d) -> (b, h, t_pad, d_pad)
-        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim - x.shape[3])))
-        return x.transpose(0, 2, 1, 3)
+    def layout(x, length):  # (b, t, h, d) -> (b, h, t_pad, d)
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
     q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)
-    qh, kh, vh = layout(q, tq_pad, dp), layout(k, tk_pad, dp), layout(v, tk_pad, dvp)
+    qh, kh, vh = layout(q, tq_pad), layout(k, tk_pad), layout(v, tk_pad)
     segments = None
     if tk_pad != tk:  # padded keys sit in segment 1, which no query belongs to
         segments = SegmentIds(
@@ -81,7 +80,7 @@ def _per_device(
         )
     kernel = _kernel(h, tq_pad, tk_pad, bq, bkv, is_causal, interpret)
     out = jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=segments))(qh, kh, vh)
-    return out[:, :, :tq, :dv].transpose(0, 2, 1, 3)
+    return out[:, :, :tq].transpose(0, 2, 1, 3)
 
 
 def batch_axes_of_mesh(batch: int) -> tuple[str, ...] | None:
