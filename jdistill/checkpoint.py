@@ -46,18 +46,20 @@ class Checkpointer:
         every: int,
         keep: int,
         async_save: bool = True,
-        host_copy_limit_bytes: int = HOST_COPY_LIMIT_BYTES,
+        host_copy_limit_bytes: int | None = None,
         read_attempts: int = 4,
         retry_delay_s: float = 2.0,
     ):
         """``directory``: local or remote (``gs://...``). ``host_copy_limit_bytes``: states up to this size are
-        copied to host memory in one go before saving. A transient read error is tried ``read_attempts`` times
+        copied to host memory in one go before saving (default ``HOST_COPY_LIMIT_BYTES``). A transient read error is tried ``read_attempts`` times
         in all, waiting ``retry_delay_s`` and then twice as long each time."""
         if read_attempts < 1:
             raise ValueError(f"read_attempts={read_attempts} must be at least 1")
         self.directory = paths.absolute(directory)
         self.every = every
-        self.host_copy_limit_bytes = host_copy_limit_bytes
+        self.host_copy_limit_bytes = (
+            HOST_COPY_LIMIT_BYTES if host_copy_limit_bytes is None else host_copy_limit_bytes
+        )
         self.read_attempts = read_attempts
         self.retry_delay_s = retry_delay_s
         options = ocp.CheckpointManagerOptions(

@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
 
+from jdistill import checkpoint
 from jdistill.checkpoint import Checkpointer, CheckpointError, is_transient, tree_bytes
 
 
@@ -232,10 +233,15 @@ def test_run_resume_and_export_in_a_non_local_run_directory(fake, tmp_path, monk
         return original(self, step_num)
 
     monkeypatch.setattr(train.StepFunctions, "__call__", crash_at_4)
+    # The remote run saves from device arrays (the large-state path, while the loop donates the state to the
+    # next step), the local one from a host copy: both must hold the same values.
+    limit = checkpoint.HOST_COPY_LIMIT_BYTES
+    monkeypatch.setattr(checkpoint, "HOST_COPY_LIMIT_BYTES", 0)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.train(config, remote)
     monkeypatch.setattr(train.StepFunctions, "__call__", original)
     train.train(config, remote)  # resumes from step 3
+    monkeypatch.setattr(checkpoint, "HOST_COPY_LIMIT_BYTES", limit)
     local = str(tmp_path / "local")
     train.train(config, local)
 
