@@ -268,3 +268,27 @@ def test_run_resume_and_export_in_a_non_local_run_directory(fake, tmp_path, monk
     )
     written = {path for op, path in fake.ops if op.startswith("open:w")}
     assert remote + "/config.json" in written and remote + "/export/student.safetensors" in written
+
+
+def test_diffusers_export_to_a_non_local_directory(fake, tiny_pipelines, tmp_path):
+    """A pipeline export (components streamed from the local teacher, a bfloat16 UNet, JSON files) into
+    fake://: the same files, byte for byte, as the same export into a local directory."""
+    from test_pipeline import tiny_config
+
+    from jdistill.convert.export import export_pipeline
+    from jdistill.teachers import build_world
+
+    world = build_world(tiny_config(tiny_pipelines, "sd"))
+    kwargs = {"prediction": "eps", "timesteps": (999.0,), "dtype": "bfloat16"}
+    remote = export_pipeline(world.source, "fake://bucket/export", world.frozen["teacher"], **kwargs)
+    local = export_pipeline(world.source, str(tmp_path / "local"), world.frozen["teacher"], **kwargs)
+    assert remote == local
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    ours, theirs = files(fake.root / "bucket" / "export"), files(tmp_path / "local")
+    assert "unet/diffusion_pytorch_model.safetensors" in ours and "vae/config.json" in ours
+    assert ours.keys() == theirs.keys() and all(ours[k] == theirs[k] for k in ours)
+    with pytest.raises(FileExistsError, match="fake://bucket/export exists and is not empty"):
+        export_pipeline(world.source, "fake://bucket/export", world.frozen["teacher"], **kwargs)
