@@ -115,9 +115,11 @@ def attention(
     """Attention over (batch, length, heads, head_dim) arrays; ``upcast`` computes in float32 (SD2's fix)."""
     dtype = q.dtype
     o = current_options()
-    chosen = resolve_impl(impl, dtype=dtype, batch=q.shape[0], key_length=k.shape[1], masked=mask is not None)
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    chosen = resolve_impl(
+        impl, dtype=q.dtype, batch=q.shape[0], key_length=k.shape[1], masked=mask is not None
+    )
     if chosen == "chunked":
         out = chunked_attention(
             q, k, v, mask=mask, is_causal=is_causal, block_q=o.block_q, block_kv=o.block_kv
