@@ -13,8 +13,8 @@
   and whether it fits the device.
 
 Devices may be abstract (a TPU topology this machine does not have): lowering needs no device memory, and
-a deviceless compile for TPU gives the memory figures. XLA's cost analysis counts a loop body once: a
-few-step student's backward simulation (``lax.fori_loop`` over a random number of steps) is counted as one
+a deviceless compile for TPU gives the memory figures. XLA's cost analysis counts a loop body once: the
+micro-batch scan is scaled back by its length, while a few-step student's backward simulation (``lax.fori_loop`` over a random number of steps) is counted as one
 student forward where the analytic count has the expected (K - 1) / 2.
 """
 
@@ -192,6 +192,9 @@ def plan(
     analytic = Analytic(s)
     functions = train.StepFunctions(s)
     steps = []
+    # XLA counts a loop body once: with micro-batches (a scan of k bodies) the step's FLOPs are k times its
+    # count (the optimizer update outside the scan is counted k times too: negligible).
+    micro = config.get("micro_batches", 1)
     kinds = step_kinds(s.recipe.updates)
     if full_step_only:
         kinds = [max(kinds, key=lambda kind: len(kind[0]))]
@@ -203,7 +206,7 @@ def plan(
             lowered = functions(step_num).lower(s.abstract_state, s.frozen, batch, step_spec, key_spec)
         entry["lower_s"] = round(time.perf_counter() - t0, 1)
         cost = lowered.cost_analysis() or {}
-        entry["flops"] = float(cost.get("flops", 0.0)) or None
+        entry["flops"] = float(cost.get("flops", 0.0)) * micro or None
         entry["analytic_flops"] = analytic.step(active, batch, config.batch_size)
         if compile:
             t0 = time.perf_counter()
@@ -212,7 +215,7 @@ def plan(
             entry["memory"] = _memory(compiled, mesh.devices.flat[0].platform)
             if entry["flops"] is None:  # TPU lowerings give no cost analysis: one device's share, compiled
                 per_device = (compiled.cost_analysis() or {}).get("flops")
-                entry["flops"] = float(per_device) * mesh.devices.size if per_device else None
+                entry["flops"] = float(per_device) * mesh.devices.size * micro if per_device else None
         log(
             f"step {'+'.join(entry['updates'])}: lowered in {entry['lower_s']} s, "
             f"{_fmt(entry['flops'])} FLOPs (analytic {_fmt(entry['analytic_flops'])})"

@@ -245,3 +245,15 @@ def test_trained_copies_keep_float32_master_weights_and_their_own_compute_dtype(
     expected = jnp.float32 if compute else jnp.bfloat16
     assert output_dtype(s.recipe.network("fake_score").net, params["fake_score"]) == expected
     assert output_dtype(s.recipe.network("student").net, params["student"]) == jnp.bfloat16
+
+
+def test_micro_batched_plan_counts_every_micro_batch(tiny_pipelines):
+    """XLA counts the micro-batch scan's body once; the plan scales it back, so the step's FLOPs do not
+    depend on how the batch is cut."""
+    batch = ("batch_size", "16")
+    whole = plan.plan(tiny_dmd2(tiny_pipelines, batch), full_step_only=True, log=lambda *a: None)
+    cut = plan.plan(
+        tiny_dmd2(tiny_pipelines, batch, ("micro_batches", "2")), full_step_only=True, log=lambda *a: None
+    )
+    assert cut["flops_per_step"] == pytest.approx(whole["flops_per_step"], rel=0.05)
+    assert cut["analytic_flops_per_step"] == whole["analytic_flops_per_step"]
