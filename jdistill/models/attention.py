@@ -40,6 +40,9 @@ class AttentionOptions:
 
     block_q: int = 512  # chunked: queries per rematerialised block
     block_kv: int = 1024  # chunked: keys per online-softmax step
+    remat_steps: bool = (
+        False  # chunked: recompute each key block's probabilities too (less memory, more FLOPs)
+    )
     splash_block_q: int = 512  # splash kernel tiles (multiples of 128)
     splash_block_kv: int = 512
     splash_min_length: int = 1024  # splash only from this many keys; shorter ones use XLA
@@ -122,7 +125,14 @@ def attention(
     )
     if chosen == "chunked":
         out = chunked_attention(
-            q, k, v, mask=mask, is_causal=is_causal, block_q=o.block_q, block_kv=o.block_kv
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            block_q=o.block_q,
+            block_kv=o.block_kv,
+            remat_steps=o.remat_steps,
         )
     elif chosen == "splash":
         out = splash_attention(
