@@ -115,11 +115,19 @@ def test_chunked_masks_causal_and_half_precision():
 SPLASH = dict(interpret=True, splash_min_length=1, splash_block_q=128, splash_block_kv=128)
 
 
+def one_device():
+    """A one-device mesh: the tests run on 8 fake devices, where splash needs a mesh to place the kernel."""
+    mesh = jax.make_mesh(
+        (1, 1), ("data", "fsdp"), (jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:1]
+    )
+    return jax.set_mesh(mesh)
+
+
 def test_splash_kernel_in_interpret_mode_matches_the_plain_formula():
     """Lengths 200 x 150 (both padded to the 128 blocks) and SD1.5's head_dim 40."""
     q, k, v = qkv(1, 200, 150, 2, 40)
     w = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
-    with attention_options(**SPLASH):
+    with one_device(), attention_options(**SPLASH):
         assert resolve_impl("splash", dtype=jnp.float32, batch=1, key_length=150, masked=False) == "splash"
         out = jax.jit(lambda *a: attention(*a, impl="splash"))(q, k, v)
         grads = jax.jit(jax.grad(lambda *a: jnp.sum(attention(*a, impl="splash") * w), argnums=(0, 1, 2)))(
@@ -146,6 +154,9 @@ def test_splash_under_a_mesh_runs_per_device_on_batch_shards():
         # A batch of 6 does not divide over 8 devices: the partitionable chunked path instead.
         assert resolve_impl("splash", dtype=jnp.float32, batch=6, key_length=130, masked=False) == "chunked"
     assert max_rel(out, reference(q, k, v)) < 1e-5
+    # Eight devices and no mesh set: nothing says how arrays are split, so no per-device kernel either.
+    with attention_options(**SPLASH):
+        assert resolve_impl("splash", dtype=jnp.float32, batch=8, key_length=130, masked=False) == "chunked"
 
 
 def test_routing_and_errors():
@@ -157,7 +168,8 @@ def test_routing_and_errors():
     assert pick("auto") == "xla"  # CPU
     assert pick("splash", key_length=77) == "xla"  # text cross-attention: below splash_min_length
     assert pick("splash", masked=True) == "chunked"
-    with pytest.raises(ValueError, match="runs on TPU only"):
+    assert pick("splash") == "chunked"  # 8 devices but no mesh: no per-device placement for the kernel
+    with one_device(), pytest.raises(ValueError, match="runs on TPU only"):
         pick("splash")
     with forward_mode_attention():
         assert pick("splash") == pick("cudnn") == "chunked"
@@ -176,7 +188,7 @@ def test_jvp_needs_forward_mode_attention_through_the_splash_kernel():
     def f(*a):
         return attention(*a, impl="splash")
 
-    with attention_options(**SPLASH):
+    with one_device(), attention_options(**SPLASH):
         with pytest.raises(TypeError, match="custom_vjp"):
             jax.jvp(f, (q, k, v), t)
         with forward_mode_attention():

@@ -7,8 +7,9 @@
   softmax, each query block rematerialised in the backward pass. Every platform, both modes.
 - ``"cudnn"``: cuDNN's fused kernel on NVIDIA GPUs (fp16/bf16).
 - ``"splash"``: the Pallas splash-attention kernel on TPU (``splash_attention.py``), batch-sharded under a
-  mesh. Key lengths below ``splash_min_length`` (77-token cross-attention, small feature maps) use XLA, an
-  explicit mask uses the chunked path, as does a batch the mesh's batch axes do not divide.
+  mesh. Key lengths below ``splash_min_length`` (77-token cross-attention, small feature maps) use XLA; an
+  explicit mask, a batch the mesh's batch axes do not divide, or several devices with no mesh set
+  (``jax.set_mesh``, which the trainer sets around its steps) use the chunked path.
 - ``"auto"``: splash on TPU, cuDNN on GPU for half-precision inputs, XLA otherwise.
 
 Forward mode: the fused kernels (cudnn, splash) have custom VJPs, through which ``jax.jvp`` cannot pass.

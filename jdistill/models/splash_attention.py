@@ -84,11 +84,12 @@ def _per_device(
 
 
 def batch_axes_of_mesh(batch: int) -> tuple[str, ...] | None:
-    """The mesh batch axes to shard_map over: () without a mesh or with all of them manual already, None when
-    the batch does not divide over them (the caller then uses a partitionable implementation)."""
+    """The mesh batch axes to shard_map over: () for one device's data, None when the kernel cannot be placed
+    (the caller then uses a partitionable implementation): a batch the axes do not divide, or several devices
+    but no mesh set (``jax.set_mesh``) to say how the arrays are split."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return ()
+        return () if jax.device_count() == 1 else None
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and a not in mesh.manual_axes)
     n = math.prod(mesh.shape[a] for a in axes)
     if n == 1:
