@@ -520,7 +520,9 @@ def draw_samples(s: Setup, state, count: int, seed: int) -> tuple[np.ndarray, di
     for i, start in enumerate(range(0, count, chunk)):
         part = {k: _pad_rows(v[start : start + chunk], chunk)[rows] for k, v in batch_all.items()}
         batch = parallel.global_batch(part, s.batch_sharding, chunk)
-        out.append(parallel.to_host(sample_fn(params, batch, jax.random.fold_in(key, i))))
+        with jax.set_mesh(s.mesh):  # as in the steps: batch-sharded activations, per-device attention kernels
+            drawn = sample_fn(params, batch, jax.random.fold_in(key, i))
+        out.append(parallel.to_host(drawn))
     return np.concatenate(out)[:count], batch_all
 
 
