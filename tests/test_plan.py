@@ -250,10 +250,10 @@ def test_trained_copies_keep_float32_master_weights_and_their_own_compute_dtype(
 def test_micro_batched_plan_counts_every_micro_batch(tiny_pipelines):
     """XLA counts the micro-batch scan's body once; the plan scales it back, so the step's FLOPs do not
     depend on how the batch is cut."""
-    batch = ("batch_size", "16")
-    whole = plan.plan(tiny_dmd2(tiny_pipelines, batch), full_step_only=True, log=lambda *a: None)
+    one = (("mesh.num_devices", "1"), ("mesh.data", "1"), ("mesh.fsdp", "1"))
+    whole = plan.plan(tiny_dmd2(tiny_pipelines, *one), full_step_only=True, log=lambda *a: None)
     cut = plan.plan(
-        tiny_dmd2(tiny_pipelines, batch, ("micro_batches", "2")), full_step_only=True, log=lambda *a: None
+        tiny_dmd2(tiny_pipelines, *one, ("micro_batches", "2")), full_step_only=True, log=lambda *a: None
     )
     assert cut["flops_per_step"] == pytest.approx(whole["flops_per_step"], rel=0.05)
     assert cut["analytic_flops_per_step"] == whole["analytic_flops_per_step"]
