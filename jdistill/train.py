@@ -74,7 +74,10 @@ def setup(
             f"of the batch axes ({parallel.describe(mesh)})"
         )
     microbatch.check(
-        config.batch_size, config.get("micro_batches", 1), parallel.batch_divisor(mesh), parallel.describe(mesh)
+        config.batch_size,
+        config.get("micro_batches", 1),
+        parallel.batch_divisor(mesh),
+        parallel.describe(mesh),
     )
     policy = parallel.ShardingPolicy.from_config(config.sharding)
 
