@@ -117,9 +117,9 @@ def test_plan_agrees_with_a_compiled_run_at_tiny_size(tiny_pipelines, tmp_path):
     """The plan is built from shapes alone; the trainer's own setup loads the weights and compiles the same
     step on the 8 CPU devices: FLOPs and peak memory per device agree within 10%."""
     config = tiny_dmd2(tiny_pipelines)
-    result = plan.plan(config, compile=True, log=lambda *a: None)
+    result = plan.plan(config, compile=True, full_step_only=True, log=lambda *a: None)
     assert result["devices"] == 8 and result["batch"] == 8
-    assert {tuple(e["updates"]) for e in result["steps"]} == {("generator", "fake_score"), ("fake_score",)}
+    assert [e["updates"] for e in result["steps"]] == [["generator", "fake_score"]]
 
     s = train.setup(config, str(tmp_path))
     state = train.init_train_state(s, jax.random.key(0))
@@ -230,21 +230,20 @@ def output_dtype(net, params):
     return jax.eval_shape(lambda p, x, c: net.apply(p, x, jnp.ones((1,)), c), params, x, cond).dtype
 
 
-@pytest.mark.parametrize("compute", ["", "float32"])
-def test_trained_copies_keep_float32_master_weights_and_their_own_compute_dtype(compute):
+def test_trained_copies_keep_float32_master_weights_and_their_own_compute_dtype():
     """bfloat16 storage for the frozen teacher, float32 master weights and optimizer state for the trained
-    copies, which compute in the teacher's dtype unless their model.compute_dtype says otherwise."""
+    copies, which compute in the teacher's dtype (the student) unless their model.compute_dtype says
+    otherwise (the fake score here)."""
     bf16 = [("teacher.dtype", "bfloat16"), ("teacher.param_dtype", "bfloat16"), ("batch_size", "8")]
-    config = load("configs/dmd2.py:sd15", [*bf16, ("networks.fake_score.model.compute_dtype", compute)])
+    config = load("configs/dmd2.py:sd15", [*bf16, ("networks.fake_score.model.compute_dtype", "float32")])
     s = train.setup(config, None, abstract=True)
     assert {x.dtype for x in jax.tree.leaves(s.frozen["teacher"])} == {jnp.dtype(jnp.bfloat16)}
     for part in ("params", "opt"):
         dtypes = {x.dtype for x in jax.tree.leaves(s.abstract_state[part]) if x.ndim}
         assert dtypes == {jnp.dtype(jnp.float32)}, (part, dtypes)
     params = s.abstract_state["params"]
-    expected = jnp.float32 if compute else jnp.bfloat16
-    assert output_dtype(s.recipe.network("fake_score").net, params["fake_score"]) == expected
     assert output_dtype(s.recipe.network("student").net, params["student"]) == jnp.bfloat16
+    assert output_dtype(s.recipe.network("fake_score").net, params["fake_score"]) == jnp.float32
 
 
 def test_micro_batched_plan_counts_every_micro_batch(tiny_pipelines):
