@@ -326,23 +326,6 @@ class Worker:
         return {**paths, "batch": work.batch, "compile_s": compile_s, "iters": iters}
 
 
-def serve(worker: Worker) -> None:
-    real_stdout = sys.stdout
-    sys.stdout = sys.stderr
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            answer = worker.handle(json.loads(line))
-        except BaseException as e:  # reported to the driver, which stops
-            import traceback
-
-            traceback.print_exc()
-            answer = {"error": f"{type(e).__name__}: {e}"}
-        real_stdout.write(json.dumps(answer) + "\n")
-        real_stdout.flush()
-
-
 # ================================================================================================ standalone
 
 
@@ -391,6 +374,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
+        from torch_baseline import serve  # the benchmarks' one worker protocol (stdin/stdout JSON lines)
+
         serve(Worker(args))
         return
     with open("/proc/loadavg") as f:
