@@ -1,6 +1,6 @@
 """DMD (distribution matching + regression on teacher ODE pairs, one-step student).
 
-Reference: Yin et al., DMD, CVPR 2024 (arXiv 2311.18828); ../shared/reference/methods.md section 2.1.
+Reference: Yin et al., DMD, CVPR 2024 (arXiv 2311.18828).
 CFG convention "uncond" (y_u + w (y_c - y_u)) on the real score only; the fake score runs without guidance;
 unconditional input = the null label (gmm). Regression weight 0.25 as the paper's (MSE in output space in
 place of LPIPS, see jdistill/methods/dmd.py).

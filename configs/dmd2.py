@@ -1,7 +1,6 @@
 """DMD2 (distribution matching with a two time-scale fake score; no regression loss).
 
-Reference: Yin et al., DMD2, NeurIPS 2024 (arXiv 2405.14867), official code tianweiy/DMD2;
-../shared/reference/methods.md section 2.2. CFG convention "uncond" (y_u + w (y_c - y_u)) on the real score
+Reference: Yin et al., DMD2, NeurIPS 2024 (arXiv 2405.14867), official code tianweiy/DMD2. CFG convention "uncond" (y_u + w (y_c - y_u)) on the real score
 only (the fake score runs without guidance, as DMD2 asserts); unconditional input = the null label (gmm).
 
 Presets:

@@ -2,7 +2,7 @@
 
 Reference: Luo et al., Latent Consistency Models (arXiv 2310.04378) and LCM-LoRA (arXiv 2311.05556); the
 training scripts of luosiallen/latent-consistency-model (= diffusers' examples/consistency_distillation
-train_lcm_distill{,_lora}_{sd,sdxl}_wds.py), ../shared/reference/methods.md section 4.1.
+train_lcm_distill{,_lora}_{sd,sdxl}_wds.py).
 CFG convention "cond" (y_c + w (y_c - y_u), LCM's own: w here is the standard guidance scale minus 1);
 unconditional input = the null label (gmm), the empty prompt (SD1.5) or zero embeddings (SDXL, as the SDXL
 scripts).

@@ -1,7 +1,7 @@
 """MeanFlow: average-velocity students distilled from a teacher's flow.
 
 Reference: Geng et al., MeanFlow (arXiv 2505.13447); the distillation recipe of T2I-Distill's
-train_meanflow.py; ../shared/reference/methods.md section 5. CFG convention "uncond" (y_u + w (y_c - y_u)) on
+train_meanflow.py. CFG convention "uncond" (y_u + w (y_c - y_u)) on
 the teacher; unconditional input = the null label (gmm), also used for 10% condition dropout.
 
 Presets:

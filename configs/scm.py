@@ -1,7 +1,7 @@
 """sCM: continuous-time consistency distillation in TrigFlow.
 
 Reference: Lu & Song, sCM (arXiv 2410.11081); SANA-Sprint (arXiv 2503.09641, NVlabs/Sana
-train_scm_ladd.py) and T2I-Distill's train_sCM.py; ../shared/reference/methods.md section 4.2. CFG convention
+train_scm_ladd.py) and T2I-Distill's train_sCM.py. CFG convention
 "uncond" (y_u + w (y_c - y_u)) on the teacher, w per sample from ``guidance_choices``; unconditional input =
 the null label (gmm).
 

@@ -1,7 +1,6 @@
 """Score identity Distillation (SiD), one-step and few-step students.
 
-References: Zhou et al., SiD, ICML 2024 (arXiv 2404.04057); few-step SiD (arXiv 2505.12674);
-../shared/reference/methods.md section 3. CFG convention "uncond" (y_u + w (y_c - y_u)); unconditional input =
+References: Zhou et al., SiD, ICML 2024 (arXiv 2404.04057); few-step SiD (arXiv 2505.12674). CFG convention "uncond" (y_u + w (y_c - y_u)); unconditional input =
 the null label (gmm). Teacher guidance kappa4 and fake guidance kappa2 are recorded below.
 
 Presets:

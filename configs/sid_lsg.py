@@ -1,7 +1,6 @@
 """SiD-LSG (Score identity Distillation with long and short guidance, one-step student).
 
-Reference: Zhou et al., SiD-LSG, ICLR 2025 (arXiv 2406.01561), official scripts mingyuanzhou/SiD-LSG;
-../shared/reference/methods.md section 3.3. CFG convention "uncond" (y_u + w (y_c - y_u)) with four scales:
+Reference: Zhou et al., SiD-LSG, ICLR 2025 (arXiv 2406.01561), official scripts mingyuanzhou/SiD-LSG. CFG convention "uncond" (y_u + w (y_c - y_u)) with four scales:
 kappa1 (fake-score training, 10% prompt dropout), kappa2 = kappa3 (fake score in the generator loss), kappa4
 (teacher in the generator loss); unconditional input = the null label (gmm).
 

@@ -1,7 +1,6 @@
 """SwiftBrush (variational score distillation, one-step student).
 
-Reference: Nguyen & Tran, SwiftBrush, CVPR 2024 (arXiv 2312.05239); losses and settings of the official code,
-../shared/reference/methods.md section 1.1. CFG convention "uncond" (y_u + w (y_c - y_u)) on both the teacher
+Reference: Nguyen & Tran, SwiftBrush, CVPR 2024 (arXiv 2312.05239); losses and settings of the official code. CFG convention "uncond" (y_u + w (y_c - y_u)) on both the teacher
 and the fake score; unconditional input = the null label (gmm).
 
 Presets:

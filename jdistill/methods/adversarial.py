@@ -1,6 +1,6 @@
 """Diffusion-GAN terms whose discriminator is a head on the fake score's bottleneck features.
 
-DMD2 (../shared/reference/methods.md 2.2) and SiDA / few-step SiD (3.2, 3.4) classify noised real and generated
+DMD2 and SiDA / few-step SiD classify noised real and generated
 samples with a small head on the fake score network's mid-block features, so the fake score's trunk learns
 from both its denoising loss and the classification loss. Real and generated samples are noised at
 t ~ U(``gan.t_range``) (their own draws) and classified with their conditions.

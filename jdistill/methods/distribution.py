@@ -1,7 +1,6 @@
 """Pure pieces of distribution-matching distillation (DMD, DMD2, SiD and their variants).
 
-All take x0-predictions (``Prediction.x0``) and compute in float32 (../shared/reference/methods.md sections
-0, 2, 3 and 9): a difference of two x0 estimates at low noise is mostly rounding noise in bf16.
+All take x0-predictions (``Prediction.x0``) and compute in float32: a difference of two x0 estimates at low noise is mostly rounding noise in bf16.
 
 - ``dmd_direction``: g = (x0_fake - x0_real) / mean_CHW |x - x0_real|, per sample, NaN-safe, under
   stop-gradient. With the pseudo-target loss its gradient with respect to x is g / x.size.

@@ -2,7 +2,7 @@
 loss on precomputed teacher ODE pairs.
 
 Reference: Yin et al., "One-step Diffusion with Distribution Matching Distillation", CVPR 2024
-(arXiv 2311.18828); ../shared/reference/methods.md section 2.1 (the official code is not public; DMD2's
+(arXiv 2311.18828) (the official code is not public; DMD2's
 repository reimplements the distribution-matching part, which ``methods.dmd2`` shares).
 
 Per step: generator update = 0.5 mean((x - sg(x - g))^2) with DMD2's direction g (teacher CFG w, fake score

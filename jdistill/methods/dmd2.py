@@ -1,8 +1,7 @@
 """``dmd2``: distribution matching with a two time-scale fake score, no regression loss (DMD2).
 
 Reference: Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis", NeurIPS 2024
-(arXiv 2405.14867), official code tianweiy/DMD2 (``main/sd_guidance.py``, ``main/sd_unified_model.py``);
-../shared/reference/methods.md section 2.2.
+(arXiv 2405.14867), official code tianweiy/DMD2 (``main/sd_guidance.py``, ``main/sd_unified_model.py``).
 
 Per step, on one batch of conditions:
 

@@ -2,8 +2,7 @@
 
 References: Zhou et al., "Score identity Distillation", ICML 2024 (arXiv 2404.04057, mingyuanzhou/SiD);
 "Long and Short Guidance in Score identity Distillation" (SiD-LSG), ICLR 2025 (arXiv 2406.01561,
-mingyuanzhou/SiD-LSG); few-step SiD (arXiv 2505.12674, apple-aiml-research/ml-sid-dit);
-../shared/reference/methods.md section 3.
+mingyuanzhou/SiD-LSG); few-step SiD (arXiv 2505.12674, apple-aiml-research/ml-sid-dit).
 
 Per step (fake score first, then the generator, 1:1):
 

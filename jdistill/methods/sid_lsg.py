@@ -2,8 +2,7 @@
 
 The losses are ``methods.sid``'s; what makes it LSG are the four guidance scales: kappa1 (CFG under which the
 fake score is trained, with 10% prompt dropout), kappa2 = kappa3 (the fake score's CFG inside the generator
-loss) and kappa4 (the teacher's CFG there). The released scripts set all four to 2 and alpha = 1
-(../shared/reference/methods.md section 3.3); the paper sweeps 1.5 to 4.5.
+loss) and kappa4 (the teacher's CFG there). The released scripts set all four to 2 and alpha = 1; the paper sweeps 1.5 to 4.5.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Reference: Nguyen & Tran, "SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational Score
 Distillation", CVPR 2024 (arXiv 2312.05239), official code VinAIResearch/SwiftBrush.
 
-Per step, on one batch of conditions (../shared/reference/methods.md section 1.1):
+Per step, on one batch of conditions:
 
 1. generator update (student only): x = G(z, c); t ~ U{20..980}; x_t = alpha_t sg(x) + sigma_t eps;
    g = sg(sigma_t^2 (eps_teacher^w - eps_fake^w)) with classifier-free guidance of scale w on both the

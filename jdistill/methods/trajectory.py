@@ -1,5 +1,5 @@
 """Pure pieces of the trajectory methods (LCM, sCM, MeanFlow): losses, boundary scalings, tangents, time
-samplers, and the student inputs beyond (x_t, t). Exact forms: ../shared/reference/methods.md sections 4-5."""
+samplers, and the student inputs beyond (x_t, t)."""
 
 from __future__ import annotations
 
