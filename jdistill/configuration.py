@@ -290,6 +290,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"batch_size={cfg.batch_size} must be divisible by micro_batches={micro_batches} (equal micro-batches)"
         )
+    if not isinstance(cfg.get("split_updates", False), bool):
+        raise ConfigError(f"config key 'split_updates' must be true or false, got {cfg.split_updates!r}")
     module = method_module(cfg.method.name)
     needed = tuple(getattr(module, "NETWORKS", ()))
     optional = tuple(getattr(module, "OPTIONAL_NETWORKS", ()))  # e.g. a GAN's discriminator

@@ -27,16 +27,14 @@ first micro-batch's value is kept. Any other shape is an error naming the key.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from jdistill.configuration import ConfigError
-from jdistill.parallel import BATCH_AXES
+from jdistill.parallel import constrain_batch
 
 PyTree = Any
 # (trainable, batch, key, carry) -> (loss, (metrics, carry)); gradients are taken w.r.t. ``trainable``.
@@ -69,13 +67,7 @@ def split(tree: PyTree, k: int) -> PyTree:
 def constrain_stacked(x: jax.Array) -> jax.Array:
     """Keep dimension 1 (the rows of each micro-batch) of a stacked (k, rows, ...) array split over the batch
     axes of the mesh set around the step; without one, or with rows the axes do not divide, do nothing."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or x.ndim < 2:
-        return x
-    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if n == 1 or x.shape[1] % n:
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2))))
+    return constrain_batch(x, dim=1)
 
 
 def prepare_stacked(prepare: Callable[[PyTree, dict], dict], frozen: PyTree, batch: dict, k: int) -> dict:

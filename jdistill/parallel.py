@@ -281,20 +281,26 @@ def follow_params(abstract: PyTree, params_abstract: PyTree, params_shardings: P
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """Keep an activation's leading (batch) dimension split over the batch mesh axes.
+def batch_spec(mesh, shape: tuple[int, ...], dim: int = 0) -> PartitionSpec | None:
+    """The spec that splits dimension ``dim`` of an array of ``shape`` over the batch axes of ``mesh``; None
+    without such axes, or where they do not divide it."""
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or len(shape) <= dim:
+        return None
+    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if n == 1 or shape[dim] % n:
+        return None
+    return PartitionSpec(*([None] * dim), BATCH_AXES, *([None] * (len(shape) - dim - 1)))
+
+
+def constrain_batch(x: jax.Array, dim: int = 0) -> jax.Array:
+    """Keep an activation's batch dimension (``dim``, the leading one by default) split over the batch axes.
 
     Models call this at block boundaries, so XLA's sharding propagation cannot drift into gathering the
     batch when FSDP-sharded weights meet it. It reads the mesh the trainer sets around its steps
     (``jax.set_mesh``); without one, or with a batch the axes do not divide, it does nothing.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if n == 1 or x.ndim == 0 or x.shape[0] % n:
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1))))
+    spec = batch_spec(jax.sharding.get_abstract_mesh(), x.shape, dim)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def local_rows(sharding: NamedSharding, global_size: int) -> np.ndarray:

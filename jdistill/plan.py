@@ -205,17 +205,18 @@ def plan(
         with jax.set_mesh(mesh):
             lowered = functions(step_num).lower(s.abstract_state, s.frozen, batch, step_spec, key_spec)
         entry["lower_s"] = round(time.perf_counter() - t0, 1)
-        cost = lowered.cost_analysis() or {}
-        entry["flops"] = float(cost.get("flops", 0.0)) * micro or None
         entry["analytic_flops"] = analytic.step(active, batch, config.batch_size)
+        # A split step (split_updates) is one program per update: FLOPs add up, memory is the largest program's.
+        programs = [
+            _program(p, mesh, micro, compile) for p in (lowered if isinstance(lowered, list) else [lowered])
+        ]
+        flops = [p["flops"] for p in programs]
+        entry["flops"] = None if None in flops else sum(flops)
         if compile:
-            t0 = time.perf_counter()
-            compiled = lowered.compile()
-            entry["compile_s"] = round(time.perf_counter() - t0, 1)
-            entry["memory"] = _memory(compiled, mesh.devices.flat[0].platform)
-            if entry["flops"] is None:  # TPU lowerings give no cost analysis: one device's share, compiled
-                per_device = (compiled.cost_analysis() or {}).get("flops")
-                entry["flops"] = float(per_device) * mesh.devices.size * micro if per_device else None
+            entry["compile_s"] = round(sum(p["compile_s"] for p in programs), 1)
+            entry["memory"] = max((p["memory"] for p in programs), key=lambda m: m.get("peak", 0))
+        if len(programs) > 1:
+            entry["programs"] = [{"updates": [u.name], **p} for u, p in zip(active, programs, strict=True)]
         log(
             f"step {'+'.join(entry['updates'])}: lowered in {entry['lower_s']} s, "
             f"{_fmt(entry['flops'])} FLOPs (analytic {_fmt(entry['analytic_flops'])})"
@@ -250,6 +251,21 @@ def _mean(steps: list[dict], key: str) -> float | None:
     if any(e[key] is None for e in steps):
         return None
     return sum(e[key] * e["fraction"] for e in steps)
+
+
+def _program(lowered, mesh, micro: int, compile: bool) -> dict[str, Any]:
+    """FLOPs (all devices; a micro-batch scan's body counted k times) and, compiled, memory of one program."""
+    cost = lowered.cost_analysis() or {}
+    out: dict[str, Any] = {"flops": float(cost.get("flops", 0.0)) * micro or None}
+    if compile:
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        out["compile_s"] = round(time.perf_counter() - t0, 1)
+        out["memory"] = _memory(compiled, mesh.devices.flat[0].platform)
+        if out["flops"] is None:  # TPU lowerings give no cost analysis: one device's share, compiled
+            per_device = (compiled.cost_analysis() or {}).get("flops")
+            out["flops"] = float(per_device) * mesh.devices.size * micro if per_device else None
+    return out
 
 
 def _fmt(x: float | None) -> str:

@@ -168,67 +168,156 @@ def ema_update(ema: PyTree, params: PyTree, decay: float, step: jax.Array) -> Py
     return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
 
 
-def make_step(recipe: Recipe, active: tuple[Update, ...], prepare, micro_batches: int = 1):
-    """The pure train step for steps where the updates ``active`` run, in order.
+def _prepared(prepare, frozen: PyTree, batch: dict, k: int) -> dict:
+    """The step's batch prepared (token ids -> prompt embeddings, ...) inside the step's program; with
+    micro-batches, one micro-batch at a time, stacked (k, ...)."""
+    return microbatch.prepare_stacked(prepare, frozen, batch, k) if k > 1 else prepare(frozen, batch)
 
-    Each update takes gradients of its loss with respect to its own networks only; everything else it reads
-    is frozen for it. An update whose loss or gradients are not finite is skipped (parameters and optimizer
-    state kept) and counted in ``nonfinite``. ``micro_batches`` > 1: each update accumulates the mean
-    gradient of that many micro-batches before its one optimizer update (jdistill/microbatch.py: the carry's
-    layout, the random keys, and why the result equals the full batch's in distribution, not bitwise).
+
+def _update_fn(update: Update, networks: Mapping[str, Any], k: int):
+    """One update of a step: ``(state, frozen, batch, key, carry, step_num) -> (state, metrics, carry)``,
+    ``batch`` prepared (stacked (k, rows, ...) when k > 1).
+
+    It takes gradients of the update's loss with respect to its own networks only; everything else it reads is
+    frozen for it. An update whose loss or gradients are not finite is skipped (parameters and optimizer state
+    kept) and counted in ``nonfinite``.
+    """
+
+    def apply(state, frozen, batch, key, carry, step_num):
+        params, opt = dict(state["params"]), dict(state["opt"])
+        ema, nonfinite = dict(state["ema"]), dict(state["nonfinite"])
+        update_key = rng.stream(key, update.name)
+        # EMA trees are readable as "<name>_ema" (LCM's target network), never trained.
+        averages = {f"{n}_ema": tree for n, tree in ema.items()}
+
+        def loss_fn(trainable, batch, key, carry):
+            return update.loss({**frozen, **params, **averages, **trainable}, batch, key, carry)
+
+        trainable = {n: params[n] for n in update.trains}
+        if k > 1:
+            rows = jax.tree.leaves(batch)[0].shape[1]
+            loss, aux, new_carry, grads = microbatch.accumulate(
+                loss_fn, trainable, batch, update_key, carry, k, rows
+            )
+        else:
+            (loss, (aux, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, batch, update_key, carry
+            )
+        new_params, new_opts = {}, {}
+        for n in update.trains:
+            updates, new_opts[n] = networks[n].optimizer.update(grads[n], opt[n], params[n])
+            new_params[n] = optax.apply_updates(params[n], updates)
+        # Skip the whole update if anything it produced is not finite (loss, gradients, new parameters).
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
+        for n in update.trains:
+            params[n] = _where(ok, new_params[n], params[n])
+            opt[n] = _where(ok, new_opts[n], opt[n])
+            if n in ema:
+                ema[n] = ema_update(ema[n], params[n], networks[n].ema_decay, step_num)
+        nonfinite[update.name] = jnp.where(ok, 0, nonfinite[update.name] + 1)
+        metrics = {
+            f"{update.name}/loss": loss,
+            f"{update.name}/grad_norm": grad_norm,
+            f"{update.name}/skipped": 1.0 - ok.astype(jnp.float32),
+            **{f"{update.name}/{name}": v for name, v in aux.items()},
+        }
+        state = {"params": params, "opt": opt, "ema": ema, "nonfinite": nonfinite}
+        return state, metrics, {**carry, **new_carry}
+
+    return apply
+
+
+def make_step(recipe: Recipe, active: tuple[Update, ...], prepare, micro_batches: int = 1):
+    """The pure train step for steps where the updates ``active`` run, in order (``_update_fn``).
+
+    ``micro_batches`` > 1: each update accumulates the mean gradient of that many micro-batches before its one
+    optimizer update (jdistill/microbatch.py: the carry's layout, the random keys, and why the result equals
+    the full batch's in distribution, not bitwise).
+    """
+    networks = {n.name: n for n in recipe.networks}
+    updates = [_update_fn(u, networks, micro_batches) for u in active]
+
+    def step(state, frozen, batch, step_num, root):
+        batch = _prepared(prepare, frozen, batch, micro_batches)
+        key = rng.step_key(root, step_num)
+        metrics, carry = {}, {"step": step_num}
+        for apply in updates:
+            state, update_metrics, carry = apply(state, frozen, batch, key, carry, step_num)
+            metrics.update(update_metrics)
+        return state, metrics
+
+    return step
+
+
+def make_update_programs(recipe: Recipe, active: tuple[Update, ...], prepare, micro_batches: int = 1):
+    """The same step as ``make_step``, cut into one pure function per update (``split_updates``).
+
+    Each is ``(state, frozen, inputs, step_num, root) -> (state, metrics, outputs)``: the first takes the raw
+    batch and prepares it, a later one takes the previous one's outputs (the prepared batch and the carry);
+    the last returns no outputs. The keys are the one-program step's, so the two agree up to rounding.
+    Smaller programs: each compiles on its own (host memory and time of an XLA compile grow with the program)
+    and holds only its own update's temporaries.
     """
     networks = {n.name: n for n in recipe.networks}
     k = micro_batches
 
-    def step(state, frozen, batch, step_num, root):
-        if k > 1:  # prepared one micro-batch at a time, stacked (k, ...)
-            rows = jax.tree.leaves(batch)[0].shape[0] // k
-            batch = microbatch.prepare_stacked(prepare, frozen, batch, k)
-        else:
-            batch = prepare(frozen, batch)  # e.g. token ids -> prompt embeddings, inside the same program
-        key = rng.step_key(root, step_num)
-        params, opt = dict(state["params"]), dict(state["opt"])
-        ema, nonfinite = dict(state["ema"]), dict(state["nonfinite"])
-        metrics, carry = {}, {"step": step_num}
-        for update in active:
-            update_key = rng.stream(key, update.name)
+    def program(index: int, update: Update):
+        apply = _update_fn(update, networks, k)
+        last = index == len(active) - 1
 
-            # EMA trees are readable as "<name>_ema" (LCM's target network), never trained.
-            averages = {f"{n}_ema": tree for n, tree in ema.items()}
-
-            def loss_fn(trainable, batch, key, carry, update=update, averages=averages):
-                return update.loss({**frozen, **params, **averages, **trainable}, batch, key, carry)
-
-            trainable = {n: params[n] for n in update.trains}
-            if k > 1:
-                loss, aux, new_carry, grads = microbatch.accumulate(
-                    loss_fn, trainable, batch, update_key, carry, k, rows
-                )
+        def run(state, frozen, inputs, step_num, root):
+            if index == 0:
+                batch, carry = _prepared(prepare, frozen, inputs, k), {"step": step_num}
             else:
-                (loss, (aux, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                    trainable, batch, update_key, carry
-                )
-            new_params, new_opts = {}, {}
-            for n in update.trains:
-                updates, new_opts[n] = networks[n].optimizer.update(grads[n], opt[n], params[n])
-                new_params[n] = optax.apply_updates(params[n], updates)
-            # Skip the whole update if anything it produced is not finite (loss, gradients, new parameters).
-            grad_norm = optax.tree.norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
-            for n in update.trains:
-                params[n] = _where(ok, new_params[n], params[n])
-                opt[n] = _where(ok, new_opts[n], opt[n])
-                if n in ema:
-                    ema[n] = ema_update(ema[n], params[n], networks[n].ema_decay, step_num)
-            nonfinite[update.name] = jnp.where(ok, 0, nonfinite[update.name] + 1)
-            metrics[f"{update.name}/loss"] = loss
-            metrics[f"{update.name}/grad_norm"] = grad_norm
-            metrics[f"{update.name}/skipped"] = 1.0 - ok.astype(jnp.float32)
-            metrics.update({f"{update.name}/{k}": v for k, v in aux.items()})
-            carry = {**carry, **new_carry}
-        return {"params": params, "opt": opt, "ema": ema, "nonfinite": nonfinite}, metrics
+                batch, carry = inputs
+            state, metrics, carry = apply(state, frozen, batch, rng.step_key(root, step_num), carry, step_num)
+            return state, metrics, () if last else _keep_split((batch, carry), k)
 
-    return step
+        return run
+
+    return [program(i, u) for i, u in enumerate(active)]
+
+
+def _keep_split(tree: PyTree, k: int) -> PyTree:
+    """Per-sample arrays passed between programs stay split over the batch axes (``transfer_shardings``)."""
+    return jax.tree.map(lambda x: parallel.constrain_batch(x, dim=1 if k > 1 else 0), tree)
+
+
+def transfer_shardings(mesh: jax.sharding.Mesh, tree: PyTree, k: int) -> PyTree:
+    """The shardings ``_keep_split`` gives arrays of the shapes in ``tree`` under ``mesh``."""
+
+    def one(x):
+        spec = parallel.batch_spec(mesh, x.shape, dim=1 if k > 1 else 0)
+        return jax.sharding.NamedSharding(mesh, spec or jax.sharding.PartitionSpec())
+
+    return jax.tree.map(one, tree)
+
+
+class UpdatePrograms:
+    """A step run as one compiled program per update (``split_updates``); called like a one-program step."""
+
+    def __init__(self, programs: list, k: int, mesh: jax.sharding.Mesh):
+        self.programs, self.k, self.mesh = programs, k, mesh
+
+    def __call__(self, state, frozen, batch, step_num, root):
+        metrics, inputs = {}, batch
+        for program in self.programs:
+            state, update_metrics, inputs = program(state, frozen, inputs, step_num, root)
+            metrics.update(update_metrics)
+        return state, metrics
+
+    def lower(self, state, frozen, batch, step_num, root) -> list:
+        """Each program lowered on abstract arguments; a later one's inputs are the earlier one's outputs."""
+        lowered, inputs = [], batch
+        for program in self.programs:
+            lowered.append(program.lower(state, frozen, inputs, step_num, root))
+            outputs = lowered[-1].out_info[2]
+            shardings = transfer_shardings(self.mesh, outputs, self.k)
+            inputs = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), outputs, shardings
+            )
+        return lowered
 
 
 class StepFunctions:
@@ -245,12 +334,37 @@ class StepFunctions:
             s = self.s
             frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
             replicated = parallel.replicated(s.mesh)
-            self.cache[names] = jax.jit(
-                make_step(s.recipe, active, s.recipe.prepare(s.world), s.config.get("micro_batches", 1)),
-                in_shardings=(s.state_shardings, frozen_shardings, s.batch_sharding, replicated, replicated),
-                out_shardings=(s.state_shardings, replicated),
-                donate_argnums=(0,),
-            )
+            prepare, k = s.recipe.prepare(s.world), s.config.get("micro_batches", 1)
+            if s.config.get("split_updates", False) and len(active) > 1:
+                programs = [
+                    jax.jit(
+                        program,
+                        in_shardings=(
+                            s.state_shardings,
+                            frozen_shardings,
+                            s.batch_sharding if i == 0 else None,  # later: as the previous one left them
+                            replicated,
+                            replicated,
+                        ),
+                        out_shardings=(s.state_shardings, replicated, None),
+                        donate_argnums=(0,),
+                    )
+                    for i, program in enumerate(make_update_programs(s.recipe, active, prepare, k))
+                ]
+                self.cache[names] = UpdatePrograms(programs, k, s.mesh)
+            else:
+                self.cache[names] = jax.jit(
+                    make_step(s.recipe, active, prepare, k),
+                    in_shardings=(
+                        s.state_shardings,
+                        frozen_shardings,
+                        s.batch_sharding,
+                        replicated,
+                        replicated,
+                    ),
+                    out_shardings=(s.state_shardings, replicated),
+                    donate_argnums=(0,),
+                )
         return self.cache[names]
 
 

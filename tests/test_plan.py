@@ -246,13 +246,19 @@ def test_trained_copies_keep_float32_master_weights_and_their_own_compute_dtype(
     assert output_dtype(s.recipe.network("fake_score").net, params["fake_score"]) == jnp.float32
 
 
-def test_micro_batched_plan_counts_every_micro_batch(tiny_pipelines):
+def test_plan_flops_do_not_depend_on_how_the_step_is_cut(tiny_pipelines):
     """XLA counts the micro-batch scan's body once; the plan scales it back, so the step's FLOPs do not
-    depend on how the batch is cut."""
+    depend on how the batch is cut. A step split into one program per update (split_updates) adds its
+    programs' FLOPs and lists them."""
     one = (("mesh.num_devices", "1"), ("mesh.data", "1"), ("mesh.fsdp", "1"))
-    whole = plan.plan(tiny_dmd2(tiny_pipelines, *one), full_step_only=True, log=lambda *a: None)
-    cut = plan.plan(
-        tiny_dmd2(tiny_pipelines, *one, ("micro_batches", "2")), full_step_only=True, log=lambda *a: None
-    )
+    quiet = {"full_step_only": True, "log": lambda *a: None}
+    whole = plan.plan(tiny_dmd2(tiny_pipelines, *one), **quiet)
+    cut = plan.plan(tiny_dmd2(tiny_pipelines, *one, ("micro_batches", "2")), **quiet)
     assert cut["flops_per_step"] == pytest.approx(whole["flops_per_step"], rel=0.05)
     assert cut["analytic_flops_per_step"] == whole["analytic_flops_per_step"]
+    split = plan.plan(tiny_dmd2(tiny_pipelines, *one, ("split_updates", "true")), **quiet)
+    (step,) = split["steps"]
+    assert [p["updates"] for p in step["programs"]] == [["generator"], ["fake_score"]]
+    assert all(p["flops"] > 0 for p in step["programs"])
+    assert step["flops"] == sum(p["flops"] for p in step["programs"])
+    assert split["flops_per_step"] == pytest.approx(whole["flops_per_step"], rel=0.05)

@@ -158,6 +158,15 @@ def _tf(x) -> str:
     return "-" if x is None else f"{x / 1e12:.1f} TFLOP"
 
 
+def _memory_text(mem: dict | None) -> str:
+    if not mem:
+        return ""
+    return (
+        f"; per device: peak {_gib(mem['peak'])} (arguments {_gib(mem['argument'])}, outputs "
+        f"{_gib(mem['output'])}, temporaries {_gib(mem['temp'])})"
+    )
+
+
 def render(r: dict) -> str:
     lines = [
         f"{r['method']} / {r['teacher']}: batch {r['batch']} on {r['devices']} {r['platform']} devices, mesh {r['mesh']}"
@@ -178,17 +187,14 @@ def render(r: dict) -> str:
         ratio = ""
         if e["flops"] and e["analytic_flops"]:
             ratio = f" (XLA / analytic {e['flops'] / e['analytic_flops']:.3f})"
-        mem = e.get("memory")
-        mem_text = ""
-        if mem:
-            mem_text = (
-                f"; per device: peak {_gib(mem['peak'])} (arguments {_gib(mem['argument'])}, outputs "
-                f"{_gib(mem['output'])}, temporaries {_gib(mem['temp'])})"
-            )
         lines.append(
             f"step {'+'.join(e['updates'])} ({e['fraction']:.0%} of steps): {_tf(e['flops'])}, analytic "
-            f"{_tf(e['analytic_flops'])}{ratio}{mem_text}"
+            f"{_tf(e['analytic_flops'])}{ratio}{_memory_text(e.get('memory'))}"
         )
+        for p in e.get("programs", ()):  # split_updates: one program per update
+            lines.append(
+                f"    program {'+'.join(p['updates'])}: {_tf(p['flops'])}{_memory_text(p.get('memory'))}"
+            )
     if r["fits"] is not None:
         verdict = "fits" if r["fits"] else "does NOT fit"
         lines.append(
