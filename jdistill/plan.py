@@ -40,7 +40,7 @@ from jdistill.models.vae import AutoencoderKLConfig
 from jdistill.teachers.prompts import IDS
 
 PyTree = Any
-GRAD_FACTOR = {"none": 1.0, "input": 2.0, "params": 3.0}
+GRAD_FACTOR = {"none": 1.0, "input": 2.0, "params": 3.0, "jvp": 2.0}
 
 
 def _bytes_per_device(tree: PyTree) -> int:

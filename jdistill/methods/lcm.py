@@ -32,7 +32,7 @@ from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.samplers import run_sampler, student_plan
 from jdistill.diffusion.schedules import VPSchedule, broadcast_to
 from jdistill.methods.common import build_network, network_denoiser
-from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.recipe import Pass, Recipe, Update
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import consistency_scalings, huber_loss, skipping_grid, with_student_inputs
 from jdistill.rng import streams
@@ -130,7 +130,16 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     return Recipe(
         networks=(network,),
-        updates=(Update("student", ("student",), loss),),
+        # The teacher's guided pair (w is drawn per sample: always two passes), the target network (EMA or
+        # sg(student), the student's architecture) and the differentiated student.
+        updates=(
+            Update(
+                "student",
+                ("student",),
+                loss,
+                passes=(Pass("teacher", 2.0), Pass("student"), Pass("student", 1.0, "params")),
+            ),
+        ),
         sample=sample,
         data="data",
         student_timesteps=tuple(float(t) for t in m.student_timesteps),

@@ -38,8 +38,9 @@ from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
 from jdistill.diffusion.schedules import FlowSchedule
 from jdistill.methods.common import build_network, drop_conditions, network_denoiser
-from jdistill.methods.recipe import Network, Recipe, Update
+from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
 from jdistill.methods.rollout import sampler_noise
+from jdistill.methods.score_distillation import cfg_evaluations
 from jdistill.methods.trajectory import adaptive_loss, meanflow_target, meanflow_times, with_student_inputs
 from jdistill.rng import streams
 
@@ -159,6 +160,15 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         return value, (metrics, carry)
 
     ends = (*times[1:], 0.0)
+    # The teacher (guided or not), the student's own conditional and unconditional velocities when mixed in,
+    # the JVP of sg(student), and the differentiated student.
+    mixed = (Pass("student", 2.0),) if (omega, kappa) != (1.0, 0.0) else ()
+    passes = (
+        Pass("teacher", float(cfg_evaluations(m.guidance_scale, m.cfg_convention))),
+        *mixed,
+        *derivative_passes("student", m.jvp, primal_used=False),
+        Pass("student", 1.0, "params"),
+    )
 
     def sample(params, cond, key):
         n = jax.tree.leaves(cond)[0].shape[0]
@@ -170,7 +180,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     return Recipe(
         networks=(network,),
-        updates=(Update("student", ("student",), loss),),
+        updates=(Update("student", ("student",), loss, passes=passes),),
         sample=sample,
         data="data",
         student_timesteps=times,

@@ -57,7 +57,7 @@ class Network:
         return self.init(key, frozen) if self.init else self.net.init(key)
 
 
-GRADS = ("none", "input", "params")
+GRADS = ("none", "input", "params", "jvp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,8 @@ class Pass:
 
     ``samples`` evaluations of ``network`` per sample of the batch (2 for a CFG pair, (K - 1) / 2 for the
     expected backward simulation of a K-step student), differentiated through nothing ("none": one forward),
-    through its input only ("input": about two) or with respect to its parameters ("params": about three).
+    through its input only ("input": about two) or with respect to its parameters ("params": about three), or
+    pushed forward along a tangent ("jvp": the primal and a tangent pass, about two).
     ``unless_carried``: not made when an earlier update of the same step carried that key (the fake-score
     update regenerates x only on steps without a generator update). ``trunk``: only up to the bottleneck
     (a GAN head's features; the head's own few convolutions are not counted).
@@ -81,6 +82,15 @@ class Pass:
     def __post_init__(self):
         if self.grad not in GRADS:
             raise ValueError(f"pass grad {self.grad!r}; choose one of {GRADS}")
+
+
+def derivative_passes(network: str, method: str, primal_used: bool = True) -> tuple[Pass, ...]:
+    """The passes of ``diffusion.jvp.directional_derivative`` on ``network`` by ``method``: one JVP, or the
+    two shifted forwards of a central difference plus the primal when the loss reads it (an unused one is
+    dead code to XLA)."""
+    if method == "jvp":
+        return (Pass(network, 1.0, "jvp"),)
+    return (Pass(network, 3.0 if primal_used else 2.0),)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

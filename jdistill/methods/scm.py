@@ -49,7 +49,7 @@ from jdistill.diffusion.schedules import TrigFlowSchedule, broadcast_to
 from jdistill.methods.adversarial import build_teacher_discriminator, enabled, ladd_config
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.distribution import finite_rows, zero_bad_rows
-from jdistill.methods.recipe import Network, Recipe, Update
+from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
 from jdistill.models.heads import LogVarHead
@@ -213,9 +213,20 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
         return x / m.data_scale
 
-    updates = (Update("student", ("student", "logvar"), loss),)
+    # The teacher's guided pair (w drawn per sample), the JVP of sg(student), and the differentiated student
+    # (with LADD: on x_t and the real x_adv in one call, then the teacher's trunk under the heads).
+    passes = (
+        Pass("teacher", 2.0),
+        *derivative_passes("student", m.jvp),
+        Pass("student", 1.0 if disc is None else 2.0, "params"),
+    )
+    if disc is not None:
+        passes += (Pass("teacher", 1.0, "input", trunk=True),)
+    updates = (Update("student", ("student", "logvar"), loss, passes=passes),)
     if disc is not None:  # after the student's: it reads the student's x0 from the carry
-        updates += (Update("discriminator", ("discriminator",), discriminator_loss),)
+        groups = 3.0 if m.gan.misaligned else 2.0  # fake, (misaligned,) real: one trunk pass, no gradient
+        heads = (Pass("teacher", groups, trunk=True),)
+        updates += (Update("discriminator", ("discriminator",), discriminator_loss, passes=heads),)
     return Recipe(
         networks=(network, logvar_net) + ((disc.heads,) if disc is not None else ()),
         updates=updates,
