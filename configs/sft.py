@@ -8,6 +8,12 @@ Presets:
             CFG), through the pipeline's trained text encoder and VAE; AdamW 1e-3 with warm-up and cosine
             decay, EMA 0.999, batch 64. tools/build_digits_world.py runs it on the pipeline it writes
             (teacher.path), then exports the EMA UNet as the shipped teacher.
+  sd15      fine-tune a diffusers UNet teacher on your images (teacher.data: captions and images) from its
+  sdxl      own weights: AdamW 1e-5 (wd 1e-2, clip 1, 500 warm-up steps), EMA 0.9999, 10% of prompts
+            dropped, batch 256 (sd15) / 64 (sdxl), 10k steps, the real-size levers (bfloat16 compute over
+            float32 master weights, frozen text encoders and VAE in bfloat16, the fused attention). Not a
+            paper's recipe: a teacher adapted to a domain before distilling it. Its step is one UNet forward
+            and backward, the unit benchmarks/RESULTS.md measures the memory levers with (tools/plan.py).
 
   python -m jdistill.main --config configs/sft.py:gmm --workdir runs/sft_gmm
   python -m jdistill.main --config configs/sft.py:digits --workdir runs/digits_teacher \
@@ -19,7 +25,7 @@ from jdistill.configuration import choose_preset
 from jdistill.methods import sft
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "gmm_flow", "digits")
+PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl")
 
 
 def get_config(arg=None):
@@ -38,7 +44,32 @@ def get_config(arg=None):
         c.networks.model = network_config(prediction="velocity", lr=1e-3, ema_decay=0.999)
     elif preset == "digits":
         digits_sft(c)
+    else:
+        diffusers_sft(c, preset)
     return c
+
+
+def diffusers_sft(c, preset: str) -> None:
+    from jdistill.config_base import real_size_levers
+    from jdistill.models import teacher_model_config
+    from jdistill.teachers.diffusers_world import diffusers_teacher_config
+
+    c.teacher = diffusers_teacher_config(preset)
+    real_size_levers(c)
+    c.num_steps = 10000
+    c.batch_size = 256 if preset == "sd15" else 64
+    c.log_every = 100
+    c.checkpoint.every = 1000
+    c.sample.every = 1000
+    c.sample.count = 64
+    c.sample.final_count = 64
+    c.sample.batch = 16
+    c.networks.model = network_config(prediction="eps", lr=1e-5, ema_decay=0.9999)
+    c.networks.model.model = teacher_model_config()
+    c.networks.model.optimizer.update(
+        {"name": "adamw", "weight_decay": 1e-2, "grad_clip": 1.0, "warmup_steps": 500}
+    )
+    c.method.sampler.guidance_scale = 7.5 if preset == "sd15" else 5.0
 
 
 def digits_sft(c) -> None:

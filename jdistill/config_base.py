@@ -129,6 +129,18 @@ def gmm_distillation(
     c.method.fake_target = "v"
 
 
+def real_size_levers(c: ml_collections.ConfigDict, dtype: str = "bfloat16") -> None:
+    """The memory levers of the real-size presets: frozen networks stored and run in ``dtype``, trained copies
+    of the teacher computing in it over float32 master weights, the fused attention of the platform (splash
+    on TPU, cuDNN on GPU, XLA on CPU), and one compiled program per update (an SD1.5 DMD2 full step as one
+    program does not compile in 24 GB of host memory; per update it does). Measured in
+    benchmarks/RESULTS.md with tools/plan.py."""
+    c.teacher.dtype = dtype
+    c.teacher.param_dtype = dtype
+    c.teacher.attention_impl = "auto"
+    c.split_updates = True
+
+
 def unet_distillation(
     c: ml_collections.ConfigDict,
     preset: str,
@@ -146,6 +158,7 @@ def unet_distillation(
     student_ema: float = 0.0,
     fake_lora: tuple[int, float, tuple[str, ...]] | None = None,
     student_lora: tuple[int, float, tuple[str, ...]] | None = None,
+    dtype: str = "bfloat16",
 ) -> None:
     """The student and fake score as the teacher's UNet (eps-prediction, float32 master copies of the teacher,
     or LoRAs (rank, alpha, targets) on it), one optimizer setting for both, and the diffusers teacher ``preset``.
@@ -159,6 +172,8 @@ def unet_distillation(
     from jdistill.teachers.diffusers_world import diffusers_teacher_config
 
     c.teacher = diffusers_teacher_config(preset)
+    if preset != "digits":  # real size: bfloat16 compute in ``dtype`` and the fused attention
+        real_size_levers(c, dtype)
     c.num_steps = num_steps
     c.batch_size = batch_size
     c.log_every = 100
@@ -226,6 +241,7 @@ def sid_networks(
         num_steps=num_steps,
         betas=(0.0, 0.999),
         student_ema=0.5 ** (batch_size / 50000),
+        dtype="float32",
     )
 
 

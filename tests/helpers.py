@@ -29,6 +29,11 @@ SMALL = [
 # A UNet recipe on a tiny diffusers pipeline (conftest's tiny_pipelines): 32 px, one step, 8 samples.
 TINY_RUN = [
     ("teacher.resolution", "32"),
+    # The real-size presets compute in bfloat16 and split their steps per update; the tiny runs check
+    # float32 results of one-program steps (tests/test_split_updates.py covers the split).
+    ("teacher.dtype", "float32"),
+    ("teacher.param_dtype", "float32"),
+    ("split_updates", "false"),
     ("batch_size", "8"),
     ("num_steps", "1"),
     ("log_every", "1"),

@@ -91,6 +91,23 @@ def test_sd_presets_carry_the_papers_settings():
     assert tuple(few.method.student_timesteps) == (999.0, 749.0, 499.0, 249.0) and few.batch_size == 256
 
 
+def test_real_size_presets_choose_the_memory_levers():
+    """bfloat16 frozen networks and compute over float32 master weights (SiD: float32 throughout, as its
+    scripts), the platform's fused attention and one program per update; the digits presets keep float32."""
+    for spec in ("dmd2.py:sd15", "dmd2.py:sdxl", "swiftbrush.py:sd21base", "lcm.py:sdxl", "sft.py:sd15"):
+        c = load(f"configs/{spec}")
+        assert (c.teacher.dtype, c.teacher.param_dtype, c.teacher.attention_impl) == (
+            "bfloat16",
+            "bfloat16",
+            "auto",
+        ), spec
+        assert c.split_updates, spec
+    sid = load("configs/sid_lsg.py:sd15").teacher
+    assert (sid.dtype, sid.attention_impl) == ("float32", "auto")
+    digits = load("configs/dmd2.py:digits")
+    assert (digits.teacher.dtype, digits.split_updates) == ("float32", False)
+
+
 def test_lcm_presets_carry_the_scripts_settings():
     """LCM's training scripts and README examples (methods.md 4.1(c)); see configs/lcm.py."""
     for preset in ("sd15", "sdxl", "sd15_lora", "sdxl_lora"):

@@ -17,7 +17,7 @@ from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.samplers import ode_plan, run_sampler
 from jdistill.diffusion.schedules import sample_timesteps
 from jdistill.methods.common import build_network, denoising_loss, drop_conditions, network_denoiser
-from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.recipe import Pass, Recipe, Update
 from jdistill.rng import streams
 
 NETWORKS = ("model",)
@@ -77,7 +77,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     return Recipe(
         networks=(network,),
-        updates=(Update("model", ("model",), loss),),
+        updates=(Update("model", ("model",), loss, passes=(Pass("model", 1.0, "params"),)),),
         sample=sample,
         data="data",
         sample_with=("model",),
