@@ -225,6 +225,13 @@ def plan(
         steps.append(entry)
     full = max(steps, key=lambda e: (len(e["updates"]), e["flops"] or 0))
     peak = max((e["memory"]["peak"] for e in steps if e.get("memory")), default=None)
+    fits = None if peak is None or device_memory is None else bool(peak <= device_memory)
+    advice = None
+    if fits is False:
+        rows = config.batch_size // math.prod(mesh.shape[a] for a in parallel.BATCH_AXES)
+        trained = _bytes_per_device(s.abstract_state["params"])
+        worst = max((e["memory"] for e in steps if e.get("memory")), key=lambda m: m["peak"])
+        advice = micro_batch_advice(worst, rows, micro, trained, device_memory)
     return {
         "config": config.get("name", None) or config.method.name,
         "method": config.method.name,
@@ -242,8 +249,32 @@ def plan(
         "mean_flops_per_step": None if full_step_only else _mean(steps, "flops"),
         "peak_bytes_per_device": peak,
         "device_memory_bytes": device_memory,
-        "fits": None if peak is None or device_memory is None else bool(peak <= device_memory),
+        "fits": fits,
+        "advice": advice,
         "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def micro_batch_advice(
+    memory: dict[str, int], rows: int, micro: int, trained_bytes: int, device_memory: int
+) -> dict[str, Any]:
+    """An estimate, to confirm by planning with it: the fewest micro-batches whose step fits, assuming the
+    temporaries scale with the rows of a micro-batch (activations do; a compile decides) and adding one
+    float32 gradient accumulator per trained parameter when accumulation starts. ``rows``: the batch rows per
+    device; ``micro``: the micro-batches planned."""
+    fixed = memory["peak"] - memory["temp"]
+    per_row = memory["temp"] / max(rows // micro, 1)
+    accumulator = 0 if micro > 1 else trained_bytes
+    for k in range(micro + 1, rows + 1):
+        if rows % k:
+            continue
+        estimate = fixed + accumulator + per_row * (rows // k)
+        if estimate <= device_memory:
+            return {"micro_batches": k, "estimated_peak_bytes": int(estimate)}
+    return {
+        "micro_batches": None,
+        "note": "no micro-batch count fits: shard over more devices (mesh.fsdp), rematerialise "
+        "(teacher.remat), or lower the precision (teacher.dtype)",
     }
 
 

@@ -117,8 +117,9 @@ def test_plan_agrees_with_a_compiled_run_at_tiny_size(tiny_pipelines, tmp_path):
     """The plan is built from shapes alone; the trainer's own setup loads the weights and compiles the same
     step on the 8 CPU devices: FLOPs and peak memory per device agree within 10%."""
     config = tiny_dmd2(tiny_pipelines)
-    result = plan.plan(config, compile=True, full_step_only=True, log=lambda *a: None)
+    result = plan.plan(config, compile=True, full_step_only=True, device_memory=2**20, log=lambda *a: None)
     assert result["devices"] == 8 and result["batch"] == 8
+    assert result["fits"] is False and result["advice"]["micro_batches"] is None  # 1 MiB: nothing fits
     assert [e["updates"] for e in result["steps"]] == [["generator", "fake_score"]]
 
     s = train.setup(config, str(tmp_path))
@@ -244,6 +245,17 @@ def test_trained_copies_keep_float32_master_weights_and_their_own_compute_dtype(
     params = s.abstract_state["params"]
     assert output_dtype(s.recipe.network("student").net, params["student"]) == jnp.bfloat16
     assert output_dtype(s.recipe.network("fake_score").net, params["fake_score"]) == jnp.float32
+
+
+def test_micro_batch_advice_scales_the_temporaries():
+    """Peak 100 = 20 fixed + 80 temporaries over 8 rows per device (10 a row); the first accumulation adds a
+    float32 copy of the trained parameters (10): k = 2 gives 20 + 10 + 40, k = 4 gives 20 + 10 + 20."""
+    memory = {"peak": 100, "temp": 80}
+    assert plan.micro_batch_advice(memory, 8, 1, 10, 50) == {"micro_batches": 4, "estimated_peak_bytes": 50}
+    assert plan.micro_batch_advice(memory, 8, 1, 10, 70)["micro_batches"] == 2
+    # Planned with 2 micro-batches already (4 rows each, 20 a row, accumulator included in the peak).
+    assert plan.micro_batch_advice(memory, 8, 2, 10, 60) == {"micro_batches": 4, "estimated_peak_bytes": 60}
+    assert plan.micro_batch_advice(memory, 8, 1, 10, 39)["micro_batches"] is None
 
 
 def test_plan_flops_do_not_depend_on_how_the_step_is_cut(tiny_pipelines):

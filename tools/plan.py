@@ -18,7 +18,8 @@ temporaries, peak per device) and whether the step fits the chip's memory. It ne
 
 ``--json`` prints one JSON object (keys: batch, devices, networks {name: params, bytes, replicated_fraction,
 ...}, state_bytes_per_device, flops_per_step, analytic_flops_per_step (the step with every update active,
-all devices together), peak_bytes_per_device, device_memory_bytes, fits, steps [...]).
+all devices together), peak_bytes_per_device, device_memory_bytes, fits, advice (when it does not fit: the
+fewest micro-batches estimated to fit), steps [...]; a split step lists its programs).
 """
 
 from __future__ import annotations
@@ -200,6 +201,14 @@ def render(r: dict) -> str:
         lines.append(
             f"{verdict}: peak {_gib(r['peak_bytes_per_device'])} of {_gib(r['device_memory_bytes'])} per device"
         )
+    advice = r.get("advice")
+    if advice and advice.get("micro_batches"):
+        lines.append(
+            f"estimate: --config.micro_batches={advice['micro_batches']} would peak near "
+            f"{_gib(advice['estimated_peak_bytes'])} (plan again with it to confirm)"
+        )
+    elif advice:
+        lines.append(f"estimate: {advice['note']}")
     lines.append(f"({r['seconds']} s)")
     return "\n".join(lines)
 
