@@ -82,10 +82,15 @@ def measured_matmul_peak(n: int = 1024, reps: int = 10) -> float:
 
 
 def program_flops(fn, *args) -> float:
-    """FLOPs of one call of the jitted ``fn`` by XLA's cost analysis of the lowered program."""
-    cost = fn.lower(*args).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    """FLOPs of one call of the jitted ``fn`` by XLA's cost analysis of the lowered program (a step split
+    per update, ``split_updates``: the sum of its programs')."""
+    lowered = fn.lower(*args)
+    total = 0.0
+    for one in lowered if isinstance(lowered, list) else [lowered]:
+        cost = one.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        total += float(cost.get("flops", 0.0)) if cost else 0.0
+    return total
 
 
 # ================================================================================================ workloads
