@@ -159,8 +159,8 @@ def test_lora_fake_score_network_starts_as_the_teacher_and_trains_only_its_adapt
     cond = jax.jit(world.prepare)(world.frozen, world.conditions.local_batch(0, 2))["cond"]
     x = jax.random.normal(jax.random.key(1), (2, *world.sample_shape))
     t = jnp.array([100, 700])
-    ours = denoiser.predict(fake.net_params(params), x, t, cond).eps
-    teacher = world.teacher.predict(world.frozen["teacher"], x, t, cond).eps
+    ours = jax.jit(lambda p: denoiser.predict(fake.net_params(p), x, t, cond).eps)(params)
+    teacher = jax.jit(lambda p: world.teacher.predict(p, x, t, cond).eps)(world.frozen["teacher"])
     np.testing.assert_array_equal(ours, teacher)  # B = 0: exactly the teacher
 
     def loss(adapters):
@@ -168,6 +168,6 @@ def test_lora_fake_score_network_starts_as_the_teacher_and_trains_only_its_adapt
             denoiser.predict(fake.net_params({**params, "fake_score": adapters}), x, t, cond).eps ** 2
         )
 
-    grads = jax.grad(loss)(lora)
+    grads = jax.jit(jax.grad(loss))(lora)
     assert all(float(jnp.abs(g["B"]).sum()) > 0 for g in grads.values())  # B learns first (A B, B = 0)
     assert all(float(jnp.abs(g["A"]).sum()) == 0 for g in grads.values())
