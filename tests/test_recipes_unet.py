@@ -1,4 +1,4 @@
-"""Every distribution-matching recipe's SD preset, run end to end on a tiny random diffusers pipeline
+"""Every distribution-matching recipe's SD preset (and the SD fine-tune preset), run end to end on a tiny random diffusers pipeline
 (text-conditioned UNet, CLIP, VAE) on 8 fake devices: a step, a checkpoint, a resumed run to step 2,
 finite samples. The presets' own networks are kept (full UNet copies, LoRA fake score or student, GAN head on
 the fake UNet's mid block with real images), only sizes and step counts shrink.
@@ -36,6 +36,8 @@ CASES = {
         [("method.gan.generator_weight", "0.5"), ("method.gan.discriminator_weight", "1.0")],
     ),
     "sid_lsg": ("configs/sid_lsg.py:sd15", "sd", []),
+    # Not a distillation: the fine-tune preset, one network on the real images.
+    "sft": ("configs/sft.py:sd15", "sd", [("method.sampler.steps", "2")]),
 }
 
 
