@@ -1,6 +1,6 @@
-"""Every distribution-matching recipe's SD preset (and the SD fine-tune preset), run end to end on a tiny random diffusers pipeline
-(text-conditioned UNet, CLIP, VAE) on 8 fake devices: a step, a checkpoint, a resumed run to step 2,
-finite samples. The presets' own networks are kept (full UNet copies, LoRA fake score or student, GAN head on
+"""Every distribution-matching recipe's SD preset (and the SD fine-tune preset), run end to end on a tiny
+random diffusers pipeline (text-conditioned UNet, CLIP, VAE) on 8 fake devices: a step, a checkpoint, a
+resumed run to step 2, finite samples. The presets' own networks are kept (full UNet copies, LoRA fake score or student, GAN head on
 the fake UNet's mid block with real images), only sizes and step counts shrink.
 
 About 1 to 2.5 minutes per recipe on 2 busy cores (tracing the UNet steps twice, compilation and Orbax saves
