@@ -14,8 +14,8 @@ SDXL step, no compile (``--compile`` compiles on the CPU too: slow at real size)
 ``tpu-v5e-8``, ``tpu-v4-8``, or ``tpu-<generation>:<topology>`` such as ``tpu-v5p:4x4x4``) compiles for abstract
 TPU devices of that topology, with no TPU attached, and adds the memory analysis (arguments, outputs,
 temporaries, peak per device) and whether the step fits the chip's memory. It needs libtpu:
-``pip install -e '.[tpu-plan]'``; an SD1.5 DMD2 step split per update (the SD presets) compiles in about 30 minutes
-with up to ~23 GB of host memory.
+``pip install -e '.[tpu-plan]'``; an SD1.5 DMD2 step split per update (the SD presets) compiles in about 30
+minutes with up to ~23 GB of host memory.
 
 ``--json`` prints one JSON object (keys: batch, devices, networks {name: params, bytes, replicated_fraction,
 ...}, state_bytes_per_device, flops_per_step, analytic_flops_per_step (the step with every update active,
