@@ -1,6 +1,6 @@
 """Every preset of every recipe in configs/ loads and validates, and the SD presets carry the papers' settings
-(../shared/reference/methods.md: SwiftBrush 1.1(c), DMD2 2.2(c), SiD-LSG 3.3(c), few-step SiD 3.4, LCM 4.1(c)),
-the CFG convention and the unconditional input of each teacher."""
+(from the papers and their official training scripts, as each config's docstring cites them), the CFG
+convention and the unconditional input of each teacher, and the real-size memory levers."""
 
 from __future__ import annotations
 
