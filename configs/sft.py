@@ -50,20 +50,11 @@ def get_config(arg=None):
 
 
 def diffusers_sft(c, preset: str) -> None:
-    from jdistill.config_base import real_size_levers
+    from jdistill.config_base import diffusers_run
     from jdistill.models import teacher_model_config
-    from jdistill.teachers.diffusers_world import diffusers_teacher_config
 
-    c.teacher = diffusers_teacher_config(preset)
-    real_size_levers(c)
-    c.num_steps = 10000
-    c.batch_size = 256 if preset == "sd15" else 64
-    c.log_every = 100
-    c.checkpoint.every = 1000
+    diffusers_run(c, preset, batch_size=256 if preset == "sd15" else 64, num_steps=10000)
     c.sample.every = 1000
-    c.sample.count = 64
-    c.sample.final_count = 64
-    c.sample.batch = 16
     c.networks.model = network_config(prediction="eps", lr=1e-5, ema_decay=0.9999)
     c.networks.model.model = teacher_model_config()
     c.networks.model.optimizer.update(

@@ -141,6 +141,25 @@ def real_size_levers(c: ml_collections.ConfigDict, dtype: str = "bfloat16") -> N
     c.split_updates = True
 
 
+def diffusers_run(
+    c: ml_collections.ConfigDict, preset: str, *, batch_size: int, num_steps: int, dtype: str = "bfloat16"
+) -> None:
+    """A run on the diffusers teacher ``preset``: its teacher section, the real-size levers (not for the
+    miniature digits teacher), the length and batch, and the logging, checkpoint and sample cadence."""
+    from jdistill.teachers.diffusers_world import diffusers_teacher_config
+
+    c.teacher = diffusers_teacher_config(preset)
+    if preset != "digits":
+        real_size_levers(c, dtype)
+    c.num_steps = num_steps
+    c.batch_size = batch_size
+    c.log_every = 100
+    c.checkpoint.every = 1000
+    c.sample.count = 64
+    c.sample.final_count = 64
+    c.sample.batch = 16
+
+
 def unet_distillation(
     c: ml_collections.ConfigDict,
     preset: str,
@@ -169,18 +188,8 @@ def unet_distillation(
     """
     from jdistill.methods.common import lora_config, network_config
     from jdistill.models import teacher_model_config
-    from jdistill.teachers.diffusers_world import diffusers_teacher_config
 
-    c.teacher = diffusers_teacher_config(preset)
-    if preset != "digits":  # real size: bfloat16 compute in ``dtype`` and the fused attention
-        real_size_levers(c, dtype)
-    c.num_steps = num_steps
-    c.batch_size = batch_size
-    c.log_every = 100
-    c.checkpoint.every = 1000
-    c.sample.count = 64
-    c.sample.final_count = 64
-    c.sample.batch = 16
+    diffusers_run(c, preset, batch_size=batch_size, num_steps=num_steps, dtype=dtype)
     nets = [("student", student_lr, student_lora)]
     if fake_lr is not None:
         nets.append(("fake_score", fake_lr, fake_lora))

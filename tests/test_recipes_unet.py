@@ -29,7 +29,13 @@ CASES = {
     "dmd2_gan": ("configs/dmd2.py:sd15_gan", "sd", [("method.generator_every", "2")]),
     # Both steps run the full update (generator, fake score, GAN head), so the resumed run's step is the same
     # compiled program (the persistent cache serves it); the fake-only step is covered on the gmm presets.
-    "dmd2_sdxl_lora": ("configs/dmd2.py:sdxl_lora", "sdxl", [("method.generator_every", "1")]),
+    # The preset's split step (one program per update: the prepared embeddings and the GAN's carried x handed
+    # from the generator's program to the fake score's) runs here; TINY_RUN turns it off elsewhere.
+    "dmd2_sdxl_lora": (
+        "configs/dmd2.py:sdxl_lora",
+        "sdxl",
+        [("method.generator_every", "1"), ("split_updates", "true")],
+    ),
     "sid_4step_gan": (
         "configs/sid.py:sd15_4step",
         "sd",
