@@ -142,12 +142,14 @@ def random_pipeline(preset: str, out: str) -> str:
 class UNetWorkload:
     """The teacher UNet's forward+backward: loss sum(out * w), gradients of every parameter."""
 
-    def __init__(self, pipeline: str, batch: int, bf16: bool, seed: int = 0):
+    def __init__(self, pipeline: str, batch: int, bf16: bool, attention: str = "auto", seed: int = 0):
         from jdistill.convert.unet import load_unet
         from jdistill.models.layers import Precision
 
         precision = Precision(dtype=jnp.bfloat16) if bf16 else Precision()
-        self.net, params = load_unet(os.path.join(pipeline, "unet"), precision=precision)
+        self.net, params = load_unet(
+            os.path.join(pipeline, "unet"), precision=precision, attention_impl=attention
+        )
         self.params = jax.device_put(params)
         cfg = self.net.config
         with open(os.path.join(pipeline, "text_encoder", "config.json")) as f:
@@ -177,6 +179,14 @@ class UNetWorkload:
 
     def flops(self) -> float:
         return program_flops(self.fn, *self.args)
+
+    def analytic_flops(self) -> float:
+        """Forward and backward (weights and inputs: 3 forwards) by the hand count of jdistill.flops: XLA's
+        cost analysis does not see fused attention kernels (cuDNN, splash), so GPU MFU is read off this."""
+        from jdistill.flops import unet_forward
+
+        x, c = self.inputs["x"], self.inputs["c"]
+        return 3.0 * self.batch * unet_forward(self.net.config, x.shape[1], x.shape[2], c.shape[1])
 
     def reference(self) -> dict:
         from jdistill.convert.unet import unet_state_dict
@@ -307,7 +317,7 @@ class Worker:
 
     def setup(self, workload: str) -> dict:
         if workload == "unet":
-            work = UNetWorkload(self.pipeline, self.args.batch or 32, self.args.bf16)
+            work = UNetWorkload(self.pipeline, self.args.batch or 32, self.args.bf16, self.args.attention)
             inputs = work.inputs
         else:
             if self.args.size != "digits":
@@ -348,6 +358,13 @@ def measure(work, steps: int, bf16: bool) -> dict[str, float]:
     step_s = float(np.median(times))
     flops = work.flops()
     peak, source = peak_flops(bf16)
+    analytic = work.analytic_flops() if hasattr(work, "analytic_flops") else None
+    extra = {}
+    if analytic is not None:
+        extra = {
+            "analytic_gflops_per_step": analytic / 1e9,
+            "mfu_analytic": analytic / step_s / peak / jax.device_count(),
+        }
     return {
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,
@@ -357,6 +374,7 @@ def measure(work, steps: int, bf16: bool) -> dict[str, float]:
         "images_per_s": work.batch / step_s,
         "gflops_per_step": flops / 1e9,
         "mfu": flops / step_s / peak / jax.device_count(),
+        **extra,
         "peak_source": source,
     }
 
@@ -369,6 +387,11 @@ def main() -> None:
     parser.add_argument("--unet", action="store_true", help="the teacher UNet's forward+backward alone")
     parser.add_argument("--size", default="digits", choices=("digits", "sd15"))
     parser.add_argument("--bf16", action="store_true", help="bf16 compute (UNet workload; steps: --set)")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="UNet workload's attention_impl (auto: cuDNN on GPU in bf16, splash on TPU, else XLA)",
+    )
     parser.add_argument("--batch", type=int, default=0, help="batch size (0: the preset's; UNet: 32)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--mesh", action="append", default=None, help="DATAxFSDP, e.g. 4x2 (repeatable)")
@@ -389,8 +412,10 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="jdistill-bench-")
     if args.unet:
         pipeline = pipeline_dir(args.size, args.workdir or tmp)
-        r = measure(UNetWorkload(pipeline, args.batch or 32, args.bf16), args.steps, args.bf16)
-        print(f"UNet fwd+bwd {args.size} batch {args.batch or 32}: {json.dumps(_rounded(r))}")
+        work = UNetWorkload(pipeline, args.batch or 32, args.bf16, args.attention)
+        r = measure(work, args.steps, args.bf16)
+        label = f"UNet fwd+bwd {args.size} batch {args.batch or 32} {'bf16' if args.bf16 else 'fp32'}"
+        print(f"{label} attention {args.attention}: {json.dumps(_rounded(r))}", flush=True)
         return
     overrides = [tuple(kv.split("=", 1)) for kv in args.set]
     if args.batch:
