@@ -58,11 +58,11 @@ stage() {  # name, seconds, command...
   echo "== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - START ))s in all"
 }
 
-UNET=(python3 benchmarks/step_throughput.py --unet --size sd15 --bf16 --steps 20 --workdir "$WORK")
-stage unet_b16 300 "${UNET[@]}" --batch 16
+UNET=(env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/step_throughput.py --unet --size sd15 --bf16 --steps 20 --workdir "$WORK")
+stage unet_b16 200 "${UNET[@]}" --batch 16
 stage compare_b16 300 python3 benchmarks/torch_baseline.py --size sd15 --bf16 --workload unet --batch 16 \
   --rounds 5 --keep-going --workdir "$WORK" --json "$OUT/compare_b16.json"
-stage unet_b32 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${UNET[@]}" --batch 32
+stage unet_b32 150 "${UNET[@]}" --batch 32
 stage unet_b16_xla 150 "${UNET[@]}" --batch 16 --attention xla
 grep -h "UNet fwd+bwd" "$OUT"/unet_*.log
 cat "$OUT/compare_b16.json" 2>/dev/null

@@ -10,7 +10,8 @@
   mesh. Key lengths below ``splash_min_length`` (77-token cross-attention, small feature maps) use XLA; an
   explicit mask, a batch the mesh's batch axes do not divide, or several devices with no mesh set
   (``jax.set_mesh``, which the trainer sets around its steps) use the chunked path.
-- ``"auto"``: splash on TPU, cuDNN on GPU for half-precision inputs, XLA otherwise.
+- ``"auto"``: splash on TPU, cuDNN on GPU for half-precision inputs with key lengths that are multiples of
+  64 (latent self-attention), XLA otherwise (e.g. the 77-token cross-attention).
 
 Forward mode: the fused kernels (cudnn, splash) have custom VJPs, through which ``jax.jvp`` cannot pass.
 Code that takes a JVP of a network (sCM, MeanFlow via ``jdistill.diffusion.jvp``) traces it inside
@@ -33,6 +34,7 @@ from jdistill.models.splash_attention import batch_axes_of_mesh, mesh_platform, 
 
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "splash", "auto")
 FUSED = ("cudnn", "splash")  # custom-VJP kernels: no forward mode
+CUDNN_AUTO_MULTIPLE = 64  # "auto" takes cuDNN for key lengths that are multiples of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,10 @@ def resolve_impl(
     if impl == "auto":
         platform = mesh_platform()
         half = jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
-        chosen = "splash" if platform == "tpu" else "cudnn" if half and platform == "gpu" else "xla"
+        # cuDNN's fused kernel rejects some key lengths in training (an H200 with jax 0.11.2 refused SD's
+        # 77-token cross-attention); self-attention over latent grids is a multiple of 64 and runs fused.
+        cudnn_ok = half and platform == "gpu" and key_length % CUDNN_AUTO_MULTIPLE == 0
+        chosen = "splash" if platform == "tpu" else "cudnn" if cudnn_ok else "xla"
     if chosen in FUSED and o.forward_mode:
         return "chunked"
     if chosen == "splash":
