@@ -4,6 +4,8 @@ mode through a tiny UNet configured with fused kernels."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,6 +177,11 @@ def test_routing_and_errors():
         assert pick("splash") == pick("cudnn") == "chunked"
         assert pick("xla") == "xla"
     assert pick("cudnn") == "cudnn"  # the context ended
+    # "auto" on a GPU, as the trace would see it: cuDNN for latent self-attention in half precision only.
+    with mock.patch("jdistill.models.attention.mesh_platform", return_value="gpu"):
+        assert pick("auto", dtype=jnp.bfloat16) == "cudnn"
+        assert pick("auto", dtype=jnp.bfloat16, key_length=77) == "xla"  # refused by cuDNN in training
+        assert pick("auto") == "xla"  # float32
     with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'; choose one of \('xla'"):
         pick("flash")
     with pytest.raises(ValueError, match="unknown attention options"), attention_options(block=3):
