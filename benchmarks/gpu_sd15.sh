@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU rows of benchmarks/RESULTS.md in one call: SD1.5-size UNet forward+backward in bf16, jdistill alone
-# at several batches (steps/s, images/s, MFU), then side by side with the PyTorch baseline (diffusers, bf16
-# autocast, SDPA, torch.compile). Stages run in order of value, each under its own time limit, so that a
-# lease cut short still returns the earlier ones; logs and JSON reports go to $OUT (default: ./gpu-out).
+# The GPU rows of benchmarks/RESULTS.md in one call: SD1.5-size UNet forward+backward in bf16, side by side
+# with the PyTorch baseline (diffusers, bf16 autocast, SDPA, torch.compile) with both sides' op profiles, then
+# jdistill alone at larger batches and with XLA attention (steps/s, images/s, MFU). Stages run in order of
+# value, each under its own time limit, so that a lease cut short still returns the earlier ones; logs, JSON
+# report and profiles go to $OUT (default: ./gpu-out). Budget: BUDGET_S seconds in all (default 560).
 #
 #     bash benchmarks/gpu_sd15.sh            # on a machine with one NVIDIA GPU, JAX (CUDA), torch, diffusers
 #
@@ -48,21 +49,23 @@ WORK=/tmp/jdistill-gpu-bench
 } 2>&1 | tee "$OUT/env.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "environment check failed"; exit 1; }
 
-stage() {  # name, seconds, command...
+stage() {  # log name, seconds, command...: output appended to $OUT/<log>.log (at most 8 files come back)
   local name=$1 limit=$2; shift 2
   local budget; budget=$(left)
   (( budget < 30 )) && { echo "== $name: skipped, ${budget}s left"; return; }
   (( limit > budget )) && limit=$budget
-  echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "^\s*$|Warning|warn\(" | tail -n 25
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -v -E "^\s*$|Warning|warn\(" | tail -n 60
   echo "== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - START ))s in all"
 }
 
+# 1. Side by side with torch at batch 16, then both sides profiled (op tables and jdistill's HLO in prof/).
+stage compare 330 python3 benchmarks/torch_baseline.py --size sd15 --bf16 --workload unet --batch 16 \
+  --rounds 5 --keep-going --workdir "$WORK" --json "$OUT/compare_b16.json" --profile "$OUT/prof"
+# 2. jdistill alone: the best batch, and XLA attention against the fused kernel.
 UNET=(env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/step_throughput.py --unet --size sd15 --bf16 --steps 20 --workdir "$WORK")
-stage unet_b16 200 "${UNET[@]}" --batch 16
-stage compare_b16 300 python3 benchmarks/torch_baseline.py --size sd15 --bf16 --workload unet --batch 16 \
-  --rounds 5 --keep-going --workdir "$WORK" --json "$OUT/compare_b16.json"
-stage unet_b32 150 "${UNET[@]}" --batch 32
-stage unet_b16_xla 150 "${UNET[@]}" --batch 16 --attention xla
-grep -h "UNet fwd+bwd" "$OUT"/unet_*.log
+stage unet 150 "${UNET[@]}" --batch 32
+stage unet 150 "${UNET[@]}" --batch 64
+stage unet 150 "${UNET[@]}" --batch 16 --attention xla
+grep -h "UNet fwd+bwd" "$OUT"/unet.log
 cat "$OUT/compare_b16.json" 2>/dev/null

@@ -305,6 +305,8 @@ class Worker:
             return {"pipeline": self.pipeline}
         if cmd == "setup":
             return self.setup(msg["workload"])
+        if cmd == "profile":
+            return {"table": profile_to(self.work[msg["variant"]], msg["dir"], msg["variant"])}
         if cmd == "time":
             work = self.work[msg["variant"]]
             out = []
@@ -338,10 +340,36 @@ class Worker:
         np.savez(paths["inputs"], **inputs)
         np.savez(paths["reference"], **reference)
         iters = max(2, min(50, int(1.0 / max(once, 1e-3))))  # about a second per timing block
-        return {**paths, "batch": work.batch, "compile_s": compile_s, "iters": iters}
+        # The hand-counted FLOPs of the workload (the same for both sides) and the device's peak: MFU.
+        flops = work.analytic_flops() if isinstance(work, UNetWorkload) else None
+        peak = peak_flops(self.args.bf16)[0] * jax.device_count()
+        return {
+            **paths,
+            "batch": work.batch,
+            "compile_s": compile_s,
+            "iters": iters,
+            "flops": flops,
+            "peak": peak,
+        }
 
 
 # ================================================================================================ standalone
+
+
+def profile_to(work, out_dir: str, label: str, steps: int = 5) -> str:
+    """Trace ``steps`` steps of ``work`` (compiled), write the summary table and, for the UNet workload, the
+    compiled HLO text (which names the model code behind each fusion) to ``out_dir``; return the table."""
+    from profiles import profile_jax
+
+    label = label.replace("/", "_").replace(" ", "_")
+    os.makedirs(out_dir, exist_ok=True)
+    table = profile_jax(work.run, tempfile.mkdtemp(prefix="jdistill-trace-"), steps)
+    with open(os.path.join(out_dir, f"profile_jdistill_{label}.txt"), "w") as f:
+        f.write(table + "\n")
+    if isinstance(work, UNetWorkload):
+        with open(os.path.join(out_dir, f"hlo_jdistill_{label}.txt"), "w") as f:
+            f.write(work.fn.lower(*work.args).compile().as_text())
+    return table
 
 
 def measure(work, steps: int, bf16: bool) -> dict[str, float]:
@@ -398,6 +426,7 @@ def main() -> None:
     parser.add_argument("--mesh", action="append", default=None, help="DATAxFSDP, e.g. 4x2 (repeatable)")
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--workdir", default="", help="where the random SD1.5 pipeline is written")
+    parser.add_argument("--profile", default="", help="after timing, trace 5 steps: op table (+ HLO) here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="", help=argparse.SUPPRESS)  # the torch side's; jax picks its own
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -417,6 +446,8 @@ def main() -> None:
         r = measure(work, args.steps, args.bf16)
         label = f"UNet fwd+bwd {args.size} batch {args.batch or 32} {'bf16' if args.bf16 else 'fp32'}"
         print(f"{label} attention {args.attention}: {json.dumps(_rounded(r))}", flush=True)
+        if args.profile:
+            print(profile_to(work, args.profile, f"unet_{args.size}_b{work.batch}_{args.attention}"))
         return
     overrides = [tuple(kv.split("=", 1)) for kv in args.set]
     if args.batch:
@@ -431,6 +462,8 @@ def main() -> None:
         work = StepWorkload(args.config, [*overrides, *mesh_overrides], os.path.join(tmp, mesh))
         r = measure(work, args.steps, False)
         print(f"{args.config} mesh {mesh}: {json.dumps(_rounded(r))}")
+        if args.profile:
+            print(profile_to(work, args.profile, f"{os.path.basename(args.config)}_{mesh}"))
 
 
 def _rounded(r: dict) -> dict:

@@ -336,6 +336,8 @@ class TorchWorker:
             return {"seconds": self.time(msg["variant"], msg["iters"])}
         if cmd == "flops":
             return {"flops": self.flops(msg["variant"])}
+        if cmd == "profile":
+            return {"table": self.profile(msg["variant"], msg["dir"])}
         raise ValueError(f"unknown command {cmd!r}")
 
     def setup(self, msg: dict) -> dict:
@@ -407,6 +409,24 @@ class TorchWorker:
 
     def flops(self, variant: str) -> float:
         return flops_of(lambda: self.run(variant))
+
+    def profile(self, variant: str, out_dir: str, steps: int = 5) -> str:
+        """torch.profiler over ``steps`` steps: the ops' table by self device time, also written to out_dir."""
+        torch = _torch()
+        cuda = self.side.device.type == "cuda"
+        acts = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+        )
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(steps):
+                self.run(variant)
+            self.side.sync()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=30)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"profile_torch_{variant.replace('/', '_')}.txt"), "w") as f:
+            f.write(f"{steps} steps\n{table}\n")
+        return table
 
 
 def serve(worker) -> None:
@@ -514,14 +534,23 @@ def compare(args) -> dict:
                 "jdistill_compile_s": inputs["compile_s"],
                 "jdistill_images_per_s": inputs["batch"] / float(np.median(base)),
             }
+            if inputs["flops"]:  # MFU from the hand count (XLA's misses fused attention; torch's too)
+                result["jdistill_mfu"] = inputs["flops"] / (result["jdistill_ms"] / 1e3) / inputs["peak"]
             for v in variants:
                 kind = v.split("/")[1]
+                if inputs["flops"]:
+                    mfu = inputs["flops"] / float(np.median(per[v])) / inputs["peak"]
+                    result[f"torch_{kind}_mfu"] = mfu
                 result[f"torch_{kind}_ms"] = 1e3 * float(np.median(per[v]))
                 result[f"torch_{kind}_images_per_s"] = inputs["batch"] / float(np.median(per[v]))
                 result[f"ratio_vs_{kind}"] = float(
                     np.median(base / np.asarray(per[v]))
                 )  # < 1: jdistill faster
             report["workloads"][workload] = result
+            if args.profile:
+                print(jd(cmd="profile", variant=workload, dir=args.profile)["table"], flush=True)
+                compiled = [v for v in variants if v.endswith("compiled")] or variants
+                print(tw(cmd="profile", variant=compiled[0], dir=args.profile)["table"], flush=True)
             print(
                 workload,
                 json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
@@ -556,6 +585,7 @@ def main() -> None:
         "--workdir", default="", help="where jdistill's worker writes the random SD1.5 pipeline"
     )
     parser.add_argument("--keep-going", action="store_true", help="time even when the parity checks fail")
+    parser.add_argument("--profile", default="", help="after timing, profile both sides: op tables here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = parser.parse_args()
