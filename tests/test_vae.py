@@ -347,7 +347,7 @@ def _full_size_shapes(architecture: tuple) -> tuple[dict, dict, int, int]:
     with torch.device("meta"):
         model = TorchVAE.from_config(raw)
     ours = {}
-    for key, (path, shape) in expected_keys(net.abstract).items():
+    for key, (path, shape, _) in expected_keys(net.abstract).items():
         if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
             shape = (shape[3], shape[2], shape[0], shape[1])
         elif path[-1] == "kernel":  # (in, out) -> (out, in)

@@ -13,6 +13,10 @@ by one table of leaf rules:
 
 Per-model differences are expressed as key renames (functions of the torch key). Loading is strict: missing,
 unexpected and mis-shaped tensors raise a ``ConversionError`` that names every offending key.
+
+A scanned stack (``models/stack.py``) keeps its layers' parameters under the path element ``stacked`` with a
+leading layer axis: ("transformer_blocks", "stacked", "attn", "to_q", "kernel") of shape (N, in, out) is the N
+torch keys "transformer_blocks.{i}.attn.to_q.weight", stacked on load and split on export.
 """
 
 from __future__ import annotations
@@ -24,24 +28,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from jdistill.models.naming import STACKED, torch_key
+from jdistill.models.naming import key_str as _key_str
+
 PyTree = Any
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _KERNEL_TO_FLAX = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0)}
 _KERNEL_TO_TORCH = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1)}
 
 
 class ConversionError(ValueError):
     """A checkpoint does not fit the model; the message lists the keys and shapes involved."""
-
-
-def _key_str(k) -> str:
-    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-
-
-def torch_key(path: tuple) -> str:
-    """The torch state-dict key of a Flax parameter path (tuple of names / indices)."""
-    *prefix, leaf = (_key_str(p) for p in path)
-    return ".".join([*prefix, LEAF_NAMES.get(leaf, leaf)])
 
 
 def to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:
@@ -62,12 +58,18 @@ def _flat(tree: PyTree) -> list[tuple[tuple, Any]]:
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
 
 
-def expected_keys(abstract: PyTree) -> dict[str, tuple[tuple, tuple[int, ...]]]:
-    """torch key -> (flax path, flax shape) for every parameter of an abstract tree."""
-    return {
-        torch_key(path): (tuple(_key_str(p) for p in path), tuple(leaf.shape))
-        for path, leaf in _flat(abstract)
-    }
+def expected_keys(abstract: PyTree) -> dict[str, tuple[tuple, tuple[int, ...], int | None]]:
+    """torch key -> (flax path, flax shape of that tensor, layer index in a stack or None) for every parameter
+    of an abstract tree."""
+    out = {}
+    for path, leaf in _flat(abstract):
+        names = tuple(_key_str(p) for p in path)
+        if STACKED in names:
+            for i in range(leaf.shape[0]):
+                out[torch_key(path, i)] = (names, tuple(leaf.shape[1:]), i)
+        else:
+            out[torch_key(path)] = (names, tuple(leaf.shape), None)
+    return out
 
 
 def _unflatten(items: Iterable[tuple[tuple[str, ...], Any]], like: PyTree) -> PyTree:
@@ -113,8 +115,10 @@ def load_state_dict(
     if problems:
         raise ConversionError(f"checkpoint does not match the {what}: " + "; ".join(problems))
     dtypes = {tuple(_key_str(p) for p in path): leaf.dtype for path, leaf in _flat(abstract)}
-    out, bad = [], []
-    for key, (path, shape) in expected.items():
+    arrays: dict[tuple, Any] = {}
+    layers: dict[tuple, dict[int, np.ndarray]] = {}
+    bad = []
+    for key, (path, shape, layer) in expected.items():
         value = state_dict[given[key]]
         array = np.asarray(value() if callable(value) else value)
         converted = to_flax_layout(path[-1], array)
@@ -124,10 +128,15 @@ def load_state_dict(
             )
             continue
         converted = converted.astype(dtypes[path])
-        out.append((path, place(path, converted) if place else converted))
+        if layer is None:
+            arrays[path] = converted
+        else:
+            layers.setdefault(path, {})[layer] = converted
     if bad:
         raise ConversionError(f"checkpoint does not match the {what}: {len(bad)} mis-shaped: {_list(bad)}")
-    return _unflatten(out, abstract)
+    for path, by_layer in layers.items():
+        arrays[path] = np.stack([by_layer[i] for i in range(len(by_layer))])
+    return _unflatten(((p, place(p, a) if place else a) for p, a in arrays.items()), abstract)
 
 
 def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -145,8 +154,11 @@ def to_state_dict(params: PyTree, *, rename: Callable[[str], str] | None = None)
     """The torch state dict (numpy arrays, torch layouts) of a Flax parameter tree; inverse of loading."""
     out = {}
     for path, leaf in _flat(params):
-        key = torch_key(path)
-        out[rename(key) if rename else key] = np.ascontiguousarray(
-            to_torch_layout(_key_str(path[-1]), np.asarray(leaf))
-        )
+        array, leaf_name = np.asarray(leaf), _key_str(path[-1])
+        if STACKED in (_key_str(p) for p in path):
+            pieces = {torch_key(path, i): array[i] for i in range(array.shape[0])}
+        else:
+            pieces = {torch_key(path): array}
+        for key, piece in pieces.items():
+            out[rename(key) if rename else key] = np.ascontiguousarray(to_torch_layout(leaf_name, piece))
     return out

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.convert.core import torch_key
+from jdistill.models.naming import torch_key
 
 PyTree = Any
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

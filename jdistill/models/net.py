@@ -15,6 +15,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jdistill.models.naming import STACKED
+
 PyTree = Any
 
 # Set while a Net computes its parameter shapes: layers built through ``build_layer`` are then traced one at a
@@ -85,8 +87,10 @@ class Net:
 def _logical_axes(state: nnx.State) -> PyTree:
     """Per-parameter tuple of logical axis names (from ``out_sharding`` metadata) or None, as a pure dict."""
 
-    def axes(var):
+    def axes(path, var):
         names = var.get_metadata().get("out_sharding")
+        if names and STACKED in path and len(names) == len(var.get_value().shape) - 1:
+            names = (None, *names)  # the layer axis of a scanned stack: never sharded
         return tuple(names) if names else None
 
     flat = nnx.to_flat_state(state)
@@ -95,7 +99,7 @@ def _logical_axes(state: nnx.State) -> PyTree:
         node = tree
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = axes(var)
+        node[path[-1]] = axes(path, var)
     return tree
 
 
