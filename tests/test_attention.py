@@ -207,9 +207,8 @@ def test_jvp_needs_forward_mode_attention_through_the_splash_kernel():
 @pytest.mark.parametrize("impl", ["cudnn", "splash"])
 def test_directional_derivative_through_a_unet_with_a_fused_kernel(impl):
     """sCM/MeanFlow's JVP helper on a tiny UNet configured with a fused kernel equals the XLA UNet's JVP."""
-    from jdistill.convert.unet import unet_net
     from jdistill.diffusion.jvp import directional_derivative
-    from jdistill.models.unet import UNetConfig
+    from jdistill.models.unet import UNetConfig, unet_net
 
     cfg = UNetConfig.from_dict(
         dict(

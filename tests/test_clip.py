@@ -19,9 +19,9 @@ from transformers import CLIPTextConfig as TorchConfig
 from transformers import CLIPTextModel as TorchCLIPText
 from transformers import CLIPTextModelWithProjection as TorchCLIPTextProj
 
-from jdistill.convert.clip import clip_state_dict, clip_text_net, load_clip_text
+from jdistill.convert.clip import clip_state_dict, load_clip_text
 from jdistill.convert.core import ConversionError
-from jdistill.models.clip import CLIPTextConfig, prompt_embeds
+from jdistill.models.clip import CLIPTextConfig, clip_text_net, prompt_embeds
 from jdistill.models.layers import Precision
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "jdistill" / "teachers" / "configs"

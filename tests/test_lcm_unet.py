@@ -19,7 +19,6 @@ from test_unet import VARIANTS
 
 from jdistill import rng, train
 from jdistill.convert.export import LORA_FILE, scheduler_plan
-from jdistill.convert.unet import unet_net
 from jdistill.export import export_run
 from jdistill.methods.common import build_network, network_config
 from jdistill.methods.trajectory import consistency_scalings
@@ -27,7 +26,7 @@ from jdistill.models import build_model, teacher_model_config
 from jdistill.models.lora import target_kernels
 from jdistill.models.mlp import TimeMLP
 from jdistill.models.net import Net
-from jdistill.models.unet import UNetConfig
+from jdistill.models.unet import UNetConfig, unet_net
 
 COND_PROJ = "['time_embedding']['cond_proj']['kernel']"
 PROMPTS = ["a red circle", "a blue square on a green field"]

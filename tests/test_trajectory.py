@@ -13,7 +13,6 @@ import pytest
 from helpers import load
 from test_unet import VARIANTS
 
-from jdistill.convert.unet import unet_net
 from jdistill.diffusion.denoiser import NetworkDenoiser, predict_cfg
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import MatchedDenoiser, on_schedule, trigflow_output
@@ -30,7 +29,7 @@ from jdistill.methods.trajectory import (
 from jdistill.models.embeddings import guidance_embedding
 from jdistill.models.mlp import TimeMLP
 from jdistill.models.net import Net
-from jdistill.models.unet import UNetConfig
+from jdistill.models.unet import UNetConfig, unet_net
 from jdistill.rng import streams
 from jdistill.teachers import build_world
 from jdistill.teachers.gmm import GaussianMixture, GMMTeacher

@@ -13,8 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from jdistill.convert.core import ConversionError
-from jdistill.convert.unet import load_unet, unet_net, unet_state_dict
-from jdistill.models.unet import UNetConfig
+from jdistill.convert.unet import load_unet, unet_state_dict
+from jdistill.models.unet import UNetConfig, unet_net
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "jdistill" / "teachers" / "configs"
 TINY = dict(

@@ -19,9 +19,9 @@ from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
 
 from jdistill.convert.core import ConversionError, expected_keys
-from jdistill.convert.vae import load_vae, rename_legacy, vae_net, vae_state_dict
+from jdistill.convert.vae import load_vae, rename_legacy, vae_state_dict
 from jdistill.models.layers import Precision
-from jdistill.models.vae import AutoencoderKLConfig
+from jdistill.models.vae import AutoencoderKLConfig, vae_net
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "jdistill" / "teachers" / "configs"
 SD_VAE_PARAMS = 83_653_863  # the published size of the SD1.x / SD2.x / SDXL VAE

@@ -15,7 +15,7 @@ import numpy as np
 
 from jdistill.convert.core import load_state_dict, to_state_dict
 from jdistill.convert.io import component_source
-from jdistill.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from jdistill.models.clip import CLIPTextConfig, clip_text_net
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
 
@@ -23,22 +23,6 @@ PyTree = Any
 PREFIX = "text_model."
 PROJECTION = "text_projection."
 IGNORE = (r"(^|\.)position_ids$",)
-
-
-def clip_text_net(
-    config: CLIPTextConfig,
-    *,
-    with_projection: bool,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool = False,
-) -> Net:
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return Net(
-        "text_encoder",
-        lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
-        config=config,
-    )
 
 
 def load_tower(

@@ -49,10 +49,9 @@ from jdistill.convert.io import PICKLE_SUFFIXES, component_source, lazy_state_di
 from jdistill.models.clip import LEGACY_EOS_TOKEN_ID, CLIPTextConfig
 from jdistill.models.clip_vision import (
     CLIPConfig,
-    CLIPModel,
     CLIPVisionConfig,
-    CLIPVisionModel,
-    CLIPVisionModelWithProjection,
+    clip_model_net,
+    clip_vision_net,
 )
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
@@ -70,35 +69,7 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 _OPEN_CLIP_MARKERS = ("visual.class_embedding", "visual.conv1.weight", "visual.proj")
 
 
-def clip_model_net(
-    config: CLIPConfig, *, precision: Precision = FP32, attention_impl: str = "xla", remat: bool = False
-) -> Net:
-    return Net(
-        "clip",
-        lambda rngs: CLIPModel(
-            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
-        ),
-        config=config,
-    )
-
-
 # --- transformers layout ---------------------------------------------------------------------------------
-
-
-def clip_vision_net(
-    config: CLIPVisionConfig,
-    *,
-    with_projection: bool,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool = False,
-) -> Net:
-    cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
-    return Net(
-        "image_encoder",
-        lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
-        config=config,
-    )
 
 
 def load_clip_vision(

@@ -11,7 +11,6 @@ skipped. Loading is strict: ``ConversionError`` names every missing, unexpected 
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,19 +18,13 @@ from typing import Any
 import numpy as np
 
 from jdistill.convert.core import ConversionError, load_state_dict, to_state_dict
-from jdistill.models.inception import FIDInceptionV3
+from jdistill.models.inception import inception_net
 from jdistill.models.net import Net
 
 PyTree = Any
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
 IGNORE = (r"\.num_batches_tracked$",)
-
-
-@functools.lru_cache(maxsize=4)  # a Net is immutable; building one traces ~100 layers (about 2 s)
-def inception_net(matmul_precision: Any = "highest") -> Net:
-    """The FID InceptionV3 as a ``Net`` (graph definition + abstract parameters)."""
-    return Net("fid_inception", lambda rngs: FIDInceptionV3(rngs=rngs, matmul_precision=matmul_precision))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

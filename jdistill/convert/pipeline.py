@@ -139,9 +139,9 @@ def load_pipeline(
 
 def component_net(name: str, config: dict, **kwargs) -> Net:
     """The Flax module of a pipeline component from its diffusers/transformers config."""
-    from jdistill.convert.clip import clip_text_net
-    from jdistill.convert.unet import unet_net
-    from jdistill.convert.vae import vae_net
+    from jdistill.models.clip import clip_text_net
+    from jdistill.models.unet import unet_net
+    from jdistill.models.vae import vae_net
 
     if name == "unet":
         return unet_net(UNetConfig.from_dict(config), **kwargs)

@@ -14,25 +14,9 @@ from jdistill.convert.core import load_state_dict, to_state_dict
 from jdistill.convert.io import component_source
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
-from jdistill.models.unet import UNet2DConditionModel, UNetConfig
+from jdistill.models.unet import UNetConfig, unet_net
 
 PyTree = Any
-
-
-def unet_net(
-    config: UNetConfig, *, precision: Precision = FP32, attention_impl="xla", remat: bool | str = False
-) -> Net:
-    """The UNet as a Net; ``net.variant(time_cond_proj_dim=256)`` builds it with other config fields, and
-    ``net.remake(config, dtype=..., param_dtype=..., remat=...)`` with other options (None: these)."""
-
-    def remake(cfg: UNetConfig, *, dtype=None, param_dtype=None, remat_policy=None):
-        p = Precision(dtype=dtype or precision.dtype, param_dtype=param_dtype or precision.param_dtype)
-        r = remat if remat_policy is None else remat_policy
-        return lambda rngs: UNet2DConditionModel(
-            cfg, rngs=rngs, precision=p, attention_impl=attention_impl, remat=r
-        )
-
-    return Net("unet", remake(config), config=config, remake=remake)
 
 
 def load_unet(

@@ -19,7 +19,7 @@ from jdistill.convert.core import ConversionError, load_state_dict, to_state_dic
 from jdistill.convert.io import component_source
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
-from jdistill.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jdistill.models.vae import AutoencoderKLConfig, vae_net
 
 PyTree = Any
 
@@ -49,22 +49,6 @@ def _squeeze_1x1(state: Mapping[str, Any]) -> dict[str, Any]:
         return load
 
     return {k: squeezed(v) if _PROJ_WEIGHT_RE.search(k) else v for k, v in state.items()}
-
-
-def vae_net(
-    config: AutoencoderKLConfig,
-    *,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool = False,
-) -> Net:
-    return Net(
-        "vae",
-        lambda rngs: AutoencoderKL(
-            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
-        ),
-        config=config,
-    )
 
 
 def load_vae(

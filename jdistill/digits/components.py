@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdistill.convert.clip import clip_state_dict, clip_text_net
+from jdistill.convert.clip import clip_state_dict
 from jdistill.convert.export import save_weights, write_json
-from jdistill.convert.unet import unet_net, unet_state_dict
-from jdistill.convert.vae import vae_net, vae_state_dict
+from jdistill.convert.unet import unet_state_dict
+from jdistill.convert.vae import vae_state_dict
 from jdistill.digits import data
 from jdistill.digits.tokenizer import MAX_LENGTH, write_tokenizer
-from jdistill.models.clip import CLIPTextConfig
+from jdistill.models.clip import CLIPTextConfig, clip_text_net
 from jdistill.models.net import Net
-from jdistill.models.unet import UNetConfig
-from jdistill.models.vae import AutoencoderKLConfig
+from jdistill.models.unet import UNetConfig, unet_net
+from jdistill.models.vae import AutoencoderKLConfig, vae_net
 
 PyTree = object
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
 from jdistill.models.layers import FP32, Precision, embed, layer_norm, linear
+from jdistill.models.net import Net
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -303,3 +304,19 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     ) -> CLIPTextOutput:
         out = self.text_model(input_ids, attention_mask, output_hidden_states)
         return dataclasses.replace(out, text_embeds=self.text_projection(out.pooler_output))
+
+
+def clip_text_net(
+    config: CLIPTextConfig,
+    *,
+    with_projection: bool,
+    precision: Precision = FP32,
+    attention_impl: str = "xla",
+    remat: bool = False,
+) -> Net:
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return Net(
+        "text_encoder",
+        lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
+        config=config,
+    )

@@ -33,7 +33,7 @@ from jdistill.models.clip import (
     CLIPTextTransformer,
 )
 from jdistill.models.layers import FP32, Precision, conv, embed, layer_norm, linear
-from jdistill.models.net import sharding_metadata
+from jdistill.models.net import Net, sharding_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,3 +289,31 @@ class CLIPModel(nnx.Module):
             text_embeds=text,
             image_embeds=image,
         )
+
+
+def clip_model_net(
+    config: CLIPConfig, *, precision: Precision = FP32, attention_impl: str = "xla", remat: bool = False
+) -> Net:
+    return Net(
+        "clip",
+        lambda rngs: CLIPModel(
+            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
+        ),
+        config=config,
+    )
+
+
+def clip_vision_net(
+    config: CLIPVisionConfig,
+    *,
+    with_projection: bool,
+    precision: Precision = FP32,
+    attention_impl: str = "xla",
+    remat: bool = False,
+) -> Net:
+    cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+    return Net(
+        "image_encoder",
+        lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
+        config=config,
+    )

@@ -22,13 +22,14 @@ on GPUs with TF32) rounds operands to bfloat16 / TF32, a change a metric compare
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.models.net import build_layer, sharding_metadata
+from jdistill.models.net import Net, build_layer, sharding_metadata
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008  # the TF graph's classifier (1000 ImageNet classes + 8 unused); FID does not use it
@@ -284,3 +285,9 @@ class FIDInceptionV3(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.pool3(x)
+
+
+@functools.lru_cache(maxsize=4)  # a Net is immutable; building one traces ~100 layers (about 2 s)
+def inception_net(matmul_precision: Any = "highest") -> Net:
+    """The FID InceptionV3 as a ``Net`` (graph definition + abstract parameters)."""
+    return Net("fid_inception", lambda rngs: FIDInceptionV3(rngs=rngs, matmul_precision=matmul_precision))

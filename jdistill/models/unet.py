@@ -32,6 +32,7 @@ from jdistill.models.layers import (
     linear,
     remat_policy,
 )
+from jdistill.models.net import Net
 from jdistill.parallel import constrain_batch
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -590,3 +591,19 @@ class UNet2DConditionModel(nnx.Module):
 
 def count_params(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def unet_net(
+    config: UNetConfig, *, precision: Precision = FP32, attention_impl="xla", remat: bool | str = False
+) -> Net:
+    """The UNet as a Net; ``net.variant(time_cond_proj_dim=256)`` builds it with other config fields, and
+    ``net.remake(config, dtype=..., param_dtype=..., remat=...)`` with other options (None: these)."""
+
+    def remake(cfg: UNetConfig, *, dtype=None, param_dtype=None, remat_policy=None):
+        p = Precision(dtype=dtype or precision.dtype, param_dtype=param_dtype or precision.param_dtype)
+        r = remat if remat_policy is None else remat_policy
+        return lambda rngs: UNet2DConditionModel(
+            cfg, rngs=rngs, precision=p, attention_impl=attention_impl, remat=r
+        )
+
+    return Net("unet", remake(config), config=config, remake=remake)

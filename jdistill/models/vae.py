@@ -21,6 +21,7 @@ from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
 from jdistill.models.layers import FP32, Precision, block_caller, conv, group_norm, linear
+from jdistill.models.net import Net
 
 DOWN_BLOCKS = ("DownEncoderBlock2D",)
 UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -358,3 +359,19 @@ class AutoencoderKL(nnx.Module):
     def images_from_latents(self, latents: jax.Array) -> jax.Array:
         """Inverse scaling (``latents / scaling_factor + shift_factor``, as diffusers' pipelines) and decode."""
         return self.decode(latents.astype(jnp.float32) / self.config.scaling_factor + self.config.shift)
+
+
+def vae_net(
+    config: AutoencoderKLConfig,
+    *,
+    precision: Precision = FP32,
+    attention_impl: str = "xla",
+    remat: bool = False,
+) -> Net:
+    return Net(
+        "vae",
+        lambda rngs: AutoencoderKL(
+            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
+        ),
+        config=config,
+    )

@@ -1,0 +1,256 @@
+"""The Flax SD3Transformer2DModel against diffusers: outputs, JVPs, strict conversion both ways, configs and the
+full-size parameter counts (built abstractly, no weights)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel as TorchSD3
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+from jdistill.convert.core import ConversionError
+from jdistill.convert.sd3 import load_sd3, sd3_state_dict
+from jdistill.models.sd3 import SD3Config, pos_table, sd3_net
+
+TINY = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    num_layers=3,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    caption_projection_dim=16,
+    pooled_projection_dim=12,
+    out_channels=4,
+    pos_embed_max_size=16,
+)
+VARIANTS = {
+    "sd3": TINY,
+    # Four layers: two dual-attention blocks, one plain block (model index 0 = diffusers' 2), the last block.
+    "sd35": dict(TINY, num_layers=4, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
+}
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+FULL_SIZE = {
+    "sd3-medium": SD3_MEDIUM,
+    "sd3.5-medium": dict(
+        SD3_MEDIUM, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))
+    ),
+    "sd3.5-large": dict(
+        SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
+    ),
+}
+FSDP_AXES = {
+    "mlp",
+    "heads",
+    "vocab",
+    "conv_in",
+    "conv_out",
+}  # logical names the default rules shard over fsdp
+
+
+def torch_sd3(kw: dict, dtype=torch.float32) -> TorchSD3:
+    torch.manual_seed(0)
+    model = TorchSD3(**kw).eval()
+    with torch.no_grad():  # diffusers zero-initialises some layers; random values everywhere test every path
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        table = model.pos_embed.pos_embed  # a buffer: random too, so that a mis-cropped window shows
+        table.copy_(torch.randn_like(table))
+    return model.to(dtype)
+
+
+def inputs(kw: dict, batch: int = 2, height: int = 16, width: int = 12, seed: int = 0):
+    """NCHW latents (non-square: the position crop differs per axis), text states, pooled text, timesteps."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, kw["in_channels"], height, width)).astype(np.float32)
+    ctx = rng.standard_normal((batch, 7, kw["joint_attention_dim"])).astype(np.float32)
+    pooled = rng.standard_normal((batch, kw["pooled_projection_dim"])).astype(np.float32)
+    t = np.array([3.0, 870.5][:batch], np.float32)
+    return x, ctx, pooled, t
+
+
+def nhwc(x):
+    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+def nchw(x):
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def jax_cond(ctx, pooled) -> dict:
+    return {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request):
+    kw = VARIANTS[request.param]
+    model = torch_sd3(kw)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert all(v.std() > 0 for v in state.values())  # nothing constant left (norm weights, the table)
+    net, params = load_sd3(state, SD3Config.from_dict(dict(model.config)))
+    return request.param, kw, model, state, net, params
+
+
+def test_outputs_match_diffusers(pair):
+    name, kw, model, _, net, params = pair
+    x, ctx, pooled, t = inputs(kw)
+    with torch.no_grad():
+        ref = model(torch.tensor(x), torch.tensor(ctx), torch.tensor(pooled), torch.tensor(t)).sample.numpy()
+    out = jax.jit(net.apply)(params, nhwc(x), jnp.asarray(t), jax_cond(ctx, pooled))
+    assert out.shape == (2, 16, 12, kw["out_channels"])
+    assert rel_err(nchw(out), ref) < 1e-4, name
+
+
+def test_round_trip_is_bit_identical(pair):
+    _, _, _, state, _, params = pair
+    back = sd3_state_dict(params)
+    assert back.keys() == state.keys()
+    for key in state:
+        assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), key
+
+
+def test_bad_checkpoints_name_the_key(pair):
+    _, kw, _, state, _, _ = pair
+    cfg = SD3Config.from_dict(kw)
+    last = kw["num_layers"] - 1
+    # Keys of the plain run and of the last block are named in diffusers' numbering, not the model's.
+    gone = [f"transformer_blocks.{last - 1}.attn.to_q.bias", f"transformer_blocks.{last}.ff.net.2.bias"]
+    extra = {
+        f"transformer_blocks.{last + 1}.attn.to_q.weight": np.zeros((16, 16), np.float32),
+        "last_block.proj_out.bias": np.zeros(16, np.float32),  # the model's own name is no checkpoint key
+    }
+    broken = {k: v for k, v in state.items() if k not in gone} | extra
+    with pytest.raises(ConversionError) as err:
+        load_sd3(broken, cfg)
+    assert f"2 missing: {', '.join(sorted(gone))}; 2 unexpected: {', '.join(sorted(extra))}" in str(err.value)
+    for key, shape, want in (
+        (
+            "transformer_blocks.1.norm1.linear.weight",
+            (5, 16),
+            state["transformer_blocks.1.norm1.linear.weight"].shape,
+        ),
+        ("pos_embed.pos_embed", (1, 64, 16), (1, 256, 16)),
+    ):
+        with pytest.raises(
+            ConversionError,
+            match=rf"{key}: checkpoint \({shape[0]}, {shape[1]}.*model expects \({want[0]}, {want[1]}",
+        ):
+            load_sd3({**state, key: np.zeros(shape, np.float32)}, cfg)
+
+
+def test_jvp_matches_central_differences_of_diffusers():
+    """d/dx of our float32 transformer along v vs central differences of the diffusers twin in float64."""
+    kw = VARIANTS["sd35"]
+    model = torch_sd3(kw, torch.float64)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    net, params = load_sd3(state, SD3Config.from_dict(kw))
+    x, ctx, pooled, t = inputs(kw, batch=1)
+    v = np.random.default_rng(1).standard_normal(x.shape)
+    tctx, tpooled = (torch.tensor(a, dtype=torch.float64) for a in (ctx, pooled))
+
+    def torch_f(xx):
+        with torch.no_grad():
+            return model(torch.tensor(xx, dtype=torch.float64), tctx, tpooled, torch.tensor(t)).sample.numpy()
+
+    eps = 1e-4
+    fd = (torch_f(x + eps * v) - torch_f(x - eps * v)) / (2 * eps)
+    cond = jax_cond(ctx, pooled)
+
+    @jax.jit
+    def tangent(x, v):
+        return jax.jvp(lambda y: net.apply(params, y, jnp.asarray(t), cond), (x,), (v,))[1]
+
+    out = tangent(nhwc(x), nhwc(v.astype(np.float32)))
+    assert rel_err(nchw(out), fd) < 1e-4
+
+
+def test_remat_keeps_gradients_and_the_table_gets_none():
+    kw = VARIANTS["sd35"]
+    cfg = SD3Config.from_dict(kw)
+    x, ctx, pooled, t = inputs(kw, batch=1)
+    params = sd3_net(cfg).init(jax.random.key(0))
+
+    def grads(net):
+        loss = lambda p: jnp.mean(net.apply(p, nhwc(x), jnp.asarray(t), jax_cond(ctx, pooled)) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    plain, remat = grads(sd3_net(cfg)), grads(sd3_net(cfg, remat="full"))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.any(plain["pos_embed"]["pos_embed"])  # a buffer in torch: never trained
+    assert np.any(plain["last_block"]["attn"]["to_q"]["kernel"])
+
+
+def test_initial_position_table_is_diffusers():
+    net = sd3_net(SD3Config.from_dict(TINY))
+    table = np.asarray(net.init(jax.random.key(0))["pos_embed"]["pos_embed"])
+    np.testing.assert_allclose(table, TorchSD3(**TINY).pos_embed.pos_embed.numpy(), atol=1e-6)
+    # Full size (SD3-medium's 192^2 positions, width 1536): float32 here, float64 in diffusers.
+    want = get_2d_sincos_pos_embed(1536, 192, base_size=64, output_type="pt").float().numpy()
+    np.testing.assert_allclose(np.asarray(pos_table(1536, 192, 64))[0], want, atol=2e-5)
+
+
+def test_config_round_trip_and_refusals():
+    model_config = dict(TorchSD3(**VARIANTS["sd35"]).config)  # with diffusers' bookkeeping keys
+    cfg = SD3Config.from_dict(
+        {**model_config, "_class_name": "SD3Transformer2DModel", "_diffusers_version": "0"}
+    )
+    assert cfg == SD3Config.from_dict(VARIANTS["sd35"]) == SD3Config.from_dict(cfg.to_dict())
+    assert cfg.dual_attention_layers == (0, 1) and cfg.qk_norm == "rms_norm"
+    assert SD3Config.from_dict(dict(TINY, out_channels=None)).out_channels == TINY["in_channels"]
+    refused = {
+        "qk_norm='layer_norm'": dict(TINY, qk_norm="layer_norm"),
+        r"\['use_pooled_guidance'\]": dict(TINY, use_pooled_guidance=True),
+        r"dual_attention_layers=\(1, 2\)": dict(TINY, dual_attention_layers=[1, 2]),
+        "pos_embed_max_size=None": dict(TINY, pos_embed_max_size=None),
+        "caption_projection_dim=24": dict(TINY, caption_projection_dim=24),
+    }
+    for message, d in refused.items():
+        with pytest.raises(ValueError, match=message):
+            SD3Config.from_dict(d)
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_parameter_counts(name):
+    """Built abstractly on both sides; ours also holds the position table, diffusers' persistent buffer."""
+    kw = FULL_SIZE[name]
+    net = sd3_net(SD3Config.from_dict(kw))
+    with torch.device("meta"):
+        model = TorchSD3(**kw)
+    table = model.pos_embed.pos_embed.numel()
+    assert net.num_params() == sum(v.numel() for v in model.state_dict().values())
+    assert net.num_params() - table == sum(p.numel() for p in model.parameters())
+
+
+def test_every_kernel_is_shardable():
+    net = sd3_net(SD3Config.from_dict(FULL_SIZE["sd3.5-medium"]))
+    flat = jax.tree_util.tree_flatten_with_path(
+        net.logical_axes, is_leaf=lambda a: a is None or isinstance(a, tuple)
+    )
+    shapes = dict(jax.tree_util.tree_flatten_with_path(net.abstract)[0])
+    for path, axes in flat[0]:
+        if len(shapes[path].shape) - ("stacked" in str(path)) >= 2:
+            assert axes and FSDP_AXES & set(axes), (jax.tree_util.keystr(path), axes)
+        if "stacked" in str(path) and axes:
+            assert axes[0] is None  # the layer axis is never sharded
+    assert net.logical_axes["pos_embed"]["pos_embed"] == (None, "vocab", "embed")
