@@ -146,7 +146,7 @@ def relative_position_bucket(
     exact = half // 2
     distance = np.abs(relative_position)
     large = exact + np.searchsorted(np.asarray(_log_thresholds(num_buckets, max_distance)), distance, "right")
-    return np.where(relative_position < 0, half, 0) + np.where(distance < exact, distance, large)
+    return np.where(relative_position > 0, half, 0) + np.where(distance < exact, distance, large)
 
 
 def position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
