@@ -72,7 +72,10 @@ def describe(source: str) -> tuple[dict[str, dict], dict[str, str]]:
         index = json.load(f)
     out, skipped = {}, {}
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list | tuple) or entry[0] is None:
+        if name.startswith("_") or not isinstance(entry, list | tuple):
+            continue  # pipeline flags such as requires_safety_checker
+        if entry[0] is None:
+            skipped[name] = "absent (null in model_index.json)"
             continue
         config_path = os.path.join(path, name, "config.json")
         if not os.path.isfile(config_path):
