@@ -305,3 +305,32 @@ def test_bfloat16_safetensors_read_exactly(tmp_path):
     array = lazy_state_dict([str(tmp_path / "w.safetensors")])["w"]()
     assert array.dtype == jnp.bfloat16
     np.testing.assert_array_equal(array.astype(np.float32), tensor.float().numpy())
+
+
+def test_conversion_refuses_a_needed_component_it_cannot_convert_and_skips_unused_ones(
+    tiny_pipelines, tmp_path
+):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_pipelines["sd"], src)
+    index = json.loads((src / "model_index.json").read_text())
+    # A component no teacher uses is copied and listed as skipped.
+    (src / "safety_checker").mkdir()
+    (src / "safety_checker" / "config.json").write_text(
+        json.dumps({"architectures": ["StableDiffusionSafetyChecker"]})
+    )
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    marker = convert_pipeline(str(src), str(tmp_path / "ok"))
+    assert marker["components"] == ["unet", "vae", "text_encoder"]
+    assert marker["skipped"]["safety_checker"] == "StableDiffusionSafetyChecker: not used by a teacher"
+    assert (tmp_path / "ok" / "safety_checker" / "config.json").exists()
+    # A needed component of a class jdistill has no model for stops the conversion before anything is written.
+    unet_config = json.loads((src / "unet" / "config.json").read_text())
+    (src / "unet" / "config.json").write_text(
+        json.dumps({**unet_config, "_class_name": "UNet3DConditionModel"})
+    )
+    index["unet"] = ["diffusers", "UNet3DConditionModel"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=r"cannot convert unet \(UNet3DConditionModel\)"):
+        convert_pipeline(str(src), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()

@@ -1,8 +1,9 @@
 """A diffusers pipeline converted once into jdistill's fast-loading form (``tools/convert_teacher.py``).
 
 The converted directory keeps the diffusers layout: ``model_index.json``, the scheduler, tokenizers and any
-components jdistill does not model (copied as files), and for the UNet, VAE and text encoders their
-``config.json`` next to a ``flax_params/`` Orbax checkpoint. Orbax reads each parameter straight into its
+components a teacher does not use (copied as files, listed as skipped), and for the denoiser (UNet or
+transformer), VAE and text encoders their ``config.json`` next to a ``flax_params/`` Orbax checkpoint. A
+needed component jdistill cannot convert stops the conversion before anything is written. Orbax reads each parameter straight into its
 target sharding, so loading a converted teacher needs no conversion and no full copy on one device. A
 ``jdistill_converted.json`` marker records the source, dtype and variant.
 """
@@ -19,9 +20,8 @@ import numpy as np
 from jdistill.convert.core import ConversionError
 from jdistill.convert.export import copy_component, write_json
 from jdistill.convert.io import read_json, resolve_source
-from jdistill.convert.pipeline import CONVERTED_MARKER, load_pipeline, save_converted
+from jdistill.convert.pipeline import CONVERTED_MARKER, load_pipeline, model_components, save_converted
 
-FLAX_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 CONVERTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -47,7 +47,9 @@ def convert_pipeline(
     if os.path.exists(dst) and os.listdir(dst):
         raise FileExistsError(f"destination {dst} exists and is not empty; choose a new directory")
     model_index = read_json(os.path.join(path, "model_index.json"))
-    present = [n for n in FLAX_COMPONENTS if n in model_index and model_index[n] not in (None, [None, None])]
+    # Refuses, before anything is written, a needed component that jdistill cannot convert.
+    modelled, skipped = model_components(path, model_index)
+    present = list(modelled)
     os.makedirs(dst, exist_ok=True)
     for name in present:  # one at a time: at most one component's parameters on the host
         pipe = load_pipeline(path, components=(name,), variant=variant, allow_pickle=allow_pickle)
@@ -68,6 +70,7 @@ def convert_pipeline(
         "dtype": dtype,
         "variant": variant,
         "components": present,
+        "skipped": {name: why for name, why in skipped.items() if why != "absent"},  # copied as files
         "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     write_json(os.path.join(dst, CONVERTED_MARKER), marker)  # last: a partial conversion has no marker

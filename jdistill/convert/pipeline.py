@@ -1,4 +1,4 @@
-"""Loading a whole diffusers text-to-image pipeline (SD1.x / SD2.x / SDXL) into Flax models.
+"""Loading a whole diffusers text-to-image pipeline (SD1.x / SD2.x / SDXL, FLUX.1, SD3 / SD3.5) into Flax models.
 
 Sources: a diffusers pipeline directory (``model_index.json`` and component folders with single or sharded
 safetensors, optionally a variant such as fp16), a hub id (downloaded where the network allows), or a
@@ -9,6 +9,8 @@ straight into the target shardings).
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,21 +19,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.convert.clip import load_clip_text
 from jdistill.convert.core import ConversionError
 from jdistill.convert.io import read_json, resolve_source
-from jdistill.convert.unet import load_unet
-from jdistill.convert.vae import load_vae
-from jdistill.models.clip import CLIPTextConfig
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
-from jdistill.models.unet import UNetConfig
-from jdistill.models.vae import AutoencoderKLConfig
+from jdistill.models.registry import CLASSES, class_of
+from jdistill.models.registry import component_net as registry_net
 
 PyTree = Any
 CONVERTED_MARKER = "jdistill_converted.json"
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+# What a teacher needs: a component with one of these names that jdistill cannot convert stops a conversion.
+NEEDED = ("unet", "transformer", "vae", *TEXT_ENCODERS)
+# Each modelled class's loader (module, function); the Flax twins themselves are in models/registry.py.
+LOADERS = {
+    "UNet2DConditionModel": ("unet", "load_unet"),
+    "AutoencoderKL": ("vae", "load_vae"),
+    "CLIPTextModel": ("clip", "load_clip_text"),  # with or without projection: the weights decide
+    "CLIPTextModelWithProjection": ("clip", "load_clip_text"),
+    "T5EncoderModel": ("t5", "load_t5"),
+    "FluxTransformer2DModel": ("flux", "load_flux"),
+    "SD3Transformer2DModel": ("sd3", "load_sd3"),
+}
 
 
 @dataclasses.dataclass
@@ -84,10 +94,39 @@ def sharded_placer(
     return place
 
 
+def model_components(path: str, model_index: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """({component: class} that jdistill converts, {component: why} the rest of the index's components).
+
+    Raises ``ConversionError`` naming a component a teacher needs (denoiser, text encoders, VAE) whose class
+    jdistill has no model for, so nothing is half converted."""
+    modelled, other, unsupported = {}, {}, []
+    for name, entry in model_index.items():
+        if name.startswith("_") or not isinstance(entry, list | tuple):
+            continue
+        if entry[0] is None:
+            other[name] = "absent"
+            continue
+        config_path = os.path.join(path, name, "config.json")
+        config = read_json(config_path) if os.path.isfile(config_path) else {}
+        cls = class_of(config, entry)
+        if cls in LOADERS:
+            modelled[name] = cls
+        elif name in NEEDED:
+            unsupported.append(f"{name} ({cls})")
+        else:
+            other[name] = f"{cls}: not used by a teacher" if config else f"{entry[1]}: not a model"
+    if unsupported:
+        raise ConversionError(
+            f"{path}: jdistill cannot convert {', '.join(unsupported)}; supported classes: {sorted(LOADERS)}"
+        )
+    order = {n: i for i, n in enumerate(NEEDED)}  # denoiser, VAE, text encoders, then the rest
+    return dict(sorted(modelled.items(), key=lambda kv: order.get(kv[0], len(order)))), other
+
+
 def load_pipeline(
     src: str,
     *,
-    components: tuple[str, ...] = ("unet", "vae", *TEXT_ENCODERS),
+    components: tuple[str, ...] | None = None,
     variant: str | None = None,
     allow_pickle: bool = False,
     precision: Precision = FP32,
@@ -96,7 +135,8 @@ def load_pipeline(
     shardings: Callable[[str, Net], PyTree] | None = None,
     allow_download: bool = True,
 ) -> Pipeline:
-    """Load the requested components that the pipeline has (``text_encoder_2`` only exists for SDXL).
+    """Load the requested components that the pipeline has (None: every component jdistill models; e.g.
+    ``text_encoder_2`` only exists for SDXL, FLUX and SD3).
 
     ``shardings(component, net)`` may return a tree of target shardings for that component's parameters.
     """
@@ -106,60 +146,64 @@ def load_pipeline(
         raise ConversionError(f"{path} has no model_index.json: not a diffusers pipeline directory")
     model_index = read_json(index_path)
     converted = os.path.exists(os.path.join(path, CONVERTED_MARKER))
+    modelled, _ = model_components(path, model_index)
     loaded: dict[str, Component] = {}
-    for name in components:
+    for name in modelled if components is None else components:
         folder = os.path.join(path, name)
         if name not in model_index or model_index[name] in (None, [None, None]):
             continue
         if not os.path.isdir(folder):
             raise ConversionError(f"model_index.json lists {name!r} but {folder} does not exist")
+        if name not in modelled:
+            raise ConversionError(f"{path}: {name!r} is not a component jdistill can load")
         config = read_json(os.path.join(folder, "config.json"))
         kwargs = dict(precision=precision, attention_impl=attention_impl, remat=remat)
+        net = component_net(name, config, **kwargs)
         if converted:
-            net = component_net(name, config, **kwargs)
             params = restore_converted(folder, net, shardings(name, net) if shardings else None)
         else:
-            net = component_net(name, config, **kwargs)
             place = sharded_placer(shardings(name, net) if shardings else None, net.abstract)
-            common = dict(variant=variant, allow_pickle=allow_pickle, place=place, **kwargs)
-            if name == "unet":
-                net, params = load_unet(folder, UNetConfig.from_dict(config), **common)
-            elif name == "vae":
-                net, params = load_vae(folder, AutoencoderKLConfig.from_dict(config), **common)
-            else:
-                net, params = load_clip_text(folder, CLIPTextConfig.from_dict(config), **common)
+            options = dict(variant=variant, allow_pickle=allow_pickle, place=place, **kwargs)
+            net, params = _load(modelled[name], folder, config, options)
         loaded[name] = Component(name, net, params, config)
     tokenizers = {}
     for encoder, tok in TOKENIZERS.items():
         if encoder in loaded:
-            tokenizers[encoder] = load_tokenizer(os.path.join(path, tok))
+            tokenizers[encoder] = load_tokenizer(os.path.join(path, tok), model_index.get(tok))
     scheduler = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     return Pipeline(path, model_index, loaded, tokenizers, scheduler)
 
 
+def _load(cls: str, folder: str, config: dict, options: dict) -> tuple[Net, PyTree]:
+    """One component through its class's loader (options it does not take are dropped)."""
+    module_name, fn_name = LOADERS[cls]
+    module = importlib.import_module(f"jdistill.convert.{module_name}")
+    loader = getattr(module, fn_name)
+    twin = CLASSES[cls]
+    cfg = getattr(importlib.import_module(f"jdistill.models.{twin.module}"), twin.config).from_dict(config)
+    accepted = inspect.signature(loader).parameters
+    return loader(folder, cfg, **{k: v for k, v in options.items() if k in accepted})
+
+
 def component_net(name: str, config: dict, **kwargs) -> Net:
     """The Flax module of a pipeline component from its diffusers/transformers config."""
-    from jdistill.models.clip import clip_text_net
-    from jdistill.models.unet import unet_net
-    from jdistill.models.vae import vae_net
-
-    if name == "unet":
-        return unet_net(UNetConfig.from_dict(config), **kwargs)
-    if name == "vae":
-        return vae_net(AutoencoderKLConfig.from_dict(config), **kwargs)
-    if name in TEXT_ENCODERS:
-        with_projection = "CLIPTextModelWithProjection" in config.get("architectures", [])
-        net = clip_text_net(CLIPTextConfig.from_dict(config), with_projection=with_projection, **kwargs)
-        return net
-    raise ConversionError(f"unknown pipeline component {name!r}")
+    cls = class_of(config)
+    if cls not in CLASSES:
+        raise ConversionError(f"pipeline component {name!r}: no jdistill model for class {cls!r}")
+    return registry_net(cls, config, **kwargs)
 
 
-def load_tokenizer(folder: str):
+def load_tokenizer(folder: str, index_entry: Any = None):
+    """The tokenizer of a text encoder: the class ``model_index.json`` names (CLIP or T5), CLIP by default."""
     if not os.path.isdir(folder):
         raise ConversionError(f"tokenizer folder {folder} is missing")
-    from transformers import CLIPTokenizer
+    import transformers
 
-    return CLIPTokenizer.from_pretrained(folder)
+    name = index_entry[1] if isinstance(index_entry, list | tuple) and index_entry[1] else "CLIPTokenizer"
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ConversionError(f"{folder}: unknown tokenizer class {name!r}")
+    return cls.from_pretrained(folder)
 
 
 def restore_converted(folder: str, net: Net, shardings: PyTree | None) -> PyTree:
