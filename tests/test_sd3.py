@@ -1,7 +1,10 @@
-"""The Flax SD3Transformer2DModel against diffusers: outputs, JVPs, strict conversion both ways, configs and the
-full-size parameter counts (built abstractly, no weights)."""
+"""The Flax SD3Transformer2DModel against diffusers: outputs, JVPs, strict conversion both ways, configs and
+the full-size parameter counts (built abstractly, no weights)."""
 
 from __future__ import annotations
+
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +13,13 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel as TorchSD3
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
+from flax import nnx
 
+from jdistill.config_base import base_config
 from jdistill.convert.core import ConversionError
 from jdistill.convert.sd3 import load_sd3, sd3_state_dict
-from jdistill.models.sd3 import SD3Config, pos_table, sd3_net
+from jdistill.models.layers import FP32, Precision
+from jdistill.models.sd3 import PatchEmbed, SD3Config, pos_table, sd3_net
 
 TINY = dict(
     sample_size=16,
@@ -33,35 +39,11 @@ VARIANTS = {
     # Four layers: two dual-attention blocks, one plain block (model index 0 = diffusers' 2), the last block.
     "sd35": dict(TINY, num_layers=4, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
 }
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
-FULL_SIZE = {
-    "sd3-medium": SD3_MEDIUM,
-    "sd3.5-medium": dict(
-        SD3_MEDIUM, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))
-    ),
-    "sd3.5-large": dict(
-        SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
-    ),
-}
-FSDP_AXES = {
-    "mlp",
-    "heads",
-    "vocab",
-    "conv_in",
-    "conv_out",
-}  # logical names the default rules shard over fsdp
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "jdistill" / "teachers" / "configs"
+# Parameters of the released transformers (diffusers' ``parameters()``: without the position table).
+FULL_SIZE = {"sd3_medium": 2_028_328_000, "sd35_medium": 2_243_171_520, "sd35_large": 8_056_627_520}
+# Logical axis names that the default sharding rules split over the fsdp mesh axis.
+FSDP_AXES = {name for name, axis in base_config().sharding.rules if axis == "fsdp"}
 
 
 def torch_sd3(kw: dict, dtype=torch.float32) -> TorchSD3:
@@ -72,7 +54,7 @@ def torch_sd3(kw: dict, dtype=torch.float32) -> TorchSD3:
             p.copy_(torch.randn_like(p) * 0.2)
         table = model.pos_embed.pos_embed  # a buffer: random too, so that a mis-cropped window shows
         table.copy_(torch.randn_like(table))
-    return model.to(dtype)
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def inputs(kw: dict, batch: int = 2, height: int = 16, width: int = 12, seed: int = 0):
@@ -101,14 +83,23 @@ def jax_cond(ctx, pooled) -> dict:
     return {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def pair(request):
-    kw = VARIANTS[request.param]
+def load_pair(name: str):
+    kw = VARIANTS[name]
     model = torch_sd3(kw)
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     assert all(v.std() > 0 for v in state.values())  # nothing constant left (norm weights, the table)
     net, params = load_sd3(state, SD3Config.from_dict(dict(model.config)))
-    return request.param, kw, model, state, net, params
+    return name, kw, model, state, net, params
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict:
+    return {name: load_pair(name) for name in VARIANTS}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def pair(request, loaded):
+    return loaded[request.param]
 
 
 def test_outputs_match_diffusers(pair):
@@ -137,7 +128,8 @@ def test_bad_checkpoints_name_the_key(pair):
     gone = [f"transformer_blocks.{last - 1}.attn.to_q.bias", f"transformer_blocks.{last}.ff.net.2.bias"]
     extra = {
         f"transformer_blocks.{last + 1}.attn.to_q.weight": np.zeros((16, 16), np.float32),
-        "last_block.proj_out.bias": np.zeros(16, np.float32),  # the model's own name is no checkpoint key
+        # The model's own name of a parameter is no checkpoint key (convert.core alone would take it).
+        "last_block.attn.to_q.bias": state[f"transformer_blocks.{last}.attn.to_q.bias"],
     }
     broken = {k: v for k, v in state.items() if k not in gone} | extra
     with pytest.raises(ConversionError) as err:
@@ -184,30 +176,28 @@ def test_jvp_matches_central_differences_of_diffusers():
     assert rel_err(nchw(out), fd) < 1e-4
 
 
-def test_remat_keeps_gradients_and_the_table_gets_none():
-    kw = VARIANTS["sd35"]
-    cfg = SD3Config.from_dict(kw)
-    x, ctx, pooled, t = inputs(kw, batch=1)
-    params = sd3_net(cfg).init(jax.random.key(0))
-
-    def grads(net):
-        loss = lambda p: jnp.mean(net.apply(p, nhwc(x), jnp.asarray(t), jax_cond(ctx, pooled)) ** 2)  # noqa: E731
-        return jax.jit(jax.grad(loss))(params)
-
-    plain, remat = grads(sd3_net(cfg)), grads(sd3_net(cfg, remat="full"))
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    assert not np.any(plain["pos_embed"]["pos_embed"])  # a buffer in torch: never trained
-    assert np.any(plain["last_block"]["attn"]["to_q"]["kernel"])
+def test_bfloat16_with_remat_stays_close(loaded):
+    """bfloat16 compute through the scanned carries and the rematerialised blocks."""
+    _, kw, _, _, net, params = loaded["sd35"]
+    x, ctx, pooled, t = inputs(kw)
+    args = (nhwc(x), jnp.asarray(t), jax_cond(ctx, pooled))
+    bf16 = sd3_net(net.config, precision=Precision(dtype=jnp.bfloat16), remat="full")
+    out = jax.jit(bf16.apply)(params, *args)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(np.asarray(out, np.float32), jax.jit(net.apply)(params, *args)) < 0.05
 
 
-def test_initial_position_table_is_diffusers():
-    net = sd3_net(SD3Config.from_dict(TINY))
-    table = np.asarray(net.init(jax.random.key(0))["pos_embed"]["pos_embed"])
-    np.testing.assert_allclose(table, TorchSD3(**TINY).pos_embed.pos_embed.numpy(), atol=1e-6)
-    # Full size (SD3-medium's 192^2 positions, width 1536): float32 here, float64 in diffusers.
-    want = get_2d_sincos_pos_embed(1536, 192, base_size=64, output_type="pt").float().numpy()
-    np.testing.assert_allclose(np.asarray(pos_table(1536, 192, 64))[0], want, atol=2e-5)
+def test_position_table_is_diffusers_and_gets_no_gradient():
+    embed = PatchEmbed(SD3Config.from_dict(TINY), nnx.Rngs(0), FP32)
+    np.testing.assert_allclose(embed.pos_embed[...], TorchSD3(**TINY).pos_embed.pos_embed.numpy(), atol=1e-6)
+    # SD3's position range (192 positions at base 64: up to 64 rad): float32 here, float64 in diffusers.
+    want = get_2d_sincos_pos_embed(64, 192, base_size=64, output_type="pt").float().numpy()
+    np.testing.assert_allclose(np.asarray(pos_table(64, 192, 64))[0], want, atol=2e-5)
+    graphdef, state = nnx.split(embed)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 12, 4)), jnp.float32)
+    grads = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x) ** 2))(state)
+    assert not np.any(grads["pos_embed"][...])  # a buffer in torch: never trained
+    assert np.any(grads["proj"]["kernel"][...])
 
 
 def test_config_round_trip_and_refusals():
@@ -230,20 +220,25 @@ def test_config_round_trip_and_refusals():
             SD3Config.from_dict(d)
 
 
-@pytest.mark.parametrize("name", list(FULL_SIZE))
-def test_full_size_parameter_counts(name):
-    """Built abstractly on both sides; ours also holds the position table, diffusers' persistent buffer."""
-    kw = FULL_SIZE[name]
-    net = sd3_net(SD3Config.from_dict(kw))
+def stored_config(preset: str) -> dict:
+    return json.loads((CONFIGS / preset / "transformer" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("preset", list(FULL_SIZE))
+def test_full_size_parameter_counts(preset):
+    """The stored configs, built abstractly on both sides; ours also holds the position table (diffusers'
+    persistent buffer, in the state dict but not in ``parameters()``)."""
+    config = stored_config(preset)
+    net = sd3_net(SD3Config.from_dict(config))
     with torch.device("meta"):
-        model = TorchSD3(**kw)
+        model = TorchSD3.from_config(config)
     table = model.pos_embed.pos_embed.numel()
     assert net.num_params() == sum(v.numel() for v in model.state_dict().values())
-    assert net.num_params() - table == sum(p.numel() for p in model.parameters())
+    assert net.num_params() - table == sum(p.numel() for p in model.parameters()) == FULL_SIZE[preset]
 
 
 def test_every_kernel_is_shardable():
-    net = sd3_net(SD3Config.from_dict(FULL_SIZE["sd3.5-medium"]))
+    net = sd3_net(SD3Config.from_dict(stored_config("sd35_medium")))
     flat = jax.tree_util.tree_flatten_with_path(
         net.logical_axes, is_leaf=lambda a: a is None or isinstance(a, tuple)
     )

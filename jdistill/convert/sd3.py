@@ -1,15 +1,15 @@
 """SD3Transformer2DModel weights: diffusers checkpoints <-> jdistill parameters.
 
-Every key but the joint blocks' is the model's own (``convert.core``'s generic rules). The blocks are scanned in
-runs (``jdistill.models.sd3``): diffusers' ``transformer_blocks.{i}`` is
+Every key but the joint blocks' is the model's own (``convert.core``'s generic rules). The blocks are scanned
+in runs (``jdistill.models.sd3``): diffusers' ``transformer_blocks.{i}`` is
 
     transformer_blocks_dual.{i}        for i < d              (the dual-attention run)
     transformer_blocks.{i - d}         for d <= i < L - 1     (the plain run)
     last_block                         for i = L - 1
 
-with d and L read off the parameter tree (the stacks' layer axes), so export needs no config. Loading checks the
-checkpoint's key set in diffusers' numbering first, so a missing or unexpected key is named as the checkpoint
-names it (``convert.core`` would name a missing block key by the model's numbering).
+with d and L read off the parameter tree (the stacks' layer axes), so export needs no config. Loading checks
+the checkpoint's key set in diffusers' numbering first, so a missing or unexpected key is named as the
+checkpoint names it (``convert.core`` would name a missing block key by the model's numbering).
 """
 
 from __future__ import annotations

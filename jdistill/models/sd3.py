@@ -1,4 +1,5 @@
-"""SD3Transformer2DModel (MMDiT) in Flax NNX, equal to diffusers' for SD3-medium, SD3.5-medium and SD3.5-large.
+"""SD3Transformer2DModel (MMDiT) in Flax NNX, equal to diffusers' for SD3-medium, SD3.5-medium and
+SD3.5-large.
 
 Data is NHWC: ``sample`` (B, H, W, C) latents, ``cond`` a dict with ``encoder_hidden_states`` (B, T,
 joint_attention_dim) and ``pooled_projections`` (B, pooled_projection_dim); ``timesteps`` is fed as diffusers
@@ -63,8 +64,8 @@ class SD3Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SD3Config:
-        """From a diffusers ``transformer/config.json`` dict; bookkeeping keys (``_class_name``, ...) are ignored
-        and any other key that is not an option implemented here is refused by name."""
+        """From a diffusers ``transformer/config.json`` dict; bookkeeping keys (``_class_name``, ...) are
+        ignored and any other key that is not an option implemented here is refused by name."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if not k.startswith("_") and k not in fields)
         if unknown:
@@ -121,9 +122,10 @@ class SD3Config:
 
 
 def pos_table(dim: int, grid: int, base: int) -> jax.Array:
-    """diffusers' ``get_2d_sincos_pos_embed(dim, grid, base_size=base)`` as (1, grid*grid, dim) float32: the first
-    half of the channels encodes the column, the second the row (diffusers' meshgrid order). Computed in float32
-    (diffusers: float64 then rounded), within 1e-5 of diffusers' table; loading a checkpoint replaces it."""
+    """diffusers' ``get_2d_sincos_pos_embed(dim, grid, base_size=base)`` as (1, grid*grid, dim) float32: the
+    first half of the channels encodes the column, the second the row (diffusers' meshgrid order). Computed in
+    float32, traceable (diffusers: float64 then rounded): within 1e-5 of diffusers' table for SD3's sizes;
+    loading a checkpoint replaces it."""
     pos = jnp.arange(grid, dtype=jnp.float32) / jnp.float32(grid / base)
     omega = 1.0 / 10000 ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim / 4))
 
@@ -136,7 +138,8 @@ def pos_table(dim: int, grid: int, base: int) -> jax.Array:
 
 
 class PatchEmbed(nnx.Module):
-    """Patchify convolution plus the cropped position table (diffusers' ``PatchEmbed`` with ``pos_embed_max_size``)."""
+    """Patchify convolution plus the cropped position table (diffusers' ``PatchEmbed``, ``pos_embed_max_size``
+    set)."""
 
     def __init__(self, cfg: SD3Config, rngs: nnx.Rngs, p: Precision):
         dim, size = cfg.inner_dim, cfg.pos_embed_max_size
@@ -205,7 +208,7 @@ class Attention(nnx.Module):
         self.to_q, self.to_k, self.to_v = proj_in(), proj_in(), proj_in()
         self.norm_q, self.norm_k = norm(), norm()
         self.to_out = nnx.List([linear(inner, dim, rngs, p, axes=("heads", "embed"))])
-        # Attributes are assigned once: NNX fixes an attribute as data (a layer) or static (None) on first set.
+        # Assigned once: NNX fixes an attribute as data (a layer) or static (None) when it is first set.
         self.add_q_proj, self.add_k_proj, self.add_v_proj = (
             (proj_in(), proj_in(), proj_in()) if joint else (None, None, None)
         )
@@ -351,8 +354,8 @@ class JointTransformerBlock(nnx.Module):
 
 
 class MLPEmbedding(nnx.Module):
-    """``linear_2(silu(linear_1(x)))``: diffusers' ``TimestepEmbedding`` and ``PixArtAlphaTextProjection(act_fn=
-    "silu")`` alike."""
+    """``linear_2(silu(linear_1(x)))``: diffusers' ``TimestepEmbedding`` and ``PixArtAlphaTextProjection``
+    (``act_fn="silu"``) alike."""
 
     def __init__(self, din: int, dim: int, rngs, p: Precision):
         self.linear_1 = linear(din, dim, rngs, p)
