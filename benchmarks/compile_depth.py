@@ -18,10 +18,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from jdistill.models.flux import FluxConfig, flux_net, image_ids  # noqa: E402
+from jdistill.models.flux import FluxConfig, flux_net, image_ids
 
 TINY = dict(
     patch_size=1,
