@@ -171,3 +171,70 @@ def vae_decode(cfg: AutoencoderKLConfig, height: int, width: int) -> float:
             h, w = 2 * h, 2 * w
             flops += conv(ch[i], ch[i], 3, h, w)
     return flops + conv(ch[-1], cfg.out_channels, 3, h, w)
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+def _time_text_embedding(dim: int, pooled: int, guidance: bool) -> float:
+    """Timestep (and guidance) MLPs on 256 sinusoidal features, and the pooled-text MLP: one token each."""
+    mlps = 2 + (1 if guidance else 0)
+    return (
+        (mlps - 1) * (linear(256, dim, 1) + linear(dim, dim, 1))
+        + linear(pooled, dim, 1)
+        + linear(dim, dim, 1)
+    )
+
+
+def flux_forward(cfg, image_tokens: int, text_tokens: int = 512) -> float:
+    """One sample through diffusers' ``FluxTransformer2DModel`` (``cfg`` a ``FluxConfig``) on
+    ``image_tokens`` packed latent tokens (a 1024 px image: 64 x 64 = 4096) and ``text_tokens`` T5 tokens."""
+    d, n, t = cfg.inner_dim, image_tokens, text_tokens
+    length = n + t
+    flops = linear(cfg.in_channels, d, n) + linear(cfg.joint_attention_dim, d, t)
+    flops += _time_text_embedding(d, cfg.pooled_projection_dim, cfg.guidance_embeds)
+    double = 2 * linear(d, 6 * d, 1)  # AdaLN-Zero of both streams
+    double += 3 * linear(d, d, n) + 3 * linear(d, d, t) + attention_core(length, length, d)
+    double += linear(d, d, n) + linear(d, d, t)  # to_out, to_add_out
+    double += linear(d, 4 * d, n) + linear(4 * d, d, n) + linear(d, 4 * d, t) + linear(4 * d, d, t)
+    single = linear(d, 3 * d, 1) + 3 * linear(d, d, length) + attention_core(length, length, d)
+    single += linear(d, 4 * d, length) + linear(5 * d, d, length)  # proj_mlp; proj_out of [attn, mlp]
+    flops += cfg.num_layers * double + cfg.num_single_layers * single
+    return flops + linear(d, 2 * d, 1) + linear(d, cfg.output_channels, n)
+
+
+def t5_encoder_forward(cfg, tokens: int) -> float:
+    """One sequence of ``tokens`` through transformers' ``T5EncoderModel`` (``cfg`` a ``T5Config``)."""
+    inner = cfg.num_heads * cfg.d_kv
+    gated = cfg.feed_forward_proj.startswith("gated")
+    layer = 3 * linear(cfg.d_model, inner, tokens) + linear(inner, cfg.d_model, tokens)
+    layer += attention_core(tokens, tokens, inner)
+    layer += (2 if gated else 1) * linear(cfg.d_model, cfg.d_ff, tokens) + linear(
+        cfg.d_ff, cfg.d_model, tokens
+    )
+    return cfg.num_layers * layer
+
+
+def sd3_forward(cfg, height: int, width: int, text_tokens: int = 333) -> float:
+    """One sample through diffusers' ``SD3Transformer2DModel`` (``cfg`` an ``SD3Config``) on (height, width)
+    latents and ``text_tokens`` joint context tokens (77 CLIP + 256 T5 in the SD3 pipeline)."""
+    d, p, t = cfg.inner_dim, cfg.patch_size, text_tokens
+    n = (height // p) * (width // p)
+    length = n + t
+    flops = conv(cfg.in_channels, d, p, height // p, width // p) + linear(cfg.joint_attention_dim, d, t)
+    flops += _time_text_embedding(d, cfg.pooled_projection_dim, False)
+    mlp = linear(d, 4 * d, n) + linear(4 * d, d, n)
+    for i in range(cfg.num_layers):
+        last, dual = i == cfg.num_layers - 1, i in tuple(cfg.dual_attention_layers)
+        flops += linear(d, (9 if dual else 6) * d, 1) + linear(
+            d, (2 if last else 6) * d, 1
+        )  # AdaLN of both streams
+        flops += (
+            3 * linear(d, d, n) + 3 * linear(d, d, t) + attention_core(length, length, d) + linear(d, d, n)
+        )
+        if dual:  # the image stream's second self-attention
+            flops += 4 * linear(d, d, n) + attention_core(n, n, d)
+        flops += mlp
+        if not last:  # the context stream's output projection and feed-forward
+            flops += linear(d, d, t) + linear(d, 4 * d, t) + linear(4 * d, d, t)
+    return flops + linear(d, 2 * d, 1) + linear(d, p * p * cfg.out_channels, n)

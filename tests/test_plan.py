@@ -29,6 +29,7 @@ def torch_flops(make, *inputs, **kwargs) -> float:
     with torch.device("meta"):
         model = make()
         args = [torch.empty(shape) if isinstance(shape, tuple) else shape for shape in inputs]
+        kwargs = {k: torch.empty(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
         with FlopCounterMode(display=False) as counter:
             model(*args, **kwargs)
     return float(counter.get_total_flops())
@@ -293,3 +294,62 @@ def test_trajectory_recipes_declare_their_passes(spec, overrides):
     result = plan.plan(config, log=lambda *a: None)
     assert result["analytic_flops_per_step"] is not None
     assert result["flops_per_step"] == pytest.approx(result["analytic_flops_per_step"], rel=0.1)
+
+
+@pytest.mark.parametrize("preset", ["flux_dev", "flux_schnell", "flux_lite"])
+def test_flux_flops_equal_torch_counter(preset):
+    """1024 px (4096 packed tokens) and 512 T5 tokens; FLUX.1-dev is about 107 TFLOP per forward."""
+    from diffusers import FluxTransformer2DModel
+
+    from jdistill.models.flux import FluxConfig
+
+    config = get_preset_config(preset, "transformer")
+    n, t = 4096, 512
+    reference = torch_flops(
+        lambda: FluxTransformer2DModel.from_config(config),
+        hidden_states=(1, n, 64),
+        encoder_hidden_states=(1, t, 4096),
+        pooled_projections=(1, 768),
+        timestep=(1,),
+        img_ids=(n, 3),
+        txt_ids=(t, 3),
+        guidance=(1,) if config.get("guidance_embeds") else None,
+    )
+    assert flops.flux_forward(FluxConfig.from_dict(config), n, t) == pytest.approx(reference, rel=1e-9)
+
+
+@pytest.mark.parametrize("preset", ["sd3_medium", "sd35_medium", "sd35_large"])
+def test_sd3_flops_equal_torch_counter(preset):
+    from diffusers import SD3Transformer2DModel
+
+    from jdistill.models.sd3 import SD3Config
+
+    config = get_preset_config(preset, "transformer")
+    reference = torch_flops(
+        lambda: SD3Transformer2DModel.from_config(config),
+        hidden_states=(1, 16, 128, 96),  # 1024 x 768 px: a non-square grid
+        encoder_hidden_states=(1, 333, 4096),
+        pooled_projections=(1, 2048),
+        timestep=(1,),
+    )
+    assert flops.sd3_forward(SD3Config.from_dict(config), 128, 96, 333) == pytest.approx(reference, rel=1e-9)
+
+
+def test_t5_flops_equal_torch_counter():
+    from transformers import T5Config as TorchT5Config
+    from transformers import T5EncoderModel
+
+    from jdistill.models.t5 import T5Config
+
+    config = get_preset_config("flux_dev", "text_encoder_2")
+    with torch.device("meta"):
+        ids = torch.zeros((1, 512), dtype=torch.long)
+    reference = torch_flops(lambda: T5EncoderModel(TorchT5Config(**config)), ids)
+    assert flops.t5_encoder_forward(T5Config.from_dict(config), 512) == pytest.approx(reference, rel=1e-9)
+
+
+def get_preset_config(preset: str, component: str) -> dict:
+    from jdistill.teachers.presets import CONFIG_ROOT
+
+    with open(f"{CONFIG_ROOT}/{preset}/{component}/config.json") as f:
+        return json.load(f)
