@@ -90,10 +90,6 @@ class FluxConfig:
                 f"axes_dims_rope {dims} must be three even sizes summing to attention_head_dim "
                 f"{self.attention_head_dim}"
             )
-        if self.in_channels % 4 or self.output_channels % 4:
-            raise ValueError(
-                "in_channels and out_channels must be multiples of 4 (2x2-packed latent channels)"
-            )
 
     @property
     def inner_dim(self) -> int:
@@ -157,8 +153,7 @@ def rope_frequencies(
         angles = pos[:, i, None] * (inv if exact else jnp.asarray(inv, jnp.float32))[None, :]
         cos.append(xp.repeat(xp.cos(angles), 2, axis=1))
         sin.append(xp.repeat(xp.sin(angles), 2, axis=1))
-    as32 = lambda parts: jnp.asarray(xp.concatenate(parts, axis=-1), jnp.float32)  # noqa: E731
-    return as32(cos), as32(sin)
+    return tuple(jnp.asarray(xp.concatenate(parts, axis=-1), jnp.float32) for parts in (cos, sin))
 
 
 def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -203,8 +198,8 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def gated_add(residual: jax.Array, gate: jax.Array, update: jax.Array) -> jax.Array:
-    """residual + gate * update in float32, back in the residual's dtype (clipped to float16's range there,
-    as diffusers does)."""
+    """residual + gate * update in float32, back in the residual's dtype. In float16 the sum is clipped to
+    the finite range: diffusers clips its blocks' float16 outputs, and a cast would turn overflow into inf."""
     out = residual.astype(jnp.float32) + gate[:, None] * update.astype(jnp.float32)
     if residual.dtype == jnp.float16:
         out = jnp.clip(out, -FP16_MAX, FP16_MAX)
@@ -398,9 +393,11 @@ class TimeTextEmbedding(nnx.Module):
 
 class FluxTransformer2DModel(nnx.Module):
     """``__call__(hidden_states, timestep, cond, img_ids=..., txt_ids=None)`` -> the velocity on packed tokens
-    (B, L, out_channels), diffusers' ``.sample``. ``cond``: ``encoder_hidden_states`` (B, T, joint dim),
-    ``pooled_projections`` (B, P) and, with ``guidance_embeds``, ``guidance`` (B,). ``on_latents`` does the
-    same on NHWC latents (packing and ids included)."""
+    (B, L, out_channels), diffusers' ``.sample``. ``timestep``: (B,) or a scalar in [0, 1] (the flow time,
+    which diffusers' pipeline passes as ``timestep / 1000``); ``cond``: ``encoder_hidden_states`` (B, T, joint
+    dim), ``pooled_projections`` (B, P) and, with ``guidance_embeds``, ``guidance`` (B,) (the guidance scale,
+    e.g. 3.5). ``img_ids`` (L, 3) and ``txt_ids`` (T, 3; default zeros) as ``image_ids`` / ``text_ids``
+    build them. ``on_latents`` does the same on NHWC latents (packing and ids included)."""
 
     def __init__(
         self,
