@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"converted {', '.join(marker['components'])} from {args.src} to {args.dst} ({args.dtype})")
-    for name, why in marker["skipped"].items():
-        print(f"skipped {name} ({why}): copied as files")
+    for name, cls in marker["skipped"].items():
+        print(f"skipped {name} ({cls}, not used by a teacher): copied as files")
     if not args.verify:
         return 0
 

@@ -70,7 +70,7 @@ def convert_pipeline(
         "dtype": dtype,
         "variant": variant,
         "components": present,
-        "skipped": {name: why for name, why in skipped.items() if why != "absent"},  # copied as files
+        "skipped": skipped,  # models no teacher uses (class by component), copied as files
         "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     write_json(os.path.join(dst, CONVERTED_MARKER), marker)  # last: a partial conversion has no marker

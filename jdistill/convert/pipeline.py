@@ -95,7 +95,8 @@ def sharded_placer(
 
 
 def model_components(path: str, model_index: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """({component: class} that jdistill converts, {component: why} the rest of the index's components).
+    """({component: class} that jdistill converts, {component: class} of the models a teacher does not use,
+    such as a safety checker). Tokenizers, schedulers and absent (null) entries are in neither.
 
     Raises ``ConversionError`` naming a component a teacher needs (denoiser, text encoders, VAE) whose class
     jdistill has no model for, so nothing is half converted."""
@@ -104,7 +105,6 @@ def model_components(path: str, model_index: dict) -> tuple[dict[str, str], dict
         if name.startswith("_") or not isinstance(entry, list | tuple):
             continue
         if entry[0] is None:
-            other[name] = "absent"
             continue
         config_path = os.path.join(path, name, "config.json")
         config = read_json(config_path) if os.path.isfile(config_path) else {}
@@ -113,8 +113,8 @@ def model_components(path: str, model_index: dict) -> tuple[dict[str, str], dict
             modelled[name] = cls
         elif name in NEEDED:
             unsupported.append(f"{name} ({cls})")
-        else:
-            other[name] = f"{cls}: not used by a teacher" if config else f"{entry[1]}: not a model"
+        elif config:  # a model (it has a config.json) that no teacher uses
+            other[name] = str(cls)
     if unsupported:
         raise ConversionError(
             f"{path}: jdistill cannot convert {', '.join(unsupported)}; supported classes: {sorted(LOADERS)}"

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jdistill.convert.io import read_json
 
 PyTree = Any
 
@@ -47,24 +44,13 @@ def _nchw(x) -> np.ndarray:
     return np.asarray(x, np.float32).transpose(0, 3, 1, 2)
 
 
-def _torch_twin(name: str, src: str, variant: str | None, allow_pickle: bool):
+def _torch_twin(cls_name: str, name: str, src: str, variant: str | None, allow_pickle: bool):
+    import diffusers
     import torch
+    import transformers
 
     kwargs = dict(subfolder=name, variant=variant, use_safetensors=not allow_pickle)
-    if name == "unet":
-        from diffusers import UNet2DConditionModel as cls
-    elif name == "vae":
-        from diffusers import AutoencoderKL as cls
-    else:
-        import transformers
-
-        architectures = read_json(os.path.join(src, name, "config.json")).get("architectures", [])
-
-        cls = (
-            transformers.CLIPTextModelWithProjection
-            if "CLIPTextModelWithProjection" in architectures
-            else transformers.CLIPTextModel
-        )
+    cls = getattr(diffusers, cls_name, None) or getattr(transformers, cls_name)
     return cls.from_pretrained(src, torch_dtype=torch.float32, **kwargs).eval()
 
 
@@ -142,17 +128,94 @@ def _text_errors(name, component, model, rng) -> list[OutputError]:
     return errors
 
 
+def _t5_errors(name, component, model, rng) -> list[OutputError]:
+    import torch
+
+    cfg = model.config
+    ids = rng.integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0  # a padded prompt
+    with torch.no_grad():
+        ref = model(
+            torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask)
+        ).last_hidden_state
+    out = jax.jit(component.net.apply)(component.params, jnp.asarray(ids), jnp.asarray(mask))
+    return [compare(name, "last_hidden_state", out, ref.numpy())]
+
+
+def _flux_errors(component, model, rng) -> list[OutputError]:
+    import torch
+
+    from jdistill.models.flux import image_ids, text_ids
+
+    cfg = dict(model.config)
+    h, w, text = 4, 6, 8  # packed token grid, T5 tokens
+    x = rng.standard_normal((1, h * w, cfg["in_channels"])).astype(np.float32)
+    ctx = rng.standard_normal((1, text, cfg["joint_attention_dim"])).astype(np.float32)
+    pooled = rng.standard_normal((1, cfg["pooled_projection_dim"])).astype(np.float32)
+    t, g = np.array([0.7], np.float32), np.array([3.5], np.float32)
+    img, txt = image_ids(h, w), text_ids(text)
+    guidance = cfg.get("guidance_embeds")
+    with torch.no_grad():
+        ref = model(
+            hidden_states=torch.from_numpy(x),
+            encoder_hidden_states=torch.from_numpy(ctx),
+            pooled_projections=torch.from_numpy(pooled),
+            timestep=torch.from_numpy(t),
+            img_ids=torch.from_numpy(np.asarray(img, np.float32)),
+            txt_ids=torch.from_numpy(np.asarray(txt, np.float32)),
+            guidance=torch.from_numpy(g) if guidance else None,
+        ).sample.numpy()
+    cond = {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
+    if guidance:
+        cond["guidance"] = jnp.asarray(g)
+    run = jax.jit(lambda p, x, t, c: component.net.apply(p, x, t, c, img_ids=img, txt_ids=txt))
+    return [
+        compare("transformer", "sample", run(component.params, jnp.asarray(x), jnp.asarray(t), cond), ref)
+    ]
+
+
+def _sd3_errors(component, model, rng) -> list[OutputError]:
+    import torch
+
+    cfg = dict(model.config)
+    p = cfg["patch_size"]
+    x = rng.standard_normal((1, cfg["in_channels"], 4 * p, 6 * p)).astype(np.float32)  # non-square
+    ctx = rng.standard_normal((1, 8, cfg["joint_attention_dim"])).astype(np.float32)
+    pooled = rng.standard_normal((1, cfg["pooled_projection_dim"])).astype(np.float32)
+    t = np.array([700.0], np.float32)
+    with torch.no_grad():
+        ref = model(
+            hidden_states=torch.from_numpy(x),
+            encoder_hidden_states=torch.from_numpy(ctx),
+            pooled_projections=torch.from_numpy(pooled),
+            timestep=torch.from_numpy(t),
+        ).sample.numpy()
+    cond = {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
+    ours = jax.jit(component.net.apply)(component.params, _nhwc(x), jnp.asarray(t), cond)
+    return [compare("transformer", "sample", _nchw(ours), ref)]
+
+
 def verify_component(
     name: str, component, src: str, *, variant: str | None = None, allow_pickle: bool = False, seed: int = 0
 ) -> list[OutputError]:
     """Errors of one converted component (``convert.pipeline.Component``) against its twin loaded from ``src``."""
-    model = _torch_twin(name, src, variant, allow_pickle)
+    from jdistill.models.registry import class_of
+
+    cls = class_of(component.config) or "CLIPTextModel"  # older CLIP configs name no architecture
+    model = _torch_twin(cls, name, src, variant, allow_pickle)
     rng = np.random.default_rng(seed)
     try:
-        if name == "unet":
+        if cls == "UNet2DConditionModel":
             return _unet_errors(component, model, rng)
-        if name == "vae":
+        if cls == "AutoencoderKL":
             return _vae_errors(component, model, rng)
+        if cls == "T5EncoderModel":
+            return _t5_errors(name, component, model, rng)
+        if cls == "FluxTransformer2DModel":
+            return _flux_errors(component, model, rng)
+        if cls == "SD3Transformer2DModel":
+            return _sd3_errors(component, model, rng)
         return _text_errors(name, component, model, rng)
     finally:
         del model
