@@ -185,9 +185,14 @@ def _load(cls: str, folder: str, config: dict, options: dict) -> tuple[Net, PyTr
     return loader(folder, cfg, **{k: v for k, v in options.items() if k in accepted})
 
 
+# The class of a component whose config does not say (an in-memory diffusers config has no ``_class_name``).
+DEFAULT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+
+
 def component_net(name: str, config: dict, **kwargs) -> Net:
     """The Flax module of a pipeline component from its diffusers/transformers config."""
-    cls = class_of(config)
+    default = "CLIPTextModel" if name in TEXT_ENCODERS else DEFAULT_CLASSES.get(name)
+    cls = class_of(config) or default
     if cls not in CLASSES:
         raise ConversionError(f"pipeline component {name!r}: no jdistill model for class {cls!r}")
     return registry_net(cls, config, **kwargs)

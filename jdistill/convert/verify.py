@@ -143,6 +143,13 @@ def _t5_errors(name, component, model, rng) -> list[OutputError]:
     return [compare(name, "last_hidden_state", out, ref.numpy())]
 
 
+def _text_conditioning(cfg: dict, rng, tokens: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Random (context, pooled) text features of a transformer's config, and the same as jdistill's cond."""
+    ctx = rng.standard_normal((1, tokens, cfg["joint_attention_dim"])).astype(np.float32)
+    pooled = rng.standard_normal((1, cfg["pooled_projection_dim"])).astype(np.float32)
+    return ctx, pooled, {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
+
+
 def _flux_errors(component, model, rng) -> list[OutputError]:
     import torch
 
@@ -151,8 +158,7 @@ def _flux_errors(component, model, rng) -> list[OutputError]:
     cfg = dict(model.config)
     h, w, text = 4, 6, 8  # packed token grid, T5 tokens
     x = rng.standard_normal((1, h * w, cfg["in_channels"])).astype(np.float32)
-    ctx = rng.standard_normal((1, text, cfg["joint_attention_dim"])).astype(np.float32)
-    pooled = rng.standard_normal((1, cfg["pooled_projection_dim"])).astype(np.float32)
+    ctx, pooled, cond = _text_conditioning(cfg, rng, text)
     t, g = np.array([0.7], np.float32), np.array([3.5], np.float32)
     img, txt = image_ids(h, w), text_ids(text)
     guidance = cfg.get("guidance_embeds")
@@ -166,7 +172,6 @@ def _flux_errors(component, model, rng) -> list[OutputError]:
             txt_ids=torch.from_numpy(np.asarray(txt, np.float32)),
             guidance=torch.from_numpy(g) if guidance else None,
         ).sample.numpy()
-    cond = {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
     if guidance:
         cond["guidance"] = jnp.asarray(g)
     run = jax.jit(lambda p, x, t, c: component.net.apply(p, x, t, c, img_ids=img, txt_ids=txt))
@@ -181,8 +186,7 @@ def _sd3_errors(component, model, rng) -> list[OutputError]:
     cfg = dict(model.config)
     p = cfg["patch_size"]
     x = rng.standard_normal((1, cfg["in_channels"], 4 * p, 6 * p)).astype(np.float32)  # non-square
-    ctx = rng.standard_normal((1, 8, cfg["joint_attention_dim"])).astype(np.float32)
-    pooled = rng.standard_normal((1, cfg["pooled_projection_dim"])).astype(np.float32)
+    ctx, pooled, cond = _text_conditioning(cfg, rng, 8)
     t = np.array([700.0], np.float32)
     with torch.no_grad():
         ref = model(
@@ -191,7 +195,6 @@ def _sd3_errors(component, model, rng) -> list[OutputError]:
             pooled_projections=torch.from_numpy(pooled),
             timestep=torch.from_numpy(t),
         ).sample.numpy()
-    cond = {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
     ours = jax.jit(component.net.apply)(component.params, _nhwc(x), jnp.asarray(t), cond)
     return [compare("transformer", "sample", _nchw(ours), ref)]
 
