@@ -110,15 +110,26 @@ def flow_sigmas(
     return time_shift_exponential(sigmas, mu) if mu is not None else shift_sigmas(sigmas, shift)
 
 
+def flux_sigmas(num_inference_steps: int, shift: float = 1.0, mu: float | None = None) -> np.ndarray:
+    """Sigmas of diffusers' FluxPipeline: linspace(1, 1/n, n), shifted by ``mu`` (dynamic shifting, FLUX-dev and
+    -lite; ``flux_mu`` of the latent token count) or by the static ``shift`` (FLUX-schnell: 1)."""
+    sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+    return time_shift_exponential(sigmas, mu) if mu is not None else shift_sigmas(sigmas, shift)
+
+
 def flow_euler_plan(
     schedule: FlowSchedule,
     num_inference_steps: int,
     shift: float | None = None,
     mu: float | None = None,
+    sigmas: np.ndarray | None = None,
 ) -> SamplerPlan:
-    """Euler on the rectified-flow ODE at diffusers' sigmas, ending at t = 0."""
+    """Euler on the rectified-flow ODE at diffusers' sigmas (or the given ``sigmas``, e.g. ``flux_sigmas``),
+    ending at t = 0."""
     shift = schedule.shift if shift is None else shift
-    sigmas = flow_sigmas(num_inference_steps, shift, schedule.num_train_timesteps, mu)
+    if sigmas is None:
+        sigmas = flow_sigmas(num_inference_steps, shift, schedule.num_train_timesteps, mu)
+    sigmas = np.asarray(sigmas, np.float64)
     nxt = np.append(sigmas[1:], 0.0)
     return SamplerPlan(sigmas, 1.0 - nxt, nxt)
 
