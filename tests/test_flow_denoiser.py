@@ -18,6 +18,7 @@ from jdistill.diffusion.samplers import flow_euler_plan, flux_sigmas, run_sample
 from jdistill.diffusion.schedules import FlowSchedule, flux_mu
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser
 from jdistill.models.flux import pack_latents
+from jdistill.teachers.prompts import FlowPromptEncoder
 
 STEPS = 3
 
@@ -89,7 +90,7 @@ def test_sd3_sampler_with_true_cfg_equals_sd3_pipeline(sd3_dir):
     rng = np.random.default_rng(1)
     batch, h, w = 2, 8, 12  # 16 x 24 px: a non-square patch grid
     latents = rng.standard_normal((batch, h, w, 16)).astype(np.float32)
-    context, negative = (rng.standard_normal((batch, 9, 24)).astype(np.float32) for _ in range(2))
+    context, negative = (rng.standard_normal((batch, 9, 72)).astype(np.float32) for _ in range(2))
     pooled, negative_pooled = (rng.standard_normal((batch, 64)).astype(np.float32) for _ in range(2))
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir))
     with torch.no_grad():
@@ -136,3 +137,39 @@ def test_guidance_input_follows_the_cfg_convention():
         with_guidance_input(cond, 2.0, "negative", 3)
     with pytest.raises(ValueError, match="unknown transformer family"):
         FlowTransformerDenoiser(None, FlowSchedule(), "pixart")
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_prompt_encoding_equals_the_pipelines_encode_prompt(kind, flux_dir, sd3_dir):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    path = str(flux_dir if kind == "flux" else sd3_dir)
+    clip_names = ("text_encoder",) if kind == "flux" else ("text_encoder", "text_encoder_2")
+    t5_name = "text_encoder_2" if kind == "flux" else "text_encoder_3"
+    ours = load_pipeline(path, components=(*clip_names, t5_name))
+    encoder = FlowPromptEncoder(
+        kind,
+        tuple((n, ours.components[n].net) for n in clip_names),
+        (t5_name, ours.components[t5_name].net),
+        ours.tokenizers,
+        t5_length=12,
+    )
+    prompts = ["a red circle", "the digit 3 on a blue square of green"]
+    batch = {k: jnp.asarray(v) for k, v in encoder.tokenize(prompts).items()}
+    cond = encoder.encode({n: c.params for n, c in ours.components.items()}, batch)
+    with torch.no_grad():
+        if kind == "flux":
+            embeds, pooled, _ = FluxPipeline.from_pretrained(path).encode_prompt(
+                prompts, prompt_2=None, max_sequence_length=12
+            )
+        else:
+            embeds, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(path).encode_prompt(
+                prompts,
+                prompt_2=None,
+                prompt_3=None,
+                do_classifier_free_guidance=False,
+                max_sequence_length=12,
+            )
+    assert cond["encoder_hidden_states"].shape == tuple(embeds.shape)
+    assert rel(cond["encoder_hidden_states"], embeds.numpy()) < 1e-4
+    assert rel(cond["pooled_projections"], pooled.numpy()) < 1e-4

@@ -30,12 +30,12 @@ def t5_tokenizer():
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
-def t5_encoder(gated: bool = True):
+def t5_encoder(gated: bool = True, width: int = 24):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=40,
-        d_model=24,
+        d_model=width,
         d_kv=6,
         num_heads=4,
         d_ff=40,
@@ -107,7 +107,7 @@ def save_sd3_pipeline(path: pathlib.Path, *, sd35: bool = True) -> pathlib.Path:
         num_layers=3,
         attention_head_dim=12,
         num_attention_heads=2,
-        joint_attention_dim=24,
+        joint_attention_dim=72,  # T5's width, above the two CLIP encoders' 64 (SD3 pads CLIP up to it)
         caption_projection_dim=24,
         pooled_projection_dim=64,  # the two CLIP encoders' pooled outputs, concatenated
         out_channels=16,
@@ -121,7 +121,7 @@ def save_sd3_pipeline(path: pathlib.Path, *, sd35: bool = True) -> pathlib.Path:
         tokenizer=tiny_tokenizer(),
         text_encoder_2=text_encoder(tiny_tokenizer(), projection=32),
         tokenizer_2=tiny_tokenizer(),
-        text_encoder_3=t5_encoder(gated=False),
+        text_encoder_3=t5_encoder(gated=False, width=72),
         tokenizer_3=t5_tokenizer(),
         transformer=_randomize(transformer, 0.1),
     )
