@@ -171,3 +171,66 @@ def test_lora_fake_score_network_starts_as_the_teacher_and_trains_only_its_adapt
     grads = jax.jit(jax.grad(loss))(lora)
     assert all(float(jnp.abs(g["B"]).sum()) > 0 for g in grads.values())  # B learns first (A B, B = 0)
     assert all(float(jnp.abs(g["A"]).sum()) == 0 for g in grads.values())
+
+
+def test_lora_on_a_scanned_stack_adapts_every_layer_and_exports_per_layer():
+    """A FLUX-style scanned stack: one adapter pair per stacked kernel, each layer's slice its own LoRA."""
+    from flax import nnx
+
+    from jdistill.models.layers import FP32, linear
+    from jdistill.models.lora import LoRANet
+    from jdistill.models.net import Net
+    from jdistill.models.stack import Stack
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.to_q = linear(6, 6, rngs, FP32)
+            self.other = linear(6, 6, rngs, FP32)
+
+        def __call__(self, x):
+            return x + jnp.tanh(self.to_q(x)) + self.other(x)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.transformer_blocks = Stack(Block, 3, rngs)
+            self.to_q = linear(6, 4, rngs, FP32)  # an unstacked target beside the stack
+
+        def __call__(self, x):
+            return self.to_q(self.transformer_blocks(x))
+
+    base = Net("m", lambda r: Model(r))
+    params = base.init(jax.random.key(0))
+    config = LoRAConfig(rank=2, alpha=4.0, targets=("to_q",))
+    assert target_kernels(params, config.targets) == {
+        "transformer_blocks.stacked.to_q": (3, 6, 6),
+        "to_q": (6, 4),
+    }
+    lora = _random_lora(params, config)
+    merged = merge_lora(params, lora, config)
+    ab = lora["transformer_blocks.stacked.to_q"]
+    for i in range(3):  # closed form per layer: W_i + scale A_i B_i
+        want = params["transformer_blocks"]["stacked"]["to_q"]["kernel"][i] + 2.0 * ab["A"][i] @ ab["B"][i]
+        np.testing.assert_allclose(
+            merged["transformer_blocks"]["stacked"]["to_q"]["kernel"][i], want, atol=1e-6
+        )
+    np.testing.assert_array_equal(
+        merged["transformer_blocks"]["stacked"]["other"]["kernel"],
+        params["transformer_blocks"]["stacked"]["other"]["kernel"],
+    )
+    state = lora_state_dict(lora, config, prefix="transformer.")
+    assert sorted(state) == sorted(
+        [f"transformer.transformer_blocks.{i}.to_q.lora_{m}.weight" for i in range(3) for m in "AB"]
+        + [f"transformer.to_q.lora_{m}.weight" for m in "AB"]
+    )
+    np.testing.assert_allclose(
+        state["transformer.transformer_blocks.1.to_q.lora_B.weight"], 2.0 * ab["B"][1].T
+    )
+    net = LoRANet("m_lora", base, config)
+    assert net.abstract["transformer_blocks.stacked.to_q"]["A"].shape == (3, 6, 2)
+    assert net.logical_axes["transformer_blocks.stacked.to_q"]["A"] == (None, "lora", None)
+    x = jax.random.normal(jax.random.key(1), (2, 6))
+    out = net.apply({"base": params, "lora": lora}, x)
+    np.testing.assert_allclose(out, base.apply(merged, x), atol=1e-6)
+    grads = jax.grad(lambda lo: jnp.sum(net.apply({"base": params, "lora": lo}, x) ** 2))(lora)
+    assert all(float(jnp.abs(g["B"]).sum()) > 0 for g in grads.values())  # every layer's adapter trains
+    assert all(float(jnp.abs(g).sum()) > 0 for g in grads["transformer_blocks.stacked.to_q"]["B"])

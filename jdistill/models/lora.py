@@ -8,7 +8,9 @@ pass through it like any other array arithmetic.
 
 Targets default to diffusers' UNet LoRA targets (the attention projections ``to_q``, ``to_k``, ``to_v``,
 ``to_out.0``); export writes merged weights or a peft-format ``pytorch_lora_weights.safetensors`` that
-``pipe.load_lora_weights`` reads.
+``pipe.load_lora_weights`` reads. In a scanned stack (``models/stack.py``: FLUX, SD3, T5) an adapter pair covers
+the stacked kernel of every layer: ``A`` (layers, in, r), ``B`` (layers, r, out), keyed by the module name with
+``stacked`` for the layer index, and exported per layer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.models.naming import torch_key
+from jdistill.models.naming import STACKED, key_str
 
 PyTree = Any
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -38,21 +40,29 @@ class LoRAConfig:
 
 
 def _module(path) -> str:
-    return torch_key(path).rsplit(".", 1)[0]
+    """The module's torch name; in a scanned stack with ``stacked`` where the layer index goes (one adapter
+    pair per stacked kernel, itself stacked on the layer axis)."""
+    return ".".join(key_str(p) for p in path[:-1])
+
+
+def _layer_name(module: str, layer: int) -> str:
+    return module.replace(f".{STACKED}.", f".{layer}.", 1)
 
 
 def _is_target(module: str, targets: tuple[str, ...]) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
-def target_kernels(base: PyTree, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, tuple[int, int]]:
-    """module name -> (in, out) of every 2-D kernel whose module is a target."""
+def target_kernels(base: PyTree, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, tuple[int, ...]]:
+    """module name -> (in, out) of every linear kernel whose module is a target; (layers, in, out) for a
+    kernel of a scanned stack."""
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(base)[0]:
         name = str(getattr(path[-1], "key", path[-1]))
         module = _module(path)
         if name == "kernel" and _is_target(module, targets):
-            if len(leaf.shape) != 2:
+            linear_ndim = 3 if f".{STACKED}." in f".{module}." else 2
+            if len(leaf.shape) != linear_ndim:
                 raise ValueError(f"LoRA target {module} has a {len(leaf.shape)}-d kernel; only linear layers")
             found[module] = tuple(leaf.shape)
     if not found:
@@ -65,10 +75,13 @@ def init_lora(
 ) -> dict[str, dict[str, jax.Array]]:
     """A: uniform with bound 1/sqrt(in) (peft's Kaiming-uniform with a = sqrt(5)); B: zeros."""
     out = {}
-    for i, (module, (fan_in, fan_out)) in enumerate(sorted(target_kernels(base, config.targets).items())):
+    for i, (module, shape) in enumerate(sorted(target_kernels(base, config.targets).items())):
+        *layers, fan_in, fan_out = shape
         bound = 1.0 / np.sqrt(fan_in)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (fan_in, config.rank), dtype, -bound, bound)
-        out[module] = {"A": a, "B": jnp.zeros((config.rank, fan_out), dtype)}
+        a = jax.random.uniform(
+            jax.random.fold_in(key, i), (*layers, fan_in, config.rank), dtype, -bound, bound
+        )
+        out[module] = {"A": a, "B": jnp.zeros((*layers, config.rank, fan_out), dtype)}
     return out
 
 
@@ -102,10 +115,14 @@ def lora_state_dict(
     """
     out = {}
     for module, ab in lora.items():
-        out[f"{prefix}{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["A"], np.float32).T)
-        out[f"{prefix}{module}.lora_B.weight"] = np.ascontiguousarray(
-            (config.scale * np.asarray(ab["B"], np.float32)).T
+        a, b = np.asarray(ab["A"], np.float32), config.scale * np.asarray(ab["B"], np.float32)
+        # A scanned stack's adapters are written per layer, under the layer's own module name.
+        pieces = (
+            {module: (a, b)} if a.ndim == 2 else {_layer_name(module, i): (a[i], b[i]) for i in range(len(a))}
         )
+        for name, (a_i, b_i) in pieces.items():
+            out[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)
+            out[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
     return out
 
 
@@ -123,13 +140,20 @@ class LoRANet:
         shapes = target_kernels(base.abstract, config.targets)
         self.abstract = {
             module: {
-                "A": jax.ShapeDtypeStruct((fan_in, config.rank), jnp.float32),
-                "B": jax.ShapeDtypeStruct((config.rank, fan_out), jnp.float32),
+                "A": jax.ShapeDtypeStruct((*layers, fan_in, config.rank), jnp.float32),
+                "B": jax.ShapeDtypeStruct((*layers, config.rank, fan_out), jnp.float32),
             }
-            for module, (fan_in, fan_out) in shapes.items()
+            for module, (*layers, fan_in, fan_out) in shapes.items()
         }
-        # The adapters' model-width dimensions carry "lora", which the default rules split over fsdp.
-        self.logical_axes = {module: {"A": ("lora", None), "B": (None, "lora")} for module in self.abstract}
+        # The adapters' model-width dimensions carry "lora", which the default rules split over fsdp; a
+        # stack's layer axis is never split.
+        self.logical_axes = {
+            module: {
+                "A": (None,) * (len(shape) - 2) + ("lora", None),
+                "B": (None,) * (len(shape) - 2) + (None, "lora"),
+            }
+            for module, shape in shapes.items()
+        }
 
     def init(self, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
         return init_lora(key, self.base.abstract, self.config)
