@@ -10,7 +10,7 @@ import ml_collections
 
 from jdistill.teachers.base import World
 
-WORLD_KINDS = ("gmm", "diffusers", "digits")
+WORLD_KINDS = ("gmm", "diffusers", "digits", "flow")
 
 
 def build_world(
@@ -29,6 +29,8 @@ def build_world(
         from jdistill.teachers.diffusers_world import build_abstract
 
         return build_abstract(config)
+    if abstract and kind == "flow":
+        raise NotImplementedError("plans (abstract worlds) of flow-matching teachers are not implemented yet")
     return importlib.import_module(f"jdistill.teachers.{kind}_world").build(config, shardings_for)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -161,15 +162,21 @@ class BuiltInSources:
     eval_batch: Callable[[Callable, int], dict[str, np.ndarray]]
 
 
-def build(
-    config: ml_collections.ConfigDict, shardings_for=None, built_in: BuiltInSources | None = None
-) -> World:
-    """The world of ``config.teacher``; with ``built_in``, prompt and image tables are used only where
-    ``teacher.prompts`` / ``teacher.data`` name one."""
+@dataclasses.dataclass(frozen=True)
+class Tables:
+    """The prompt, evaluation-prompt, embedding-cache and image tables a run reads (opened and checked before
+    any network loads, so a wrong path or a stale cache fails fast)."""
+
+    prompts: PromptTable | None
+    eval_prompts: PromptTable | None
+    cache: EmbeddingCache | None
+    images: Any
+
+
+def open_tables(
+    config: ml_collections.ConfigDict, preset_name: str, built_in: BuiltInSources | None
+) -> Tables:
     t = config.teacher
-    preset = get_preset(t.preset)
-    encoders = tuple(name for name, _ in preset.encoders)
-    # Tables and the cache's manifest first: a wrong path or a stale cache fails before the networks load.
     prompts = training_prompts(config) if built_in is None or t.prompts else None
     eval_prompts = open_prompts(t.eval_prompts, t.prompt_field) if t.eval_prompts else prompts
     cache = EmbeddingCache(t.embedding_cache) if t.embedding_cache else None
@@ -178,31 +185,69 @@ def build(
             raise ValueError(
                 "teacher.embedding_cache needs the prompt table it was made from (teacher.prompts)"
             )
-        cache.verify(preset=preset.name, prompts=prompts)
-    image_table = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
+        cache.verify(preset=preset_name, prompts=prompts)
+    images = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
+    return Tables(prompts, eval_prompts, cache, images)
+
+
+def build(
+    config: ml_collections.ConfigDict, shardings_for=None, built_in: BuiltInSources | None = None
+) -> World:
+    """The world of ``config.teacher``; with ``built_in``, prompt and image tables are used only where
+    ``teacher.prompts`` / ``teacher.data`` name one."""
+    t = config.teacher
+    preset = get_preset(t.preset)
+    encoders = tuple(name for name, _ in preset.encoders)
+    tables = open_tables(config, preset.name, built_in)
     pipe = _load(config, ("unet", "vae", *encoders), shardings_for)
 
     unet, vae = pipe.components["unet"], pipe.components["vae"]
     teacher = NetworkDenoiser(unet.net, pipe.prediction, _schedule(pipe.scheduler_config))
     resolution = t.resolution or preset.resolution
     sample_shape = _sample_shape(resolution, vae.config, unet.config)
-
     encoder = _prompt_encoder(preset, pipe, resolution)
-    frozen = {"teacher": unet.params, "vae": vae.params}
-    nets = {"teacher": unet.net, "vae": vae.net}
-    for name in encoders:
-        frozen[name] = pipe.components[name].params
-        nets[name] = pipe.components[name].net
+    nets = {"teacher": unet.net, "vae": vae.net, **{n: pipe.components[n].net for n in encoders}}
+    frozen = {"teacher": unet.params, "vae": vae.params, **{n: pipe.components[n].params for n in encoders}}
+    return assemble(
+        config,
+        tables,
+        encoder,
+        teacher,
+        nets,
+        frozen,
+        sample_shape,
+        resolution,
+        pipe.path,
+        t.uncond or preset.uncond,
+        built_in,
+    )
 
-    prepare = _prepare_fn(encoder, vae.net)
 
-    uncond_rule = t.uncond or preset.uncond
+def assemble(
+    config: ml_collections.ConfigDict,
+    tables: Tables,
+    encoder,
+    teacher,
+    nets: dict[str, Net],
+    frozen: dict,
+    sample_shape: tuple[int, ...],
+    resolution: int,
+    source: str,
+    uncond_rule: str,
+    built_in: BuiltInSources | None = None,
+) -> World:
+    """A text-to-image world from its loaded networks (``nets``/``frozen`` with "teacher" and "vae"), prompt
+    encoder and tables: the unconditional input, condition and image sources, sampling output and metrics.
+    Shared by the UNet (``build``) and flow-transformer (``teachers.flow_world``) worlds."""
+    vae_net = nets["vae"]
+    prepare = _prepare_fn(encoder, vae_net)
     empty = jax.jit(encoder.encode)(frozen, encoder.tokenize([""]))
     if uncond_rule == "zeros":  # SDXL recipes: zero prompt and pooled embeddings, same micro-conditioning
         uncond = {k: (v if k == "time_ids" else jnp.zeros_like(v)) for k, v in empty.items()}
     else:
         uncond = empty
     uncond = jax.tree.map(np.asarray, uncond)
+    prompts, eval_prompts = tables.prompts, tables.eval_prompts
 
     def eval_batch(n: int) -> dict[str, np.ndarray]:
         if eval_prompts is None:
@@ -213,16 +258,16 @@ def build(
         conditions = built_in.conditions(encoder.tokenize)
     else:
         conditions = PromptSource(prompts, encoder.tokenize, seed=config.seed)
-    if cache is not None:
-        cache.verify(probe=jax.tree.map(np.asarray, empty), source=pipe.path)
-        conditions = cache.source(seed=config.seed)
+    if tables.cache is not None:
+        tables.cache.verify(probe=jax.tree.map(np.asarray, empty), source=source)
+        conditions = tables.cache.source(seed=config.seed)
     data = None
-    if image_table is not None:
-        data = ImageTextSource(image_table, encoder.tokenize, resolution, seed=config.seed)
+    if tables.images is not None:
+        data = ImageTextSource(tables.images, encoder.tokenize, resolution, seed=config.seed)
     elif built_in is not None:
         data = built_in.data(encoder.tokenize)
 
-    decode = jax.jit(lambda p, z: vae.net.apply(p, z, method="images_from_latents"))
+    decode = jax.jit(lambda p, z: vae_net.apply(p, z, method="images_from_latents"))
 
     def decode_images(samples: np.ndarray, chunk: int = 8) -> np.ndarray:
         return np.concatenate(
@@ -257,7 +302,7 @@ def build(
         save_samples=save_samples,
         prepare=prepare,
         decode=decode_images,
-        source=pipe.path,
+        source=source,
     )
 
 

@@ -1,4 +1,5 @@
-"""Presets of the supported UNet teachers: where they live, how they predict, how they encode prompts.
+"""Presets of the supported teachers (UNets; FLUX and SD3 transformers): where they live, how they predict,
+how they encode prompts.
 
 The real ``config.json`` files of each model's components are kept in ``teachers/configs/<preset>/`` so the
 full-size architectures can be built (``jax.eval_shape``) without a download.
@@ -18,16 +19,11 @@ DIGITS_CLASSIFIER = os.path.join(DIGITS_ROOT, "classifier")
 UNCOND_RULES = ("empty_prompt", "zeros")
 
 
-@dataclasses.dataclass(frozen=True)
-class TeacherPreset:
+class StoredConfigs:
+    """The real component and scheduler configs of a preset, kept in ``teachers/configs/``."""
+
     name: str
-    hub_id: str
-    prediction: str  # the UNet's parameterization: "eps" or "v"
-    resolution: int  # image side in pixels
-    encoders: tuple[tuple[str, str], ...]  # (component, hidden-state choice "last" | "penultimate")
-    pooled_from: str | None  # component whose pooled embedding conditions the UNet (SDXL), if any
-    uncond: str  # unconditional input: "empty_prompt" (encode "") or "zeros" (SDXL recipes)
-    config_dir: str  # a directory of real configs (sd21base shares sd21's encoder and VAE)
+    config_dir: str
 
     def component_config(self, component: str) -> dict:
         for name in (self.name, self.config_dir):
@@ -41,6 +37,39 @@ class TeacherPreset:
     def scheduler_config(self) -> dict:
         with open(os.path.join(CONFIG_ROOT, self.name, "scheduler", "scheduler_config.json")) as f:
             return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPreset(StoredConfigs):
+    """A UNet teacher (``teacher.kind = "diffusers"``)."""
+
+    name: str
+    hub_id: str
+    prediction: str  # the UNet's parameterization: "eps" or "v"
+    resolution: int  # image side in pixels
+    encoders: tuple[tuple[str, str], ...]  # (component, hidden-state choice "last" | "penultimate")
+    pooled_from: str | None  # component whose pooled embedding conditions the UNet (SDXL), if any
+    uncond: str  # unconditional input: "empty_prompt" (encode "") or "zeros" (SDXL recipes)
+    config_dir: str  # a directory of real configs (sd21base shares sd21's encoder and VAE)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowTeacherPreset(StoredConfigs):
+    """A flow-matching transformer teacher (``teacher.kind = "flow"``): FLUX.1 or SD3 / SD3.5."""
+
+    name: str
+    hub_id: str
+    family: str  # "flux" or "sd3" (jdistill.diffusion.transformer_denoiser)
+    resolution: int
+    clips: tuple[str, ...]  # the CLIP encoders' components, in the pipeline's order
+    t5: str  # the T5 encoder's component
+    t5_length: int  # T5 tokens per prompt (the pipelines' max_sequence_length default)
+    config_dir: str
+    uncond: str = "empty_prompt"  # SD3's negative prompt ""; FLUX-dev/lite need none (guidance embedding)
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return (*self.clips, self.t5)
 
 
 PRESETS = {
@@ -84,6 +113,46 @@ PRESETS = {
         "zeros",
         "sdxl",
     ),
+    "flux_dev": FlowTeacherPreset(
+        "flux_dev",
+        "black-forest-labs/FLUX.1-dev",
+        "flux",
+        1024,
+        ("text_encoder",),
+        "text_encoder_2",
+        512,
+        "flux_dev",
+    ),
+    "flux_schnell": FlowTeacherPreset(
+        "flux_schnell",
+        "black-forest-labs/FLUX.1-schnell",
+        "flux",
+        1024,
+        ("text_encoder",),
+        "text_encoder_2",
+        256,
+        "flux_schnell",
+    ),
+    "flux_lite": FlowTeacherPreset(
+        "flux_lite",
+        "Freepik/flux.1-lite-8B",
+        "flux",
+        1024,
+        ("text_encoder",),
+        "text_encoder_2",
+        512,
+        "flux_lite",
+    ),
+    **{
+        name: FlowTeacherPreset(
+            name, hub, "sd3", 1024, ("text_encoder", "text_encoder_2"), "text_encoder_3", 256, name
+        )
+        for name, hub in (
+            ("sd3_medium", "stabilityai/stable-diffusion-3-medium-diffusers"),
+            ("sd35_medium", "stabilityai/stable-diffusion-3.5-medium"),
+            ("sd35_large", "stabilityai/stable-diffusion-3.5-large"),
+        )
+    },
     # 32x32 RGB images, 8x8x4 latents, a 2-layer CLIP text encoder: see jdistill/digits.
     "digits": TeacherPreset(
         "digits", DIGITS_TEACHER, "eps", 32, (("text_encoder", "last"),), None, "empty_prompt", "digits"
@@ -91,7 +160,14 @@ PRESETS = {
 }
 
 
-def get_preset(name: str) -> TeacherPreset:
+def get_preset(name: str, kind: type = TeacherPreset) -> TeacherPreset | FlowTeacherPreset:
+    """The preset ``name``, which must be of class ``kind`` (a UNet preset for the diffusers world, a flow
+    preset for the flow world)."""
     if name not in PRESETS:
         raise ValueError(f"unknown teacher preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
+    preset = PRESETS[name]
+    if not isinstance(preset, kind):
+        fitting = sorted(n for n, p in PRESETS.items() if isinstance(p, kind))
+        world = "flow" if kind is FlowTeacherPreset else "diffusers"
+        raise ValueError(f"teacher preset {name!r} is not a {world} teacher; choose one of {fitting}")
+    return preset

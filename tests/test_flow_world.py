@@ -1,0 +1,117 @@
+"""The flow-teacher world (teacher.kind = "flow") on tiny FLUX and SD3.5-style pipelines: networks, latent
+shape, prompt conditioning through the world's sources and ``prepare``, the unconditional input, and a
+guided teacher sample through jdistill's flow sampler that equals the diffusers pipeline called with the same
+prompts and noise."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tiny_flow_pipeline
+import torch
+from tiny_pipeline import TOKEN_LENGTH
+
+from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.samplers import flow_euler_plan, flux_sigmas, run_sampler
+from jdistill.diffusion.schedules import flux_mu
+from jdistill.models.flux import pack_latents
+from jdistill.teachers import build_world
+from jdistill.teachers.flow_world import flow_teacher_config
+
+PROMPTS = ["a red circle", "the digit 3 on a blue square", "green of the square", "an 8"]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow_world")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return {
+        "flux_dev": tiny_flow_pipeline.save_flux_pipeline(root / "flux"),
+        "sd35_medium": tiny_flow_pipeline.save_sd3_pipeline(root / "sd3"),
+        "prompts": root / "prompts.txt",
+    }
+
+
+def config(preset: str, pipelines, **teacher) -> ml_collections.ConfigDict:
+    t = flow_teacher_config(preset)
+    t.update(path=str(pipelines[preset]), prompts=str(pipelines["prompts"]), resolution=16, **teacher)
+    return ml_collections.ConfigDict({"seed": 0, "teacher": t})
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("preset", ["flux_dev", "sd35_medium"])
+def test_world_builds_and_samples_as_the_pipeline(preset, pipelines):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    flux = preset == "flux_dev"
+    world = build_world(
+        config(preset, pipelines, t5_length_unused=None) if False else config(preset, pipelines)
+    )
+    assert world.sample_shape == (8, 8, 16)  # 16 px, VAE factor 2, 16 latent channels
+    expected = {"teacher", "vae", "text_encoder", "text_encoder_2"} | (set() if flux else {"text_encoder_3"})
+    assert set(world.frozen) == set(world.nets) == expected
+    batch = world.prepare(world.frozen, jax.tree.map(jnp.asarray, world.eval_batch(2)))
+    cond = batch["cond"]
+    t5_len = 512 if flux else TOKEN_LENGTH + 256  # SD3: the CLIP tokens (77 in the real model), then T5
+    assert cond["encoder_hidden_states"].shape[:2] == (2, t5_len)
+    assert cond["pooled_projections"].shape == (2, 32 if flux else 64)
+    assert jax.tree.map(np.shape, world.uncond) == jax.tree.map(lambda a: (1, *a.shape[1:]), cond)
+
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
+    steps, scale = 2, 3.5
+    if flux:
+        plan = flow_euler_plan(world.teacher.schedule, steps, sigmas=flux_sigmas(steps, mu=flux_mu(16)))
+    else:
+        plan = flow_euler_plan(world.teacher.schedule, steps)
+
+    def denoise(x, t):
+        return predict_cfg(world.teacher, world.frozen["teacher"], x, t, cond, world.uncond, scale)
+
+    ours = np.asarray(jax.jit(lambda x: run_sampler(denoise, x, plan))(jnp.asarray(latents)))
+    prompts = PROMPTS[:2]
+    with torch.no_grad():
+        if flux:
+            pipe = FluxPipeline.from_pretrained(str(pipelines[preset]))
+            want = pipe(
+                prompt=prompts,
+                latents=torch.from_numpy(np.asarray(pack_latents(jnp.asarray(latents)))),
+                height=16,
+                width=16,
+                num_inference_steps=steps,
+                guidance_scale=scale,
+                max_sequence_length=512,
+                output_type="latent",
+            ).images.numpy()
+            ours = np.asarray(pack_latents(jnp.asarray(ours)))
+        else:
+            pipe = StableDiffusion3Pipeline.from_pretrained(str(pipelines[preset]))
+            want = pipe(
+                prompt=prompts,
+                negative_prompt=["", ""],
+                latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                height=16,
+                width=16,
+                num_inference_steps=steps,
+                guidance_scale=scale,
+                max_sequence_length=256,
+                output_type="latent",
+            ).images.numpy()
+            ours = ours.transpose(0, 3, 1, 2)
+    assert rel(ours, want) < 1e-4
+
+
+def test_kind_and_preset_must_agree(pipelines):
+    wrong = config("flux_dev", pipelines)
+    wrong.teacher.preset = "sd15"
+    with pytest.raises(ValueError, match="'sd15' is not a flow teacher"):
+        build_world(wrong)
+    with pytest.raises(NotImplementedError, match="flow-matching teachers"):
+        build_world(config("flux_dev", pipelines), abstract=True)
