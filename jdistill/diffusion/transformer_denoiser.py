@@ -40,12 +40,30 @@ class FlowTransformerDenoiser:
     @property
     def embedded_guidance(self) -> bool:
         """True for a guidance-distilled teacher: the scale is an input, there is no unconditional pass."""
-        return self.family == "flux" and bool(self.net.config.guidance_embeds)
+        config = getattr(getattr(self.net, "base", self.net), "config", None)  # a LoRA's base holds it
+        return self.family == "flux" and bool(getattr(config, "guidance_embeds", False))
 
     def predict(self, params: PyTree, x_t: jax.Array, t: jax.Array, cond: PyTree) -> Prediction:
+        """The prediction at (x_t, t); a guidance-distilled FLUX called without a ``guidance`` input gets 1
+        (no guidance, as ``predict_cfg`` with no scale gives it)."""
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
+        if self.embedded_guidance and "guidance" not in cond:
+            cond = {**cond, "guidance": jnp.ones((x_t.shape[0],), jnp.float32)}
         if self.family == "flux":
             out = self.net.apply(params, x_t, t, cond, method="on_latents")
         else:
             out = self.net.apply(params, x_t, self.schedule.model_time(t), cond)
         return to_prediction(out, "velocity", x_t, self.schedule, t)
+
+
+def transformer_family(net: Any) -> str | None:
+    """ "flux" or "sd3" for a FLUX / SD3 transformer network (or a LoRA on one), None otherwise."""
+    from jdistill.models.flux import FluxConfig
+    from jdistill.models.sd3 import SD3Config
+
+    config = getattr(getattr(net, "base", net), "config", None)
+    if isinstance(config, FluxConfig):
+        return "flux"
+    if isinstance(config, SD3Config):
+        return "sd3"
+    return None

@@ -10,14 +10,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jdistill.convert.core import torch_key
 from jdistill.diffusion.denoiser import Denoiser, NetworkDenoiser
 from jdistill.diffusion.guidance import select_cond
 from jdistill.diffusion.parameterization import Prediction, to_prediction
 from jdistill.diffusion.schedules import Schedule
+from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser, transformer_family
 from jdistill.methods.recipe import Network
 from jdistill.models import build_model, mlp_config
 from jdistill.models.lora import DEFAULT_TARGETS, LoRAConfig, LoRANet, init_lora
+from jdistill.models.naming import torch_key
 from jdistill.models.net import Net
 from jdistill.optim import make_optimizer, optimizer_config
 
@@ -159,7 +160,14 @@ class ResidualDenoiser:
         return to_prediction(out, self.prediction, x_t, self.schedule, t)
 
 
-def network_denoiser(network: Network, cfg: ml_collections.ConfigDict, schedule: Schedule) -> NetworkDenoiser:
+def network_denoiser(
+    network: Network, cfg: ml_collections.ConfigDict, schedule: Schedule
+) -> NetworkDenoiser | FlowTransformerDenoiser:
+    """A trained network as a denoiser: a FLUX / SD3 transformer (or a LoRA on one) predicts the flow velocity
+    with its own time convention; any other network predicts ``cfg.prediction``."""
+    family = transformer_family(network.net)
+    if family is not None:
+        return FlowTransformerDenoiser(network.net, schedule, family)
     return NetworkDenoiser(network.net, cfg.prediction, schedule)
 
 
