@@ -59,13 +59,20 @@ def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
     )
 
 
-def _load(config: ml_collections.ConfigDict, components: tuple[str, ...], shardings_for=None) -> Pipeline:
+def load_components(
+    config: ml_collections.ConfigDict,
+    preset,
+    components: tuple[str, ...],
+    shardings_for=None,
+    uncond_rules: tuple[str, ...] = UNCOND_RULES,
+) -> Pipeline:
+    """The teacher pipeline's ``components`` (checked settings, every one present), for this world and the
+    flow world."""
     t = config.teacher
-    preset = get_preset(t.preset)
     checks = (
         ("dtype", DTYPES),
         ("param_dtype", DTYPES),
-        ("uncond", ("", *UNCOND_RULES)),
+        ("uncond", ("", *uncond_rules)),
         ("attention_impl", ATTENTION_IMPLS),
     )
     for key, allowed in checks:
@@ -81,14 +88,20 @@ def _load(config: ml_collections.ConfigDict, components: tuple[str, ...], shardi
         remat=t.remat,
         shardings=shardings_for,
     )
+    missing = [name for name in components if name not in pipe.components]
+    if missing:
+        raise ValueError(f"{pipe.path} lacks components {missing} that preset {preset.name!r} needs")
+    return pipe
+
+
+def _load(config: ml_collections.ConfigDict, components: tuple[str, ...], shardings_for=None) -> Pipeline:
+    preset = get_preset(config.teacher.preset)
+    pipe = load_components(config, preset, components, shardings_for)
     if pipe.prediction != preset.prediction:
         raise ValueError(
             f"teacher preset {preset.name!r} predicts {preset.prediction!r}, but {pipe.path}'s scheduler says "
             f"{pipe.prediction!r}: pick the preset that matches the checkpoint"
         )
-    missing = [name for name in components if name not in pipe.components]
-    if missing:
-        raise ValueError(f"{pipe.path} lacks components {missing} that preset {preset.name!r} needs")
     return pipe
 
 

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from jdistill.convert.pipeline import Pipeline, load_pipeline
 from jdistill.diffusion.schedules import FlowSchedule
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser
-from jdistill.models.attention import ATTENTION_IMPLS
-from jdistill.models.layers import DTYPES, Precision
 from jdistill.teachers import diffusers_world
 from jdistill.teachers.base import World
 from jdistill.teachers.presets import FlowTeacherPreset, get_preset
@@ -30,30 +27,6 @@ def flow_teacher_config(preset: str = "flux_lite") -> ml_collections.ConfigDict:
     c = diffusers_world.diffusers_teacher_config(preset)
     c.kind = "flow"
     return c
-
-
-def _load(config: ml_collections.ConfigDict, preset: FlowTeacherPreset, shardings_for) -> Pipeline:
-    t = config.teacher
-    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS)):
-        if t[key] not in allowed:
-            raise ValueError(f"teacher.{key}={t[key]!r}; choose one of {list(allowed)}")
-    if t.uncond not in ("", "empty_prompt"):
-        raise ValueError(f"teacher.uncond={t.uncond!r}: flow teachers use the empty prompt")
-    components = ("transformer", "vae", *preset.encoders)
-    pipe = load_pipeline(
-        t.path or preset.hub_id,
-        components=components,
-        variant=t.variant or None,
-        allow_pickle=t.allow_pickle,
-        precision=Precision(dtype=DTYPES[t.dtype], param_dtype=DTYPES[t.param_dtype]),
-        attention_impl=t.attention_impl,
-        remat=t.remat,
-        shardings=shardings_for,
-    )
-    missing = [name for name in components if name not in pipe.components]
-    if missing:
-        raise ValueError(f"{pipe.path} lacks components {missing} that preset {preset.name!r} needs")
-    return pipe
 
 
 def sample_shape(
@@ -79,7 +52,8 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     t = config.teacher
     preset = get_preset(t.preset, FlowTeacherPreset)
     tables = diffusers_world.open_tables(config, preset.name, None)
-    pipe = _load(config, preset, shardings_for)
+    components = ("transformer", "vae", *preset.encoders)
+    pipe = diffusers_world.load_components(config, preset, components, shardings_for, ("empty_prompt",))
     transformer, vae = pipe.components["transformer"], pipe.components["vae"]
     shift = float(pipe.scheduler_config.get("shift", 1.0))
     teacher = FlowTransformerDenoiser(transformer.net, FlowSchedule(shift=shift), preset.family)
