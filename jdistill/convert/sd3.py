@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jdistill.convert.core import ConversionError, expected_keys, load_state_dict, to_state_dict
+from jdistill.convert.core import ConversionError, _list, expected_keys, load_state_dict, to_state_dict
 from jdistill.convert.io import component_source
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.naming import STACKED
@@ -88,10 +88,6 @@ def _check_keys(abstract: PyTree, state: Mapping[str, Any]) -> None:
     ]
     if problems:
         raise ConversionError(f"checkpoint does not match the {WHAT}: " + "; ".join(problems))
-
-
-def _list(items: list[str], limit: int = 20) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def load_sd3(

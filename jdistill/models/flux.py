@@ -26,7 +26,7 @@ from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
 from jdistill.models.embeddings import timestep_embedding
-from jdistill.models.layers import FP32, Precision, linear, remat_policy
+from jdistill.models.layers import FP32, Precision, configured_net, linear, remat_policy
 from jdistill.models.net import Net, build_layer, sharding_metadata
 from jdistill.models.stack import Stack
 from jdistill.parallel import constrain_batch
@@ -482,12 +482,11 @@ def flux_net(
     """The FLUX transformer as a Net; ``net.variant(guidance_embeds=False)`` builds it with other config
     fields, and ``net.remake(config, dtype=..., param_dtype=..., remat_policy=...)`` with other options
     (None: these)."""
-
-    def remake(cfg: FluxConfig, *, dtype=None, param_dtype=None, remat_policy=None):
-        p = Precision(dtype=dtype or precision.dtype, param_dtype=param_dtype or precision.param_dtype)
-        r = remat if remat_policy is None else remat_policy
-        return lambda rngs: FluxTransformer2DModel(
-            cfg, rngs=rngs, precision=p, attention_impl=attention_impl, remat=r
-        )
-
-    return Net("transformer", remake(config), config=config, remake=remake)
+    return configured_net(
+        "transformer",
+        FluxTransformer2DModel,
+        config,
+        precision=precision,
+        attention_impl=attention_impl,
+        remat=remat,
+    )

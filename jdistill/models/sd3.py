@@ -36,7 +36,16 @@ from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
 from jdistill.models.embeddings import timestep_embedding
-from jdistill.models.layers import FP32, Precision, block_caller, conv, layer_norm, linear, remat_policy
+from jdistill.models.layers import (
+    FP32,
+    Precision,
+    block_caller,
+    configured_net,
+    conv,
+    layer_norm,
+    linear,
+    remat_policy,
+)
 from jdistill.models.net import Net, build_layer, sharding_metadata
 from jdistill.models.stack import Stack
 from jdistill.parallel import constrain_batch
@@ -436,12 +445,11 @@ def sd3_net(
 ) -> Net:
     """The SD3 transformer as a Net; ``net.variant(...)`` builds it with other config fields, and
     ``net.remake(config, dtype=..., param_dtype=..., remat_policy=...)`` with other options (None: these)."""
-
-    def remake(cfg: SD3Config, *, dtype=None, param_dtype=None, remat_policy=None):
-        p = Precision(dtype=dtype or precision.dtype, param_dtype=param_dtype or precision.param_dtype)
-        r = remat if remat_policy is None else remat_policy
-        return lambda rngs: SD3Transformer2DModel(
-            cfg, rngs=rngs, precision=p, attention_impl=attention_impl, remat=r
-        )
-
-    return Net("transformer", remake(config), config=config, remake=remake)
+    return configured_net(
+        "transformer",
+        SD3Transformer2DModel,
+        config,
+        precision=precision,
+        attention_impl=attention_impl,
+        remat=remat,
+    )

@@ -26,6 +26,7 @@ from jdistill.models.layers import (
     FP32,
     Precision,
     block_caller,
+    configured_net,
     conv,
     group_norm,
     layer_norm,
@@ -598,12 +599,6 @@ def unet_net(
 ) -> Net:
     """The UNet as a Net; ``net.variant(time_cond_proj_dim=256)`` builds it with other config fields, and
     ``net.remake(config, dtype=..., param_dtype=..., remat=...)`` with other options (None: these)."""
-
-    def remake(cfg: UNetConfig, *, dtype=None, param_dtype=None, remat_policy=None):
-        p = Precision(dtype=dtype or precision.dtype, param_dtype=param_dtype or precision.param_dtype)
-        r = remat if remat_policy is None else remat_policy
-        return lambda rngs: UNet2DConditionModel(
-            cfg, rngs=rngs, precision=p, attention_impl=attention_impl, remat=r
-        )
-
-    return Net("unet", remake(config), config=config, remake=remake)
+    return configured_net(
+        "unet", UNet2DConditionModel, config, precision=precision, attention_impl=attention_impl, remat=remat
+    )
