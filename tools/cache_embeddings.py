@@ -3,9 +3,12 @@
     python tools/cache_embeddings.py --config configs/<recipe>.py[:preset] --dst DST [--batch 256]
         [--dtype float32|float16] [--config.a.b=value ...]
 
-Only the text encoders are loaded. DST gets one memory-mapped .npy per conditioning key (row i for prompt i
-of ``teacher.prompts``), the encoders' output for the empty prompt (probe.npz) and a manifest
-(embeddings.json) that a run checks against its own prompts, preset and encoders before using the cache.
+UNet teachers (teacher.kind=diffusers) and flow teachers (teacher.kind=flow: FLUX's CLIP-L and T5, SD3's
+two CLIPs and T5, with --config.teacher.t5_length or the preset's T5 length). Only the text encoders are
+loaded. DST gets one memory-mapped .npy per conditioning key (row i for prompt i of ``teacher.prompts``;
+``encoder_hidden_states``, and ``text_embeds`` for SDXL or ``pooled_projections`` for flow teachers), the
+encoders' output for the empty prompt (probe.npz) and a manifest (embeddings.json) that a run checks against
+its own prompts, preset and encoders before using the cache. A flow run on the cache loads no text encoder.
 """
 
 from __future__ import annotations
@@ -34,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from jdistill.data.embeddings import write_embedding_cache
-    from jdistill.teachers.diffusers_world import load_prompt_encoder, training_prompts
+    from jdistill.teachers import diffusers_world, flow_world
 
     t = config.teacher
-    if t.kind != "diffusers":
-        print(f"teacher.kind is {t.kind!r}: only diffusers teachers encode prompts", file=sys.stderr)
+    worlds = {"diffusers": diffusers_world, "flow": flow_world}
+    if t.kind not in worlds:
+        print(
+            f"teacher.kind is {t.kind!r}: only diffusers (UNet) and flow teachers encode prompts",
+            file=sys.stderr,
+        )
         return 1
     if os.path.isdir(args.dst) and os.listdir(args.dst):  # before loading anything
         print(
@@ -46,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     try:
-        prompts = training_prompts(config)
-        encoder, params, source = load_prompt_encoder(config)
+        prompts = diffusers_world.training_prompts(config)
+        encoder, params, source = worlds[t.kind].load_prompt_encoder(config)
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -59,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     info = {
         "config": args.config,
-        "teacher": {"preset": t.preset, "source": source},
+        "teacher": {"kind": t.kind, "preset": t.preset, "source": source},
         "prompts": {"field": t.prompt_field},
+        "encoders": encoder.describe(),
     }
     try:
         manifest = write_embedding_cache(

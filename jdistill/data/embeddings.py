@@ -6,10 +6,14 @@ A cache directory (written by ``tools/cache_embeddings.py``) holds
   teacher's source and preset; the prompt file, field and SHA-256 of the prompt list);
 - ``<key>.npy``: one (count, ...) array per conditioning key, row i for prompt i, read memory-mapped
   (``encoder_hidden_states``; ``text_embeds`` for SDXL);
-- ``probe.npz``: the encoders' output for the empty prompt, which tells whether a run's text encoders are
-  the ones that wrote the cache (a different checkpoint of the same preset would not be caught by names).
+- ``probe.npz``: the encoders' output for the empty prompt (a batch of one), which tells whether a run's
+  text encoders are the ones that wrote the cache (a different checkpoint of the same preset would not be
+  caught by names); a flow teacher's world, which loads no text encoder on a cache, takes it as its
+  unconditional input.
 
-SDXL's ``time_ids`` are not cached: they follow from the resolution, and the world adds them.
+The manifest's ``encoders`` describes the text encoders (flow teachers: the CLIP and T5 components and the
+T5 length); a flow run compares it with its own. SDXL's ``time_ids`` are not cached: they follow from the
+resolution, and the world adds them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ PROBE = "probe.npz"
 COND = "cond."  # batch keys "cond.<conditioning key>"
 CACHE_DTYPES = ("float32", "float16")
 NOT_CACHED = ("time_ids",)
+ENCODER_LABELS = {"t5_length": "T5 length", "clips": "CLIP components", "t5": "T5 component"}
 PROBE_TOLERANCE = (
     5e-2  # relative L2 error: covers bfloat16 encoders and float16 storage; other weights give ~1
 )
@@ -43,8 +48,9 @@ def write_embedding_cache(
     dtype: str = "float32",
 ) -> dict:
     """Encode every prompt with ``encode`` (called with exactly ``batch`` prompts each time, padded with empty
-    prompts, so that a jitted encoder compiles once) and write the cache; returns the manifest. The manifest
-    is written last: a directory without one is an interrupted write."""
+    prompts, so that a jitted encoder compiles once; the probe is the empty prompt alone, as a world encodes
+    it) and write the cache; returns the manifest. The manifest is written last: a directory without one is
+    an interrupted write."""
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"cache dtype {dtype!r}; choose one of {list(CACHE_DTYPES)}")
     if os.path.isdir(dst) and os.listdir(dst):
@@ -67,7 +73,7 @@ def write_embedding_cache(
             arrays[k][start : start + len(chunk)] = v[: len(chunk)]
     for a in arrays.values():
         a.flush()
-    probe = {k: np.asarray(v)[:1] for k, v in encode([""] * batch).items() if k not in NOT_CACHED}
+    probe = {k: np.asarray(v) for k, v in encode([""]).items() if k not in NOT_CACHED}
     np.savez(os.path.join(dst, PROBE), **probe)
     manifest = {
         "count": count,
@@ -112,12 +118,17 @@ class EmbeddingCache:
         prompts: PromptTable | None = None,
         probe: Mapping[str, np.ndarray] | None = None,
         source: str = "",
+        encoders: Mapping | None = None,
+        widths: Mapping[str, int] | None = None,
     ) -> None:
         """Refuse a cache made for another preset, other prompts or other text encoders, naming what differs;
         checks what is given (a run checks the first two before it loads its networks).
 
         ``probe``: this run's conditioning for the empty prompt (batch of one); its keys and per-prompt shapes
         must be the cache's, and its values the cache's probe up to ``PROBE_TOLERANCE``.
+        ``encoders``: this run's text encoders as the manifest describes them (each entry must equal the
+        manifest's), for a run that loads no text encoder. ``widths``: the feature width the denoiser takes
+        for each conditioning key (the keys must be the cache's).
         """
         m, problems = self.manifest, []
         cached_preset = m.get("teacher", {}).get("preset")
@@ -132,6 +143,17 @@ class EmbeddingCache:
                 )
         if probe is not None:
             problems += self._encoder_problems(probe, source)
+        if encoders is not None:
+            cached = m.get("encoders", {})
+            for k, want in encoders.items():
+                if cached.get(k) != want:
+                    problems.append(
+                        f"text encoders' {ENCODER_LABELS.get(k, k)}: cache {cached.get(k)!r}, run {want!r}"
+                    )
+        if widths is not None:
+            cached = {k: v["shape"][-1] for k, v in m["keys"].items()}
+            if cached != dict(widths):
+                problems.append(f"conditioning widths: cache {cached}, the teacher takes {dict(widths)}")
         if problems:
             raise ValueError(
                 f"embedding cache {self.path} does not match this run: {'; '.join(problems)}. "
@@ -156,6 +178,10 @@ class EmbeddingCache:
                     )
         return problems
 
+    def rows(self, indices) -> dict[str, np.ndarray]:
+        """{"cond.<key>": rows} of prompts ``indices`` (e.g. an evaluation batch)."""
+        return EmbeddingSource(self.arrays).take(np.asarray(indices, np.int64))
+
     def source(self, seed: int = 0) -> EmbeddingSource:
         return EmbeddingSource(self.arrays, seed)
 
@@ -172,7 +198,9 @@ class EmbeddingSource:
     def local_batch(
         self, position: int, global_size: int, rows: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
-        picks = draw_rows(self.seed, position, self.count, global_size, rows)
+        return self.take(draw_rows(self.seed, position, self.count, global_size, rows))
+
+    def take(self, picks: np.ndarray) -> dict[str, np.ndarray]:
         order = np.argsort(
             picks, kind="stable"
         )  # memory-mapped reads in file order, then back to batch order

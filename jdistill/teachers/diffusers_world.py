@@ -50,6 +50,7 @@ def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
             "eval_prompts": "",  # for samples and evaluation; empty: the training prompts
             "prompt_field": "",  # JSON field or column of the prompt; empty: "prompt", "text" or "caption"
             "embedding_cache": "",  # directory from tools/cache_embeddings.py: no text encoding per step
+            "t5_length": 0,  # flow teachers: T5 tokens per prompt (max_sequence_length); 0: the preset's
             # Real images with captions (World.data; GAN terms): a folder with metadata.jsonl, .parquet or
             # array_record of JSON {"image": base64, "text": ...}. Empty: no data source.
             "data": "",
@@ -137,7 +138,7 @@ def _prepare_fn(encoder: PromptEncoder, vae: Net) -> Callable[[dict, dict], dict
         cached = {k[len(COND) :]: v.astype(jnp.float32) for k, v in batch.items() if k.startswith(COND)}
         ids = {k: v for k, v in batch.items() if k.startswith(IDS)}
         if cached:
-            out["cond"] = encoder.with_time_ids(cached)
+            out["cond"] = cached if encoder is None else encoder.with_time_ids(cached)
         elif ids:
             out["cond"] = encoder.encode(params, ids)
         if "images" in batch:
@@ -251,10 +252,18 @@ def assemble(
 ) -> World:
     """A text-to-image world from its loaded networks (``nets``/``frozen`` with "teacher" and "vae"), prompt
     encoder and tables: the unconditional input, condition and image sources, sampling output and metrics.
-    Shared by the UNet (``build``) and flow-transformer (``teachers.flow_world``) worlds."""
+    Shared by the UNet (``build``) and flow-transformer (``teachers.flow_world``) worlds.
+
+    ``encoder`` None: no text encoder is loaded, every conditioning comes from ``tables.cache`` (the empty
+    prompt from its probe, evaluation batches from its first rows); the caller checks the cache."""
     vae_net = nets["vae"]
     prepare = _prepare_fn(encoder, vae_net)
-    empty = jax.jit(encoder.encode)(frozen, encoder.tokenize([""]))
+    if encoder is None:
+        if tables.cache is None or tables.images is not None:
+            raise ValueError("a world without text encoders takes every conditioning from an embedding cache")
+        empty = {k: jnp.asarray(v, jnp.float32) for k, v in tables.cache.probe.items()}
+    else:
+        empty = jax.jit(encoder.encode)(frozen, encoder.tokenize([""]))
     if uncond_rule == "zeros":  # SDXL recipes: zero prompt and pooled embeddings, same micro-conditioning
         uncond = {k: (v if k == "time_ids" else jnp.zeros_like(v)) for k, v in empty.items()}
     else:
@@ -263,17 +272,20 @@ def assemble(
     prompts, eval_prompts = tables.prompts, tables.eval_prompts
 
     def eval_batch(n: int) -> dict[str, np.ndarray]:
+        if encoder is None:
+            return tables.cache.rows([i % tables.cache.count for i in range(n)])
         if eval_prompts is None:
             return built_in.eval_batch(encoder.tokenize, n)
         return encoder.tokenize(eval_prompts.take([i % len(eval_prompts) for i in range(n)]))
 
-    if prompts is None:
+    if tables.cache is not None:
+        if encoder is not None:
+            tables.cache.verify(probe=jax.tree.map(np.asarray, empty), source=source)
+        conditions = tables.cache.source(seed=config.seed)
+    elif prompts is None:
         conditions = built_in.conditions(encoder.tokenize)
     else:
         conditions = PromptSource(prompts, encoder.tokenize, seed=config.seed)
-    if tables.cache is not None:
-        tables.cache.verify(probe=jax.tree.map(np.asarray, empty), source=source)
-        conditions = tables.cache.source(seed=config.seed)
     data = None
     if tables.images is not None:
         data = ImageTextSource(tables.images, encoder.tokenize, resolution, seed=config.seed)

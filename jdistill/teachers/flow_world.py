@@ -6,6 +6,13 @@ CFG), prompts go through CLIP and T5 as the pipelines' ``encode_prompt`` does (`
 are the 16-channel VAE's latents (shift and scale applied by the VAE). Tables, sources, sampling output and
 metrics are the UNet world's (``diffusers_world.assemble``).
 
+With ``teacher.embedding_cache`` (written by ``tools/cache_embeddings.py``), no text encoder is loaded (T5-XXL
+alone is 4.7B parameters): conditioning comes from the cache, the unconditional input from its empty-prompt
+probe, evaluation batches from its first prompts. The cache's manifest must name this run's preset, prompts,
+encoder components and T5 length, and its widths must be the transformer's; as no encoder runs, the encoders'
+weights themselves are not compared (the UNet world compares their empty-prompt output with the cache's).
+Captioned images (``teacher.data``) and other evaluation prompts need the encoders and are refused.
+
 The schedule's static ``shift`` is the scheduler config's (SD3: 3, FLUX-schnell: 1); FLUX-dev's sampling
 shift depends on the resolution (``samplers.flux_sigmas`` with ``flux_mu`` of the token count).
 """
@@ -14,6 +21,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jdistill.data.embeddings import EmbeddingCache
+from jdistill.data.text import PromptTable, prompt_digest
 from jdistill.diffusion.schedules import FlowSchedule
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser
 from jdistill.teachers import diffusers_world
@@ -48,34 +57,99 @@ def sample_shape(
     return (resolution // vae_factor, resolution // vae_factor, channels)
 
 
+def t5_length(config: ml_collections.ConfigDict, preset: FlowTeacherPreset) -> int:
+    """T5 tokens per prompt: ``teacher.t5_length`` or the preset's (the pipelines' max_sequence_length)."""
+    n = int(config.teacher.get("t5_length", 0) or preset.t5_length)
+    if n <= 0:
+        raise ValueError(f"teacher.t5_length={n}; T5 needs at least one token")
+    return n
+
+
+def prompt_encoder(
+    config: ml_collections.ConfigDict, preset: FlowTeacherPreset, pipe
+) -> tuple[FlowPromptEncoder, dict]:
+    """The pipeline's prompt encoder and its encoders' parameters."""
+    encoder = FlowPromptEncoder(
+        preset.family,
+        tuple((n, pipe.components[n].net) for n in preset.clips),
+        (preset.t5, pipe.components[preset.t5].net),
+        pipe.tokenizers,
+        t5_length(config, preset),
+    )
+    return encoder, {n: pipe.components[n].params for n in preset.encoders}
+
+
+def load_prompt_encoder(config: ml_collections.ConfigDict) -> tuple[FlowPromptEncoder, dict, str]:
+    """The teacher's prompt encoder with only the text encoders (CLIP and T5) loaded: (encoder, their params,
+    source); for ``tools/cache_embeddings.py``."""
+    preset = get_preset(config.teacher.preset, FlowTeacherPreset)
+    pipe = diffusers_world.load_components(config, preset, preset.encoders, None, ("empty_prompt",))
+    encoder, params = prompt_encoder(config, preset, pipe)
+    return encoder, params, pipe.path
+
+
+def cache_encoders(config: ml_collections.ConfigDict, preset: FlowTeacherPreset) -> dict:
+    """What a run on an embedding cache compares with the manifest's ``encoders`` (``FlowPromptEncoder.describe``)."""
+    return {
+        "clips": list(preset.clips),
+        "t5": preset.t5,
+        "t5_length": t5_length(config, preset),
+    }
+
+
+def check_cache(
+    config: ml_collections.ConfigDict,
+    preset: FlowTeacherPreset,
+    cache: EmbeddingCache,
+    eval_prompts: PromptTable | None,
+) -> None:
+    """Before any network loads: the cache's encoders are this run's, and nothing else needs an encoder."""
+    cache.verify(encoders=cache_encoders(config, preset))
+    t = config.teacher
+    if t.data:
+        raise ValueError(
+            "teacher.embedding_cache: a flow teacher on an embedding cache loads no text encoder, so it cannot "
+            f"encode the captions of teacher.data={t.data!r}; leave teacher.data empty (recipes without real "
+            "images) or teacher.embedding_cache empty"
+        )
+    if t.eval_prompts and prompt_digest(eval_prompts) != cache.manifest["prompts"]["sha256"]:
+        raise ValueError(
+            "teacher.embedding_cache: a flow teacher on an embedding cache loads no text encoder, so evaluation "
+            f"prompts come from the cache; teacher.eval_prompts={t.eval_prompts!r} holds other prompts than the "
+            "cached ones: leave it empty (the first training prompts)"
+        )
+
+
 def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     t = config.teacher
     preset = get_preset(t.preset, FlowTeacherPreset)
     tables = diffusers_world.open_tables(config, preset.name, None)
-    components = ("transformer", "vae", *preset.encoders)
+    cached = tables.cache is not None
+    if cached:
+        check_cache(config, preset, tables.cache, tables.eval_prompts)
+    encoders = () if cached else preset.encoders  # on a cache: no CLIP, no T5
+    components = ("transformer", "vae", *encoders)
     pipe = diffusers_world.load_components(config, preset, components, shardings_for, ("empty_prompt",))
     transformer, vae = pipe.components["transformer"], pipe.components["vae"]
     shift = float(pipe.scheduler_config.get("shift", 1.0))
     teacher = FlowTransformerDenoiser(transformer.net, FlowSchedule(shift=shift), preset.family)
     resolution = t.resolution or preset.resolution
     shape = sample_shape(resolution, preset.family, vae.config, transformer.config)
-    encoder = FlowPromptEncoder(
-        preset.family,
-        tuple((n, pipe.components[n].net) for n in preset.clips),
-        (preset.t5, pipe.components[preset.t5].net),
-        pipe.tokenizers,
-        preset.t5_length,
-    )
+    if cached:
+        widths = {
+            "encoder_hidden_states": transformer.config["joint_attention_dim"],
+            "pooled_projections": transformer.config["pooled_projection_dim"],
+        }
+        tables.cache.verify(widths=widths)
+        encoder, encoder_params = None, {}
+    else:
+        encoder, encoder_params = prompt_encoder(config, preset, pipe)
     nets = {
         "teacher": transformer.net,
         "vae": vae.net,
-        **{n: pipe.components[n].net for n in preset.encoders},
+        **{n: pipe.components[n].net for n in encoders},
     }
-    frozen = {
-        "teacher": transformer.params,
-        "vae": vae.params,
-        **{n: pipe.components[n].params for n in preset.encoders},
-    }
+    frozen = {"teacher": transformer.params, "vae": vae.params, **encoder_params}
     return diffusers_world.assemble(
         config, tables, encoder, teacher, nets, frozen, shape, resolution, pipe.path, "empty_prompt"
     )

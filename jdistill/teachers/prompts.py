@@ -52,6 +52,14 @@ class PromptEncoder:
             cond["text_embeds"] = pooled
         return self.with_time_ids(cond)
 
+    def describe(self) -> dict:
+        """The encoders, for an embedding cache's manifest."""
+        return {
+            "encoders": [[name, layer] for name, _, layer in self.encoders],
+            "pooled_from": self.pooled_from,
+            "lengths": {name: int(self.tokenizers[name].model_max_length) for name, _, _ in self.encoders},
+        }
+
     def with_time_ids(self, cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Add SDXL's micro-conditioning (fixed by the resolution, not by the prompt) where the UNet takes it."""
         if self.time_ids is None or "time_ids" in cond:
@@ -117,3 +125,14 @@ class FlowPromptEncoder:
 
     def with_time_ids(self, cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return cond
+
+    def describe(self) -> dict:
+        """The encoders, for an embedding cache's manifest (``flow_world.cache_encoders`` is what a run
+        compares: a run on the cache loads no text encoder to compare their outputs)."""
+        return {
+            "family": self.family,
+            "clips": [name for name, _ in self.clips],
+            "t5": self.t5[0],
+            "t5_length": int(self.t5_length),
+            "clip_length": int(self.tokenizers[self.clips[0][0]].model_max_length),
+        }
