@@ -72,6 +72,9 @@ def get_config(arg=None):
             student_ema=0.99,
         )
         c.networks.student.model.time_cond_proj_dim = 64  # t - r through the UNet's timestep condition
+        # On a flow teacher (teacher.kind=flow, FLUX / SD3): set True and time_cond_proj_dim=0 (t - r through
+        # the transformer's second timestep embedding).
+        c.networks.student.model.timestep_delta_embeds = False
         c.method.guidance_scale = 4.0  # the teacher's sampling CFG
         # The teacher learnt integer timesteps only: its exact d/dt carries 3-8x the smooth derivative in
         # wiggles between them (and the MSE to the target grew from 17 to 116); central differences over

@@ -20,6 +20,16 @@ is read on the flow path the way the teacher is (u = eps - x0 of its prediction 
 t - r enters as sinusoids of 1000 (t - r) (minus those of 0) through diffusers' ``time_cond_proj_dim``
 projection, which starts at zero so that the student starts as the teacher's conditional velocity.
 
+A FLUX or SD3 transformer student (model arch "teacher" on a flow teacher, ``teacher.kind = "flow"``) is the
+teacher's transformer with jdistill's ``timestep_delta_embeds``: t - r is embedded like the timestep (the
+model's own sinusoids and time scale, FLUX 1000 (t - r), SD3 1000 (t - r) as its ``timesteps``) by a second
+MLP, ``time_text_embed.timestep_delta_embedder``, added to the conditioning embedding. Copied from the teacher,
+that MLP's first linear is the teacher's ``timestep_embedder.linear_1`` and its last linear starts at zero, so
+the student starts exactly as the teacher's velocity. It predicts u directly (the transformer's output is a
+velocity on the flow path); a guidance-distilled FLUX student gets guidance 1 (as ``FlowTransformerDenoiser``
+gives it), the teacher the recipe's ``guidance_scale``. Set ``networks.student.model.timestep_delta_embeds=True``
+and ``networks.student.model.time_cond_proj_dim=0``.
+
 Samples: z_1 = eps, then z_r = z_t - (t - r) u(z_t, r, t) over ``student_timesteps`` (1 first) down to 0.
 """
 
@@ -37,15 +47,19 @@ from jdistill.diffusion.guidance import concat_cond
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
 from jdistill.diffusion.schedules import FlowSchedule
-from jdistill.methods.common import build_network, drop_conditions, network_denoiser
+from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser, transformer_family
+from jdistill.methods.common import build_network, drop_conditions, network_denoiser, teacher_copy
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.score_distillation import cfg_evaluations
 from jdistill.methods.trajectory import adaptive_loss, meanflow_target, meanflow_times, with_student_inputs
+from jdistill.models.net import Net
 from jdistill.rng import streams
 
 NETWORKS = ("student",)
 TANGENTS = ("teacher", "data")
+DELTA_OPTION = "timestep_delta_embeds"  # FluxConfig / SD3Config field and networks.student.model key
+DELTA_EMBEDDER = "timestep_delta_embedder"  # its module under time_text_embed
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -69,17 +83,57 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
+def _starts_at_zero(path) -> bool:
+    """The last layer of the student's t - r input: a UNet's ``time_embedding.cond_proj``, a transformer's
+    ``time_text_embed.timestep_delta_embedder.linear_2`` (kernel and bias)."""
+    names = tuple(str(getattr(k, "key", k)) for k in path)
+    return "cond_proj" in names or any(
+        a == DELTA_EMBEDDER and b == "linear_2" for a, b in itertools.pairwise(names)
+    )
+
+
 def start_as_teacher(network: Network) -> Network:
-    """A UNet student copied from the teacher with its t - r projection (``time_embedding.cond_proj``) at zero:
-    u(z, r, t) starts as the teacher's conditional velocity v(z, t) for every r (the projection still gets
-    gradients, its input being nonzero for r < t)."""
+    """A student copied from the teacher with the last layer of its t - r input at zero (a UNet's projection
+    ``time_embedding.cond_proj``, a transformer's ``time_text_embed.timestep_delta_embedder.linear_2``):
+    u(z, r, t) starts as the teacher's conditional velocity v(z, t) for every r (that layer still gets
+    gradients, its input being nonzero)."""
     copy = network.initial_params
 
     def init(key, frozen):
         def zero(path, x):
-            return jnp.zeros_like(x) if "cond_proj" in jax.tree_util.keystr(path) else x
+            return jnp.zeros_like(x) if _starts_at_zero(path) else x
 
         return jax.tree_util.tree_map_with_path(zero, copy(key, frozen))
+
+    return dataclasses.replace(network, init=init)
+
+
+def _with_delta_embedder(world):
+    """``world`` whose teacher network is built with ``timestep_delta_embeds`` (same precision and options), so
+    that ``build_network`` makes the teacher's transformer plus the t - r embedder (the teacher itself, its
+    denoiser and parameters are untouched)."""
+    base = world.nets["teacher"]
+    config = dataclasses.replace(base.config, **{DELTA_OPTION: True})
+    view = Net(base.name, base.remake(config), config=config, remake=base.remake)
+    return dataclasses.replace(world, nets={**world.nets, "teacher": view})
+
+
+def copy_with_delta_embedder(network: Network) -> Network:
+    """Init from the teacher for a transformer student: the teacher's parameters (float32 master copies), and
+    the t - r embedder's first linear copied from the teacher's ``timestep_embedder.linear_1`` (T2I-Distill
+    copies the time embedder); its last linear is set to zero by ``start_as_teacher``."""
+    abstract = network.net.abstract
+
+    def init(key, frozen):
+        embed = dict(abstract["time_text_embed"])
+        delta = embed.pop(DELTA_EMBEDDER)
+        params = teacher_copy(key, frozen["teacher"], {**abstract, "time_text_embed": embed})
+        first = params["time_text_embed"]["timestep_embedder"]["linear_1"]
+        new = {
+            "linear_1": jax.tree.map(lambda a: jnp.array(a, copy=True), first),
+            "linear_2": jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), delta["linear_2"]),
+        }
+        return {**params, "time_text_embed": {**params["time_text_embed"], DELTA_EMBEDDER: new}}
 
     return dataclasses.replace(network, init=init)
 
@@ -89,9 +143,18 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     if m.tangent not in TANGENTS:
         raise ValueError(f"method.tangent: unknown {m.tangent!r}; choose one of {TANGENTS}")
     net_cfg = config.networks.student
-    unet = net_cfg.model.get("arch") == "teacher"
-    if not unet and not net_cfg.model.get("second_time"):
+    copy = net_cfg.model.get("arch") == "teacher"
+    family = transformer_family(world.nets.get("teacher")) if copy else None
+    unet = copy and family is None
+    if not copy and not net_cfg.model.get("second_time"):
         raise ValueError("a MeanFlow student takes two times: set networks.student.model.second_time=True")
+    if family is not None:
+        _check_transformer_student(net_cfg, family)
+    elif net_cfg.model.get(DELTA_OPTION):
+        raise ValueError(
+            f"networks.student.model.{DELTA_OPTION} is for FLUX / SD3 transformer students (a flow teacher); "
+            "a UNet student takes t - r through networks.student.model.time_cond_proj_dim"
+        )
     delta_dim = net_cfg.model.get("time_cond_proj_dim", 0) if unet else 0
     if unet and not delta_dim:
         raise ValueError(
@@ -100,7 +163,13 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
     schedule = FlowSchedule()
     teacher = on_schedule(world.teacher, schedule)
-    network = build_network("student", net_cfg, world, config.num_steps)
+    if family is not None:
+        network = build_network("student", net_cfg, _with_delta_embedder(world), config.num_steps)
+        if network.init is not None:  # from the teacher (model.init "teacher")
+            network = copy_with_delta_embedder(network)
+        network = start_as_teacher(network)
+        # Its flow denoiser only for the time convention and FLUX's guidance input; the call adds t - r.
+        flow = FlowTransformerDenoiser(network.net, schedule, family)
     if unet:
         # A copy of the teacher on its own path, read on the flow path as the teacher is: u = eps - x0.
         network = start_as_teacher(network)
@@ -117,7 +186,21 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         inputs = with_student_inputs(cond, time_delta=t - r, delta_dim=delta_dim)
         if unet:
             return student.predict(p, z, t, inputs).velocity.astype(jnp.float32)
+        if family is not None:
+            return transformer_velocity(p, z, r, t, cond)
         out = network.net.apply(p, z, t, inputs)
+        return out.astype(jnp.float32)
+
+    def transformer_velocity(p, z, r, t, cond):
+        """The transformer's output (a velocity: u) with its time convention: FLUX takes flow times and
+        scales them itself, SD3 takes 1000 t and 1000 (t - r); a guidance-distilled FLUX gets guidance 1."""
+        if flow.embedded_guidance and "guidance" not in cond:
+            cond = {**cond, "guidance": jnp.ones((z.shape[0],), jnp.float32)}
+        if family == "flux":
+            out = network.net.apply(p, z, t, cond, timestep_delta=t - r, method="on_latents")
+        else:
+            delta = schedule.model_time(t) - schedule.model_time(r)
+            out = network.net.apply(p, z, schedule.model_time(t), cond, timestep_delta=delta)
         return out.astype(jnp.float32)
 
     def loss(params, batch, key, carry):
@@ -188,3 +271,24 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         "diffusers pipeline: no diffusers scheduler takes the UNet's t - r input or its flow-path update; use "
         "--mode sample, or the flat export of a gmm run",
     )
+
+
+def _check_transformer_student(net_cfg: ml_collections.ConfigDict, family: str) -> None:
+    name = {"flux": "FLUX", "sd3": "SD3"}[family]
+    model = net_cfg.model
+    if not model.get(DELTA_OPTION):
+        raise ValueError(
+            f"a MeanFlow {name} transformer student takes t - r through a second timestep embedding: set "
+            f"networks.student.model.{DELTA_OPTION}=True"
+        )
+    if model.get("time_cond_proj_dim", 0):
+        raise ValueError(
+            f"networks.student.model.time_cond_proj_dim={model.time_cond_proj_dim} is the UNet's t - r input; "
+            f"a {name} transformer student takes t - r through networks.student.model.{DELTA_OPTION}: set "
+            "networks.student.model.time_cond_proj_dim=0"
+        )
+    if net_cfg.get("lora") is not None and net_cfg.lora.rank:
+        raise ValueError(
+            f"a LoRA on the {name} teacher has no t - r input: MeanFlow trains a full copy with "
+            f"networks.student.model.{DELTA_OPTION}=True (networks.student.lora.rank=0)"
+        )

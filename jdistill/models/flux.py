@@ -13,6 +13,13 @@ float32.
 
 Precision: matrix products and attention in ``precision.dtype``; layer norms, QK RMS norms, the modulation
 (shift, scale, gate) and the rotary embedding in float32.
+
+jdistill-only option ``timestep_delta_embeds`` (off in every diffusers checkpoint; a teacher converts and exports
+exactly as without it): a second time input, ``timestep_delta`` (MeanFlow's t - r, in the units of ``timestep``),
+embedded like the timestep (sinusoids of 1000 delta, then a two-layer MLP,
+``time_text_embed.timestep_delta_embedder``) and added to the conditioning embedding ``temb``. With that MLP's
+last linear at zero the model computes exactly what it computes without the option. The model then requires
+``timestep_delta`` (pass 0 for r = t); without the option, passing one is an error.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class FluxConfig:
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    # jdistill only (not a diffusers option): a second time input embedded into temb (MeanFlow's t - r).
+    timestep_delta_embeds: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> FluxConfig:
@@ -80,6 +89,8 @@ class FluxConfig:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.timestep_delta_embeds:  # jdistill's own option: a diffusers config has no such key
+            del out["timestep_delta_embeds"]
         out.update(UNSUPPORTED_OPTIONS)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
@@ -362,13 +373,17 @@ class TimestepEmbedding(nnx.Module):
 
 
 class TimeTextEmbedding(nnx.Module):
-    """diffusers' CombinedTimestep(Guidance)TextProjEmbeddings: embed(1000 t) [+ embed(1000 g)] + proj(pooled)."""
+    """diffusers' CombinedTimestep(Guidance)TextProjEmbeddings: embed(1000 t) [+ embed(1000 g)] + proj(pooled);
+    with ``timestep_delta_embeds`` (jdistill's) plus ``timestep_delta_embedder`` (sinusoids of 1000 delta)."""
 
     def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs, p: Precision):
         dim = cfg.inner_dim
         self.timestep_embedder = TimestepEmbedding(TIME_PROJ_DIM, dim, rngs, p)
         self.guidance_embedder = (
             TimestepEmbedding(TIME_PROJ_DIM, dim, rngs, p) if cfg.guidance_embeds else None
+        )
+        self.timestep_delta_embedder = (
+            TimestepEmbedding(TIME_PROJ_DIM, dim, rngs, p) if cfg.timestep_delta_embeds else None
         )
         self.text_embedder = TimestepEmbedding(cfg.pooled_projection_dim, dim, rngs, p)
         self.dtype = p.dtype
@@ -377,8 +392,24 @@ class TimeTextEmbedding(nnx.Module):
         # diffusers scales by 1000 in float32 and then takes Timesteps(256, flip_sin_to_cos=True, shift 0).
         return timestep_embedding(t.astype(jnp.float32) * 1000.0, TIME_PROJ_DIM).astype(self.dtype)
 
-    def __call__(self, timestep: jax.Array, pooled: jax.Array, guidance: jax.Array | None) -> jax.Array:
+    def __call__(
+        self,
+        timestep: jax.Array,
+        pooled: jax.Array,
+        guidance: jax.Array | None,
+        timestep_delta: jax.Array | None = None,
+    ) -> jax.Array:
         emb = self.timestep_embedder(self._sinusoids(timestep))
+        if self.timestep_delta_embedder is not None:
+            if timestep_delta is None:
+                raise ValueError(
+                    "this FLUX transformer has timestep_delta_embeds: timestep_delta is required (0 for r = t)"
+                )
+            emb = emb + self.timestep_delta_embedder(self._sinusoids(timestep_delta))
+        elif timestep_delta is not None:
+            raise ValueError(
+                "timestep_delta was given, but this FLUX transformer has no timestep_delta_embeds"
+            )
         if self.guidance_embedder is not None:
             if guidance is None:
                 raise ValueError("this FLUX transformer has guidance_embeds: cond['guidance'] is required")
@@ -397,7 +428,9 @@ class FluxTransformer2DModel(nnx.Module):
     which diffusers' pipeline passes as ``timestep / 1000``); ``cond``: ``encoder_hidden_states`` (B, T, joint
     dim), ``pooled_projections`` (B, P) and, with ``guidance_embeds``, ``guidance`` (B,) (the guidance scale,
     e.g. 3.5). ``img_ids`` (L, 3) and ``txt_ids`` (T, 3; default zeros) as ``image_ids`` / ``text_ids``
-    build them. ``on_latents`` does the same on NHWC latents (packing and ids included)."""
+    build them. ``timestep_delta`` (B,) or a scalar, like ``timestep``: the second time of a model with
+    ``timestep_delta_embeds`` (required there, refused otherwise). ``on_latents`` does the same on NHWC latents
+    (packing and ids included)."""
 
     def __init__(
         self,
@@ -434,6 +467,7 @@ class FluxTransformer2DModel(nnx.Module):
         *,
         img_ids,
         txt_ids=None,
+        timestep_delta: jax.Array | None = None,
     ) -> jax.Array:
         b = hidden_states.shape[0]
         context = cond["encoder_hidden_states"]
@@ -441,7 +475,9 @@ class FluxTransformer2DModel(nnx.Module):
         guidance = cond.get("guidance")
         if guidance is not None:
             guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
-        temb = self.time_text_embed(t, cond["pooled_projections"], guidance)
+        if timestep_delta is not None:
+            timestep_delta = jnp.broadcast_to(jnp.asarray(timestep_delta, jnp.float32), (b,))
+        temb = self.time_text_embed(t, cond["pooled_projections"], guidance, timestep_delta)
         x = constrain_batch(self.x_embedder(hidden_states.astype(self.dtype)))
         c = constrain_batch(self.context_embedder(context.astype(self.dtype)))
         txt_ids = text_ids(c.shape[1]) if txt_ids is None else txt_ids
@@ -458,11 +494,13 @@ class FluxTransformer2DModel(nnx.Module):
         scale, shift = self.norm_out(temb)
         return self.proj_out(modulate(x, shift, scale).astype(self.dtype))
 
-    def on_latents(self, latents: jax.Array, timestep: jax.Array, cond: dict) -> jax.Array:
+    def on_latents(
+        self, latents: jax.Array, timestep: jax.Array, cond: dict, *, timestep_delta: jax.Array | None = None
+    ) -> jax.Array:
         """The velocity on NHWC latents (B, H, W, in_channels/4) -> (B, H, W, out_channels/4)."""
         _, height, width, _ = latents.shape
         ids = image_ids(height // 2, width // 2)
-        out = self(pack_latents(latents), timestep, cond, img_ids=ids)
+        out = self(pack_latents(latents), timestep, cond, img_ids=ids, timestep_delta=timestep_delta)
         return unpack_latents(out, height, width)
 
 

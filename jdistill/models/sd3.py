@@ -23,6 +23,13 @@ gradient (a buffer in torch). It is counted by ``Net.num_params``; torch's ``par
 
 Precision: matrix products run in ``precision.dtype``; layer norms, RMS norms, the adaLN modulations and the
 gated residual updates in float32.
+
+jdistill-only option ``timestep_delta_embeds`` (off in every diffusers checkpoint; a teacher converts and exports
+exactly as without it): a second time input, ``timestep_delta`` (MeanFlow's t - r, in the units of
+``timesteps``: 1000 (t - r)), embedded like the timestep (the same sinusoids, then a two-layer MLP,
+``time_text_embed.timestep_delta_embedder``) and added to the conditioning embedding ``temb``. With that MLP's
+last linear at zero the model computes exactly what it computes without the option. The model then requires
+``timestep_delta`` (pass 0 for r = t); without the option, passing one is an error.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ class SD3Config:
     pos_embed_max_size: int = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
+    # jdistill only (not a diffusers option): a second time input embedded into temb (MeanFlow's t - r).
+    timestep_delta_embeds: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SD3Config:
@@ -88,6 +97,8 @@ class SD3Config:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        if not self.timestep_delta_embeds:  # jdistill's own option: a diffusers config has no such key
+            del out["timestep_delta_embeds"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @property
@@ -374,15 +385,35 @@ class MLPEmbedding(nnx.Module):
         return self.linear_2(nnx.silu(self.linear_1(x)))
 
 
+def _sinusoids(timesteps: jax.Array) -> jax.Array:
+    return timestep_embedding(timesteps, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+
+
 class CombinedTimestepTextProjEmbeddings(nnx.Module):
-    def __init__(self, dim: int, pooled_dim: int, rngs, p: Precision):
+    """embed(timesteps) + proj(pooled); with ``delta`` (jdistill's ``timestep_delta_embeds``) plus
+    ``timestep_delta_embedder`` on the same sinusoids of ``timestep_delta``."""
+
+    def __init__(self, dim: int, pooled_dim: int, rngs, p: Precision, *, delta: bool = False):
         self.dtype = p.dtype
         self.timestep_embedder = MLPEmbedding(256, dim, rngs, p)
         self.text_embedder = MLPEmbedding(pooled_dim, dim, rngs, p)
+        self.timestep_delta_embedder = MLPEmbedding(256, dim, rngs, p) if delta else None
 
-    def __call__(self, timesteps: jax.Array, pooled: jax.Array) -> jax.Array:
-        t = timestep_embedding(timesteps, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0)
-        return self.timestep_embedder(t.astype(self.dtype)) + self.text_embedder(pooled.astype(self.dtype))
+    def __call__(
+        self, timesteps: jax.Array, pooled: jax.Array, timestep_delta: jax.Array | None = None
+    ) -> jax.Array:
+        emb = self.timestep_embedder(_sinusoids(timesteps).astype(self.dtype))
+        if self.timestep_delta_embedder is not None:
+            if timestep_delta is None:
+                raise ValueError(
+                    "this SD3 transformer has timestep_delta_embeds: timestep_delta is required (0 for r = t)"
+                )
+            emb = emb + self.timestep_delta_embedder(_sinusoids(timestep_delta).astype(self.dtype))
+        elif timestep_delta is not None:
+            raise ValueError(
+                "timestep_delta was given, but this SD3 transformer has no timestep_delta_embeds"
+            )
+        return emb + self.text_embedder(pooled.astype(self.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -390,7 +421,9 @@ class CombinedTimestepTextProjEmbeddings(nnx.Module):
 
 class SD3Transformer2DModel(nnx.Module):
     """``__call__(sample, timesteps, cond)``: NHWC latents, (B,) or scalar timesteps, ``cond`` with
-    ``encoder_hidden_states`` and ``pooled_projections``; returns NHWC (B, H, W, out_channels)."""
+    ``encoder_hidden_states`` and ``pooled_projections``; returns NHWC (B, H, W, out_channels).
+    ``timestep_delta`` (B,) or a scalar, in the units of ``timesteps``: the second time of a model with
+    ``timestep_delta_embeds`` (required there, refused otherwise)."""
 
     def __init__(
         self,
@@ -405,7 +438,9 @@ class SD3Transformer2DModel(nnx.Module):
         p, dim = precision, config.inner_dim
         self.dtype, self.remat = p.dtype, remat_policy(remat)  # an unknown policy fails here
         self.pos_embed = PatchEmbed(cfg, rngs, p)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, cfg.pooled_projection_dim, rngs, p)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(
+            dim, cfg.pooled_projection_dim, rngs, p, delta=cfg.timestep_delta_embeds
+        )
         self.context_embedder = linear(cfg.joint_attention_dim, dim, rngs, p, axes=("mlp", "embed"))
 
         def block(dual: bool, last: bool):
@@ -422,11 +457,15 @@ class SD3Transformer2DModel(nnx.Module):
         self.norm_out = AdaLayerNormContinuous(dim, rngs, p)
         self.proj_out = linear(dim, cfg.patch_size**2 * cfg.out_channels, rngs, p, axes=("mlp", "embed"))
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, cond: dict) -> jax.Array:
+    def __call__(
+        self, sample: jax.Array, timesteps: jax.Array, cond: dict, *, timestep_delta: jax.Array | None = None
+    ) -> jax.Array:
         cfg = self.config
         b, height, width, _ = sample.shape
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
-        temb = self.time_text_embed(t, cond["pooled_projections"])
+        if timestep_delta is not None:
+            timestep_delta = jnp.broadcast_to(jnp.asarray(timestep_delta, jnp.float32), (b,))
+        temb = self.time_text_embed(t, cond["pooled_projections"], timestep_delta)
         x = constrain_batch(self.pos_embed(sample))
         context = constrain_batch(self.context_embedder(cond["encoder_hidden_states"].astype(self.dtype)))
         carry = (x, context)
