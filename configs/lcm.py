@@ -14,6 +14,12 @@ Presets:
              embedding (time_cond_proj_dim 32); toy-specific: w ~ U[1, 3] (LCM: [5, 15] for SD), sampled at w = 2.
              Measured 2026-11-23 (within-0.5 / min mode share / class consistency): 1 step 0.967 / 0.113 /
              0.978, 2 steps (999, 499) 0.972 / 0.117 / 0.982, 4 steps 0.982 / 0.112 / 0.991.
+  gmm_flow   the same on the rectified-flow gmm teacher (LCM's flow variant, see jdistill/methods/lcm.py): the grid
+             is 50 points j / 50 of flow time (the teacher's shift is 1), the solver one Euler step of the guided
+             teacher velocity, f = the student's x0 (f(x, 0) = x), sampled at flow times (1.0,).
+             Measured 2026-12-04 (2-core CPU shared with other jobs, 81 s) (within-0.5 / min mode share / class
+             consistency): 1 step 0.961 / 0.115 / 0.977, 2 steps (1.0, 0.5) 0.979 / 0.115 / 0.987, 4 steps
+             (1.0, 0.75, 0.5, 0.25) 0.998 / 0.114 / 0.999.
   digits     the shipped digits teacher (jdistill/assets/digits) on its built-in real images: a full student
              (the teacher's UNet plus the guidance embedding, time_cond_proj_dim 64), the scripts' loss, grid,
              boundary scalings, pseudo-Huber c and EMA target 0.95; AdamW (weight decay 0), gradient clip 1, constant
@@ -60,6 +66,20 @@ Presets:
   python -m jdistill.main --config configs/lcm.py:sd15 --workdir runs/lcm_sd15 \\
       --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt   # prompts: samples only
   python tools/export_diffusers.py --workdir runs/lcm_sd15 --dst runs/lcm_sd15/export
+
+Flow-matching teachers (FLUX, SD3; teacher.kind=flow): no preset yet; the digits preset's student (a full copy of
+the teacher's network) runs on one with the flow settings: student timesteps in flow time (0, 1], no UNet
+guidance embedding (a guidance-distilled FLUX student takes w through its own guidance embedder; SD3 and
+FLUX-schnell students need --config.method.guidance_embed=false), and optionally the grid's shift
+(method.flow_shift; 0: the scheduler config's static shift; FLUX-dev shifts by exp(flux_mu(tokens))). The digits
+preset's optimizer and float32 copies suit the tiny test pipelines; at FLUX's size add the memory levers of
+config_base.real_size_levers and consider a LoRA student (networks.student.lora, method.target_network=online).
+
+  python -m jdistill.main --config configs/lcm.py:digits --workdir runs/lcm_flux \\
+      --config.teacher.kind=flow --config.teacher.preset=flux_dev --config.teacher.path=FLUX.1-dev \\
+      --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt \\
+      --config.networks.student.model.time_cond_proj_dim=0 --config.method.guidance_range='(2.5, 2.5)' \\
+      --config.method.sample_guidance=2.5 --config.method.student_timesteps='(1.0, 0.75, 0.5, 0.25)'
 """
 
 from jdistill.config_base import base_config, digits_distillation, gmm_teacher, unet_distillation
@@ -67,7 +87,7 @@ from jdistill.configuration import choose_preset
 from jdistill.methods import lcm
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "digits", "sd15", "sdxl", "sd15_lora", "sdxl_lora")
+PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl", "sd15_lora", "sdxl_lora")
 # diffusers' LCMScheduler with its defaults (50 original steps) at 4 inference steps; all on LCM's DDIM grid.
 FOUR_STEPS = (999.0, 759.0, 499.0, 259.0)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj")
@@ -78,8 +98,11 @@ def get_config(arg=None):
     preset = choose_preset(arg, PRESETS, default="gmm")
     c = base_config()
     c.method = lcm.default_config()
-    if preset == "gmm":
-        c.teacher = gmm_teacher("vp")
+    if preset in ("gmm", "gmm_flow"):
+        flow = preset == "gmm_flow"
+        c.teacher = gmm_teacher("flow" if flow else "vp")
+        if flow:
+            c.method.student_timesteps = (1.0,)
         c.num_steps = 4000
         c.batch_size = 256
         c.log_every = 200
