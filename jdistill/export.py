@@ -51,6 +51,16 @@ def export_run(
             f"network {name!r} has arch {config.networks[name].model.arch!r}; only students with the teacher's "
             "architecture (model.arch='teacher') export to a diffusers pipeline"
         )
+    if config.teacher.kind == "flow":
+        info = {
+            "method": config.method.name,
+            "step": step,
+            "ema": bool(config.sample.use_ema),
+            "workdir": workdir,
+        }
+        record = _export_flow(config, s, params, name, dst, info, dtype=dtype, lora_merged=lora_merged)
+        log.info("exported step %d to %s; generate with pipe(prompt, **%s)", step, dst, record["call"])
+        return dst
     common = {
         "prediction": config.networks[name].prediction,
         "timesteps": s.recipe.student_timesteps,
@@ -77,6 +87,46 @@ def export_run(
         record = export_pipeline(s.world.source, dst, params[name], unet_changes=changes, **common)
     log.info("exported step %d to %s; generate with pipe(prompt, **%s)", step, dst, record["call"])
     return dst
+
+
+def _export_flow(
+    config, s, params, name: str, dst: str, info: dict, *, dtype: str, lora_merged: bool
+) -> dict:
+    """A FLUX / SD3 transformer student into the teacher's FluxPipeline / StableDiffusion3Pipeline."""
+    from jdistill.convert.export import component_state_dict
+    from jdistill.convert.export_flow import export_flow_pipeline
+    from jdistill.convert.io import read_json
+    from jdistill.models.lora import lora_state_dict, merge_lora
+    from jdistill.teachers.presets import FlowTeacherPreset, get_preset
+
+    cls = read_json(str(paths.as_path(s.world.source) / "model_index.json"))["transformer"][1]
+    net = s.recipe.network(name).net
+    lora_state = None
+    if isinstance(net, LoRANet) and lora_merged:
+        state = component_state_dict(cls, merge_lora(params["teacher"], params[name], net.config))
+    elif isinstance(net, LoRANet):  # the teacher's transformer plus a peft LoRA file on it
+        state = component_state_dict(cls, params["teacher"])
+        rename = None
+        if cls == "SD3Transformer2DModel":  # the joint blocks' diffusers numbering
+            from jdistill.convert.sd3 import block_runs, to_checkpoint_key
+
+            rename = to_checkpoint_key(*block_runs(params["teacher"]))
+        lora_state = lora_state_dict(params[name], net.config, "transformer.", rename)
+    else:
+        state = component_state_dict(cls, params[name])
+    return export_flow_pipeline(
+        s.world.source,
+        dst,
+        state,
+        timesteps=s.recipe.student_timesteps,
+        guidance=s.recipe.student_guidance,
+        input_scale=s.recipe.student_input_scale,
+        max_sequence_length=get_preset(config.teacher.preset, FlowTeacherPreset).t5_length,
+        dtype=dtype,
+        variant=config.teacher.variant or None,
+        info=info,
+        lora_state=lora_state,
+    )
 
 
 def _export_flat(config, names: tuple[str, ...], params: dict[str, PyTree], dst: str, step: int) -> str:

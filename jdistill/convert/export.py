@@ -45,16 +45,16 @@ LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
-def component_state_dict(name: str, params: PyTree) -> dict[str, np.ndarray]:
-    """The diffusers/transformers state dict of a converted pipeline component."""
-    from jdistill.convert.clip import clip_state_dict
-    from jdistill.convert.vae import vae_state_dict
+def component_state_dict(cls: str, params: PyTree) -> dict[str, np.ndarray]:
+    """The diffusers/transformers state dict of a converted pipeline component of class ``cls``."""
+    import importlib
 
-    if name == "vae":
-        return vae_state_dict(params)
-    if name.startswith("text_encoder"):
-        return clip_state_dict(params)
-    return to_state_dict(params)
+    from jdistill.convert.pipeline import EXPORTERS
+
+    if cls not in EXPORTERS:
+        raise ConversionError(f"no export table for {cls}; jdistill writes {sorted(EXPORTERS)}")
+    module, function = EXPORTERS[cls]
+    return getattr(importlib.import_module(f"jdistill.convert.{module}"), function)(params)
 
 
 def cast_state_dict(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, Any]:
@@ -281,6 +281,32 @@ def copy_component(src: str, dst: str, variant: str | None = None) -> None:
             paths.copy_file(src_dir / name, dst_dir / target)
 
 
+def write_teacher_components(
+    src: str, out, model_index: Mapping[str, Any], skip: tuple[str, ...], variant: str | None
+) -> None:
+    """Every component of the teacher pipeline at ``src`` but ``skip`` into ``out``: copied as files, or, for a
+    directory made by ``tools/convert_teacher.py`` (Flax parameters), written as diffusers/transformers
+    weights in float32 from the converted parameters."""
+    from jdistill.convert.pipeline import CONVERTED_MARKER, EXPORTERS, load_pipeline
+
+    converted = os.path.exists(os.path.join(src, CONVERTED_MARKER))
+    for name, spec in model_index.items():
+        if name.startswith("_") or name in skip or spec in (None, [None, None]):
+            continue
+        folder = os.path.join(src, name)
+        if not os.path.isdir(folder):
+            continue
+        library, cls = spec
+        if converted and cls in EXPORTERS:
+            component = load_pipeline(src, components=(name,), allow_download=False).components[name]
+            (out / name).mkdir(parents=True, exist_ok=True)
+            write_json(out / name / "config.json", component.config)
+            stem = "model" if library == "transformers" else "diffusion_pytorch_model"
+            save_weights(out / name, component_state_dict(cls, component.params), "float32", stem)
+        else:
+            copy_component(folder, str(out / name), variant)
+
+
 def export_pipeline(
     src: str,
     dst: str,
@@ -307,15 +333,12 @@ def export_pipeline(
     give the pipeline's ``latents``). Returns what was written to ``dst/jdistill_export.json``: the call
     arguments that run the student's sampler, the scheduler chosen, and ``info``.
     """
-    from jdistill.convert.pipeline import CONVERTED_MARKER, load_pipeline
-
     index_path = os.path.join(src, "model_index.json")
     if not os.path.exists(index_path):
         raise ConversionError(f"{src} has no model_index.json: not a pipeline directory")
     if paths.is_nonempty_dir(dst):
         raise FileExistsError(f"export destination {dst} exists and is not empty; choose a new directory")
     model_index = read_json(index_path)
-    converted = os.path.exists(os.path.join(src, CONVERTED_MARKER))
     teacher_unet_config = read_json(os.path.join(src, "unet", "config.json"))
     config = {**(unet_config if unet_config is not None else teacher_unet_config), **dict(unet_changes or {})}
     if guidance is not None and not config.get("time_cond_proj_dim"):
@@ -327,21 +350,7 @@ def export_pipeline(
     out = paths.as_path(dst)
     out.mkdir(parents=True, exist_ok=True)
 
-    flax_components = ("vae", "text_encoder", "text_encoder_2")
-    for name, spec in model_index.items():
-        if name.startswith("_") or name in ("unet", "scheduler") or spec in (None, [None, None]):
-            continue
-        folder = os.path.join(src, name)
-        if not os.path.isdir(folder):
-            continue
-        if converted and name in flax_components:
-            component = load_pipeline(src, components=(name,), allow_download=False).components[name]
-            (out / name).mkdir(parents=True, exist_ok=True)
-            write_json(out / name / "config.json", component.config)
-            stem = "diffusion_pytorch_model" if name == "vae" else "model"
-            save_weights(out / name, component_state_dict(name, component.params), "float32", stem)
-        else:
-            copy_component(folder, str(out / name), variant)
+    write_teacher_components(src, out, model_index, ("unet", "scheduler"), variant)
 
     (out / "unet").mkdir(parents=True, exist_ok=True)
     write_json(out / "unet" / "config.json", config)

@@ -42,6 +42,16 @@ LOADERS = {
     "FluxTransformer2DModel": ("flux", "load_flux"),
     "SD3Transformer2DModel": ("sd3", "load_sd3"),
 }
+# ... and the inverse: each class's (module, function) from parameters to its diffusers/transformers state dict.
+EXPORTERS = {
+    "UNet2DConditionModel": ("core", "to_state_dict"),
+    "AutoencoderKL": ("vae", "vae_state_dict"),
+    "CLIPTextModel": ("clip", "clip_state_dict"),
+    "CLIPTextModelWithProjection": ("clip", "clip_state_dict"),
+    "T5EncoderModel": ("t5", "t5_state_dict"),
+    "FluxTransformer2DModel": ("flux", "flux_state_dict"),
+    "SD3Transformer2DModel": ("sd3", "sd3_state_dict"),
+}
 
 
 @dataclasses.dataclass

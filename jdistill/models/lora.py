@@ -16,6 +16,7 @@ the stacked kernel of every layer: ``A`` (layers, in, r), ``B`` (layers, r, out)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -107,9 +108,13 @@ def merge_lora(base: PyTree, lora: dict[str, dict[str, jax.Array]], config: LoRA
 
 
 def lora_state_dict(
-    lora: dict[str, dict[str, Any]], config: LoRAConfig, prefix: str = "unet."
+    lora: dict[str, dict[str, Any]],
+    config: LoRAConfig,
+    prefix: str = "unet.",
+    rename: Callable[[str], str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """peft-format tensors (``<prefix><module>.lora_A.weight`` (r, in), ``lora_B.weight`` (out, r)).
+    """peft-format tensors (``<prefix><module>.lora_A.weight`` (r, in), ``lora_B.weight`` (out, r)), module
+    names passed through ``rename`` (the checkpoint's numbering where it differs from the model's).
 
     The scale is folded into B, so the file means exactly W + A B with diffusers' default alpha = rank.
     """
@@ -121,6 +126,7 @@ def lora_state_dict(
             {module: (a, b)} if a.ndim == 2 else {_layer_name(module, i): (a[i], b[i]) for i in range(len(a))}
         )
         for name, (a_i, b_i) in pieces.items():
+            name = rename(name) if rename else name
             out[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)
             out[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
     return out

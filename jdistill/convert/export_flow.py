@@ -1,0 +1,140 @@
+"""Writing a trained FLUX / SD3 transformer back into a FluxPipeline or StableDiffusion3Pipeline directory.
+
+The transformer goes through the inverse conversion tables; the teacher's other components are copied (or
+written from Flax parameters when the source was made by ``tools/convert_teacher.py``). The scheduler is
+diffusers' ``FlowMatchEulerDiscreteScheduler`` set up so that the pipeline runs the student's own sampler:
+
+- shift 1 and no dynamic shifting: the pipeline's sigmas are then the student's times exactly (t = sigma on
+  the rectified-flow path x_t = (1 - t) x0 + t eps);
+- one step from t = 1: the plain Euler step x_0 = z - v is the student's x0 = x_t - t v, so the call is
+  ``num_inference_steps=1``; at another first time t_0 the call passes ``sigmas=[t_0]``;
+- several steps (predict x0, re-noise to the next time with fresh noise): ``stochastic_sampling``, whose
+  step is x0 = x - sigma v, then (1 - sigma') x0 + sigma' noise, and the call passes the student's times as
+  ``sigmas``;
+- no few-step times (an ``sft`` fine-tune): the teacher's scheduler, unchanged.
+
+A student that starts from scaled noise (``input_scale`` s: SiD-LSG's t_0 z) cannot fold s into the
+transformer (the Euler step adds the unscaled latents), so the record asks for ``latents`` = s x randn.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from jdistill import paths
+from jdistill.convert.core import ConversionError
+from jdistill.convert.export import EXPORT_MARKER, save_weights, write_json, write_teacher_components
+from jdistill.convert.io import read_json
+
+PyTree = Any
+FLOW_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+_SIGMA_OPTIONS_OFF = {
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
+
+
+def flow_scheduler_plan(
+    teacher_scheduler: Mapping[str, Any], timesteps: tuple[float, ...]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scheduler config, call arguments) that run a student with ``timesteps`` (flow times in (0, 1],
+    decreasing) in a diffusers flow pipeline; the teacher's scheduler and no arguments without timesteps."""
+    if not timesteps:
+        return dict(teacher_scheduler), {}
+    ts = [float(t) for t in timesteps]
+    if not all(0.0 < t <= 1.0 for t in ts) or any(b >= a for a, b in itertools.pairwise(ts)):
+        raise ValueError(f"student times {ts} are not decreasing flow times in (0, 1]")
+    config = {
+        **{k: v for k, v in teacher_scheduler.items() if not k.startswith("_")},
+        "_class_name": FLOW_SCHEDULER,
+        **_SIGMA_OPTIONS_OFF,
+        "stochastic_sampling": len(ts) > 1,
+    }
+    call = {"num_inference_steps": 1} if ts == [1.0] else {"sigmas": ts}
+    return config, call
+
+
+def export_flow_pipeline(
+    src: str,
+    dst: str,
+    state: Mapping[str, Any],
+    *,
+    timesteps: tuple[float, ...] = (),
+    guidance: float | None = None,
+    input_scale: float = 1.0,
+    max_sequence_length: int | None = None,
+    dtype: str = "float32",
+    variant: str | None = None,
+    info: Mapping[str, Any] | None = None,
+    lora_state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the teacher's flow pipeline at ``src`` to ``dst`` with the transformer's diffusers state dict
+    ``state`` (and, for an unmerged LoRA student, ``lora_state`` as ``pytorch_lora_weights.safetensors``).
+
+    ``guidance``: the CFG scale w (convention "cond") a guidance-distilled FLUX student is sampled with: its
+    guidance embedding then gets w + 1; None gives 1 (no guidance), as jdistill's student sampler does.
+    Returns what was written to ``dst/jdistill_export.json``: the call arguments that run the student's sampler.
+    """
+    from jdistill.convert.export import LORA_FILE
+
+    index_path = os.path.join(src, "model_index.json")
+    if not os.path.exists(index_path):
+        raise ConversionError(f"{src} has no model_index.json: not a pipeline directory")
+    model_index = read_json(index_path)
+    pipeline = model_index.get("_class_name")
+    if pipeline not in FLOW_PIPELINES:
+        raise ConversionError(f"{src} holds a {pipeline}, not one of {FLOW_PIPELINES}")
+    if paths.is_nonempty_dir(dst):
+        raise FileExistsError(f"export destination {dst} exists and is not empty; choose a new directory")
+    transformer_config = read_json(os.path.join(src, "transformer", "config.json"))
+    embedded = pipeline == "FluxPipeline" and bool(transformer_config.get("guidance_embeds"))
+    if guidance is not None and not embedded:
+        raise ValueError(
+            f"guidance {guidance} for the student, but its transformer has no guidance embedding"
+        )
+    teacher_scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
+    scheduler, call = flow_scheduler_plan(teacher_scheduler, tuple(timesteps))
+
+    out = paths.as_path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    write_teacher_components(src, out, model_index, ("transformer", "scheduler"), variant)
+    (out / "transformer").mkdir(parents=True, exist_ok=True)
+    write_json(out / "transformer" / "config.json", transformer_config)
+    save_weights(out / "transformer", state, dtype, "diffusion_pytorch_model")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
+    model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    write_json(out / "model_index.json", model_index)
+
+    if call:
+        # FLUX-dev/lite embed the guidance (1: none); SD3 runs no CFG at 1. Neither takes a negative prompt.
+        call["guidance_scale"] = 1.0 if guidance is None else float(guidance) + 1.0
+        if max_sequence_length:
+            call["max_sequence_length"] = int(max_sequence_length)
+    record = {
+        "call": call,
+        "pipeline": pipeline,
+        "scheduler": scheduler["_class_name"],
+        "prediction": "velocity",
+        "student_timesteps": [float(t) for t in timesteps],
+        "latents_scale": float(
+            input_scale
+        ),  # initial latents = this x randn (the pipeline's own noise is 1x)
+        "transformer_dtype": dtype,
+        "teacher_source": str(paths.absolute(src)),
+        **dict(info or {}),
+    }
+    if lora_state is not None:
+        save_weights(dst, lora_state, dtype, LORA_FILE.removesuffix(".safetensors"))
+        record["load_lora_weights"] = str(dst)
+    write_json(out / EXPORT_MARKER, record)
+    return record
