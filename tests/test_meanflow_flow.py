@@ -74,9 +74,21 @@ def make_net(family: str, **changes):
     return (flux_net if family == "flux" else sd3_net)(config)
 
 
-def call(net, params, family, x, t, cond, **kwargs):
+def caller(net, family, x, t, cond):
+    """``call(params, timestep_delta=None)``: the model's output on (x, t, cond), one compile per form."""
     method = "on_latents" if family == "flux" else None
-    return np.asarray(jax.jit(lambda p, d: net.apply(p, x, t, cond, method=method, **d))(params, kwargs))
+    plain = jax.jit(lambda p: net.apply(p, x, t, cond, method=method))
+    delta = jax.jit(lambda p, d: net.apply(p, x, t, cond, method=method, timestep_delta=d))
+
+    def call(params, timestep_delta=None):
+        out = (
+            plain(params)
+            if timestep_delta is None
+            else delta(params, jnp.asarray(timestep_delta, jnp.float32))
+        )
+        return np.asarray(out)
+
+    return call
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -102,11 +114,12 @@ def test_delta_embedder_at_zero_is_the_model_without_it(family):
     embed["timestep_delta_embedder"] = delta
 
     x, t, cond = model_inputs(family)
-    want = call(teacher, teacher_params, family, x, t, cond)
+    teacher_call, student_call = (caller(n, family, x, t, cond) for n in (teacher, student))
+    want = teacher_call(teacher_params)
     assert np.isfinite(want).all() and np.abs(want).max() > 0
     scale = 1.0 if family == "flux" else 1000.0
     for d in (0.0, 0.3, 0.9):
-        got = call(student, params, family, x, t, cond, timestep_delta=jnp.full((2,), d * scale))
+        got = student_call(params, jnp.full((2,), d * scale))
         np.testing.assert_array_equal(got, want)
 
     # Random weights in the embedder's last linear: the output depends on t - r (and differs from the teacher).
@@ -114,14 +127,14 @@ def test_delta_embedder_at_zero_is_the_model_without_it(family):
     delta["linear_2"] = jax.tree.map(
         lambda a: 0.5 * jax.random.normal(next(keys), a.shape), delta["linear_2"]
     )
-    outs = [call(student, params, family, x, t, cond, timestep_delta=d * scale) for d in (0.0, 0.3, 0.9)]
+    outs = [student_call(params, jnp.full((2,), d * scale)) for d in (0.0, 0.3, 0.9)]
     for a, b in ((outs[0], want), (outs[1], outs[0]), (outs[2], outs[1])):
         assert np.abs(a - b).max() > 1e-3 * np.abs(want).max()
 
     with pytest.raises(ValueError, match="timestep_delta is required"):
-        call(student, params, family, x, t, cond)
+        student_call(params)
     with pytest.raises(ValueError, match="has no timestep_delta_embeds"):
-        call(teacher, teacher_params, family, x, t, cond, timestep_delta=jnp.zeros((2,)))
+        teacher_call(teacher_params, jnp.zeros((2,)))
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -146,6 +159,13 @@ def meanflow_overrides(preset: str, pipelines, images, *extra):
         ("teacher.prompts", str(pipelines["prompts"])),
         ("teacher.data", str(images)),
         *TINY_RUN,
+        # 16 px (8x8 latents), 4 samples a batch, one checkpoint: the smallest run that checks the plumbing.
+        ("teacher.resolution", "16"),
+        ("batch_size", "4"),
+        ("sample.count", "4"),
+        ("sample.final_count", "4"),
+        ("sample.batch", "4"),
+        ("checkpoint.every", "2"),
         ("networks.student.model.time_cond_proj_dim", "0"),
         *extra,
     ]

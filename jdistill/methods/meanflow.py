@@ -26,9 +26,9 @@ model's own sinusoids and time scale, FLUX 1000 (t - r), SD3 1000 (t - r) as its
 MLP, ``time_text_embed.timestep_delta_embedder``, added to the conditioning embedding. Copied from the teacher,
 that MLP's first linear is the teacher's ``timestep_embedder.linear_1`` and its last linear starts at zero, so
 the student starts exactly as the teacher's velocity. It predicts u directly (the transformer's output is a
-velocity on the flow path); a guidance-distilled FLUX student gets guidance 1 (as ``FlowTransformerDenoiser``
-gives it), the teacher the recipe's ``guidance_scale``. Set ``networks.student.model.timestep_delta_embeds=True``
-and ``networks.student.model.time_cond_proj_dim=0``.
+velocity on the flow path); a guidance-distilled FLUX student (FLUX-dev, -lite) takes the guidance input the
+teacher gets for ``guidance_scale`` (as lcm's does), so that at r = t it starts as the guided teacher. Set
+``networks.student.model.timestep_delta_embeds=True`` and ``networks.student.model.time_cond_proj_dim=0``.
 
 Samples: z_1 = eps, then z_r = z_t - (t - r) u(z_t, r, t) over ``student_timesteps`` (1 first) down to 0.
 """
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
 from jdistill.diffusion.guidance import concat_cond
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
@@ -168,8 +168,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         if network.init is not None:  # from the teacher (model.init "teacher")
             network = copy_with_delta_embedder(network)
         network = start_as_teacher(network)
-        # Its flow denoiser only for the time convention and FLUX's guidance input; the call adds t - r.
+        # Its flow denoiser only to tell a guidance-distilled FLUX; the call adds t - r.
         flow = FlowTransformerDenoiser(network.net, schedule, family)
+    else:
+        network = build_network("student", net_cfg, world, config.num_steps)
     if unet:
         # A copy of the teacher on its own path, read on the flow path as the teacher is: u = eps - x0.
         network = start_as_teacher(network)
@@ -193,9 +195,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     def transformer_velocity(p, z, r, t, cond):
         """The transformer's output (a velocity: u) with its time convention: FLUX takes flow times and
-        scales them itself, SD3 takes 1000 t and 1000 (t - r); a guidance-distilled FLUX gets guidance 1."""
-        if flow.embedded_guidance and "guidance" not in cond:
-            cond = {**cond, "guidance": jnp.ones((z.shape[0],), jnp.float32)}
+        scales them itself, SD3 takes 1000 t and 1000 (t - r); a guidance-distilled FLUX takes the teacher's
+        guidance input."""
+        if flow.embedded_guidance:
+            cond = with_guidance_input(cond, m.guidance_scale, m.cfg_convention, z.shape[0])
         if family == "flux":
             out = network.net.apply(p, z, t, cond, timestep_delta=t - r, method="on_latents")
         else:
