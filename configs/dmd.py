@@ -27,17 +27,29 @@ Presets:
        ones (AdamW (0.9, 0.999), wd 0.01, lr 1e-5 for both networks, 500 warm-up steps, clip 10, batch 2048,
        no EMA) with DMD's 1:1 update ratio [unverified for DMD v1].
   sd21base, sdxl   the same on those teachers (not paper runs).
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+       on a flow-matching transformer teacher (not paper runs): one-step student from flow time 1 (pure
+       noise), pairs from the teacher's flow Euler sampler with its own CFG (FLUX-dev/lite through the
+       guidance embedding), the fake score on the flow-matching (velocity) MSE, lr 1e-6, batch 128, 20k steps.
 
   python -m jdistill.main --config configs/dmd.py:digits --workdir runs/dmd_digits
   python -m jdistill.main --config configs/dmd.py:gmm --workdir runs/dmd_gmm
   python tools/make_ode_pairs.py --config configs/dmd.py:gmm --out pairs/gmm --count 4096   # pairs on disk
 """
 
-from jdistill.config_base import NARROW, base_config, dmd2_digits, dmd2_networks, gmm_distillation
+from jdistill.config_base import (
+    FLOW_TEACHERS,
+    NARROW,
+    base_config,
+    dmd2_digits,
+    dmd2_networks,
+    flow_guidance,
+    gmm_distillation,
+)
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd
 
-PRESETS = ("digits", "gmm", "sd15", "sd21base", "sdxl")
+PRESETS = ("digits", "gmm", "sd15", "sd21base", "sdxl", *FLOW_TEACHERS)
 DIGITS_LR = 1e-4
 
 
@@ -55,6 +67,13 @@ def get_config(arg=None):
     elif preset == "gmm":
         gmm_distillation(c, student_lr=3e-4, student_size=NARROW, fake_size=NARROW)
         c.method.make_pairs = 4096
+    elif preset in FLOW_TEACHERS:
+        # DMD's 1:1 updates and regression on teacher ODE pairs (tools/make_ode_pairs.py -> method.pairs),
+        # one-step student from flow time 1, the fake score on the velocity MSE, the teacher's own CFG.
+        dmd2_networks(c, preset, lr=1e-6, batch_size=128, num_steps=20000)
+        c.method.guidance_scale = flow_guidance(preset, c.method.cfg_convention)
+        c.method.student_timesteps = (1.0,)
+        c.method.fake_target = "velocity"
     else:
         dmd2_networks(c, preset, lr=1e-5, batch_size=2048, num_steps=40000)
     return c

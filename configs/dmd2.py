@@ -37,17 +37,41 @@ Presets:
   sdxl_1step  one step, pure noise labelled t = 399, otherwise as sdxl, 24k steps (the paper first regresses
               2k iterations on 10k ODE pairs; not reproduced here).
   sdxl_lora   sdxl with a LoRA student (rank 64, alpha 8, attention projections), lr 5e-5, 16k steps.
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+             on a flow-matching transformer teacher (not a paper run): one-step student from flow time 1 (pure noise), lr 5e-7, 5 fake updates per
+             generator update, batch 128, 20k steps; student and fake score full
+             copies of the transformer, the fake score trained with the flow-matching (velocity) MSE, CFG = the
+             teacher's own sampling scale (FLUX-dev/lite through the guidance embedding, schnell none), the
+             optimizer of the sdxl preset; GAN off (the diffusion-GAN head reads a UNet's mid block).
 
   python -m jdistill.main --config configs/dmd2.py:digits --workdir runs/dmd2_digits
   python -m jdistill.main --config configs/dmd2.py:gmm --workdir runs/dmd2_gmm
 """
 
-from jdistill.config_base import base_config, dmd2_digits, dmd2_networks, gmm_distillation
+from jdistill.config_base import (
+    FLOW_TEACHERS,
+    base_config,
+    dmd2_digits,
+    dmd2_networks,
+    flow_guidance,
+    gmm_distillation,
+)
 from jdistill.configuration import choose_preset
 from jdistill.methods import dmd2
 from jdistill.methods.adversarial import discriminator_config
 
-PRESETS = ("digits", "gmm", "gmm_4step", "sd15", "sd15_gan", "sd21base", "sdxl", "sdxl_1step", "sdxl_lora")
+PRESETS = (
+    "digits",
+    "gmm",
+    "gmm_4step",
+    "sd15",
+    "sd15_gan",
+    "sd21base",
+    "sdxl",
+    "sdxl_1step",
+    "sdxl_lora",
+    *FLOW_TEACHERS,
+)
 FOUR_STEPS = (999.0, 749.0, 499.0, 249.0)
 DIGITS_LR = 1e-4
 
@@ -71,6 +95,14 @@ def get_config(arg=None):
         c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
         if preset == "gmm_4step":
             c.method.student_timesteps = FOUR_STEPS
+        return c
+    if preset in FLOW_TEACHERS:
+        dmd2_networks(c, preset, lr=5e-7, batch_size=128, num_steps=20000)
+        c.method.guidance_scale = flow_guidance(preset, c.method.cfg_convention)
+        c.method.generator_every = 5
+        c.method.student_timesteps = (1.0,)
+        c.method.fake_target = "velocity"
+        c.networks.discriminator = discriminator_config(lr=5e-7)  # unused: the GAN is off
         return c
     if preset.startswith("sdxl"):
         lora = (64, 8.0, ("to_q", "to_k", "to_v", "to_out.0")) if preset == "sdxl_lora" else None

@@ -50,6 +50,15 @@ Presets:
        embedding (not done here). One-step sampling at pi/2 (two steps as SANA-Sprint's pipeline:
        --config.method.student_timesteps='(1.5707963, 1.3)'). Not a measured run.
 
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+       on a flow-matching transformer teacher, read on TrigFlow through the training-free transform
+       (x^F = x_t / sigma_d N at flow time s = sin t / (sin t + cos t)), with T2I-Distill's sCM settings for
+       FLUX.1-lite (train_sCM.py): the student a full copy of the transformer, sigma_d 0.5 with the latents
+       times sigma_d, P_mean 0.2, P_std 1.6, tangent warm-up 4000, c = 0.1, the learned log-variance, AdamW
+       (0.9, 0.999) lr 1e-6 weight decay 1e-4, gradient clip 0.1, batch 256; one CFG w = the teacher's own
+       sampling scale (FLUX-dev/lite through the guidance embedding). Not reproduced here: its x1 rescaled
+       time embedding (the JVP then runs through the transformer's 1000 t sinusoids) and w drawn from {4,
+       4.5, 5} into the student's guidance embedding (the T2I-Distill presets).
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm --mode eval \
       --config.method.student_timesteps='(1.5707963, 1.1)'        # the same student, two steps
@@ -58,13 +67,20 @@ Presets:
       --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt   # prompts: samples only
 """
 
-from jdistill.config_base import base_config, digits_distillation, gmm_teacher, unet_distillation
+from jdistill.config_base import (
+    FLOW_TEACHERS,
+    base_config,
+    digits_distillation,
+    flow_guidance,
+    gmm_teacher,
+    unet_distillation,
+)
 from jdistill.configuration import choose_preset
 from jdistill.methods import scm
 from jdistill.methods.adversarial import discriminator_config
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "digits", "sd15_ladd")
+PRESETS = ("gmm", "digits", "sd15_ladd", *FLOW_TEACHERS)
 
 
 def get_config(arg=None):
@@ -109,6 +125,26 @@ def get_config(arg=None):
         # over 0.01 rad see the smooth one.
         m.jvp = "finite_difference"
         m.jvp_step = 1e-2
+        return c
+    if preset in FLOW_TEACHERS:
+        lr = 1e-6
+        unet_distillation(
+            c,
+            preset,
+            student_lr=lr,
+            fake_lr=None,
+            batch_size=256,
+            num_steps=10000,
+            optimizer="adamw",
+            weight_decay=1e-4,
+            grad_clip=0.1,
+        )
+        c.networks.logvar = scm.logvar_config(lr=lr)
+        m = c.method
+        m.data_scale = m.sigma_data
+        m.guidance_choices = (flow_guidance(preset, m.cfg_convention),)
+        m.sample_guidance = m.guidance_choices[0]
+        m.tangent_warmup_steps = 4000
         return c
 
     lr = 2e-6

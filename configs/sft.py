@@ -14,18 +14,22 @@ Presets:
             float32 master weights, frozen text encoders and VAE in bfloat16, the fused attention). Not a
             paper's recipe: a teacher adapted to a domain before distilling it. Its step is one UNet forward
             and backward, the unit benchmarks/RESULTS.md measures the memory levers with (tools/plan.py).
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+            the same fine-tune of a flow-matching transformer teacher (velocity MSE on the rectified-flow
+            path, flow times uniform; the pipelines' training used logit-normal times), batch 64, sampled with
+            the teacher's own CFG (FLUX-dev/lite through the guidance embedding).
 
   python -m jdistill.main --config configs/sft.py:gmm --workdir runs/sft_gmm
   python -m jdistill.main --config configs/sft.py:digits --workdir runs/digits_teacher \
       --config.teacher.path=runs/digits_init
 """
 
-from jdistill.config_base import base_config, gmm_teacher
+from jdistill.config_base import FLOW_TEACHERS, base_config, flow_guidance, gmm_teacher
 from jdistill.configuration import choose_preset
 from jdistill.methods import sft
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl")
+PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl", *FLOW_TEACHERS)
 
 
 def get_config(arg=None):
@@ -53,14 +57,18 @@ def diffusers_sft(c, preset: str) -> None:
     from jdistill.config_base import diffusers_run
     from jdistill.models import teacher_model_config
 
+    flow = preset in FLOW_TEACHERS
     diffusers_run(c, preset, batch_size=256 if preset == "sd15" else 64, num_steps=10000)
     c.sample.every = 1000
-    c.networks.model = network_config(prediction="eps", lr=1e-5, ema_decay=0.9999)
+    c.networks.model = network_config(prediction="velocity" if flow else "eps", lr=1e-5, ema_decay=0.9999)
     c.networks.model.model = teacher_model_config()
     c.networks.model.optimizer.update(
         {"name": "adamw", "weight_decay": 1e-2, "grad_clip": 1.0, "warmup_steps": 500}
     )
-    c.method.sampler.guidance_scale = 7.5 if preset == "sd15" else 5.0
+    if flow:
+        c.method.sampler.guidance_scale = flow_guidance(preset, c.method.sampler.cfg_convention)
+    else:
+        c.method.sampler.guidance_scale = 7.5 if preset == "sd15" else 5.0
 
 
 def digits_sft(c) -> None:

@@ -38,16 +38,26 @@ Presets:
   README warns against it unless real images beat the student). Run lengths are not stated: 20k steps.
   sd15        one step on SD1.5;          sd15_4step   four steps (999, 749, 499, 249) on SD1.5;
   sd21base    one step on SD2.1-base;     sdxl_4step   four steps on SDXL (zero unconditional embeddings).
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+              SiD-DiT's flow-matching setting (ml-sid-dit, the code of arXiv 2509.25127): four steps at flow
+              times (1, 0.75, 0.5, 0.25) (t_i = 1 - i/K; method.student_timesteps=(1.0,) for one step), the
+              fake score on the flow-matching (velocity) MSE, kappa = the teacher's own sampling CFG (its LSG:
+              all 4.5 on SANA; FLUX-dev/lite through the guidance embedding), batch 256, lr 1e-6. Not
+              reproduced: its generator weight (1 - sigma) and logit-normal fake-score times (here SiD's
+              weight and uniform times).
 
   python -m jdistill.main --config configs/sid.py:digits_4step --workdir runs/sid_digits_4step
   python -m jdistill.main --config configs/sid.py:gmm --workdir runs/sid_gmm
 """
 
 from jdistill.config_base import (
+    FLOW_FOUR_STEPS,
+    FLOW_TEACHERS,
     NARROW,
     WIDE,
     base_config,
     digits_distillation,
+    flow_guidance,
     gmm_distillation,
     sid_networks,
 )
@@ -65,6 +75,7 @@ PRESETS = (
     "sd15_4step",
     "sd21base",
     "sdxl_4step",
+    *FLOW_TEACHERS,
 )
 FOUR_STEPS = (999.0, 749.0, 499.0, 249.0)
 DIGITS_LR = 3e-5
@@ -87,6 +98,15 @@ def get_config(arg=None):
         c.method.fake_cond_dropout = 0.1
         if preset == "digits_4step":
             c.method.student_timesteps = FOUR_STEPS
+        return c
+    if preset in FLOW_TEACHERS:
+        sid_networks(c, preset, batch_size=256, num_steps=20000)
+        c.networks.discriminator.optimizer.lr = 1e-6
+        for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
+            c.method[key] = flow_guidance(preset, c.method.cfg_convention)
+        c.method.fake_cond_dropout = 0.1
+        c.method.student_timesteps = FLOW_FOUR_STEPS
+        c.method.fake_target = "velocity"
         return c
     if not preset.startswith("gmm"):
         sid_networks(c, preset.removesuffix("_4step"), batch_size=256, num_steps=20000)

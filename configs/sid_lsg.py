@@ -24,17 +24,31 @@ Presets:
              EMA half-life 0.05 Mimg. The run length is not stated in the repo: 100k steps (51 Mimg) here.
              Reported (COCO-2014 30k, 1 step): kappa 1.5 FID 8.71, kappa 2 FID 9.56.
   sd21base   the same on SD2.1-base (kappa 1.5: FID 9.52).
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+             the same networks and optimizer on a flow-matching transformer teacher, with SiD-DiT's
+             (ml-sid-dit) flow settings: the generator starts from pure noise at flow time 1 (the scripts'
+             sigma_625 z is a VP-schedule input), the fake score on the flow-matching (velocity) MSE,
+             kappa1..kappa4 = the teacher's own sampling CFG (SiD-DiT's LSG: all 4.5 on SANA; FLUX-dev/lite
+             through the guidance embedding), batch 256, 20k steps.
 
   python -m jdistill.main --config configs/sid_lsg.py:digits --workdir runs/sid_lsg_digits
   python -m jdistill.main --config configs/sid_lsg.py:gmm --workdir runs/sid_lsg_gmm
 """
 
-from jdistill.config_base import NARROW, base_config, digits_distillation, gmm_distillation, sid_networks
+from jdistill.config_base import (
+    FLOW_TEACHERS,
+    NARROW,
+    base_config,
+    digits_distillation,
+    flow_guidance,
+    gmm_distillation,
+    sid_networks,
+)
 from jdistill.configuration import choose_preset
 from jdistill.methods import sid_lsg
 from jdistill.methods.adversarial import discriminator_config
 
-PRESETS = ("digits", "gmm", "sd15", "sd21base")
+PRESETS = ("digits", "gmm", "sd15", "sd21base", *FLOW_TEACHERS)
 DIGITS_LR = 3e-5
 
 
@@ -54,6 +68,14 @@ def get_config(arg=None):
             c, student_lr=DIGITS_LR, fake_lr=DIGITS_LR, num_steps=600, betas=(0.0, 0.999), student_ema=0.99
         )
         c.networks.discriminator.optimizer.lr = DIGITS_LR
+    elif preset in FLOW_TEACHERS:
+        sid_networks(c, preset, batch_size=256, num_steps=20000)
+        c.networks.discriminator.optimizer.lr = 1e-6
+        for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
+            c.method[key] = flow_guidance(preset, c.method.cfg_convention)
+        c.method.student_timesteps = (1.0,)
+        c.method.fake_target = "velocity"
+        return c
     else:
         sid_networks(c, preset, batch_size=512, num_steps=100000)
         c.networks.discriminator.optimizer.lr = 1e-6

@@ -40,6 +40,11 @@ Presets:
              (0.9999, diffusers' EMAModel default); 3 epochs of 1.3M prompts = 243750 steps.
   sd15       the same on SD1.5 (not a paper run).
   sdxl       the same on SDXL at 1024 (not a paper run; SDXL's zero unconditional embeddings).
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+             the same on a flow-matching transformer teacher (not a paper run): the student a full copy of the
+             transformer from flow time 1 (pure noise), the LoRA fake score trained with the flow-matching
+             (velocity) MSE its teacher was trained with, CFG = the teacher's own sampling scale (FLUX-dev/lite
+             through the guidance embedding); at the teacher's resolution, batch 16.
 
   python -m jdistill.main --config configs/swiftbrush.py --workdir runs/digits
   python -m jdistill.main --config configs/swiftbrush.py:gmm --workdir runs/gmm
@@ -50,11 +55,18 @@ Expected (gmm, 2-core CPU): about 100 s; samples/final.npy with 0.95 of samples 
 mode 11-13%, class consistency 0.98 (thresholds checked by tests: 0.90, 0.05, 0.95).
 """
 
-from jdistill.config_base import base_config, digits_distillation, gmm_distillation, unet_distillation
+from jdistill.config_base import (
+    FLOW_TEACHERS,
+    base_config,
+    digits_distillation,
+    flow_guidance,
+    gmm_distillation,
+    unet_distillation,
+)
 from jdistill.configuration import choose_preset
 from jdistill.methods import swiftbrush
 
-PRESETS = ("digits", "gmm", "sd21base", "sd15", "sdxl")
+PRESETS = ("digits", "gmm", "sd21base", "sd15", "sdxl", *FLOW_TEACHERS)
 
 
 def get_config(arg=None):
@@ -90,4 +102,9 @@ def get_config(arg=None):
             fake_lora=(64, 108.0, ("to_q", "to_v")),
         )
         c.method.fake_score_init = "network"  # the LoRA teacher: starts equal to the teacher
+        if preset in FLOW_TEACHERS:
+            c.method.student_timestep = 1.0
+            c.method.guidance_scale = flow_guidance(preset, c.method.cfg_convention)
+            c.method.fake_target = "velocity"
+            c.method.fake_weighting = "uniform"
     return c

@@ -141,14 +141,40 @@ def real_size_levers(c: ml_collections.ConfigDict, dtype: str = "bfloat16") -> N
     c.split_updates = True
 
 
+# The flow-matching transformer teachers (teacher.kind = "flow"); every distillation recipe has a preset of each
+# name, e.g. configs/dmd2.py:flux_lite.
+FLOW_TEACHERS = ("flux_dev", "flux_schnell", "flux_lite", "sd3_medium", "sd35_medium", "sd35_large")
+# The CFG each flow teacher's model card samples with (convention "uncond": y_u + w (y_c - y_u)); FLUX-dev and
+# lite take it through their guidance embedding, schnell takes none (1: the conditional prediction alone).
+FLOW_GUIDANCE = {
+    "flux_dev": 3.5,
+    "flux_lite": 3.5,
+    "flux_schnell": 1.0,
+    "sd3_medium": 7.0,
+    "sd35_medium": 4.5,
+    "sd35_large": 3.5,
+}
+# Few-step students on the flow path start at t = 1 (pure noise) and step uniformly: SiD-DiT's t_i = 1 - i / K.
+FLOW_FOUR_STEPS = (1.0, 0.75, 0.5, 0.25)
+
+
+def flow_guidance(preset: str, convention: str = "uncond") -> float:
+    """The flow teacher's own sampling CFG in a recipe's ``convention`` ("cond": y_c + w (y_c - y_u) = the
+    "uncond" scale minus 1)."""
+    w = FLOW_GUIDANCE[preset]
+    return w - 1.0 if convention == "cond" else w
+
+
 def diffusers_run(
     c: ml_collections.ConfigDict, preset: str, *, batch_size: int, num_steps: int, dtype: str = "bfloat16"
 ) -> None:
-    """A run on the diffusers teacher ``preset``: its teacher section, the real-size levers (not for the
-    miniature digits teacher), the length and batch, and the logging, checkpoint and sample cadence."""
+    """A run on the diffusers teacher ``preset`` (a UNet, or a flow transformer of ``FLOW_TEACHERS``): its
+    teacher section, the real-size levers (not for the miniature digits teacher), the length and batch, and the
+    logging, checkpoint and sample cadence."""
     from jdistill.teachers.diffusers_world import diffusers_teacher_config
+    from jdistill.teachers.flow_world import flow_teacher_config
 
-    c.teacher = diffusers_teacher_config(preset)
+    c.teacher = flow_teacher_config(preset) if preset in FLOW_TEACHERS else diffusers_teacher_config(preset)
     if preset != "digits":
         real_size_levers(c, dtype)
     c.num_steps = num_steps
@@ -179,8 +205,9 @@ def unet_distillation(
     student_lora: tuple[int, float, tuple[str, ...]] | None = None,
     dtype: str = "bfloat16",
 ) -> None:
-    """The student and fake score as the teacher's UNet (eps-prediction, float32 master copies of the teacher,
-    or LoRAs (rank, alpha, targets) on it), one optimizer setting for both, and the diffusers teacher ``preset``.
+    """The student and fake score as the teacher's UNet or flow transformer (float32 master copies of the
+    teacher, or LoRAs (rank, alpha, targets) on it; a UNet's copies predict eps, a transformer's the flow
+    velocity, as the teacher), one optimizer setting for both, and the diffusers teacher ``preset``.
     ``fake_lr`` None: no fake score (a student alone, e.g. LCM).
 
     The teacher's weights come from ``teacher.path`` (a local pipeline or converted directory; empty: the
@@ -194,7 +221,10 @@ def unet_distillation(
     if fake_lr is not None:
         nets.append(("fake_score", fake_lr, fake_lora))
     for name, lr, lora in nets:
-        net = network_config(prediction="eps", lr=lr, ema_decay=student_ema if name == "student" else 0.0)
+        prediction = "velocity" if preset in FLOW_TEACHERS else "eps"
+        net = network_config(
+            prediction=prediction, lr=lr, ema_decay=student_ema if name == "student" else 0.0
+        )
         net.model = teacher_model_config()
         net.optimizer.update(
             {

@@ -126,7 +126,19 @@ def _export_flow(
         variant=config.teacher.variant or None,
         info=info,
         lora_state=lora_state,
+        teacher_sampler=_teacher_sampler(config),
     )
+
+
+def _teacher_sampler(config) -> tuple[int, float | None] | None:
+    """(steps, CFG in convention "uncond") of a recipe that samples its model as a teacher (sft), else None."""
+    sampler = config.method.get("sampler")
+    if sampler is None:
+        return None
+    scale = sampler.get("guidance_scale")
+    if scale is not None and sampler.get("cfg_convention", "uncond") == "cond":
+        scale = float(scale) + 1.0
+    return int(sampler.steps), scale
 
 
 def _export_flat(config, names: tuple[str, ...], params: dict[str, PyTree], dst: str, step: int) -> str:

@@ -17,7 +17,7 @@ import torch
 from tiny_pipeline import TOKEN_LENGTH
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.diffusion.samplers import flow_euler_plan, flux_sigmas, run_sampler
+from jdistill.diffusion.samplers import flux_sigmas, ode_plan, run_sampler
 from jdistill.diffusion.schedules import flux_mu
 from jdistill.models.flux import pack_latents
 from jdistill.teachers import build_world
@@ -53,9 +53,7 @@ def test_world_builds_and_samples_as_the_pipeline(preset, pipelines):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     flux = preset == "flux_dev"
-    world = build_world(
-        config(preset, pipelines, t5_length_unused=None) if False else config(preset, pipelines)
-    )
+    world = build_world(config(preset, pipelines))
     assert world.sample_shape == (8, 8, 16)  # 16 px, VAE factor 2, 16 latent channels
     expected = {"teacher", "vae", "text_encoder", "text_encoder_2"} | (set() if flux else {"text_encoder_3"})
     assert set(world.frozen) == set(world.nets) == expected
@@ -69,10 +67,9 @@ def test_world_builds_and_samples_as_the_pipeline(preset, pipelines):
     rng = np.random.default_rng(3)
     latents = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
     steps, scale = 2, 3.5
+    plan = ode_plan(world.teacher.schedule, steps)  # the pipeline's steps: FLUX's dynamic shift at 16 tokens
     if flux:
-        plan = flow_euler_plan(world.teacher.schedule, steps, sigmas=flux_sigmas(steps, mu=flux_mu(16)))
-    else:
-        plan = flow_euler_plan(world.teacher.schedule, steps)
+        np.testing.assert_allclose(plan.timesteps, flux_sigmas(steps, mu=flux_mu(16)), rtol=1e-12)
 
     def denoise(x, t):
         return predict_cfg(world.teacher, world.frozen["teacher"], x, t, cond, world.uncond, scale)

@@ -5,11 +5,13 @@ convention and the unconditional input of each teacher, and the real-size memory
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 from helpers import REPO, load
 
-from jdistill.teachers.presets import get_preset
+from jdistill.config_base import FLOW_TEACHERS
+from jdistill.teachers.presets import FlowTeacherPreset, get_preset
 
 RECIPES = tuple(sorted(path.stem for path in (REPO / "configs").glob("*.py")))
 # CFG conventions: "uncond" y_u + w (y_c - y_u) unless listed; LCM's is y_c + w (y_c - y_u).
@@ -42,11 +44,30 @@ def test_every_preset_loads_with_its_cfg_convention_and_unconditional_input(reci
         assert c.teacher.kind == "digits" and c.teacher.preset == "digits" and c.teacher.uncond == ""
         assert get_preset("digits").uncond == "empty_prompt"
         return
+    if preset in FLOW_TEACHERS:
+        _check_flow_preset(c, preset)
+        return
     assert c.teacher.kind == "diffusers" and c.teacher.preset in preset
     # SD1.5 / SD2.1 encode the empty prompt; the SDXL recipes use zero embeddings (DMD2's convention).
     rule = get_preset(c.teacher.preset).uncond
     assert rule == ("zeros" if c.teacher.preset == "sdxl" else "empty_prompt") and c.teacher.uncond == ""
     assert all(c.networks[n].model.arch == "teacher" for n in ("student", "fake_score") if n in c.networks)
+
+
+def _check_flow_preset(c, preset: str) -> None:
+    """A flow teacher's preset: the flow world, velocity-predicting transformer copies, student times in flow
+    units (sCM's in TrigFlow's [0, pi/2]), the teacher's uncond rule (SD3: the empty prompt as negative)."""
+    assert c.teacher.kind == "flow" and c.teacher.preset == preset and c.teacher.uncond == ""
+    assert get_preset(preset, FlowTeacherPreset).uncond == "empty_prompt"
+    for name in ("student", "fake_score", "model"):
+        if name in c.networks:
+            assert c.networks[name].model.arch == "teacher" and c.networks[name].prediction == "velocity"
+    times = c.method.get("student_timesteps") or (c.method.get("student_timestep"),)
+    if c.method.name == "sft":
+        return
+    limit = math.pi / 2 if c.method.name == "scm" else 1.0
+    assert times[0] == pytest.approx(limit) and all(0 < t <= limit + 1e-9 for t in times)
+    assert c.teacher.attention_impl == "auto" and c.split_updates  # the real-size levers
 
 
 def test_sd_presets_carry_the_papers_settings():

@@ -11,7 +11,8 @@ diffusers' ``FlowMatchEulerDiscreteScheduler`` set up so that the pipeline runs 
 - several steps (predict x0, re-noise to the next time with fresh noise): ``stochastic_sampling``, whose
   step is x0 = x - sigma v, then (1 - sigma') x0 + sigma' noise, and the call passes the student's times as
   ``sigmas``;
-- no few-step times (an ``sft`` fine-tune): the teacher's scheduler, unchanged.
+- no few-step times (an ``sft`` fine-tune): the teacher's scheduler, unchanged, called with the run's sampler
+  settings (``teacher_sampler``: steps and CFG).
 
 A student that starts from scaled noise (``input_scale`` s: SiD-LSG's t_0 z) cannot fold s into the
 transformer (the Euler step adds the unscaled latents), so the record asks for ``latents`` = s x randn.
@@ -63,6 +64,19 @@ def flow_scheduler_plan(
     return config, call
 
 
+def teacher_call(pipeline: str, embedded: bool, steps: int, scale: float | None) -> dict[str, Any]:
+    """The call that samples as jdistill's teacher sampler: ``steps`` Euler steps at the pipeline's own sigmas,
+    CFG ``scale`` (convention "uncond") through FLUX's guidance embedding, FluxPipeline's true CFG against the
+    empty prompt (no embedding), or SD3's CFG (its default negative prompt is the empty one)."""
+    w = 1.0 if scale is None else float(scale)
+    call: dict[str, Any] = {"num_inference_steps": int(steps), "guidance_scale": w}
+    if pipeline == "FluxPipeline" and not embedded:
+        call["guidance_scale"] = 1.0
+        if w != 1.0:
+            call.update(true_cfg_scale=w, negative_prompt="")
+    return call
+
+
 def export_flow_pipeline(
     src: str,
     dst: str,
@@ -76,13 +90,16 @@ def export_flow_pipeline(
     variant: str | None = None,
     info: Mapping[str, Any] | None = None,
     lora_state: Mapping[str, Any] | None = None,
+    teacher_sampler: tuple[int, float | None] | None = None,
 ) -> dict[str, Any]:
     """Write the teacher's flow pipeline at ``src`` to ``dst`` with the transformer's diffusers state dict
     ``state`` (and, for an unmerged LoRA student, ``lora_state`` as ``pytorch_lora_weights.safetensors``).
 
     ``guidance``: the CFG scale w (convention "cond") a guidance-distilled FLUX student is sampled with: its
     guidance embedding then gets w + 1; None gives 1 (no guidance), as jdistill's student sampler does.
-    Returns what was written to ``dst/jdistill_export.json``: the call arguments that run the student's sampler.
+    ``teacher_sampler``: (steps, CFG scale in convention "uncond" or None) of a model sampled as its teacher
+    (no ``timesteps``), e.g. a fine-tune. Returns what was written to ``dst/jdistill_export.json``: the call
+    arguments that run the student's sampler.
     """
     from jdistill.convert.export import LORA_FILE
 
@@ -118,8 +135,10 @@ def export_flow_pipeline(
     if call:
         # FLUX-dev/lite embed the guidance (1: none); SD3 runs no CFG at 1. Neither takes a negative prompt.
         call["guidance_scale"] = 1.0 if guidance is None else float(guidance) + 1.0
-        if max_sequence_length:
-            call["max_sequence_length"] = int(max_sequence_length)
+    elif teacher_sampler is not None:
+        call = teacher_call(pipeline, embedded, *teacher_sampler)
+    if call and max_sequence_length:
+        call["max_sequence_length"] = int(max_sequence_length)
     record = {
         "call": call,
         "pipeline": pipeline,

@@ -124,10 +124,13 @@ def flow_euler_plan(
     mu: float | None = None,
     sigmas: np.ndarray | None = None,
 ) -> SamplerPlan:
-    """Euler on the rectified-flow ODE at diffusers' sigmas (or the given ``sigmas``, e.g. ``flux_sigmas``),
-    ending at t = 0."""
+    """Euler on the rectified-flow ODE at the teacher pipeline's sigmas (the schedule's grid, shift and mu; or
+    the given ``sigmas``, e.g. ``flux_sigmas``), ending at t = 0."""
     shift = schedule.shift if shift is None else shift
-    if sigmas is None:
+    mu = schedule.mu if mu is None else mu
+    if sigmas is None and schedule.sigma_grid == "flux":
+        sigmas = flux_sigmas(num_inference_steps, shift, mu)
+    elif sigmas is None:
         sigmas = flow_sigmas(num_inference_steps, shift, schedule.num_train_timesteps, mu)
     sigmas = np.asarray(sigmas, np.float64)
     nxt = np.append(sigmas[1:], 0.0)

@@ -152,9 +152,16 @@ def flux_mu(image_seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FlowSchedule(Schedule):
-    """Rectified flow: x_t = (1 - t) x0 + t eps, t in [0, 1]; diffusers models take 1000 t."""
+    """Rectified flow: x_t = (1 - t) x0 + t eps, t in [0, 1]; diffusers models take 1000 t.
+
+    ``shift``, ``mu`` and ``sigma_grid`` say how the teacher's pipeline places its sampling steps (they do not
+    change the path): the static shift (SD3: 3), or FLUX-dev's dynamic shift ``mu`` for the world's token count;
+    "scheduler": the scheduler's own grid (SD3 pipelines), "flux": FluxPipeline's linspace(1, 1/n, n).
+    """
 
     shift: float = 1.0
+    mu: float | None = None
+    sigma_grid: str = "scheduler"
     num_train_timesteps: int = 1000
     t_min: float = 0.0
     t_max: float = 1.0

@@ -204,7 +204,14 @@ def _heads(config: ml_collections.ConfigDict, make) -> Network:
 
 def build_discriminator(config: ml_collections.ConfigDict, world, trunk: Network) -> Discriminator:
     """The head network ``discriminator`` on ``trunk``'s bottleneck features, shaped from an abstract call."""
+    from jdistill.diffusion.transformer_denoiser import transformer_family
+
     _check(config, world)
+    if transformer_family(trunk.net) is not None:
+        raise ValueError(
+            f"the diffusion-GAN head reads a UNet's mid block; network {trunk.name!r} is a flow transformer "
+            "(FLUX / SD3), which has no head yet: set method.gan.generator_weight=0"
+        )
     x, t, cond = _probe(world)
     abstract = {**world.frozen, trunk.name: trunk.net.abstract}
 

@@ -91,6 +91,12 @@ class FewStepStudent:
         self.schedule = denoiser.schedule
         self.sample_shape = tuple(sample_shape)
         self.timesteps = tuple(float(t) for t in timesteps)
+        lo, hi = self.schedule.t_min, self.schedule.t_max
+        if not all(lo <= t <= hi for t in self.timesteps):
+            raise ValueError(
+                f"student timesteps {self.timesteps} lie outside the teacher schedule's time range [{lo:g}, "
+                f"{hi:g}] ({type(self.schedule).__name__}; flow teachers count time in [0, 1], e.g. (1.0,))"
+            )
         self.plan = student_plan(self.schedule, self.timesteps)  # validates: non-empty, decreasing
         self.input_scale = 1.0
         if student_input == "noised_zero":

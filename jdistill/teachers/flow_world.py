@@ -13,8 +13,9 @@ encoder components and T5 length, and its widths must be the transformer's; as n
 weights themselves are not compared (the UNet world compares their empty-prompt output with the cache's).
 Captioned images (``teacher.data``) and other evaluation prompts need the encoders and are refused.
 
-The schedule's static ``shift`` is the scheduler config's (SD3: 3, FLUX-schnell: 1); FLUX-dev's sampling
-shift depends on the resolution (``samplers.flux_sigmas`` with ``flux_mu`` of the token count).
+The teacher's sampler places its steps as the pipeline does (``pipeline_schedule``): the scheduler config's
+static ``shift`` (SD3: 3, FLUX-schnell: 1), or FLUX-dev's resolution-dependent shift (``flux_mu`` of the token
+count), on FluxPipeline's sigma grid for FLUX.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import ml_collections
 
 from jdistill.data.embeddings import EmbeddingCache
 from jdistill.data.text import PromptTable, prompt_digest
-from jdistill.diffusion.schedules import FlowSchedule
+from jdistill.diffusion.schedules import FlowSchedule, flux_mu
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser
 from jdistill.teachers import diffusers_world
 from jdistill.teachers.base import World
@@ -120,6 +121,27 @@ def check_cache(
         )
 
 
+def pipeline_schedule(scheduler: dict, family: str, shape: tuple[int, int, int]) -> FlowSchedule:
+    """The flow path with the sampling steps of the teacher's pipeline at latent ``shape``: the scheduler's
+    static shift, or (``use_dynamic_shifting``, FLUX-dev/lite) the mu of the token count (2x2 patches in both
+    families), on FluxPipeline's or the scheduler's own sigma grid."""
+    mu = None
+    if scheduler.get("use_dynamic_shifting"):
+        tokens = (shape[0] // 2) * (shape[1] // 2)
+        mu = flux_mu(
+            tokens,
+            scheduler.get("base_image_seq_len", 256),
+            scheduler.get("max_image_seq_len", 4096),
+            scheduler.get("base_shift", 0.5),
+            scheduler.get("max_shift", 1.15),
+        )
+    return FlowSchedule(
+        shift=float(scheduler.get("shift", 1.0)),
+        mu=mu,
+        sigma_grid="flux" if family == "flux" else "scheduler",
+    )
+
+
 def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     t = config.teacher
     preset = get_preset(t.preset, FlowTeacherPreset)
@@ -131,10 +153,10 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     components = ("transformer", "vae", *encoders)
     pipe = diffusers_world.load_components(config, preset, components, shardings_for, ("empty_prompt",))
     transformer, vae = pipe.components["transformer"], pipe.components["vae"]
-    shift = float(pipe.scheduler_config.get("shift", 1.0))
-    teacher = FlowTransformerDenoiser(transformer.net, FlowSchedule(shift=shift), preset.family)
     resolution = t.resolution or preset.resolution
     shape = sample_shape(resolution, preset.family, vae.config, transformer.config)
+    schedule = pipeline_schedule(pipe.scheduler_config, preset.family, shape)
+    teacher = FlowTransformerDenoiser(transformer.net, schedule, preset.family)
     if cached:
         widths = {
             "encoder_hidden_states": transformer.config["joint_attention_dim"],
