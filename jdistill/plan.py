@@ -13,9 +13,11 @@
   and whether it fits the device.
 
 Devices may be abstract (a TPU topology this machine does not have): lowering needs no device memory, and
-a deviceless compile for TPU gives the memory figures. XLA's cost analysis counts a loop body once: the
-micro-batch scan is scaled back by its length, while a few-step student's backward simulation (``lax.fori_loop`` over a random number of steps) is counted as one
-student forward where the analytic count has the expected (K - 1) / 2.
+a deviceless compile for TPU gives the memory figures. XLA's cost analysis counts a loop body once: every
+``lax.scan`` of the step (the micro-batch scan, the scanned layer stacks of the FLUX / SD3 transformers and
+T5, their JVP and backward scans) is scaled back to its length from the traced program (``loop_flops``),
+while a few-step student's backward simulation (``lax.fori_loop`` over a random number of steps: a while
+loop) is counted as one student forward where the analytic count has the expected (K - 1) / 2.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend.core
 import ml_collections
 import numpy as np
 
@@ -34,7 +38,10 @@ from jdistill import parallel, train
 from jdistill.data.joint import SEPARATOR
 from jdistill.methods.recipe import Pass, Update
 from jdistill.models.clip import CLIPTextConfig
+from jdistill.models.flux import FluxConfig
 from jdistill.models.lora import LoRANet
+from jdistill.models.sd3 import SD3Config
+from jdistill.models.t5 import T5Config
 from jdistill.models.unet import UNetConfig
 from jdistill.models.vae import AutoencoderKLConfig
 from jdistill.teachers.prompts import IDS
@@ -83,34 +90,55 @@ class Analytic:
         ehs = uncond.get("encoder_hidden_states") if isinstance(uncond, dict) else None
         self.context = int(np.shape(ehs)[-2]) if ehs is not None else 77
 
-    def unet(self, name: str) -> UNetConfig | None:
+    def config(self, name: str):
         net = self.nets.get(name)
-        cfg = getattr(net.base if isinstance(net, LoRANet) else net, "config", None)
+        return getattr(net.base if isinstance(net, LoRANet) else net, "config", None)
+
+    def unet(self, name: str) -> UNetConfig | None:
+        cfg = self.config(name)
         return cfg if isinstance(cfg, UNetConfig) else None
 
+    def forward(self, name: str, trunk: bool = False) -> float | None:
+        """One sample through network ``name`` (a UNet, or a FLUX / SD3 transformer on the world's latents
+        and conditioning length); None where not countable (a transformer's trunk)."""
+        cfg = self.config(name)
+        h, w = self.latent
+        if isinstance(cfg, UNetConfig):
+            return hand.unet_forward(cfg, h, w, self.context, trunk=trunk)
+        if isinstance(cfg, FluxConfig) and not trunk:
+            return hand.flux_forward(cfg, (h // 2) * (w // 2), self.context)  # 2x2-packed latent tokens
+        if isinstance(cfg, SD3Config) and not trunk:
+            return hand.sd3_forward(cfg, h, w, self.context)
+        return None
+
     def pass_flops(self, p: Pass) -> float | None:
-        cfg = self.unet(p.network)
-        if cfg is None:
+        forward = self.forward(p.network, p.trunk)
+        if forward is None:
             return None
-        forward = hand.unet_forward(cfg, *self.latent, self.context, trunk=p.trunk)
         factor = GRAD_FACTOR[p.grad]
         if isinstance(self.nets[p.network], LoRANet) and p.grad == "params":
+            cfg = self.unet(p.network)
+            if cfg is None:  # adapted projections of a transformer: not counted yet
+                return None
             # Frozen kernels need no weight gradient; the adapted ones do (W + s A B is differentiated).
             adapted = hand.unet_forward(cfg, *self.latent, self.context, projections_only=True, trunk=p.trunk)
             factor = 2.0 + adapted / forward
         return p.samples * factor * forward
 
     def prepare_flops(self, batch: dict[str, jax.ShapeDtypeStruct]) -> float | None:
-        """The step's input preparation: text encoders on token ids, the VAE encoder on images."""
+        """The step's input preparation: text encoders (CLIP, T5) on token ids, the VAE encoder on images."""
         total = 0.0
         for key, spec in batch.items():
             leaf = key.rsplit(SEPARATOR, 1)[-1]
             n = spec.shape[0]
             if leaf.startswith(IDS):
                 cfg = self.nets[leaf[len(IDS) :]].config
-                if not isinstance(cfg, CLIPTextConfig):
+                if isinstance(cfg, CLIPTextConfig):
+                    total += n * hand.clip_text_forward(cfg, spec.shape[1])
+                elif isinstance(cfg, T5Config):
+                    total += n * hand.t5_encoder_forward(cfg, spec.shape[1])
+                else:
                     return None
-                total += n * hand.clip_text_forward(cfg, spec.shape[1])
             elif leaf == "images":
                 cfg = self.nets["vae"].config
                 if not isinstance(cfg, AutoencoderKLConfig):
@@ -192,8 +220,7 @@ def plan(
     analytic = Analytic(s)
     functions = train.StepFunctions(s)
     steps = []
-    # XLA counts a loop body once: with micro-batches (a scan of k bodies) the step's FLOPs are k times its
-    # count (the optimizer update outside the scan is counted k times too: negligible).
+    # XLA counts a loop body once: the scans' other iterations are added from the traced programs.
     micro = config.get("micro_batches", 1)
     kinds = step_kinds(s.recipe.updates)
     if full_step_only:
@@ -202,13 +229,15 @@ def plan(
         step_num = next(i for i in range(10**6) if s.recipe.active_updates(i) == active)
         entry: dict[str, Any] = {"updates": [u.name for u in active], "fraction": fraction}
         t0 = time.perf_counter()
+        args = (s.abstract_state, s.frozen, batch, step_spec, key_spec)
         with jax.set_mesh(mesh):
-            lowered = functions(step_num).lower(s.abstract_state, s.frozen, batch, step_spec, key_spec)
-        entry["lower_s"] = round(time.perf_counter() - t0, 1)
+            traced = traced_programs(functions(step_num), args, mesh, micro)
+            entry["lower_s"] = round(time.perf_counter() - t0, 1)
+            loops = [loop_flops(jaxpr) for jaxpr, _ in traced]
         entry["analytic_flops"] = analytic.step(active, batch, config.batch_size)
         # A split step (split_updates) is one program per update: FLOPs add up, memory is the largest program's.
         programs = [
-            _program(p, mesh, micro, compile) for p in (lowered if isinstance(lowered, list) else [lowered])
+            _program(lowered, extra, mesh, compile) for (_, lowered), extra in zip(traced, loops, strict=True)
         ]
         flops = [p["flops"] for p in programs]
         entry["flops"] = None if None in flops else sum(flops)
@@ -240,6 +269,8 @@ def plan(
         "devices": int(mesh.devices.size),
         "platform": mesh.devices.flat[0].platform,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "sample_shape": [int(d) for d in s.world.sample_shape],
+        "conditioning": _per_sample_shapes(s.world.uncond),
         "networks": networks,
         "state_bytes_per_device": state_bytes,
         "frozen_bytes_per_device": frozen_bytes,
@@ -278,24 +309,94 @@ def micro_batch_advice(
     }
 
 
+def _per_sample_shapes(uncond) -> dict[str, list[int]] | None:
+    """The conditioning's per-sample shapes (from the world's unconditional input), by key."""
+    if not isinstance(uncond, dict):
+        return None
+    return {k: [int(d) for d in np.shape(v)[1:]] for k, v in uncond.items()}
+
+
 def _mean(steps: list[dict], key: str) -> float | None:
     if any(e[key] is None for e in steps):
         return None
     return sum(e[key] * e["fraction"] for e in steps)
 
 
-def _program(lowered, mesh, micro: int, compile: bool) -> dict[str, Any]:
-    """FLOPs (all devices; a micro-batch scan's body counted k times) and, compiled, memory of one program."""
+def traced_programs(fn, args: tuple, mesh, micro: int) -> list[tuple[Any, Any]]:
+    """(jaxpr, lowered) of each program of a step function: one, or one per update under ``split_updates``
+    (``train.UpdatePrograms``: a later program's inputs are the earlier one's outputs, as its ``lower``)."""
+    if not isinstance(fn, train.UpdatePrograms):
+        traced = fn.trace(*args)
+        return [(traced.jaxpr, traced.lower())]
+    state, frozen, inputs, step, root = args
+    out = []
+    for program in fn.programs:
+        traced = program.trace(state, frozen, inputs, step, root)
+        out.append((traced.jaxpr, traced.lower()))
+        outputs = out[-1][1].out_info[2]
+        shardings = train.transfer_shardings(mesh, outputs, micro)
+        inputs = jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), outputs, shardings
+        )
+    return out
+
+
+def _scan_counted(length: int, unroll) -> int:
+    """Iterations of a ``lax.scan`` that XLA's cost analysis sees: the (unrolled) body once, plus the
+    remainder iterations lowered outside the loop."""
+    u = length if unroll is True else max(int(unroll or 1), 1)
+    return length if u >= length else u + length % u
+
+
+def loop_flops(jaxpr, body_flops: Callable[[Any], float] | None = None) -> float | None:
+    """FLOPs XLA's cost analysis misses in a traced program (``jaxpr``, closed or open): each ``lax.scan``'s
+    body counted once where it runs ``length`` times (nested scans multiply; a while loop, whose trip count
+    is not static, stays counted once, as a conditional's costliest branch). ``body_flops``: XLA's count of
+    one scan body (default: its jaxpr lowered alone); None where a body cannot be lowered."""
+    if body_flops is None:
+        cache: dict[int, tuple[Any, float]] = {}
+
+        def body_flops(closed):
+            if id(closed) not in cache:
+                args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.in_avals]
+                lowered = jax.jit(jax.extend.core.jaxpr_as_fun(closed)).lower(*args)
+                cache[id(closed)] = (closed, float((lowered.cost_analysis() or {}).get("flops", 0.0)))
+            return cache[id(closed)][1]
+
+    def walk(j) -> float:
+        j = getattr(j, "jaxpr", j)
+        total = 0.0
+        for eqn in j.eqns:
+            if eqn.primitive.name == "scan":
+                body, length = eqn.params["jaxpr"], eqn.params["length"]
+                missed = length - _scan_counted(length, eqn.params.get("unroll", 1))
+                total += missed * (body_flops(body) if missed else 0.0) + length * walk(body)
+            elif eqn.primitive.name == "cond":
+                total += max(walk(b) for b in eqn.params["branches"])
+            else:
+                total += sum(walk(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+        return total
+
+    try:
+        return walk(jaxpr)
+    except Exception:  # a body that does not lower alone (e.g. abstract devices of another platform)
+        return None
+
+
+def _program(lowered, loops: float | None, mesh, compile: bool) -> dict[str, Any]:
+    """FLOPs (all devices; every scan's body counted as often as it runs: ``loops`` added) and, compiled,
+    memory of one program."""
     cost = lowered.cost_analysis() or {}
-    out: dict[str, Any] = {"flops": float(cost.get("flops", 0.0)) * micro or None}
+    flops = float(cost.get("flops", 0.0))
+    out: dict[str, Any] = {"flops": flops + loops if flops and loops is not None else None}
     if compile:
         t0 = time.perf_counter()
         compiled = lowered.compile()
         out["compile_s"] = round(time.perf_counter() - t0, 1)
         out["memory"] = _memory(compiled, mesh.devices.flat[0].platform)
-        if out["flops"] is None:  # TPU lowerings give no cost analysis: one device's share, compiled
+        if out["flops"] is None and loops is not None:  # TPU lowerings give no cost analysis: compiled
             per_device = (compiled.cost_analysis() or {}).get("flops")
-            out["flops"] = float(per_device) * mesh.devices.size * micro if per_device else None
+            out["flops"] = float(per_device) * mesh.devices.size + loops if per_device else None
     return out
 
 

@@ -4,10 +4,17 @@
         [--target cpu|tpu-v5p-8|tpu-v5e-8|tpu-v4-8|tpu-v5p:4x4x4|...] [--compile] [--json] [--config.a.b=v ...]
 
 The run is built abstractly (no weights, tokenizers, prompts or images are read; the preset's stored
-configurations give the shapes). Printed: per network its parameters, bytes and the fraction left replicated
-(with the largest replicated parameters named); per device the trained state (parameters, optimizer state,
-EMA) and the frozen networks; per distinct train step the FLOPs of the lowered step (XLA's cost analysis,
-the whole step over all devices) beside an analytic count from the recipe's passes.
+configurations give the shapes), for UNet teachers (teacher.kind=diffusers) and flow-matching transformers
+(teacher.kind=flow: FLUX.1-dev/schnell/lite, SD3, SD3.5), e.g.
+
+    python tools/plan.py --config configs/scm.py:digits --config.teacher.kind=flow \
+        --config.teacher.preset=flux_lite --config.teacher.resolution=1024 --config.method.jvp=jvp ...
+
+Printed: the sample and per-sample conditioning shapes; per network its parameters, bytes and the fraction
+left replicated (with the largest replicated parameters named); per device the trained state (parameters,
+optimizer state, EMA) and the frozen networks; per distinct train step the FLOPs of the lowered step (XLA's
+cost analysis, the whole step over all devices, every scanned loop counted as often as it runs) beside an
+analytic count from the recipe's passes.
 
 Targets: ``cpu`` (default) lowers on fake CPU devices, one per mesh position: minutes and a few GB for an
 SDXL step, no compile (``--compile`` compiles on the CPU too: slow at real size). A TPU target (``tpu-v5p-8``,
@@ -17,10 +24,11 @@ temporaries, peak per device) and whether the step fits the chip's memory. It ne
 ``pip install -e '.[tpu-plan]'``; an SD1.5 DMD2 step split per update (the SD presets) compiles in about 30
 minutes with up to ~23 GB of host memory.
 
-``--json`` prints one JSON object (keys: batch, devices, networks {name: params, bytes, replicated_fraction,
-...}, state_bytes_per_device, flops_per_step, analytic_flops_per_step (the step with every update active,
-all devices together), peak_bytes_per_device, device_memory_bytes, fits, advice (when it does not fit: the
-fewest micro-batches estimated to fit), steps [...]; a split step lists its programs).
+``--json`` prints one JSON object (keys: batch, devices, sample_shape, conditioning (per-sample shapes by
+key), networks {name: params, bytes, replicated_fraction, ...}, state_bytes_per_device, flops_per_step,
+analytic_flops_per_step (the step with every update active, all devices together), peak_bytes_per_device,
+device_memory_bytes, fits, advice (when it does not fit: the fewest micro-batches estimated to fit),
+steps [...]; a split step lists its programs).
 """
 
 from __future__ import annotations
@@ -173,6 +181,11 @@ def render(r: dict) -> str:
     lines = [
         f"{r['method']} / {r['teacher']}: batch {r['batch']} on {r['devices']} {r['platform']} devices, mesh {r['mesh']}"
     ]
+    if r.get("sample_shape"):
+        cond = ", ".join(f"{k} {tuple(v)}" for k, v in (r.get("conditioning") or {}).items())
+        lines.append(
+            f"sample {tuple(r['sample_shape'])}" + (f"; conditioning per sample: {cond}" if cond else "")
+        )
     lines.append(f"{'network':<24}{'params':>15}{'bytes':>12}{'per device':>13}{'replicated':>12}")
     for name, n in r["networks"].items():
         tag = "" if n["trained"] else " (frozen)"

@@ -20,8 +20,8 @@ def build_world(
     abstract: bool = False,
 ) -> World:
     """The world of ``config.teacher``; ``shardings_for(name, net)`` gives the target shardings into which
-    frozen networks are loaded (no full copy on one device). ``abstract``: a diffusers teacher's shapes only
-    (no weights or data read; other teachers are small and built as usual)."""
+    frozen networks are loaded (no full copy on one device). ``abstract``: a diffusers or flow teacher's shapes
+    only (no weights or data read; other teachers are small and built as usual)."""
     kind = config.teacher.kind
     if kind not in WORLD_KINDS:
         raise ValueError(f"unknown teacher.kind {kind!r}; choose one of {list(WORLD_KINDS)}")
@@ -30,7 +30,9 @@ def build_world(
 
         return build_abstract(config)
     if abstract and kind == "flow":
-        raise NotImplementedError("plans (abstract worlds) of flow-matching teachers are not implemented yet")
+        from jdistill.teachers.flow_abstract import build_abstract
+
+        return build_abstract(config)
     return importlib.import_module(f"jdistill.teachers.{kind}_world").build(config, shardings_for)
 
 
