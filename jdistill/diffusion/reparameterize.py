@@ -40,6 +40,11 @@ class MatchedDenoiser:
     schedule: Schedule
     data_scale: float = 1.0
 
+    @property
+    def embedded_guidance(self) -> bool:
+        """The base's: a guidance-distilled teacher read on another path still takes its scale as an input."""
+        return bool(getattr(self.base, "embedded_guidance", False))
+
     def base_time(self, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
         """The base path's time at the target's (alpha, sigma)."""
         base = self.base.schedule

@@ -83,7 +83,7 @@ def distribution_matching(config: ml_collections.ConfigDict, world):
 
     passes = (
         *parts.generation_passes("params"),
-        Pass("teacher", cfg_evaluations(m.guidance_scale, m.cfg_convention)),
+        Pass("teacher", cfg_evaluations(m.guidance_scale, m.cfg_convention, teacher)),
         *parts.fake_passes(1.0, "none"),
     )
     if disc is not None:  # the head's trunk on x_t' noised from x: the gradient flows through its input

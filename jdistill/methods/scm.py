@@ -213,10 +213,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
         return x / m.data_scale
 
-    # The teacher's guided pair (w drawn per sample), the JVP of sg(student), and the differentiated student
+    # The teacher's guided pair (w drawn per sample; one pass for a guidance-distilled FLUX), the JVP of sg(student), and the differentiated student
     # (with LADD: on x_t and the real x_adv in one call, then the teacher's trunk under the heads).
     passes = (
-        Pass("teacher", 2.0),
+        Pass("teacher", 1.0 if getattr(teacher, "embedded_guidance", False) else 2.0),
         *derivative_passes("student", m.jvp),
         Pass("student", 1.0 if disc is None else 2.0, "params"),
     )

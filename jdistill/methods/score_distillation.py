@@ -73,7 +73,7 @@ class StudentAndFake:
 
     def fake_score_passes(self, m: ml_collections.ConfigDict, guidance: float = 1.0, noise_draws: int = 1):
         """``fake_score_loss``'s passes (without a discriminator)."""
-        samples = noise_draws * cfg_evaluations(guidance, m.cfg_convention)
+        samples = noise_draws * cfg_evaluations(guidance, m.cfg_convention, self.fake)
         return (*self.generation_passes("none", unless_carried="x"), *self.fake_passes(samples, "params"))
 
     def fake_score_loss(
@@ -143,8 +143,11 @@ class StudentAndFake:
         )
 
 
-def cfg_evaluations(scale, convention: str) -> int:
-    """Network evaluations per sample of a prediction under CFG ``scale``: 1 when it is the identity."""
+def cfg_evaluations(scale, convention: str, denoiser=None) -> int:
+    """Network evaluations per sample of a prediction under CFG ``scale``: 1 when it is the identity or the
+    ``denoiser`` takes the scale as an input (a guidance-distilled FLUX)."""
+    if getattr(denoiser, "embedded_guidance", False):
+        return 1
     return 1 if is_identity(scale, convention) else 2
 
 

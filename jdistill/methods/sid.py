@@ -106,8 +106,8 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     # the generator's gradient reaches x through the frozen networks' inputs
     generator_passes = (
         *parts.generation_passes("params"),
-        Pass("teacher", cfg_evaluations(m.teacher_guidance, m.cfg_convention), "input"),
-        *parts.fake_passes(cfg_evaluations(m.fake_guidance, m.cfg_convention), "input"),
+        Pass("teacher", cfg_evaluations(m.teacher_guidance, m.cfg_convention, teacher), "input"),
+        *parts.fake_passes(cfg_evaluations(m.fake_guidance, m.cfg_convention, parts.fake), "input"),
     )
     if disc is not None:  # the head's trunk: on x_t in the generator loss, on generated and real samples here
         generator_passes += (Pass(parts.fake_net.name, 1.0, "input", trunk=True),)

@@ -83,11 +83,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
         return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
 
-    cfg = cfg_evaluations(m.guidance_scale, m.cfg_convention)
     generator_passes = (
         *parts.generation_passes("params"),
-        Pass("teacher", cfg),
-        *parts.fake_passes(cfg, "none"),
+        Pass("teacher", cfg_evaluations(m.guidance_scale, m.cfg_convention, teacher)),
+        *parts.fake_passes(cfg_evaluations(m.guidance_scale, m.cfg_convention, parts.fake), "none"),
     )
     return parts.recipe(
         (

@@ -42,6 +42,8 @@ def linear(
             dtype=p.dtype,
             param_dtype=p.param_dtype,
             kernel_metadata=sharding_metadata(*axes),
+            # The bias follows the kernel's output axis: a scanned stack's (layers, out) biases are big.
+            bias_metadata=sharding_metadata(axes[-1]),
             dot_general=dense.dot_general,  # fast weight gradients on CPU (models/dense.py)
             rngs=r,
         ),
