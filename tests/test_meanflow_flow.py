@@ -95,18 +95,17 @@ def caller(net, family, x, t, cond):
 def test_delta_embedder_at_zero_is_the_model_without_it(family):
     teacher = make_net(family)
     student = make_net(family, timestep_delta_embeds=True)
-    teacher_params = teacher.init(jax.random.key(1))
+    teacher_params = jax.jit(teacher.init)(jax.random.key(1))
     # meanflow's own init from the teacher: its parameters, the embedder's first linear copied from
     # timestep_embedder.linear_1, its last linear at zero.
     network = Network(net=student, optimizer=optax.identity(), init=lambda key, frozen: None)
     network = meanflow.start_as_teacher(meanflow.copy_with_delta_embedder(network))
-    params = network.initial_params(jax.random.key(2), {"teacher": teacher_params})
+    params = jax.jit(network.initial_params)(jax.random.key(2), {"teacher": teacher_params})
+    params, teacher_params = jax.tree.map(np.asarray, (params, teacher_params))
     embed = params["time_text_embed"]
     delta = embed.pop("timestep_delta_embedder")
     assert jax.tree.structure(params) == jax.tree.structure(teacher_params)
-    assert all(
-        jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, teacher_params))
-    )
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, teacher_params)))
     np.testing.assert_array_equal(
         delta["linear_1"]["kernel"], embed["timestep_embedder"]["linear_1"]["kernel"]
     )
@@ -125,7 +124,7 @@ def test_delta_embedder_at_zero_is_the_model_without_it(family):
     # Random weights in the embedder's last linear: the output depends on t - r (and differs from the teacher).
     keys = iter(jax.random.split(jax.random.key(3), 2))
     delta["linear_2"] = jax.tree.map(
-        lambda a: 0.5 * jax.random.normal(next(keys), a.shape), delta["linear_2"]
+        lambda a: np.asarray(0.5 * jax.random.normal(next(keys), a.shape)), delta["linear_2"]
     )
     outs = [student_call(params, jnp.full((2,), d * scale)) for d in (0.0, 0.3, 0.9)]
     for a, b in ((outs[0], want), (outs[1], outs[0]), (outs[2], outs[1])):
@@ -221,12 +220,10 @@ def test_meanflow_runs_on_a_flow_teacher_under_fsdp(preset, pipelines, images, t
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["student/loss"] for m in lines if "student/loss" in m]
     assert len(losses) == 2 and np.all(np.isfinite(losses)), lines
-    s, state, step = train.restore_latest(config, str(workdir))
-    assert step == 2
-    student = state["params"]["student"]
-    last = student["time_text_embed"]["timestep_delta_embedder"]["linear_2"]["kernel"]
-    assert np.isfinite(np.asarray(last)).all() and float(jnp.max(jnp.abs(last))) > 0
-    teacher = s.world.frozen["teacher"]
-    kernel = ("proj_out", "kernel")
-    moved = jnp.abs(student[kernel[0]][kernel[1]] - jnp.asarray(teacher[kernel[0]][kernel[1]], jnp.float32))
-    assert float(jnp.max(moved)) > 0
+    # The last checkpoint's student, read as saved (no second world build): the t - r embedder's last linear,
+    # zero at the start, has been trained.
+    import orbax.checkpoint as ocp
+
+    student = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "student")
+    last = np.asarray(student["time_text_embed"]["timestep_delta_embedder"]["linear_2"]["kernel"])
+    assert np.isfinite(last).all() and np.abs(last).max() > 0
