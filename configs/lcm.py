@@ -58,6 +58,19 @@ Presets:
              other reading, or '(5., 15.)' for the script). Exported as the teacher plus
              pytorch_lora_weights.safetensors, sampled without CFG (guidance_scale 1).
   sdxl_lora  the same on SDXL (train_lcm_distill_lora_sdxl_wds.py), whose linear proj_in/proj_out are targets too.
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+             LCM's flow variant (jdistill/methods/lcm.py) on a flow-matching transformer teacher with the sd15
+             preset's script settings (a full copy of the transformer, velocity-predicting, EMA target 0.95, AdamW
+             lr 1e-6, weight decay 0, gradient clip 1, batch 96, 1000 steps, 50-point grid, pseudo-Huber 1e-3) and
+             the real-size levers; the grid follows the scheduler config's static shift (SD3 3, FLUX-schnell 1;
+             FLUX-dev/lite's dynamic shift at 1024 px is exp(1.15) = 3.16 against the config's 3: set
+             method.flow_shift to follow a resolution). Guidance: one w, the teacher's own sampling CFG in
+             convention "cond" (FLUX-dev/lite 2.5 = guidance 3.5, SD3.5-medium 3.5, FLUX-schnell 0: none), which
+             FLUX-dev/lite students also take through their own guidance embedder (a range:
+             --config.method.guidance_range='(2., 4.)'); SD3 and schnell transformers have none, so the w is
+             distilled in (guidance_embed False, as LCM-LoRA). Four steps at flow times (1, 0.75, 0.5, 0.25)
+             re-noised in between (FlowMatchEulerDiscreteScheduler with stochastic_sampling). Not a measured run:
+             LCM was published on UNets; its flow variant here is jdistill's.
 
   python -m jdistill.main --config configs/lcm.py:gmm --workdir runs/lcm_gmm
   python -m jdistill.main --config configs/lcm.py:digits --workdir runs/lcm_digits
@@ -66,28 +79,25 @@ Presets:
   python -m jdistill.main --config configs/lcm.py:sd15 --workdir runs/lcm_sd15 \\
       --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt   # prompts: samples only
   python tools/export_diffusers.py --workdir runs/lcm_sd15 --dst runs/lcm_sd15/export
-
-Flow-matching teachers (FLUX, SD3; teacher.kind=flow): no preset yet; the digits preset's student (a full copy of
-the teacher's network) runs on one with the flow settings: student timesteps in flow time (0, 1], no UNet
-guidance embedding (a guidance-distilled FLUX student takes w through its own guidance embedder; SD3 and
-FLUX-schnell students need --config.method.guidance_embed=false), and optionally the grid's shift
-(method.flow_shift; 0: the scheduler config's static shift; FLUX-dev shifts by exp(flux_mu(tokens))). The digits
-preset's optimizer and float32 copies suit the tiny test pipelines; at FLUX's size add the memory levers of
-config_base.real_size_levers and consider a LoRA student (networks.student.lora, method.target_network=online).
-
-  python -m jdistill.main --config configs/lcm.py:digits --workdir runs/lcm_flux \\
-      --config.teacher.kind=flow --config.teacher.preset=flux_dev --config.teacher.path=FLUX.1-dev \\
-      --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt \\
-      --config.networks.student.model.time_cond_proj_dim=0 --config.method.guidance_range='(2.5, 2.5)' \\
-      --config.method.sample_guidance=2.5 --config.method.student_timesteps='(1.0, 0.75, 0.5, 0.25)'
+  python -m jdistill.main --config configs/lcm.py:flux_dev --workdir runs/lcm_flux_dev \\
+      --config.teacher.path=FLUX.1-dev --config.teacher.data=images/metadata.jsonl \\
+      --config.teacher.prompts=prompts.txt
 """
 
-from jdistill.config_base import base_config, digits_distillation, gmm_teacher, unet_distillation
+from jdistill.config_base import (
+    FLOW_FOUR_STEPS,
+    FLOW_TEACHERS,
+    base_config,
+    digits_distillation,
+    flow_guidance,
+    gmm_teacher,
+    unet_distillation,
+)
 from jdistill.configuration import choose_preset
 from jdistill.methods import lcm
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl", "sd15_lora", "sdxl_lora")
+PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl", "sd15_lora", "sdxl_lora", *FLOW_TEACHERS)
 # diffusers' LCMScheduler with its defaults (50 original steps) at 4 inference steps; all on LCM's DDIM grid.
 FOUR_STEPS = (999.0, 759.0, 499.0, 259.0)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj")
@@ -130,6 +140,28 @@ def get_config(arg=None):
         c.method.guidance_range = (2.0, 4.0)  # convention "cond": standard scales 3-5 around the teacher's 4
         c.method.sample_guidance = 3.0  # the teacher's CFG 4
         c.export_when_done = True
+        return c
+    if preset in FLOW_TEACHERS:
+        unet_distillation(
+            c,
+            preset,
+            student_lr=1e-6,
+            fake_lr=None,
+            batch_size=96,
+            num_steps=1000,
+            optimizer="adamw",
+            weight_decay=0.0,
+            grad_clip=1.0,
+            student_ema=0.95,
+        )
+        c.log_every = 50
+        c.checkpoint.every = 200
+        c.sample.every = 200
+        w = flow_guidance(preset, c.method.cfg_convention)
+        c.method.guidance_range = (w, w)
+        c.method.sample_guidance = w
+        c.method.guidance_embed = preset in ("flux_dev", "flux_lite")  # their guidance embedder takes w
+        c.method.student_timesteps = FLOW_FOUR_STEPS
         return c
 
     teacher = "sdxl" if preset.startswith("sdxl") else "sd15"
