@@ -167,6 +167,8 @@ def test_settings_that_make_no_sense_on_flow_are_named():
         build_recipe(no_embedding, world)
     no_embedding.method.guidance_embed = False
     assert build_recipe(no_embedding, world).student_guidance is None  # a fixed w, as LCM-LoRA
+    with pytest.raises(ValueError, match=r"method\.flow_shift=-1\.0: the grid's shift must be > 0"):
+        build_recipe(load("configs/lcm.py:gmm_flow", [("method.flow_shift", "-1.0")]), world)
     with pytest.raises(ValueError, match="num_ddim_timesteps must be a positive integer"):
         build_recipe(load("configs/lcm.py:gmm_flow", [("method.num_ddim_timesteps", "0")]), world)
     trig = load("configs/lcm.py:gmm_flow", [("teacher.schedule.kind", "trigflow")])

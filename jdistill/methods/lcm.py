@@ -117,7 +117,8 @@ def flow_consistency(x_t: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
 
 
 def check_flow_timesteps(timesteps) -> tuple[float, ...]:
-    """The flow sampler's times: each in (0, 1], decreasing; a clear error for VP-unit timesteps."""
+    """The flow sampler's times, each in (0, 1] (``student_plan`` checks that they decrease); a clear error for
+    VP-unit timesteps."""
     times = tuple(float(t) for t in timesteps)
     if not times or not all(0.0 < t <= 1.0 for t in times):
         hint = " (VP timesteps like 999 are 1000x flow time)" if any(t > 1.0 for t in times) else ""
@@ -147,6 +148,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         raise ValueError("method.target_network='ema' needs networks.student.ema_decay > 0 (LCM: 0.95)")
     if flow:
         check_flow_timesteps(m.student_timesteps)
+        if m.flow_shift < 0:
+            raise ValueError(
+                f"method.flow_shift={m.flow_shift}: the grid's shift must be > 0 (0: the schedule's)"
+            )
     guidance_dim = net_cfg.model.get("time_cond_proj_dim", 0) if m.guidance_embed else 0
     if m.guidance_embed and not guidance_dim and not flow:
         raise ValueError(
