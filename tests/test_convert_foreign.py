@@ -5,7 +5,7 @@ pipelines and hf-internal-testing/tiny-random-t5: patch size 1, one-block stacks
 encoders, a ReLU T5 with 8 buckets, a one-group VAE, QK norm with a dual-attention block, and tokenizers unlike
 the team's. Each converts, every component matches its PyTorch twin, the tokenizers come through unchanged,
 and a mis-shaped tensor is refused by its checkpoint name. Past --verify, the flow teacher's prompt encoding
-is compared with the pipelines' encode_prompt (SD3 xfails: CLIP states wider than T5's, see the reason).
+is compared with the pipelines' encode_prompt (SD3's CLIP states are wider than its T5: cropped to T5's width).
 """
 
 from __future__ import annotations
@@ -142,22 +142,7 @@ def test_a_mis_shaped_tensor_is_refused_by_name(pipelines, tmp_path, capsys, kin
     assert not (dst / CONVERTED_MARKER).exists()
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "flux",
-        pytest.param(
-            "sd3",
-            marks=pytest.mark.xfail(
-                raises=ValueError,
-                strict=True,
-                reason="jdistill/teachers/prompts.py FlowPromptEncoder.encode zero-pads the concatenated CLIP "
-                "states to T5's width with jnp.pad, which refuses a negative width; diffusers' F.pad with a "
-                "negative width crops, and here the two CLIPs (2 x 32) are wider than T5 (32)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["flux", "sd3"])  # sd3: two CLIPs wider than T5 (cropped as diffusers)
 def test_prompt_encoding_equals_the_pipelines_encode_prompt(pipelines, kind):
     """Past --verify: the teacher's prompt encoding of a converted-on-load foreign pipeline is the pipeline's."""
     import jax.numpy as jnp

@@ -116,8 +116,11 @@ class FlowPromptEncoder:
             pooled.append(p.astype(jnp.float32))
         if self.family == "flux":
             return {"encoder_hidden_states": t5, "pooled_projections": pooled[0]}
-        clip = jnp.concatenate(hidden, axis=-1)
-        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+        # To T5's width: zero-padded, or cropped where the CLIP states are wider (diffusers' F.pad with a
+        # negative width crops).
+        width = t5.shape[-1]
+        clip = jnp.concatenate(hidden, axis=-1)[..., :width]
+        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
         return {
             "encoder_hidden_states": jnp.concatenate([clip, t5], axis=-2),
             "pooled_projections": jnp.concatenate(pooled, axis=-1),
