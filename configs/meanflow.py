@@ -30,6 +30,12 @@ Presets:
   python -m jdistill.main --config configs/meanflow.py:gmm --workdir runs/meanflow_gmm --mode eval \
       --config.method.student_timesteps='(1.0, 0.5)'              # the same student, two steps
   python -m jdistill.main --config configs/meanflow.py:digits --workdir runs/meanflow_digits
+
+On a flow teacher (FLUX / SD3, teacher.kind=flow) the digits preset's student is the teacher's transformer with a
+second timestep embedding for t - r (jdistill's timestep_delta_embeds, starting at zero; methods/meanflow.py):
+  --config.teacher.kind=flow --config.teacher.preset=flux_dev --config.teacher.path=... \
+  --config.networks.student.model.time_cond_proj_dim=0 --config.networks.student.model.timestep_delta_embeds=true \
+  --config.method.jvp=jvp   (forward mode through the transformer; tests/test_meanflow_flow.py runs two steps)
 """
 
 from jdistill.config_base import base_config, digits_distillation, gmm_teacher
