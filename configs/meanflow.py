@@ -25,6 +25,16 @@ Presets:
        2 steps (1, 0.5) 409.9, 0.89 / 0.94, 1.00; 4 steps (1, 0.75, 0.5, 0.25) 190.6, 0.97 / 0.99, 0.87
        (teacher DDIM with CFG 4: 1 step 1180.1 / 0.567, 4 steps 296.9 / 0.947, 50 steps 74.1 / 0.997). Not
        exportable to diffusers (no scheduler takes t - r; --mode sample).
+  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+       on a flow-matching transformer teacher with T2I-Distill's MeanFlow settings (train_meanflow.py, for
+       FLUX.1-lite): the student is the teacher's transformer with a second timestep embedding for t - r
+       (timestep_delta_embeds; its last layer starts at zero, so u starts as the teacher's velocity, where
+       T2I-Distill copies the first embedder), the data velocity eps - x as the JVP's z tangent
+       (tangent "data") with the teacher's velocity as the target, self-guidance mix (omega, kappa) = (1, 0.5),
+       10% condition dropout, p = 1, forward-mode JVP, AdamW lr 1e-6 (weight decay 1e-4, gradient clip 0.1),
+       batch 256; CFG = the teacher's own sampling scale (FLUX-dev/lite through the guidance embedding, where
+       T2I-Distill draws w from {4, 4.5, 5}); four steps (1, 0.75, 0.5, 0.25): T2I-Distill reports the
+       recipe needs at least 4 NFE on text-to-image.
 
   python -m jdistill.main --config configs/meanflow.py:gmm --workdir runs/meanflow_gmm
   python -m jdistill.main --config configs/meanflow.py:gmm --workdir runs/meanflow_gmm --mode eval \
@@ -38,12 +48,20 @@ second timestep embedding for t - r (jdistill's timestep_delta_embeds, starting 
   --config.method.jvp=jvp   (forward mode through the transformer; tests/test_meanflow_flow.py runs two steps)
 """
 
-from jdistill.config_base import base_config, digits_distillation, gmm_teacher
+from jdistill.config_base import (
+    FLOW_FOUR_STEPS,
+    FLOW_TEACHERS,
+    base_config,
+    digits_distillation,
+    flow_guidance,
+    gmm_teacher,
+    unet_distillation,
+)
 from jdistill.configuration import choose_preset
 from jdistill.methods import meanflow
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "digits")
+PRESETS = ("gmm", "digits", *FLOW_TEACHERS)
 
 
 def get_config(arg=None):
@@ -87,4 +105,22 @@ def get_config(arg=None):
         # 0.01 of flow time (about 10-20 of the UNet's timesteps) see the smooth derivative.
         c.method.jvp = "finite_difference"
         c.method.jvp_step = 1e-2
+    elif preset in FLOW_TEACHERS:
+        unet_distillation(
+            c,
+            preset,
+            student_lr=1e-6,
+            fake_lr=None,
+            batch_size=256,
+            num_steps=20000,
+            optimizer="adamw",
+            weight_decay=1e-4,
+            grad_clip=0.1,
+        )
+        c.networks.student.model.timestep_delta_embeds = True
+        m = c.method
+        m.guidance_scale = flow_guidance(preset, m.cfg_convention)
+        m.guidance_mix = (1.0, 0.5)
+        m.tangent = "data"
+        m.student_timesteps = FLOW_FOUR_STEPS
     return c

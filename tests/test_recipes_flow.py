@@ -36,6 +36,7 @@ CASES = {
     "sid_4step": ("configs/sid.py:sd35_medium", "sd35_medium", []),
     "sid_lsg": ("configs/sid_lsg.py:flux_dev", "flux_dev", []),
     "scm": ("configs/scm.py:flux_dev", "flux_dev", []),
+    "meanflow": ("configs/meanflow.py:flux_schnell", "flux_schnell", []),
     "sft": ("configs/sft.py:sd3_medium", "sd3_medium", [("method.sampler.steps", "2")]),
 }
 IN_DEFAULT_RUN = ("sid_4step", "dmd2")
