@@ -35,6 +35,8 @@ CASES = {
     "dmd2": ("configs/dmd2.py:flux_dev", "flux_dev", [("method.generator_every", "1")]),
     "sid_4step": ("configs/sid.py:sd35_medium", "sd35_medium", []),
     "sid_lsg": ("configs/sid_lsg.py:flux_dev", "flux_dev", []),
+    "lcm": ("configs/lcm.py:flux_dev", "flux_dev", []),
+    "lcm_sd35": ("configs/lcm.py:sd35_medium", "sd35_medium", []),
     "scm": ("configs/scm.py:flux_dev", "flux_dev", []),
     "meanflow": ("configs/meanflow.py:flux_schnell", "flux_schnell", []),
     "sft": ("configs/sft.py:sd3_medium", "sd3_medium", [("method.sampler.steps", "2")]),

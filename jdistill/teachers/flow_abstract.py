@@ -7,16 +7,16 @@ tokenizers, prompts or images are read.
 
 - Configurations: from ``teacher.path`` when it is a local pipeline or converted directory
   (``model_index.json``), else the preset's stored ones (``jdistill/teachers/configs/<preset>``).
-- The teacher: the transformer as ``FlowTransformerDenoiser`` on the scheduler config's static shift (as
-  the real world; FLUX-dev's resolution-dependent sampling shift is a sampler matter).
+- The teacher: the transformer as ``FlowTransformerDenoiser`` on the teacher pipeline's sampling steps
+  (``flow_world.pipeline_schedule``: static shift, or FLUX-dev's mu at the resolution), as the real world.
 - Conditioning: ``FlowPromptEncoder`` of the preset's CLIP and T5 encoders, its shapes from
   ``jax.eval_shape`` (FLUX: T5's ``t5_length`` x 4096 states and CLIP-L's pooled 768; SD3 / SD3.5: 77 CLIP +
   256 T5 tokens x 4096, pooled 2048). ``uncond``: zeros of one row of those shapes.
 - Batches: zeros of the real sources' shapes and dtypes. Prompt batches are token ids (CLIP: the encoder's
-  ``max_position_embeddings``; T5: the preset's ``t5_length``), or with ``teacher.embedding_cache`` set,
-  cached conditioning ``cond.<key>`` (no text encoder in the step); image batches (``World.data``) are
-  uint8 images at the resolution plus their captions' token ids, as ``ImageTextSource`` gives them: the
-  captions of real images are encoded in the step whether or not prompts are cached.
+  ``max_position_embeddings``; T5: ``teacher.t5_length`` or the preset's); image batches (``World.data``) are
+  uint8 images at the resolution plus their captions' token ids, as ``ImageTextSource`` gives them.
+- With ``teacher.embedding_cache`` set, as the real world: prompt batches are the cached conditioning
+  ``cond.<key>``, no text encoder is held, and there is no image source (captions would need the encoders).
 
 Sampling, evaluation, saving and decoding are not available.
 """
@@ -33,14 +33,13 @@ from jdistill.convert.io import read_json
 from jdistill.convert.pipeline import component_net
 from jdistill.data.embeddings import COND
 from jdistill.data.sources import SyntheticSource
-from jdistill.diffusion.schedules import FlowSchedule
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser
 from jdistill.models.attention import ATTENTION_IMPLS
 from jdistill.models.layers import DTYPES, Precision
 from jdistill.models.net import Net
 from jdistill.teachers.base import World
 from jdistill.teachers.diffusers_world import _prepare_fn
-from jdistill.teachers.flow_world import sample_shape
+from jdistill.teachers.flow_world import pipeline_schedule, sample_shape, t5_length
 from jdistill.teachers.presets import FlowTeacherPreset, get_preset
 from jdistill.teachers.prompts import IDS, FlowPromptEncoder
 
@@ -91,7 +90,8 @@ def shapes_world(
 ) -> World:
     """A text-to-image world of shapes: ``nets`` (with "teacher" and "vae") as abstract frozen parameters,
     ``encoder`` (a ``PromptEncoder`` or ``FlowPromptEncoder``) turning ``token_lengths`` ids into the
-    conditioning, zero batches of the real sources' shapes, and no sampling or evaluation."""
+    conditioning, zero batches of the real sources' shapes, and no sampling or evaluation. With
+    ``teacher.embedding_cache`` the world holds no text encoder and no image source, as the real one."""
     frozen = {name: net.abstract for name, net in nets.items()}
 
     def token_ids(n: int) -> dict[str, np.ndarray]:
@@ -99,7 +99,10 @@ def shapes_world(
 
     cond_shapes = jax.eval_shape(encoder.encode, frozen, token_ids(1))
     uncond = {k: np.zeros(v.shape, v.dtype) for k, v in cond_shapes.items()}
-    if config.teacher.embedding_cache:
+    cached = bool(config.teacher.embedding_cache)
+    if cached:  # the text encoders stay out of the run (captioned images would need them: no data source)
+        nets = {name: net for name, net in nets.items() if name not in token_lengths}
+        frozen = {name: frozen[name] for name in nets}
 
         def conditions(rng, n):
             return {
@@ -126,7 +129,7 @@ def shapes_world(
         sample_shape=shape,
         uncond=uncond,
         conditions=SyntheticSource(conditions),
-        data=SyntheticSource(images),
+        data=None if cached else SyntheticSource(images),
         num_classes=0,
         eval_batch=unavailable,
         evaluate=unavailable,
@@ -147,17 +150,14 @@ def build_abstract(config: ml_collections.ConfigDict) -> World:
     nets = {"teacher": built["transformer"], "vae": built["vae"], **{n: built[n] for n in preset.encoders}}
     resolution = t.resolution or preset.resolution
     shape = sample_shape(resolution, preset.family, configs["vae"], configs["transformer"])
+    length = t5_length(config, preset)
     encoder = FlowPromptEncoder(
-        preset.family,
-        tuple((n, nets[n]) for n in preset.clips),
-        (preset.t5, nets[preset.t5]),
-        {},
-        preset.t5_length,
+        preset.family, tuple((n, nets[n]) for n in preset.clips), (preset.t5, nets[preset.t5]), {}, length
     )
     lengths = {n: configs[n].get("max_position_embeddings", CLIP_LENGTH) for n in preset.clips}
-    lengths[preset.t5] = preset.t5_length
+    lengths[preset.t5] = length
     teacher = FlowTransformerDenoiser(
-        nets["teacher"], FlowSchedule(shift=float(scheduler.get("shift", 1.0))), preset.family
+        nets["teacher"], pipeline_schedule(scheduler, preset.family, shape), preset.family
     )
     return shapes_world(
         config,
