@@ -13,6 +13,11 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+# XLA:CPU sizes its thread pools max(cores, devices): 8 threads for the 8 fake devices. Collectives inside
+# while loops (FSDP all-gathers in a scanned layer stack) run on those threads, and a step can block all of
+# them in a rendezvous the last device never reaches (a FLUX step under fsdp=2 did). More threads: no deadlock.
+os.environ.setdefault("PJRT_NPROC", "16")
+
 import jax
 
 CACHE_DIR = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
