@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -12,11 +11,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdistill.convert.io import read_json
-from jdistill.convert.pipeline import Pipeline, component_net, load_pipeline, prediction_type
+from jdistill.convert.pipeline import Pipeline, load_pipeline, prediction_type
 from jdistill.data.embeddings import COND, EmbeddingCache
 from jdistill.data.images import ImageTextSource, open_image_text
-from jdistill.data.sources import DataSource, SyntheticSource
+from jdistill.data.sources import DataSource
 from jdistill.data.text import PromptSource, PromptTable, open_prompts
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
@@ -340,82 +338,30 @@ def build_abstract(config: ml_collections.ConfigDict) -> World:
     and dtypes (token ids, cached embeddings, images), ``uncond`` zeros of the conditioning's shapes.
     Sampling and evaluation are not available.
     """
+    from jdistill.teachers.abstract import abstract_nets, check_settings, shapes_world, stored_configs
+
     t = config.teacher
     preset = get_preset(t.preset)
+    check_settings(t, UNCOND_RULES)
     encoders = tuple(name for name, _ in preset.encoders)
-    for key in ("dtype", "param_dtype"):
-        if t[key] not in DTYPES:
-            raise ValueError(f"teacher.{key}={t[key]!r}; choose one of {list(DTYPES)}")
-    local = t.path if t.path and os.path.isfile(os.path.join(t.path, "model_index.json")) else ""
-
-    def stored(component: str) -> dict:
-        return (
-            read_json(os.path.join(local, component, "config.json"))
-            if local
-            else preset.component_config(component)
-        )
-
-    scheduler = (
-        read_json(os.path.join(local, "scheduler", "scheduler_config.json"))
-        if local
-        else preset.scheduler_config
-    )
-    precision = Precision(dtype=DTYPES[t.dtype], param_dtype=DTYPES[t.param_dtype])
-    configs = {name: stored(name) for name in ("unet", "vae", *encoders)}
-    built = {
-        name: component_net(name, cfg, precision=precision, attention_impl=t.attention_impl, remat=t.remat)
-        for name, cfg in configs.items()
-    }
+    configs, scheduler = stored_configs(t, preset, ("unet", "vae", *encoders))
+    built = abstract_nets(t, configs)
     nets = {"teacher": built["unet"], "vae": built["vae"], **{n: built[n] for n in encoders}}
-    frozen = {name: net.abstract for name, net in nets.items()}
     resolution = t.resolution or preset.resolution
-    sample_shape = _sample_shape(resolution, configs["vae"], configs["unet"])
     time_ids = (resolution, resolution, 0, 0, resolution, resolution) if preset.pooled_from else None
     encoder = PromptEncoder(
         tuple((name, nets[name], layer) for name, layer in preset.encoders), {}, preset.pooled_from, time_ids
     )
-    lengths = {name: configs[name].get("max_position_embeddings", 77) for name in encoders}
-
-    def token_ids(n: int) -> dict[str, np.ndarray]:
-        return {IDS + name: np.zeros((n, lengths[name]), np.int32) for name in encoders}
-
-    cond_shapes = jax.eval_shape(encoder.encode, frozen, token_ids(1))
-    uncond = {k: np.zeros(v.shape, v.dtype) for k, v in cond_shapes.items()}
-    if t.embedding_cache:
-
-        def conditions(rng, n):
-            return {
-                COND + k: np.zeros((n, *v.shape[1:]), np.float32)
-                for k, v in cond_shapes.items()
-                if k != "time_ids"
-            }
-    else:
-
-        def conditions(rng, n):
-            return token_ids(n)
-
-    def images(rng, n):
-        return {"images": np.zeros((n, resolution, resolution, 3), np.uint8), **token_ids(n)}
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("an abstract world (shapes only) cannot sample, evaluate or save")
-
-    return World(
-        teacher=NetworkDenoiser(
-            nets["teacher"], prediction_type(scheduler, t.path or preset.name), _schedule(scheduler)
-        ),
-        frozen=frozen,
-        frozen_axes={name: net.logical_axes for name, net in nets.items()},
+    teacher = NetworkDenoiser(
+        nets["teacher"], prediction_type(scheduler, t.path or preset.name), _schedule(scheduler)
+    )
+    return shapes_world(
+        config,
+        teacher=teacher,
         nets=nets,
-        sample_shape=sample_shape,
-        uncond=uncond,
-        conditions=SyntheticSource(conditions),
-        data=SyntheticSource(images),
-        num_classes=0,
-        eval_batch=unavailable,
-        evaluate=unavailable,
-        save_samples=unavailable,
-        prepare=_prepare_fn(encoder, nets["vae"]),
-        decode=unavailable,
-        source=None,
+        encoder=encoder,
+        token_lengths={name: configs[name].get("max_position_embeddings", 77) for name in encoders},
+        shape=_sample_shape(resolution, configs["vae"], configs["unet"]),
+        resolution=resolution,
+        cache_drops_encoders=False,
     )
