@@ -51,7 +51,7 @@ def ml_config(teacher):
 
 def to_pipeline_layout(preset: str, x: np.ndarray) -> np.ndarray:
     """NHWC latents -> FLUX's packed tokens or SD3's NCHW."""
-    if preset == "flux_dev":
+    if preset.startswith("flux"):
         return np.asarray(pack_latents(jnp.asarray(x)))
     return np.asarray(x).transpose(0, 3, 1, 2)
 
