@@ -13,9 +13,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-# XLA:CPU sizes its thread pools max(cores, devices): 8 threads for the 8 fake devices. Collectives inside
-# while loops (FSDP all-gathers in a scanned layer stack) run on those threads, and a step can block all of
-# them in a rendezvous the last device never reaches (a FLUX step under fsdp=2 did). More threads: no deadlock.
+# Collectives of fake CPU devices can deadlock: a guidance-distilled FLUX step under fsdp=2 on 8 devices (the
+# all-gathers of its scanned stacks inside while loops) stopped in a rendezvous the last devices never reached,
+# in 4 of 4 runs. XLA:CPU's concurrency-optimised HLO scheduler off: 3 of 3 passed. More threads than XLA's one
+# per device (PJRT_NPROC) made it rarer, not impossible. benchmarks/cpu_collective_loop.py probes it.
+if "--xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ.setdefault("PJRT_NPROC", "16")
 
 import jax
