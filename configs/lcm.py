@@ -62,9 +62,8 @@ Presets:
              LCM's flow variant (jdistill/methods/lcm.py) on a flow-matching transformer teacher with the sd15
              preset's script settings (a full copy of the transformer, velocity-predicting, EMA target 0.95, AdamW
              lr 1e-6, weight decay 0, gradient clip 1, batch 96, 1000 steps, 50-point grid, pseudo-Huber 1e-3) and
-             the real-size levers; the grid follows the scheduler config's static shift (SD3 3, FLUX-schnell 1;
-             FLUX-dev/lite's dynamic shift at 1024 px is exp(1.15) = 3.16 against the config's 3: set
-             method.flow_shift to follow a resolution). Guidance: one w, the teacher's own sampling CFG in
+             the real-size levers; the grid follows the teacher pipeline's shift (SD3 3, FLUX-schnell 1,
+             FLUX-dev/lite's dynamic one at the resolution: exp(mu) = 3.16 at 1024 px). Guidance: one w, the teacher's own sampling CFG in
              convention "cond" (FLUX-dev/lite 2.5 = guidance 3.5, SD3.5-medium 3.5, FLUX-schnell 0: none), which
              FLUX-dev/lite students also take through their own guidance embedder (a range:
              --config.method.guidance_range='(2., 4.)'); SD3 and schnell transformers have none, so the w is

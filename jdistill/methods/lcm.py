@@ -27,8 +27,8 @@ x_t = (1 - t) x0 + t eps, velocity v = eps - x0). The same update with the flow 
 1. grid: N = ``num_ddim_timesteps`` points u_j = j / N (j = 1..N) uniform in unshifted time, then shifted as the
    teacher's sampler shifts its sigmas, t_j = shift u_j / (1 + (shift - 1) u_j) (FlowMatchEulerDiscreteScheduler's
    static shift; FLUX-dev's dynamic shift with mu is the static shift exp(mu)). ``flow_shift`` 0 takes the
-   teacher schedule's ``shift`` (its scheduler config's: SD3 3, FLUX-schnell 1, the gmm teacher 1); set
-   ``flow_shift = exp(flux_mu(tokens))`` to follow FLUX-dev at a resolution (1024 px: 4096 tokens, 3.16).
+   teacher pipeline's: its scheduler config's static shift (SD3 3, FLUX-schnell 1, the gmm teacher 1), or
+   FLUX-dev/lite's exp(mu) at the world's resolution (1024 px: 4096 tokens, 3.16); ``flow_shift`` > 0 sets it.
    Index j uniform in 1..N, t_{n+k} = t_j, t_n = t_{j-1} (t_0 = 0); x_t = (1 - t) x0 + t eps.
 2. guidance as above; the teacher's ``predict_cfg`` turns w into a guidance-distilled FLUX's guidance input
    (convention "cond": w + 1) and runs true CFG otherwise (SD3, the gmm teacher).
@@ -52,6 +52,8 @@ transformer (SD3, FLUX-schnell) needs ``guidance_embed = False`` (a fixed w dist
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +188,9 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         return with_student_inputs(cond, guidance=w, guidance_dim=guidance_dim)
 
     if flow:
-        shift = float(m.flow_shift) if m.flow_shift else float(schedule.shift)
+        # The teacher pipeline's shift: FLUX-dev's dynamic one at the world's resolution is the static exp(mu).
+        own = math.exp(schedule.mu) if schedule.mu is not None else float(schedule.shift)
+        shift = float(m.flow_shift) if m.flow_shift else own
         times = jnp.asarray(flow_grid(m.num_ddim_timesteps, shift), jnp.float32)
 
         def draw_times(key, n):
