@@ -113,12 +113,14 @@ def _export_flow(
             rename = to_checkpoint_key(*block_runs(params["teacher"]))
         lora_state = lora_state_dict(params[name], net.config, "transformer.", rename)
     else:
-        state = component_state_dict(cls, params[name])
+        own = s.recipe.export_params(params[name]) if s.recipe.export_params else params[name]
+        state = component_state_dict(cls, own)
     return export_flow_pipeline(
         s.world.source,
         dst,
         state,
-        timesteps=s.recipe.student_timesteps,
+        timesteps=s.recipe.flow_times or s.recipe.student_timesteps,
+        stochastic=s.recipe.flow_update == "renoise",
         guidance=s.recipe.student_guidance,
         input_scale=s.recipe.student_input_scale,
         max_sequence_length=get_preset(config.teacher.preset, FlowTeacherPreset).t5_length,

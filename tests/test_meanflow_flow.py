@@ -130,6 +130,13 @@ def test_delta_embedder_at_zero_is_the_model_without_it(family):
     for a, b in ((outs[0], want), (outs[1], outs[0]), (outs[2], outs[1])):
         assert np.abs(a - b).max() > 1e-3 * np.abs(want).max()
 
+    # The export's fold: at one fixed t - r the embedding is a bias of the teacher's architecture.
+    for d in (0.25, 0.9):
+        folded = meanflow.fold_delta_embedding(student, params, d * scale)
+        assert jax.tree.structure(folded) == jax.tree.structure(teacher_params)
+        got = teacher_call(folded)
+        np.testing.assert_allclose(got, student_call(params, jnp.full((2,), d * scale)), rtol=1e-5, atol=1e-5)
+
     with pytest.raises(ValueError, match="timestep_delta is required"):
         student_call(params)
     with pytest.raises(ValueError, match="has no timestep_delta_embeds"):

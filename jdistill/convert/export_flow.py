@@ -10,7 +10,7 @@ diffusers' ``FlowMatchEulerDiscreteScheduler`` set up so that the pipeline runs 
   ``num_inference_steps=1``; at another first time t_0 the call passes ``sigmas=[t_0]``;
 - several steps (predict x0, re-noise to the next time with fresh noise): ``stochastic_sampling``, whose
   step is x0 = x - sigma v, then (1 - sigma') x0 + sigma' noise, and the call passes the student's times as
-  ``sigmas``;
+  ``sigmas``; a MeanFlow student's steps z_r = z_t - (t - r) u are the plain Euler steps at those sigmas;
 - no few-step times (an ``sft`` fine-tune): the teacher's scheduler, unchanged, called with the run's sampler
   settings (``teacher_sampler``: steps and CFG).
 
@@ -45,10 +45,12 @@ _SIGMA_OPTIONS_OFF = {
 
 
 def flow_scheduler_plan(
-    teacher_scheduler: Mapping[str, Any], timesteps: tuple[float, ...]
+    teacher_scheduler: Mapping[str, Any], timesteps: tuple[float, ...], stochastic: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(scheduler config, call arguments) that run a student with ``timesteps`` (flow times in (0, 1],
-    decreasing) in a diffusers flow pipeline; the teacher's scheduler and no arguments without timesteps."""
+    decreasing) in a diffusers flow pipeline, re-noising between steps (``stochastic``) or stepping the ODE
+    with the student's velocity (MeanFlow's average velocity); the teacher's scheduler and no arguments
+    without timesteps."""
     if not timesteps:
         return dict(teacher_scheduler), {}
     ts = [float(t) for t in timesteps]
@@ -58,7 +60,7 @@ def flow_scheduler_plan(
         **{k: v for k, v in teacher_scheduler.items() if not k.startswith("_")},
         "_class_name": FLOW_SCHEDULER,
         **_SIGMA_OPTIONS_OFF,
-        "stochastic_sampling": len(ts) > 1,
+        "stochastic_sampling": stochastic and len(ts) > 1,
     }
     call = {"num_inference_steps": 1} if ts == [1.0] else {"sigmas": ts}
     return config, call
@@ -83,6 +85,7 @@ def export_flow_pipeline(
     state: Mapping[str, Any],
     *,
     timesteps: tuple[float, ...] = (),
+    stochastic: bool = True,
     guidance: float | None = None,
     input_scale: float = 1.0,
     max_sequence_length: int | None = None,
@@ -119,7 +122,7 @@ def export_flow_pipeline(
             f"guidance {guidance} for the student, but its transformer has no guidance embedding"
         )
     teacher_scheduler = read_json(os.path.join(src, "scheduler", "scheduler_config.json"))
-    scheduler, call = flow_scheduler_plan(teacher_scheduler, tuple(timesteps))
+    scheduler, call = flow_scheduler_plan(teacher_scheduler, tuple(timesteps), stochastic)
 
     out = paths.as_path(dst)
     out.mkdir(parents=True, exist_ok=True)

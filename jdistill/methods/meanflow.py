@@ -41,6 +41,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
 from jdistill.diffusion.guidance import concat_cond
@@ -250,7 +251,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     # the JVP of sg(student), and the differentiated student.
     mixed = (Pass("student", 2.0),) if (omega, kappa) != (1.0, 0.0) else ()
     passes = (
-        Pass("teacher", float(cfg_evaluations(m.guidance_scale, m.cfg_convention))),
+        Pass("teacher", float(cfg_evaluations(m.guidance_scale, m.cfg_convention, teacher))),
         *mixed,
         *derivative_passes("student", m.jvp, primal_used=False),
         Pass("student", 1.0, "params"),
@@ -264,15 +265,40 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             z = z - (t - r) * average_velocity(p, z, r, t, cond)
         return z
 
+    steps = {round(t - r, 6) for t, r in zip(times, ends, strict=True)}
+    export = {
+        "no_diffusers_export": "an average-velocity student (two time inputs, z_r = z_t - (t - r) u) has no "
+        "diffusers pipeline: no diffusers scheduler takes the UNet's t - r input or its flow-path update; use "
+        "--mode sample, or the flat export of a gmm run"
+    }
+    if family is not None and len(steps) > 1:
+        export["no_diffusers_export"] = (
+            f"the student's steps t - r {sorted(steps)} differ, so its t - r input cannot be folded into the "
+            "transformer for a diffusers pipeline; equal steps (e.g. student_timesteps (1.0, 0.75, 0.5, 0.25)) "
+            "export, others sample with --mode sample"
+        )
+    elif (
+        family is not None
+    ):  # equal steps: t - r is one constant, its embedding a bias; the steps are Euler's
+        (delta,) = steps
+        model_delta = delta if family == "flux" else float(schedule.model_time(delta))
+        guided = flow.embedded_guidance
+        export = {
+            "no_diffusers_export": "",
+            "flow_update": "euler",
+            "export_params": lambda p: fold_delta_embedding(network.net, p, model_delta),
+            # The guidance input the sampler gives a guidance-distilled FLUX student, as w in convention "cond".
+            "student_guidance": float(m.guidance_scale) + (0.0 if m.cfg_convention == "cond" else -1.0)
+            if guided
+            else None,
+        }
     return Recipe(
         networks=(network,),
         updates=(Update("student", ("student",), loss, passes=passes),),
         sample=sample,
         data="data",
         student_timesteps=times,
-        no_diffusers_export="an average-velocity student (two time inputs, z_r = z_t - (t - r) u) has no "
-        "diffusers pipeline: no diffusers scheduler takes the UNet's t - r input or its flow-path update; use "
-        "--mode sample, or the flat export of a gmm run",
+        **export,
     )
 
 
@@ -295,3 +321,17 @@ def _check_transformer_student(net_cfg: ml_collections.ConfigDict, family: str) 
             f"a LoRA on the {name} teacher has no t - r input: MeanFlow trains a full copy with "
             f"networks.student.model.{DELTA_OPTION}=True (networks.student.lora.rank=0)"
         )
+
+
+def fold_delta_embedding(net: Net, params: dict, delta: float) -> dict:
+    """A transformer student's parameters for its steps of one fixed t - r: the t - r embedding (a constant
+    then) added to the conditioning embedding's last bias, and the embedder removed, so that the teacher's own
+    architecture (diffusers' class, no second time input) computes the same. ``delta`` in the model's units."""
+    extra = np.asarray(net.apply(params, jnp.float32(delta), method="delta_embedding"), np.float64)[0]
+    embed = dict(params["time_text_embed"])
+    embed.pop(DELTA_EMBEDDER)
+    text = embed["text_embedder"]
+    last = dict(text["linear_2"])
+    last["bias"] = (np.asarray(last["bias"], np.float64) + extra).astype(np.asarray(last["bias"]).dtype)
+    embed["text_embedder"] = {**text, "linear_2": last}
+    return {**params, "time_text_embed": embed}

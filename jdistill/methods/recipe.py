@@ -132,6 +132,15 @@ class Recipe:
     # Why the student cannot be written as a diffusers pipeline (its sampler has no diffusers scheduler);
     # empty: it can.
     no_diffusers_export: str = ""
+    # A flow-transformer student's sampler as diffusers' FlowMatchEulerDiscreteScheduler runs it (export): the
+    # flow times (sigmas) it steps at when they are not ``student_timesteps`` (sCM's TrigFlow times mapped onto
+    # the flow path), and "renoise" (predict x0, fresh noise at the next time: stochastic_sampling) or "euler"
+    # (x + (t' - t) v: MeanFlow's z_r = z_t - (t - r) u).
+    flow_times: tuple[float, ...] = ()
+    flow_update: str = "renoise"
+    # The sampling network's parameters as the teacher's architecture takes them (MeanFlow folds its fixed
+    # t - r embedding into a bias); None: as they are.
+    export_params: Callable[[PyTree], PyTree] | None = None
 
     def __post_init__(self):
         names = [n.name for n in self.networks]

@@ -40,12 +40,14 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.jvp import directional_derivative
-from jdistill.diffusion.reparameterize import on_schedule, trigflow_output
+from jdistill.diffusion.reparameterize import MatchedDenoiser, on_schedule, trigflow_output
 from jdistill.diffusion.samplers import run_sampler, student_plan
 from jdistill.diffusion.schedules import TrigFlowSchedule, broadcast_to
+from jdistill.diffusion.transformer_denoiser import transformer_family
 from jdistill.methods.adversarial import build_teacher_discriminator, enabled, ladd_config
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.distribution import finite_rows, zero_bad_rows
@@ -227,12 +229,26 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         groups = 3.0 if m.gan.misaligned else 2.0  # fake, (misaligned,) real: one trunk pass, no gradient
         heads = (Pass("teacher", groups, trunk=True),)
         updates += (Update("discriminator", ("discriminator",), discriminator_loss, passes=heads),)
+    times = tuple(float(t) for t in m.student_timesteps)
     return Recipe(
         networks=(network, logvar_net) + ((disc.heads,) if disc is not None else ()),
         updates=updates,
         sample=sample,
         data="data",
-        student_timesteps=tuple(float(t) for t in m.student_timesteps),
-        no_diffusers_export="the student samples on the TrigFlow path (times in [0, pi/2]), which no diffusers "
-        "scheduler of a UNet pipeline reproduces; use --mode sample, or the flat export of a gmm run",
+        student_timesteps=times,
+        flow_times=flow_times(student, times) if transformer_family(network.net) else (),
+        no_diffusers_export=""
+        if transformer_family(network.net)
+        else "the student samples on the TrigFlow path (times in [0, pi/2]), which no diffusers scheduler of a "
+        "UNet pipeline reproduces; use --mode sample, or the flat export of a gmm run",
     )
+
+
+def flow_times(student: MatchedDenoiser, times: tuple[float, ...]) -> tuple[float, ...]:
+    """A flow-teacher copy's TrigFlow sampler as flow-path steps: each TrigFlow time t is the flow time s with
+    the same noise-to-data ratio (s / (1 - s) = sigma_d tan t / data_scale), and a TrigFlow point is a scaled
+    flow point with the same x0 and unit noise, so predicting x0 and re-noising at t' is doing so at s'
+    (FlowMatchEulerDiscreteScheduler's stochastic sampling). pi/2 maps to 1 (float32 cos(pi/2) is not 0)."""
+    alpha, sigma = student.schedule.alpha_sigma(jnp.asarray(times, jnp.float32))
+    s = np.asarray(student.base_time(alpha, sigma), np.float64)
+    return tuple(1.0 if abs(v - 1.0) < 1e-6 else float(v) for v in s)

@@ -503,6 +503,15 @@ class FluxTransformer2DModel(nnx.Module):
         out = self(pack_latents(latents), timestep, cond, img_ids=ids, timestep_delta=timestep_delta)
         return unpack_latents(out, height, width)
 
+    def delta_embedding(self, timestep_delta: jax.Array) -> jax.Array:
+        """What ``timestep_delta`` adds to the conditioning embedding (float32): for a fixed delta a constant,
+        which an export folds into a bias (``time_text_embed.text_embedder.linear_2``)."""
+        embed = self.time_text_embed
+        if embed.timestep_delta_embedder is None:
+            raise ValueError("this FLUX transformer has no timestep_delta_embeds")
+        delta = jnp.asarray(timestep_delta, jnp.float32).reshape(-1)
+        return embed.timestep_delta_embedder(embed._sinusoids(delta)).astype(jnp.float32)
+
 
 def _stack(make_block, num_layers: int, rngs: nnx.Rngs, remat: str) -> Stack | None:
     return Stack(make_block, num_layers, rngs, remat=remat) if num_layers else None

@@ -478,6 +478,15 @@ class SD3Transformer2DModel(nnx.Module):
         x = x.reshape(b, h, w, ps, ps, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * ps, w * ps, cfg.out_channels)
 
+    def delta_embedding(self, timestep_delta: jax.Array) -> jax.Array:
+        """What ``timestep_delta`` (in the units of ``timesteps``) adds to the conditioning embedding (float32):
+        for a fixed delta a constant, which an export folds into ``time_text_embed.text_embedder.linear_2``."""
+        embed = self.time_text_embed
+        if embed.timestep_delta_embedder is None:
+            raise ValueError("this SD3 transformer has no timestep_delta_embeds")
+        delta = jnp.asarray(timestep_delta, jnp.float32).reshape(-1)
+        return embed.timestep_delta_embedder(_sinusoids(delta).astype(embed.dtype)).astype(jnp.float32)
+
 
 def sd3_net(
     config: SD3Config, *, precision: Precision = FP32, attention_impl: str = "xla", remat: bool | str = False
