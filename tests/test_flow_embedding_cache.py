@@ -128,8 +128,9 @@ def test_a_cache_for_another_preset_prompts_or_t5_length_is_refused(root, images
     world = build_world(config(root, "flux_dev", short, ("teacher.t5_length", "256")))
     assert world.uncond["encoder_hidden_states"].shape == (1, 256, 24)
 
-    # Nothing else may need the text encoders: captioned images, other evaluation prompts.
-    with pytest.raises(ValueError, match=r"cannot encode the captions of teacher\.data"):
+    # Captioned images need their captions in the cache (this one was written without teacher.data); other
+    # evaluation prompts would need the text encoders.
+    with pytest.raises(ValueError, match=r"captions of teacher\.data: the cache holds none"):
         build_world(config(root, "flux_dev", use, ("teacher.data", str(images))))
     with pytest.raises(
         ValueError, match=r"teacher\.eval_prompts=.*other\.txt.* other prompts than the cached"

@@ -114,11 +114,12 @@ def test_abstract_world_has_the_real_worlds_shapes(preset, pipelines, images):
         build_world(wrong, abstract=True)
 
     # teacher.embedding_cache (not read here): prompt batches are the cached conditioning and, as in the real
-    # world, no text encoder is held and no captioned images are offered (their captions would need one).
+    # world, no text encoder is held, and image batches carry the cached captions' conditioning.
     cached = build_world(tiny_config(preset, pipelines, embedding_cache="/not/read"), abstract=True)
     cond = {"cond." + k: (v[0], v[1]) for k, v in shapes(prepared[0]["cond"]).items()}
     assert shapes(cached.conditions.local_batch(0, 2)) == cond
-    assert set(cached.frozen) == set(cached.nets) == {"teacher", "vae"} and cached.data is None
+    assert set(cached.frozen) == set(cached.nets) == {"teacher", "vae"}
+    assert shapes(cached.data.local_batch(0, 2)) == {"images": shapes(want)["images"], **cond}
     got = jax.eval_shape(cached.prepare, cached.frozen, cached.conditions.local_batch(0, 2))
     assert shapes(got["cond"]) == shapes(prepared[0]["cond"])
 

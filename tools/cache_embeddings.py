@@ -9,6 +9,11 @@ loaded. DST gets one memory-mapped .npy per conditioning key (row i for prompt i
 ``encoder_hidden_states``, and ``text_embeds`` for SDXL or ``pooled_projections`` for flow teachers), the
 encoders' output for the empty prompt (probe.npz) and a manifest (embeddings.json) that a run checks against
 its own prompts, preset and encoders before using the cache. A flow run on the cache loads no text encoder.
+
+Flow teachers with ``teacher.data`` (captioned images: the sft, scm, lcm and meanflow recipes): every caption
+of the image set is encoded too, row i for image i as ``ImageTextSource`` indexes them, into DST/captions/
+(one .npy per key); the manifest's ``captions`` records the set's path, field, caption count and SHA-256, which
+a run with that ``teacher.data`` checks. (A UNet run keeps its text encoders and encodes captions per step.)
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from jdistill.data.embeddings import write_embedding_cache
+    from jdistill.data.images import CaptionTable, open_image_text
     from jdistill.teachers import diffusers_world, flow_world
 
     t = config.teacher
@@ -54,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         prompts = diffusers_world.training_prompts(config)
+        captions = None
+        if t.data and t.kind == "flow":  # opened before any encoder loads
+            captions = CaptionTable(open_image_text(t.data, t.data_field, t.data_image_field))
         encoder, params, source = worlds[t.kind].load_prompt_encoder(config)
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -69,18 +78,28 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": {"kind": t.kind, "preset": t.preset, "source": source},
         "prompts": {"field": t.prompt_field},
         "encoders": encoder.describe(),
+        "captions": {"field": t.data_field},
     }
     try:
         manifest = write_embedding_cache(
-            args.dst, prompts, encode_prompts, info=info, batch=args.batch, dtype=args.dtype
+            args.dst,
+            prompts,
+            encode_prompts,
+            info=info,
+            batch=args.batch,
+            dtype=args.dtype,
+            captions=captions,
         )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     shapes = ", ".join(f"{k} {tuple(v['shape'])}" for k, v in manifest["keys"].items())
+    with_captions = (
+        f" and {manifest['captions']['count']} captions of {t.data}" if captions is not None else ""
+    )
     print(
-        f"encoded {manifest['count']} prompts ({shapes}, {args.dtype}) in {time.perf_counter() - start:.1f} s "
-        f"to {args.dst}"
+        f"encoded {manifest['count']} prompts{with_captions} ({shapes}, {args.dtype}) in "
+        f"{time.perf_counter() - start:.1f} s to {args.dst}"
     )
     return 0
 

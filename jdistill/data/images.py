@@ -60,6 +60,8 @@ class ImageTextTable(Protocol):
 
     def take(self, indices: Sequence[int]) -> list[ImageText]: ...
 
+    def captions(self, indices: Sequence[int]) -> list[str]: ...
+
 
 def _text(value: object, where: str) -> str:
     return string_value(value, where, "the caption")
@@ -84,6 +86,9 @@ class ImageFolder:
 
     def take(self, indices: Sequence[int]) -> list[ImageText]:
         return [self.items[int(i)] for i in indices]
+
+    def captions(self, indices: Sequence[int]) -> list[str]:
+        return [self.items[int(i)].text for i in indices]
 
 
 class ParquetImages:
@@ -111,6 +116,11 @@ class ParquetImages:
                 raise ValueError(f"{where}: column {self.image!r} holds no image bytes or path")
             out.append(ImageText(image, _text(text, where), where))
         return out
+
+    def captions(self, indices: Sequence[int]) -> list[str]:
+        """The captions alone (the text column is read, not the images)."""
+        texts = self.rows.take(indices, [self.text])[self.text]
+        return [_text(t, self.rows.describe(int(i))) for i, t in zip(indices, texts, strict=True)]
 
 
 class ArrayRecordImages:
@@ -152,6 +162,9 @@ class ArrayRecordImages:
             )
         return out
 
+    def captions(self, indices: Sequence[int]) -> list[str]:
+        return [it.text for it in self.take(indices)]
+
 
 def open_image_text(path: str, text_field: str = "", image_field: str = "") -> ImageTextTable:
     """The image-text table at ``path`` (image folder with metadata.jsonl, parquet or array_record)."""
@@ -161,6 +174,25 @@ def open_image_text(path: str, text_field: str = "", image_field: str = "") -> I
     if fmt == "parquet":
         return ParquetImages(path, text_field, image_field)
     return ArrayRecordImages(path, text_field, image_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionTable:
+    """The captions of an image-text table as a prompt table (``path``, ``len``, ``take``), row i for image i
+    as ``ImageTextSource`` indexes them: what ``tools/cache_embeddings.py`` encodes and a run on the cache
+    compares (``prompt_digest``) with the cached ones."""
+
+    images: ImageTextTable
+
+    @property
+    def path(self) -> str:
+        return self.images.path
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, indices: Sequence[int]) -> list[str]:
+        return self.images.captions(list(indices))
 
 
 def decode_image(image: bytes | str, resolution: int, where: str = "image") -> np.ndarray:
@@ -183,12 +215,16 @@ def decode_image(image: bytes | str, resolution: int, where: str = "image") -> n
 @dataclasses.dataclass(frozen=True)
 class ImageTextSource:
     """Batches {"images": uint8 (n, H, W, 3), token ids of the captions}, drawn uniformly with replacement from
-    (seed, position) for the whole global batch; only this host's ``rows`` are read and decoded."""
+    (seed, position) for the whole global batch; only this host's ``rows`` are read and decoded.
+
+    ``cached`` (a flow teacher on an embedding cache, ``EmbeddingCache.caption_rows``): the captions'
+    conditioning {"cond.<key>": rows} of the drawn image indices replaces the token ids (``tokenize`` unused)."""
 
     table: ImageTextTable
-    tokenize: Callable[[list[str]], dict[str, np.ndarray]]
+    tokenize: Callable[[list[str]], dict[str, np.ndarray]] | None
     resolution: int
     seed: int = 0
+    cached: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
 
     def local_batch(
         self, position: int, global_size: int, rows: np.ndarray | None = None
@@ -198,4 +234,6 @@ class ImageTextSource:
         images = np.zeros((len(items), self.resolution, self.resolution, 3), np.uint8)
         for i, it in enumerate(items):
             images[i] = decode_image(it.image, self.resolution, it.where)
+        if self.cached is not None:
+            return {"images": images, **self.cached(picks)}
         return {"images": images, **self.tokenize([it.text for it in items])}

@@ -70,7 +70,8 @@ def shapes_world(
     ``encoder`` (a ``PromptEncoder`` or ``FlowPromptEncoder``) turning ``token_lengths`` ids into the
     conditioning, zero batches of the real sources' shapes, and no sampling or evaluation. With
     ``teacher.embedding_cache`` prompt batches are the cached conditioning; ``cache_drops_encoders``: the world
-    then holds no text encoder and no image source (the flow world; the UNet world keeps its encoders)."""
+    then holds no text encoder (the flow world; the UNet world keeps its encoders), and its image batches are
+    images plus the cached captions' conditioning (a cache written with ``teacher.data``)."""
     from jdistill.teachers.diffusers_world import _prepare_fn
 
     frozen = {name: net.abstract for name, net in nets.items()}
@@ -82,7 +83,7 @@ def shapes_world(
     uncond = {k: np.zeros(v.shape, v.dtype) for k, v in cond_shapes.items()}
     cached = bool(config.teacher.embedding_cache)
     dropped = cached and cache_drops_encoders
-    if dropped:  # the text encoders stay out of the run (captioned images would need them: no data source)
+    if dropped:  # the text encoders stay out of the run: captions' conditioning comes from the cache, too
         nets = {name: net for name, net in nets.items() if name not in token_lengths}
         frozen = {name: frozen[name] for name in nets}
     if cached:
@@ -99,7 +100,8 @@ def shapes_world(
             return token_ids(n)
 
     def images(rng, n):
-        return {"images": np.zeros((n, resolution, resolution, 3), np.uint8), **token_ids(n)}
+        captions = conditions(rng, n) if dropped else token_ids(n)
+        return {"images": np.zeros((n, resolution, resolution, 3), np.uint8), **captions}
 
     def unavailable(*args, **kwargs):
         raise RuntimeError("an abstract world (shapes only) cannot sample, evaluate or save")
@@ -112,7 +114,7 @@ def shapes_world(
         sample_shape=shape,
         uncond=uncond,
         conditions=SyntheticSource(conditions),
-        data=None if dropped else SyntheticSource(images),
+        data=SyntheticSource(images),
         num_classes=0,
         eval_batch=unavailable,
         evaluate=unavailable,

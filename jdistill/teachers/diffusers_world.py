@@ -253,11 +253,12 @@ def assemble(
     Shared by the UNet (``build``) and flow-transformer (``teachers.flow_world``) worlds.
 
     ``encoder`` None: no text encoder is loaded, every conditioning comes from ``tables.cache`` (the empty
-    prompt from its probe, evaluation batches from its first rows); the caller checks the cache."""
+    prompt from its probe, evaluation batches from its first rows, image captions from its cached captions);
+    the caller checks the cache."""
     vae_net = nets["vae"]
     prepare = _prepare_fn(encoder, vae_net)
     if encoder is None:
-        if tables.cache is None or tables.images is not None:
+        if tables.cache is None or (tables.images is not None and tables.cache.captions is None):
             raise ValueError("a world without text encoders takes every conditioning from an embedding cache")
         empty = {k: jnp.asarray(v, jnp.float32) for k, v in tables.cache.probe.items()}
     else:
@@ -285,7 +286,9 @@ def assemble(
     else:
         conditions = PromptSource(prompts, encoder.tokenize, seed=config.seed)
     data = None
-    if tables.images is not None:
+    if tables.images is not None and encoder is None:  # the captions' conditioning from the cache
+        data = ImageTextSource(tables.images, None, resolution, config.seed, tables.cache.caption_rows)
+    elif tables.images is not None:
         data = ImageTextSource(tables.images, encoder.tokenize, resolution, seed=config.seed)
     elif built_in is not None:
         data = built_in.data(encoder.tokenize)

@@ -11,7 +11,9 @@ alone is 4.7B parameters): conditioning comes from the cache, the unconditional 
 probe, evaluation batches from its first prompts. The cache's manifest must name this run's preset, prompts,
 encoder components and T5 length, and its widths must be the transformer's; as no encoder runs, the encoders'
 weights themselves are not compared (the UNet world compares their empty-prompt output with the cache's).
-Captioned images (``teacher.data``) and other evaluation prompts need the encoders and are refused.
+Captioned images (``teacher.data``) need the cache to hold their captions (the tool run with ``teacher.data``:
+the same captions in the same order, by SHA-256): image batches are then the images plus the cached caption
+conditioning ``cond.<key>``. Other evaluation prompts than the cached ones need the encoders and are refused.
 
 The teacher's sampler places its steps as the pipeline does (``pipeline_schedule``): the scheduler config's
 static ``shift`` (SD3: 3, FLUX-schnell: 1), or FLUX-dev's resolution-dependent shift (``flux_mu`` of the token
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 from jdistill.data.embeddings import EmbeddingCache
+from jdistill.data.images import CaptionTable, ImageTextTable
 from jdistill.data.text import PromptTable, prompt_digest
 from jdistill.diffusion.schedules import FlowSchedule, flux_mu
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser
@@ -103,16 +106,13 @@ def check_cache(
     preset: FlowTeacherPreset,
     cache: EmbeddingCache,
     eval_prompts: PromptTable | None,
+    images: ImageTextTable | None = None,
 ) -> None:
-    """Before any network loads: the cache's encoders are this run's, and nothing else needs an encoder."""
-    cache.verify(encoders=cache_encoders(config, preset))
+    """Before any network loads: the cache's encoders are this run's, it holds the captions of ``images``
+    (``teacher.data``), and nothing else needs an encoder."""
+    captions = CaptionTable(images) if images is not None else None
+    cache.verify(encoders=cache_encoders(config, preset), captions=captions)
     t = config.teacher
-    if t.data:
-        raise ValueError(
-            "teacher.embedding_cache: a flow teacher on an embedding cache loads no text encoder, so it cannot "
-            f"encode the captions of teacher.data={t.data!r}; leave teacher.data empty (recipes without real "
-            "images) or teacher.embedding_cache empty"
-        )
     if t.eval_prompts and prompt_digest(eval_prompts) != cache.manifest["prompts"]["sha256"]:
         raise ValueError(
             "teacher.embedding_cache: a flow teacher on an embedding cache loads no text encoder, so evaluation "
@@ -148,7 +148,7 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     tables = diffusers_world.open_tables(config, preset.name, None)
     cached = tables.cache is not None
     if cached:
-        check_cache(config, preset, tables.cache, tables.eval_prompts)
+        check_cache(config, preset, tables.cache, tables.eval_prompts, tables.images)
     encoders = () if cached else preset.encoders  # on a cache: no CLIP, no T5
     components = ("transformer", "vae", *encoders)
     pipe = diffusers_world.load_components(config, preset, components, shardings_for, ("empty_prompt",))
