@@ -16,7 +16,8 @@ tokenizers, prompts or images are read.
   ``max_position_embeddings``; T5: ``teacher.t5_length`` or the preset's); image batches (``World.data``) are
   uint8 images at the resolution plus their captions' token ids, as ``ImageTextSource`` gives them.
 - With ``teacher.embedding_cache`` set, as the real world: prompt batches are the cached conditioning
-  ``cond.<key>``, no text encoder is held, and there is no image source (captions would need the encoders).
+  ``cond.<key>``, image batches the images plus their captions' cached conditioning, and no text encoder is
+  held.
 
 Sampling, evaluation, saving and decoding are not available.
 """
