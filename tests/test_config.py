@@ -22,7 +22,8 @@ def test_presets_load_and_validate(spec):
 
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(
-        ConfigError, match=r"unknown preset 'sdxx'.*\['digits', 'gmm', 'sd21base', 'sd15', 'sdxl'\]"
+        ConfigError,
+        match=r"unknown preset 'sdxx'.*\['digits', 'gmm', 'sd21base', 'sd15', 'sdxl', 'flux_dev', .*'sd35_large'\]",
     ):
         load("configs/swiftbrush.py:sdxx")
 

@@ -114,6 +114,7 @@ def test_kind_and_preset_must_agree(pipelines):
         build_world(wrong)
 
 
+@pytest.mark.e2e  # test_recipes_flow runs the sft preset on SD3 with resume and export (also e2e)
 @pytest.mark.parametrize("preset", ["flux_dev", "sd35_medium"])
 def test_sft_trains_a_transformer_copy_on_the_flow_world_under_fsdp(preset, pipelines, images, tmp_path):
     """The first recipe on flow teachers: fine-tuning a copy of the transformer on captioned images, the
@@ -148,35 +149,3 @@ def test_sft_trains_a_transformer_copy_on_the_flow_world_under_fsdp(preset, pipe
         s.world.frozen["teacher"],
     )
     assert max(jax.tree.leaves(moved)) > 0
-
-
-@pytest.mark.parametrize(
-    "spec, extra",
-    [
-        # Distribution matching: one-step student from pure noise (t = 1 on the flow path), fake score.
-        ("configs/dmd2.py:digits", [("method.student_timesteps", "(1.0,)")]),
-        # Continuous-time consistency: a JVP through the FLUX transformer (forward-mode attention).
-        ("configs/scm.py:digits", []),
-    ],
-    ids=["dmd2", "scm"],
-)
-def test_distillation_recipes_run_on_a_flux_teacher(spec, extra, pipelines, images, tmp_path):
-    """Two steps of a distillation recipe with the tiny FLUX teacher: finite samples. (Presets in flow units,
-    resume and export to FluxPipeline are the next steps; lcm needs its flow variant, meanflow a second time
-    input on the transformer.)"""
-    from helpers import TINY_RUN, load
-
-    from jdistill import train
-
-    overrides = [
-        ("teacher.kind", "flow"),
-        ("teacher.preset", "flux_dev"),
-        ("teacher.path", str(pipelines["flux_dev"])),
-        ("teacher.prompts", str(pipelines["prompts"])),
-        ("teacher.data", str(images)),
-        *TINY_RUN,
-        ("num_steps", "2"),
-        *extra,
-    ]
-    results = train.train(load(spec, overrides), str(tmp_path / "run"))
-    assert results["finite"] == 1.0

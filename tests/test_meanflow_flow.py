@@ -202,7 +202,10 @@ def pipelines(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("preset", ["flux_dev", "sd35_medium"])
+@pytest.mark.parametrize(
+    "preset",
+    ["flux_dev", pytest.param("sd35_medium", marks=pytest.mark.e2e)],  # SD3's JVP step: minutes cold
+)
 def test_meanflow_runs_on_a_flow_teacher_under_fsdp(preset, pipelines, images, tmp_path):
     """Two MeanFlow steps with a transformer student (forward-mode JVP through it) on the tiny FLUX and SD3.5
     teachers, parameters split over fsdp=2: finite losses and samples, the t - r embedder trained away from

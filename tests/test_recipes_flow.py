@@ -6,9 +6,8 @@ FluxPipeline / StableDiffusion3Pipeline and draws, from the same noise, what jdi
 steps as plain Euler steps with its fixed t - r embedding folded into a bias.
 
 Each case traces its step three times (two runs compile from the persistent cache) and takes 1 to 3 minutes on
-2 cores; the default run keeps the two that cover the most (a four-step SiD student on SD3.5 with its
-re-noising draws, DMD2 on the guidance-distilled FLUX), the rest are marked ``e2e``:
-``python -m pytest -m e2e tests/test_recipes_flow.py``."""
+2 cores; the default run keeps the one that covers the most (a four-step SiD student on SD3.5, with its
+re-noising draws), the rest are marked ``e2e``: ``python -m pytest -m e2e tests/test_recipes_flow.py``."""
 
 from __future__ import annotations
 
@@ -33,6 +32,16 @@ CASES = {
         [("method.make_pairs", "8"), ("method.pair_steps", "2")],
     ),
     "dmd2": ("configs/dmd2.py:flux_dev", "flux_dev", [("method.generator_every", "1")]),
+    # A LoRA student: exported as the teacher plus pytorch_lora_weights.safetensors (load_lora_weights).
+    "dmd2_lora": (
+        "configs/dmd2.py:flux_dev",
+        "flux_dev",
+        [
+            ("method.generator_every", "1"),
+            ("networks.student.lora.rank", "4"),
+            ("networks.student.lora.alpha", "4.0"),
+        ],
+    ),
     "sid_4step": ("configs/sid.py:sd35_medium", "sd35_medium", []),
     "sid_lsg": ("configs/sid_lsg.py:flux_dev", "flux_dev", []),
     "lcm": ("configs/lcm.py:flux_dev", "flux_dev", []),
@@ -41,7 +50,7 @@ CASES = {
     "meanflow": ("configs/meanflow.py:flux_schnell", "flux_schnell", []),
     "sft": ("configs/sft.py:sd3_medium", "sd3_medium", [("method.sampler.steps", "2")]),
 }
-IN_DEFAULT_RUN = ("sid_4step", "dmd2")
+IN_DEFAULT_RUN = ("sid_4step",)
 NEEDS_IMAGES = ("sft", "scm", "lcm", "meanflow")
 
 
@@ -122,7 +131,9 @@ def test_flow_recipe_resumes_bit_exactly_and_exports(case, flow_pipelines, image
     ours = np.asarray(jax.jit(s.recipe.sample)(params, cond, key))
     z, noises = _draws(s, config, key, ours.shape)
     z = z * record["latents_scale"]
-    kind, theirs = pipeline_latents(dst, teacher, z, record["call"], noises, monkeypatch=monkeypatch)
+    lora = dst if "load_lora_weights" in record else None
+    assert (lora is not None) == case.endswith("_lora")
+    kind, theirs = pipeline_latents(dst, teacher, z, record["call"], noises, lora, monkeypatch)
     assert kind == ("FluxPipeline" if teacher.startswith("flux") else "StableDiffusion3Pipeline")
     assert np.isfinite(theirs).all()
     want = to_pipeline_layout(teacher, ours)
