@@ -24,7 +24,8 @@ CLIP_LENGTH = 77  # CLIP tokenizers' model_max_length (the text encoders' max_po
 
 
 def check_settings(t: ml_collections.ConfigDict, uncond_rules: tuple[str, ...] = ("empty_prompt",)) -> None:
-    """The teacher settings a real world refuses (``diffusers_world.load_components``), refused here too."""
+    """The teacher settings a world refuses (real worlds in ``diffusers_world.load_components``, and the
+    abstract ones)."""
     checks = (
         ("dtype", DTYPES),
         ("param_dtype", DTYPES),

@@ -18,7 +18,6 @@ from jdistill.data.sources import DataSource
 from jdistill.data.text import PromptSource, PromptTable, open_prompts
 from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
-from jdistill.models.attention import ATTENTION_IMPLS
 from jdistill.models.layers import DTYPES, Precision
 from jdistill.models.net import Net
 from jdistill.paths import save_npy
@@ -67,16 +66,10 @@ def load_components(
 ) -> Pipeline:
     """The teacher pipeline's ``components`` (checked settings, every one present), for this world and the
     flow world."""
+    from jdistill.teachers.abstract import check_settings
+
     t = config.teacher
-    checks = (
-        ("dtype", DTYPES),
-        ("param_dtype", DTYPES),
-        ("uncond", ("", *uncond_rules)),
-        ("attention_impl", ATTENTION_IMPLS),
-    )
-    for key, allowed in checks:
-        if t[key] not in allowed:
-            raise ValueError(f"teacher.{key}={t[key]!r}; choose one of {list(allowed)}")
+    check_settings(t, uncond_rules)
     pipe = load_pipeline(
         t.path or preset.hub_id,
         components=components,
