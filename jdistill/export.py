@@ -51,13 +51,13 @@ def export_run(
             f"network {name!r} has arch {config.networks[name].model.arch!r}; only students with the teacher's "
             "architecture (model.arch='teacher') export to a diffusers pipeline"
         )
+    info = {
+        "method": config.method.name,
+        "step": step,
+        "ema": bool(config.sample.use_ema),
+        "workdir": workdir,
+    }
     if config.teacher.kind == "flow":
-        info = {
-            "method": config.method.name,
-            "step": step,
-            "ema": bool(config.sample.use_ema),
-            "workdir": workdir,
-        }
         record = _export_flow(config, s, params, name, dst, info, dtype=dtype, lora_merged=lora_merged)
         log.info("exported step %d to %s; generate with pipe(prompt, **%s)", step, dst, record["call"])
         return dst
@@ -69,12 +69,7 @@ def export_run(
         "input_scale": s.recipe.student_input_scale,
         "dtype": dtype,
         "variant": config.teacher.variant or None,
-        "info": {
-            "method": config.method.name,
-            "step": step,
-            "ema": bool(config.sample.use_ema),
-            "workdir": workdir,
-        },
+        "info": info,
     }
     net = s.recipe.network(name).net
     if isinstance(net, LoRANet):  # the teacher's UNet plus the adapters, as a LoRA file or merged
@@ -97,6 +92,7 @@ def _export_flow(
     from jdistill.convert.export_flow import export_flow_pipeline
     from jdistill.convert.io import read_json
     from jdistill.models.lora import lora_state_dict, merge_lora
+    from jdistill.teachers.flow_world import t5_length
     from jdistill.teachers.presets import FlowTeacherPreset, get_preset
 
     cls = read_json(str(paths.as_path(s.world.source) / "model_index.json"))["transformer"][1]
@@ -123,7 +119,7 @@ def _export_flow(
         stochastic=s.recipe.flow_update == "renoise",
         guidance=s.recipe.student_guidance,
         input_scale=s.recipe.student_input_scale,
-        max_sequence_length=get_preset(config.teacher.preset, FlowTeacherPreset).t5_length,
+        max_sequence_length=t5_length(config, get_preset(config.teacher.preset, FlowTeacherPreset)),
         dtype=dtype,
         variant=config.teacher.variant or None,
         info=info,
