@@ -26,7 +26,6 @@ Run:  python benchmarks/cpu_collective_loop.py --grad [--nets 4 --weights 4 --di
 import argparse
 import os
 import pathlib
-import sys
 import time
 
 p = argparse.ArgumentParser()
@@ -52,7 +51,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 if args.use_config:
     jax.config.update("jax_num_cpu_devices", args.devices)
@@ -91,8 +91,11 @@ w = [
     for n in range(args.nets)
 ]
 x = jax.device_put(jax.random.normal(jax.random.key(99), (B, D)), NamedSharding(mesh, P("data", None)))
-print(f"jax {jax.__version__} devices={len(jax.devices())} mesh={dict(mesh.shape)} L={L} D={D} B={B} "
-      f"grad={args.grad} XLA_FLAGS={os.environ['XLA_FLAGS']!r} cpus={os.cpu_count()}", flush=True)
+print(
+    f"jax {jax.__version__} devices={len(jax.devices())} mesh={dict(mesh.shape)} L={L} D={D} B={B} "
+    f"grad={args.grad} XLA_FLAGS={os.environ['XLA_FLAGS']!r} cpus={os.cpu_count()}",
+    flush=True,
+)
 t = time.perf_counter()
 out = fn(w, x)
 jax.block_until_ready(out)
