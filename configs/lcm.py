@@ -95,6 +95,7 @@ from jdistill.config_base import (
 from jdistill.configuration import choose_preset
 from jdistill.methods import lcm
 from jdistill.methods.common import network_config
+from jdistill.teachers.presets import FlowTeacherPreset, get_preset
 
 PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl", "sd15_lora", "sdxl_lora", *FLOW_TEACHERS)
 # diffusers' LCMScheduler with its defaults (50 original steps) at 4 inference steps; all on LCM's DDIM grid.
@@ -140,30 +141,8 @@ def get_config(arg=None):
         c.method.sample_guidance = 3.0  # the teacher's CFG 4
         c.export_when_done = True
         return c
-    if preset in FLOW_TEACHERS:
-        unet_distillation(
-            c,
-            preset,
-            student_lr=1e-6,
-            fake_lr=None,
-            batch_size=96,
-            num_steps=1000,
-            optimizer="adamw",
-            weight_decay=0.0,
-            grad_clip=1.0,
-            student_ema=0.95,
-        )
-        c.log_every = 50
-        c.checkpoint.every = 200
-        c.sample.every = 200
-        w = flow_guidance(preset, c.method.cfg_convention)
-        c.method.guidance_range = (w, w)
-        c.method.sample_guidance = w
-        c.method.guidance_embed = preset in ("flux_dev", "flux_lite")  # their guidance embedder takes w
-        c.method.student_timesteps = FLOW_FOUR_STEPS
-        return c
-
-    teacher = "sdxl" if preset.startswith("sdxl") else "sd15"
+    flow = preset in FLOW_TEACHERS
+    teacher = preset if flow else "sdxl" if preset.startswith("sdxl") else "sd15"
     lora = preset.endswith("_lora")
     targets = LORA_TARGETS + (LINEAR_PROJECTIONS if teacher == "sdxl" else ())
     unet_distillation(
@@ -182,6 +161,15 @@ def get_config(arg=None):
     c.log_every = 50
     c.checkpoint.every = 200
     c.sample.every = 200
+    if flow:
+        w = flow_guidance(preset, c.method.cfg_convention)
+        c.method.guidance_range = (w, w)
+        c.method.sample_guidance = w
+        # A guidance-distilled FLUX student (dev, lite) takes w through its own guidance embedder.
+        transformer = get_preset(preset, FlowTeacherPreset).component_config("transformer")
+        c.method.guidance_embed = bool(transformer.get("guidance_embeds"))
+        c.method.student_timesteps = FLOW_FOUR_STEPS
+        return c
     c.method.student_timesteps = FOUR_STEPS
     if lora:
         c.method.guidance_embed = False

@@ -231,7 +231,7 @@ def plan(
         t0 = time.perf_counter()
         args = (s.abstract_state, s.frozen, batch, step_spec, key_spec)
         with jax.set_mesh(mesh):
-            traced = traced_programs(functions(step_num), args, mesh, micro)
+            traced = traced_programs(functions(step_num), args)
             entry["lower_s"] = round(time.perf_counter() - t0, 1)
             loops = [loop_flops(jaxpr) for jaxpr, _ in traced]
         entry["analytic_flops"] = analytic.step(active, batch, config.batch_size)
@@ -322,23 +322,13 @@ def _mean(steps: list[dict], key: str) -> float | None:
     return sum(e[key] * e["fraction"] for e in steps)
 
 
-def traced_programs(fn, args: tuple, mesh, micro: int) -> list[tuple[Any, Any]]:
+def traced_programs(fn, args: tuple) -> list[tuple[Any, Any]]:
     """(jaxpr, lowered) of each program of a step function: one, or one per update under ``split_updates``
-    (``train.UpdatePrograms``: a later program's inputs are the earlier one's outputs, as its ``lower``)."""
-    if not isinstance(fn, train.UpdatePrograms):
-        traced = fn.trace(*args)
-        return [(traced.jaxpr, traced.lower())]
-    state, frozen, inputs, step, root = args
-    out = []
-    for program in fn.programs:
-        traced = program.trace(state, frozen, inputs, step, root)
-        out.append((traced.jaxpr, traced.lower()))
-        outputs = out[-1][1].out_info[2]
-        shardings = train.transfer_shardings(mesh, outputs, micro)
-        inputs = jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), outputs, shardings
-        )
-    return out
+    (``train.UpdatePrograms.trace``: a later program's inputs are the earlier one's outputs)."""
+    if isinstance(fn, train.UpdatePrograms):
+        return [(traced.jaxpr, lowered) for traced, lowered in fn.trace(*args)]
+    traced = fn.trace(*args)
+    return [(traced.jaxpr, traced.lower())]
 
 
 def _scan_counted(length: int, unroll) -> int:

@@ -307,17 +307,23 @@ class UpdatePrograms:
             metrics.update(update_metrics)
         return state, metrics
 
-    def lower(self, state, frozen, batch, step_num, root) -> list:
-        """Each program lowered on abstract arguments; a later one's inputs are the earlier one's outputs."""
-        lowered, inputs = [], batch
+    def trace(self, state, frozen, batch, step_num, root) -> list:
+        """(traced, lowered) of each program on abstract arguments; a later one's inputs are the earlier one's
+        outputs."""
+        out, inputs = [], batch
         for program in self.programs:
-            lowered.append(program.lower(state, frozen, inputs, step_num, root))
-            outputs = lowered[-1].out_info[2]
+            traced = program.trace(state, frozen, inputs, step_num, root)
+            out.append((traced, traced.lower()))
+            outputs = out[-1][1].out_info[2]
             shardings = transfer_shardings(self.mesh, outputs, self.k)
             inputs = jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), outputs, shardings
             )
-        return lowered
+        return out
+
+    def lower(self, state, frozen, batch, step_num, root) -> list:
+        """Each program lowered on abstract arguments (``trace``)."""
+        return [lowered for _, lowered in self.trace(state, frozen, batch, step_num, root)]
 
 
 class StepFunctions:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -48,6 +50,14 @@ SMALL_SWIFTBRUSH_NETS = [
     for n in ("student", "fake_score")
     for k, v in (("width", "32"), ("hidden", "64"), ("depth", "1"))
 ]
+
+
+def tool(name: str) -> types.ModuleType:
+    """``tools/<name>.py`` as a module (its ``main(argv)`` is what the command line runs)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load(spec: str, overrides=()) -> configuration.ml_collections.ConfigDict:

@@ -4,26 +4,16 @@ component converts and matches its PyTorch twin (--verify), and a mis-shaped ten
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import numpy as np
 import pytest
 import tiny_flow_pipeline
-from helpers import REPO
+from helpers import tool
 from safetensors.numpy import load_file, save_file
 
 from jdistill.convert.pipeline import CONVERTED_MARKER, load_pipeline
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "tool_convert_teacher", REPO / "tools" / "convert_teacher.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,9 @@ def flow_pipelines(tmp_path_factory):
 )
 def test_convert_and_verify(flow_pipelines, tmp_path, capsys, kind, components):
     dst = tmp_path / "out"
-    assert _tool().main(["--src", str(flow_pipelines[kind]), "--dst", str(dst), "--verify"]) == 0
+    assert (
+        tool("convert_teacher").main(["--src", str(flow_pipelines[kind]), "--dst", str(dst), "--verify"]) == 0
+    )
     out = capsys.readouterr().out
     assert "verification passed" in out
     for name in components:  # every needed component converted and compared, none copied as files
@@ -64,7 +56,7 @@ def test_a_mis_shaped_tensor_is_refused_by_name(flow_pipelines, tmp_path, capsys
     state = load_file(str(weights))
     state["context_embedder.weight"] = np.ascontiguousarray(state["context_embedder.weight"][:, :-1])
     save_file(state, str(weights))
-    assert _tool().main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 1
+    assert tool("convert_teacher").main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "mis-shaped" in err and "context_embedder.weight" in err
     assert not (tmp_path / "out" / CONVERTED_MARKER).exists()

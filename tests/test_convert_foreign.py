@@ -10,14 +10,13 @@ is compared with the pipelines' encode_prompt (SD3's CLIP states are wider than 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import foreign_flow_pipelines as foreign
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import tool
 from safetensors.numpy import load_file, save_file
 
 from jdistill.convert.pipeline import CONVERTED_MARKER, TOKENIZERS, load_pipeline
@@ -43,15 +42,6 @@ CASES = {  # kind: (components in conversion order, the rows --verify must print
     "sd35": (["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"], SD3_ROWS),
 }
 PROMPT = "A painting of a squirrel eating a burger"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "tool_convert_teacher_foreign", REPO / "tools" / "convert_teacher.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,7 @@ def test_the_pipelines_are_not_the_teams(pipelines):
 def test_convert_and_verify(pipelines, tmp_path, capsys, kind):
     components, rows = CASES[kind]
     dst = tmp_path / "out"
-    assert _tool().main(["--src", str(pipelines[kind]), "--dst", str(dst), "--verify"]) == 0
+    assert tool("convert_teacher").main(["--src", str(pipelines[kind]), "--dst", str(dst), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "verification passed" in out
     table = _table(out)
@@ -135,7 +125,7 @@ def test_a_mis_shaped_tensor_is_refused_by_name(pipelines, tmp_path, capsys, kin
     state[key] = np.ascontiguousarray(state[key][..., :-1])
     save_file(state, str(weights))
     dst = tmp_path / "out"
-    assert _tool().main(["--src", str(src), "--dst", str(dst), "--verify"]) == 1
+    assert tool("convert_teacher").main(["--src", str(src), "--dst", str(dst), "--verify"]) == 1
     captured = capsys.readouterr()
     assert "mis-shaped" in captured.err and key in captured.err
     assert "verification" not in captured.out

@@ -3,13 +3,12 @@ cache (tools/cache_embeddings.py) against on-the-fly encoding by the tiny pipeli
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, load
+from helpers import REPO, load, tool
 
 from jdistill.data.embeddings import PROBE, EmbeddingCache
 from jdistill.data.text import PromptList, PromptSource, open_prompts, read_prompts
@@ -214,13 +213,6 @@ def test_prompt_source_draws_the_global_batch_and_reads_only_its_rows(tmp_path):
 # ----------------------------------------------------------------------------------------- embedding cache
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("tool_cache", REPO / "tools" / "cache_embeddings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _config(pipelines, preset, prompts, *extra):
     return load(
         f"tests/configs/tiny_unet.py:{preset}",
@@ -231,7 +223,9 @@ def _config(pipelines, preset, prompts, *extra):
 def _cache(pipelines, preset, prompts, dst, *extra, dtype="float32") -> int:
     args = [f"--config={REPO}/tests/configs/tiny_unet.py:{preset}", f"--dst={dst}", "--batch=2"]
     extra = [("teacher.path", str(pipelines[preset])), ("teacher.prompts", str(prompts)), *extra]
-    return _tool().main([*args, *(f"--config.{k}={v}" for k, v in extra), f"--dtype={dtype}"])
+    return tool("cache_embeddings").main(
+        [*args, *(f"--config.{k}={v}" for k, v in extra), f"--dtype={dtype}"]
+    )
 
 
 @pytest.mark.parametrize("preset", ["sd", "sdxl"])

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import tool
 
 from jdistill.digits import data
 from jdistill.teachers.presets import DIGITS_ROOT, DIGITS_TEACHER
@@ -16,13 +15,6 @@ from jdistill.teachers.presets import DIGITS_ROOT, DIGITS_TEACHER
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(DIGITS_ROOT, "build.json")), reason="the digits world is not installed"
 )
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _real_with_prompts(tmp_path, n=120):
@@ -35,11 +27,11 @@ def _real_with_prompts(tmp_path, n=120):
 
 
 def test_real_images_score_high_and_wrong_prompts_low(tmp_path):
-    tool = _tool()
+    evaluate = tool("evaluate")
     prompts = _real_with_prompts(tmp_path)
     out = tmp_path / "eval"
     assert (
-        tool.main(
+        evaluate.main(
             [
                 "--images",
                 str(tmp_path / "images.npy"),
@@ -60,7 +52,7 @@ def test_real_images_score_high_and_wrong_prompts_low(tmp_path):
         data.caption((d + 1) % 10, c, 0, False) for d, c in zip(prompts.digits, prompts.colours, strict=True)
     ]
     (tmp_path / "shifted.txt").write_text("\n".join(shifted) + "\n")
-    tool.main(
+    evaluate.main(
         [
             "--images",
             str(tmp_path / "images.npy"),
@@ -75,26 +67,26 @@ def test_real_images_score_high_and_wrong_prompts_low(tmp_path):
 
 
 def test_bad_input_is_named(tmp_path, capsys):
-    tool = _tool()
+    evaluate = tool("evaluate")
     _real_with_prompts(tmp_path, n=12)
     (tmp_path / "short.txt").write_text("a red seven\n")
     with pytest.raises(SystemExit):
-        tool.main(["--images", str(tmp_path / "images.npy"), "--prompts", str(tmp_path / "short.txt")])
+        evaluate.main(["--images", str(tmp_path / "images.npy"), "--prompts", str(tmp_path / "short.txt")])
     assert "12 images but 1 prompts" in capsys.readouterr().err
     (tmp_path / "cats.txt").write_text("a cat\n" * 12)
     with pytest.raises(SystemExit):
-        tool.main(["--images", str(tmp_path / "images.npy"), "--prompts", str(tmp_path / "cats.txt")])
+        evaluate.main(["--images", str(tmp_path / "images.npy"), "--prompts", str(tmp_path / "cats.txt")])
     assert "nothing to measure" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tool.main(["--pipeline", str(tmp_path)])
+        evaluate.main(["--pipeline", str(tmp_path)])
     assert "no model_index.json" in capsys.readouterr().err
 
 
 def test_pipeline_samples_are_drawn_by_diffusers_with_the_teachers_call(tmp_path):
-    tool = _tool()
-    assert tool.pipeline_call(DIGITS_TEACHER)["num_inference_steps"] == 50
+    evaluate = tool("evaluate")
+    assert evaluate.pipeline_call(DIGITS_TEACHER)["num_inference_steps"] == 50
     out = tmp_path / "eval"
-    tool.main(["--pipeline", DIGITS_TEACHER, "--steps", "8", "--count", "60", "--out", str(out)])
+    evaluate.main(["--pipeline", DIGITS_TEACHER, "--steps", "8", "--count", "60", "--out", str(out)])
     record = json.loads((out / "metrics.json").read_text())
     assert record["call"]["num_inference_steps"] == 8
     # 8 DDIM steps of the shipped teacher already draw mostly readable digits (50 steps: 0.998).

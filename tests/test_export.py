@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_pipeline import _tool, tiny_config
+from helpers import tool
+from test_pipeline import tiny_config
 
 from jdistill import train
 from jdistill.convert.converted import convert_pipeline
@@ -235,9 +236,9 @@ def test_exported_run_loads_in_diffusers_and_generates_like_jdistill(tiny_pipeli
     config = tiny_config(tiny_pipelines, "sd", ("num_steps", "2"), ("checkpoint.every", "2"))
     workdir = tmp_path / "run"
     train.train(config, str(workdir))
-    tool = _tool("export_diffusers")
+    exporter = tool("export_diffusers")
     dst = tmp_path / "export"
-    assert tool.main(["--workdir", str(workdir), "--dst", str(dst)]) == 0
+    assert exporter.main(["--workdir", str(workdir), "--dst", str(dst)]) == 0
     assert "num_inference_steps': 1" in capsys.readouterr().out
     record = json.loads((dst / "jdistill_export.json").read_text())
     assert record["method"] == "swiftbrush" and record["step"] == 2 and record["scheduler"] == "DDIMScheduler"
@@ -267,10 +268,13 @@ def test_exported_run_loads_in_diffusers_and_generates_like_jdistill(tiny_pipeli
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-5
 
     # 16-bit export of the same run.
-    assert tool.main(["--workdir", str(workdir), "--dst", str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0
+    assert (
+        exporter.main(["--workdir", str(workdir), "--dst", str(tmp_path / "half"), "--dtype", "bfloat16"])
+        == 0
+    )
     half = _read_safetensors(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in half.values()} == {torch.bfloat16}
-    assert tool.main(["--workdir", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "x")]) == 1
+    assert exporter.main(["--workdir", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "x")]) == 1
     assert "config.json does not exist" in capsys.readouterr().err
 
 

@@ -202,16 +202,11 @@ def test_flow_scheduler_plan_and_refusals(worlds, tmp_path):
 def test_converted_teacher_exports_its_components_as_torch_weights(worlds, tmp_path):
     """From a directory made by tools/convert_teacher.py (Flax checkpoints), the text encoders (T5 included)
     and the VAE are written as transformers/diffusers weights equal to the original files."""
-    import importlib.util
+    from helpers import tool
 
-    from helpers import REPO
-
-    spec = importlib.util.spec_from_file_location("convert_teacher", REPO / "tools" / "convert_teacher.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     world = worlds["sd35_medium"]
     converted = tmp_path / "converted"
-    assert tool.main(["--src", world.source, "--dst", str(converted)]) == 0
+    assert tool("convert_teacher").main(["--src", world.source, "--dst", str(converted)]) == 0
     state = component_state_dict(CLASSES["sd35_medium"], jax.tree.map(np.asarray, world.frozen["teacher"]))
     export_flow_pipeline(str(converted), str(tmp_path / "out"), state, timesteps=(1.0,))
     for name, stem in [

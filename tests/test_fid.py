@@ -12,12 +12,9 @@ batch-norm running statistics included, so every tensor of the checkpoint matter
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import itertools
 import pathlib
 import sys
-import types
 from unittest import mock
 
 import jax
@@ -26,6 +23,7 @@ import numpy as np
 import pytest
 import reference_wheels
 import torch
+from helpers import tool
 
 from jdistill.convert.core import ConversionError
 from jdistill.convert.inception import (
@@ -50,13 +48,6 @@ from jdistill.evaluate.frechet import frechet_distance
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # (size, seed) of the parity inputs: upsampled and downsampled (no antialiasing) to 299, both non-square.
 PARITY_INPUTS = (((64, 96), 1), ((331, 317), 2))
-
-
-def load_tool(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def torch_fid_inception(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -290,7 +281,7 @@ def test_converter_names_bad_keys(tmp_path, monkeypatch):
 
 
 def test_safetensors_conversion_and_cli(reference, tmp_path):
-    fid_stats = load_tool("fid_stats")
+    fid_stats = tool("fid_stats")
     target = tmp_path / "inception.safetensors"
     assert fid_stats.main(["--inception", str(reference["path"]), "--to", str(target)]) == 0
     state = {k: v.numpy() for k, v in reference["state"].items() if not k.endswith("num_batches_tracked")}

@@ -6,52 +6,21 @@ cache without the captions, or with other captions, is refused, naming the probl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import jax
 import numpy as np
 import pytest
 import tiny_flow_pipeline
-from helpers import REPO, TINY_RUN, load
+from test_flow_embedding_cache import PROMPTS, cache_tool, config
 
 from jdistill.data.embeddings import EmbeddingCache
 from jdistill.data.images import CaptionTable, open_image_text
 from jdistill.data.text import prompt_digest
 from jdistill.teachers import build_world
 
-PROMPTS = ["a red circle", "the digit 3 on a blue square", "green of the square", "an 8"]
 PRESET = "flux_dev"
 COND_KEYS = ["cond.encoder_hidden_states", "cond.pooled_projections"]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("tool_cache", REPO / "tools" / "cache_embeddings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def overrides(root, *extra) -> list[tuple[str, str]]:
-    return [
-        ("teacher.kind", "flow"),
-        ("teacher.preset", PRESET),
-        ("teacher.path", str(root / PRESET)),
-        ("teacher.prompts", str(root / "prompts.txt")),
-        *TINY_RUN,
-        ("teacher.resolution", "16"),
-        *extra,
-    ]
-
-
-def config(root, *extra):
-    return load("configs/dmd2.py:digits", overrides(root, *extra))
-
-
-def cache_tool(root, dst, *extra) -> int:
-    """tools/cache_embeddings.py's main(): batches of 4 texts (as the worlds' batches below)."""
-    args = [f"--config={REPO}/configs/dmd2.py:digits", f"--dst={dst}", "--batch=4"]
-    return _tool().main([*args, *(f"--config.{k}={v}" for k, v in overrides(root, *extra))])
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +29,8 @@ def root(tmp_path_factory, images):
     root = tmp_path_factory.mktemp("flow_caption_cache")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     tiny_flow_pipeline.save_flux_pipeline(root / PRESET)
-    assert cache_tool(root, root / "with_captions", ("teacher.data", str(images))) == 0
-    assert cache_tool(root, root / "prompts_only") == 0
+    assert cache_tool(root, PRESET, root / "with_captions", ("teacher.data", str(images))) == 0
+    assert cache_tool(root, PRESET, root / "prompts_only") == 0
     return root
 
 
@@ -77,8 +46,8 @@ def test_cached_captions_prepare_as_the_encoding_world(root, images, capsys):
     assert EmbeddingCache(str(root / "prompts_only")).captions is None
 
     data = ("teacher.data", str(images))
-    encoding = build_world(config(root, data))
-    cached = build_world(config(root, data, ("teacher.embedding_cache", str(root / "with_captions"))))
+    encoding = build_world(config(root, PRESET, data))
+    cached = build_world(config(root, PRESET, data, ("teacher.embedding_cache", str(root / "with_captions"))))
     assert set(cached.frozen) == set(cached.nets) == {"teacher", "vae"}  # no CLIP, no T5
     assert {"text_encoder", "text_encoder_2"} <= set(encoding.frozen)
 
@@ -101,7 +70,7 @@ def test_cached_captions_prepare_as_the_encoding_world(root, images, capsys):
 
     # The abstract world (plans) on a cache offers the same image batches: images plus cached conditioning.
     abstract = build_world(
-        config(root, data, ("teacher.embedding_cache", str(root / "with_captions"))), abstract=True
+        config(root, PRESET, data, ("teacher.embedding_cache", str(root / "with_captions"))), abstract=True
     )
     shapes = {k: (v.shape, v.dtype) for k, v in abstract.data.local_batch(0, 4).items()}
     assert shapes == {k: (v.shape, v.dtype) for k, v in pairs[0][0].items()}
@@ -114,7 +83,7 @@ def test_a_cache_without_or_with_other_captions_is_refused(root, images, tmp_pat
         match=r"does not match this run: captions of teacher\.data: the cache holds none \(written without "
         r"teacher\.data\), run has 8 from .*metadata\.jsonl; write the cache with --config\.teacher\.data",
     ):
-        build_world(config(root, data, ("teacher.embedding_cache", str(root / "prompts_only"))))
+        build_world(config(root, PRESET, data, ("teacher.embedding_cache", str(root / "prompts_only"))))
 
     # The same images with one caption changed: another caption set.
     lines = [json.loads(line) for line in images.read_text().splitlines()]
@@ -130,9 +99,12 @@ def test_a_cache_without_or_with_other_captions_is_refused(root, images, tmp_pat
     ):
         build_world(
             config(
-                root, ("teacher.data", str(other)), ("teacher.embedding_cache", str(root / "with_captions"))
+                root,
+                PRESET,
+                ("teacher.data", str(other)),
+                ("teacher.embedding_cache", str(root / "with_captions")),
             )
         )
     # The cache with captions still serves runs without teacher.data.
-    world = build_world(config(root, ("teacher.embedding_cache", str(root / "with_captions"))))
+    world = build_world(config(root, PRESET, ("teacher.embedding_cache", str(root / "with_captions"))))
     assert world.data is None and sorted(world.conditions.local_batch(0, 4)) == COND_KEYS

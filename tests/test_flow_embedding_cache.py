@@ -5,14 +5,13 @@ another preset, other prompts or another T5 length is refused, naming what diffe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import jax
 import numpy as np
 import pytest
 import tiny_flow_pipeline
-from helpers import REPO, TINY_RUN, load
+from helpers import REPO, TINY_RUN, load, tool
 
 from jdistill.data.embeddings import MANIFEST, EmbeddingCache
 from jdistill.teachers import build_world
@@ -21,13 +20,6 @@ PROMPTS = ["a red circle", "the digit 3 on a blue square", "green of the square"
 T5_LENGTH = {"flux_dev": 512, "sd35_medium": 256}
 ENCODERS = {"flux_dev": ["text_encoder"], "sd35_medium": ["text_encoder", "text_encoder_2"]}
 T5 = {"flux_dev": "text_encoder_2", "sd35_medium": "text_encoder_3"}
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("tool_cache", REPO / "tools" / "cache_embeddings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def overrides(root, preset: str, *extra) -> list[tuple[str, str]]:
@@ -49,7 +41,9 @@ def config(root, preset: str, *extra):
 def cache_tool(root, preset: str, dst, *extra) -> int:
     """tools/cache_embeddings.py's main() for ``preset``: one batch of 4 prompts (as the world's batches)."""
     args = [f"--config={REPO}/configs/dmd2.py:digits", f"--dst={dst}", "--batch=4"]
-    return _tool().main([*args, *(f"--config.{k}={v}" for k, v in overrides(root, preset, *extra))])
+    return tool("cache_embeddings").main(
+        [*args, *(f"--config.{k}={v}" for k, v in overrides(root, preset, *extra))]
+    )
 
 
 @pytest.fixture(scope="module")

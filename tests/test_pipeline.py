@@ -5,7 +5,6 @@ tools/convert_teacher.py."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, load
+from helpers import load, tool
 
 from jdistill.convert.converted import convert_pipeline
 from jdistill.convert.core import ConversionError
@@ -22,13 +21,6 @@ from jdistill.convert.export import copy_component
 from jdistill.convert.pipeline import load_pipeline
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.teachers import build_world
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -143,8 +135,8 @@ def test_converted_directory_loads_the_same_parameters(tiny_pipelines, tmp_path)
 
 
 def test_convert_teacher_tool_verifies_every_component(tiny_pipelines, tmp_path, capsys):
-    tool = _tool("convert_teacher")
-    code = tool.main(["--src", str(tiny_pipelines["sd"]), "--dst", str(tmp_path / "out"), "--verify"])
+    converter = tool("convert_teacher")
+    code = converter.main(["--src", str(tiny_pipelines["sd"]), "--dst", str(tmp_path / "out"), "--verify"])
     out = capsys.readouterr().out
     assert code == 0, out
     rows = [
@@ -161,9 +153,9 @@ def test_convert_teacher_tool_fails_on_wrong_verification_and_names_bad_tensors(
 ):
     from safetensors.numpy import load_file, save_file
 
-    tool = _tool("convert_teacher")
+    converter = tool("convert_teacher")
     # A tolerance no conversion meets: the verification must be able to fail.
-    code = tool.main(
+    code = converter.main(
         ["--src", str(tiny_pipelines["sd"]), "--dst", str(tmp_path / "a"), "--verify", "--tolerance", "0"]
     )
     captured = capsys.readouterr()
@@ -176,7 +168,7 @@ def test_convert_teacher_tool_fails_on_wrong_verification_and_names_bad_tensors(
     key = "down_blocks.0.attentions.0.proj_in.weight"
     state[key] = np.zeros((*state[key].shape[:-1], state[key].shape[-1] + 1), state[key].dtype)
     save_file(state, weights)
-    code = tool.main(["--src", str(bad), "--dst", str(tmp_path / "b")])
+    code = converter.main(["--src", str(bad), "--dst", str(tmp_path / "b")])
     captured = capsys.readouterr()
     assert code == 1 and key in captured.err and "mis-shaped" in captured.err
     assert not (tmp_path / "b" / "jdistill_converted.json").exists()

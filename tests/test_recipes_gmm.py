@@ -70,6 +70,7 @@ def gmm_passes(samples, labels) -> bool:
 # samplers re-noise), so there it is reported only.
 TRAJECTORY = {
     "configs/lcm.py:gmm": ((999.0,), (999.0, 499.0)),
+    "configs/lcm.py:gmm_flow": ((1.0,), (1.0, 0.5)),  # LCM's flow variant on the rf teacher
     "configs/scm.py:gmm": ((math.pi / 2,), (math.pi / 2, 1.1)),
     "configs/meanflow.py:gmm": ((1.0,), (1.0, 0.5)),
 }

@@ -281,6 +281,14 @@ def copy_component(src: str, dst: str, variant: str | None = None) -> None:
             paths.copy_file(src_dir / name, dst_dir / target)
 
 
+def write_scheduler(out, model_index: dict[str, Any], scheduler: Mapping[str, Any]) -> None:
+    """The student's scheduler config in ``out/scheduler`` and the pipeline's ``model_index.json`` naming it."""
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
+    model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    write_json(out / "model_index.json", model_index)
+
+
 def write_teacher_components(
     src: str, out, model_index: Mapping[str, Any], skip: tuple[str, ...], variant: str | None
 ) -> None:
@@ -359,10 +367,7 @@ def export_pipeline(
         state = fold_unet(state, fold)
     save_weights(out / "unet", state, dtype, "diffusion_pytorch_model")
 
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
-    model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-    write_json(out / "model_index.json", model_index)
+    write_scheduler(out, model_index, scheduler)
 
     if call:
         # A distilled student runs without classifier-free guidance; one with a guidance embedding takes

@@ -27,7 +27,14 @@ from typing import Any
 
 from jdistill import paths
 from jdistill.convert.core import ConversionError
-from jdistill.convert.export import EXPORT_MARKER, save_weights, write_json, write_teacher_components
+from jdistill.convert.export import (
+    EXPORT_MARKER,
+    LORA_FILE,
+    save_weights,
+    write_json,
+    write_scheduler,
+    write_teacher_components,
+)
 from jdistill.convert.io import read_json
 
 PyTree = Any
@@ -104,8 +111,6 @@ def export_flow_pipeline(
     (no ``timesteps``), e.g. a fine-tune. Returns what was written to ``dst/jdistill_export.json``: the call
     arguments that run the student's sampler.
     """
-    from jdistill.convert.export import LORA_FILE
-
     index_path = os.path.join(src, "model_index.json")
     if not os.path.exists(index_path):
         raise ConversionError(f"{src} has no model_index.json: not a pipeline directory")
@@ -130,10 +135,7 @@ def export_flow_pipeline(
     (out / "transformer").mkdir(parents=True, exist_ok=True)
     write_json(out / "transformer" / "config.json", transformer_config)
     save_weights(out / "transformer", state, dtype, "diffusion_pytorch_model")
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
-    model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-    write_json(out / "model_index.json", model_index)
+    write_scheduler(out, model_index, scheduler)
 
     if call:
         # FLUX-dev/lite embed the guidance (1: none); SD3 runs no CFG at 1. Neither takes a negative prompt.

@@ -230,15 +230,16 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         heads = (Pass("teacher", groups, trunk=True),)
         updates += (Update("discriminator", ("discriminator",), discriminator_loss, passes=heads),)
     times = tuple(float(t) for t in m.student_timesteps)
+    on_flow_transformer = transformer_family(network.net) is not None
     return Recipe(
         networks=(network, logvar_net) + ((disc.heads,) if disc is not None else ()),
         updates=updates,
         sample=sample,
         data="data",
         student_timesteps=times,
-        flow_times=flow_times(student, times) if transformer_family(network.net) else (),
+        flow_times=flow_times(student, times) if on_flow_transformer else (),
         no_diffusers_export=""
-        if transformer_family(network.net)
+        if on_flow_transformer
         else "the student samples on the TrigFlow path (times in [0, pi/2]), which no diffusers scheduler of a "
         "UNet pipeline reproduces; use --mode sample, or the flat export of a gmm run",
     )
