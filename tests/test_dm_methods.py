@@ -166,12 +166,11 @@ def test_sid_zero_cfg_uses_an_unconditional_fake_score():
 
 
 def test_ode_pairs_tool_and_source(tmp_path, capsys):
-    from helpers import gmm_quality
-    from test_pipeline import _tool
+    from helpers import gmm_quality, tool as load_tool
 
     from jdistill.data.pairs import PairsSource
 
-    tool = _tool("make_ode_pairs")
+    tool = load_tool("make_ode_pairs")
     out = tmp_path / "pairs"
     code = tool.main(
         ["--config=configs/dmd.py:gmm", "--out", str(out), "--count", "96", "--steps", "20", "--batch", "64"]
