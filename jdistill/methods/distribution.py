@@ -6,6 +6,9 @@ All take x0-predictions (``Prediction.x0``) and compute in float32: a difference
   stop-gradient. With the pseudo-target loss its gradient with respect to x is g / x.size.
 - ``sid_generator_loss``: Score identity Distillation, per sample; gradients flow through x and through
   the inputs of both frozen networks (the caller differentiates with respect to the generator only).
+- ``generator_weight``: the generator loss's per-sample weight: SiD's 1 / mean|x - f_real|, or one of SiD-DiT's
+  functions of the flow time (default there: 1 - sigma).
+- ``logit_normal_times``: flow times sigmoid(N(mean, std^2)) (SiD-DiT draws both networks' times so).
 - ``gan_losses``: diffusion-GAN losses (non-saturating BCE, hinge) from discriminator logits.
 - ``finite_rows`` / ``masked_mean``: per-sample finite masks as loss weights, instead of dropping samples
   (no dynamic shapes under jit).
@@ -47,6 +50,56 @@ def sid_weight(x: jax.Array, x0_real: jax.Array, floor: float = 1e-5) -> jax.Arr
     """SiD's per-sample weight omega = 1 / sg(max(mean_CHW |x - f_real|, floor))."""
     diff = jax.lax.stop_gradient(x.astype(jnp.float32) - x0_real.astype(jnp.float32))
     return 1.0 / jnp.maximum(_per_sample_mean(jnp.abs(diff)), floor)
+
+
+# SiD-DiT's generator weightings (its --weighting_scheme; "sid" is its "sid_legacy"), functions of the flow time
+# sigma = t on x_t = (1 - t) x + t eps, except SiD's own.
+GENERATOR_WEIGHTINGS = (
+    "sid",
+    "1_minus_sigma",
+    "1_minus_sigma_squared",
+    "snr",
+    "snr_sqrt",
+    "1_over_sigma",
+    "1_over_sigma2",
+)
+FLOW_TIME_WEIGHTINGS = GENERATOR_WEIGHTINGS[1:]
+
+
+def generator_weight(
+    kind: str, x: jax.Array, x0_real: jax.Array, t: jax.Array, floor: float = 1e-5
+) -> jax.Array:
+    """Per-sample weight (B,) of the SiD generator loss, float32, stop-gradient; ``t`` is the flow time.
+
+    "sid": 1 / max(mean|x - f_real|, floor). On the flow path (sigma = t, alpha = 1 - t): "1_minus_sigma"
+    1 - t; "1_minus_sigma_squared" (1 - t)^2; "snr_sqrt" 1 / max(t / (1 - t), floor); "snr" 1 / max((t / (1 -
+    t))^2, floor); "1_over_sigma" 1 / max(t, floor); "1_over_sigma2" 1 / max(t^2, floor). The floors are where
+    SiD-DiT's code clips (none for the (1 - t) powers).
+    """
+    if kind == "sid":
+        return sid_weight(x, x0_real, floor)
+    if kind not in FLOW_TIME_WEIGHTINGS:
+        raise ValueError(f"unknown generator weighting {kind!r}; choose one of {GENERATOR_WEIGHTINGS}")
+    s = jax.lax.stop_gradient(jnp.asarray(t, jnp.float32)).reshape(-1)
+    if kind == "1_minus_sigma":
+        return 1.0 - s
+    if kind == "1_minus_sigma_squared":
+        return jnp.square(1.0 - s)
+    inverse_of = {
+        "snr_sqrt": lambda: s / (1.0 - s),
+        "snr": lambda: jnp.square(s / (1.0 - s)),
+        "1_over_sigma": lambda: s,
+        "1_over_sigma2": lambda: jnp.square(s),
+    }[kind]()
+    return 1.0 / jnp.maximum(inverse_of, floor)
+
+
+def logit_normal_times(key: jax.Array, shape: tuple[int, ...], mean: float, std: float) -> jax.Array:
+    """Flow times sigmoid(mean + std n), n ~ N(0, 1), float32 in (0, 1): density
+    phi((logit t - mean) / std) / (std t (1 - t)). SiD-DiT: mean ln 2, std 1.6 (median time 2/3)."""
+    if not std > 0:
+        raise ValueError(f"logit-normal std must be positive, got {std}")
+    return jax.nn.sigmoid(mean + std * jax.random.normal(key, shape, jnp.float32))
 
 
 def sid_generator_loss(

@@ -29,6 +29,7 @@ from jdistill.methods.rollout import FewStepStudent
 from jdistill.rng import streams
 
 PyTree = Any
+TimeSampler = Callable[[jax.Array, tuple[int, ...]], jax.Array]  # (key, shape) -> times in schedule units
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,15 +44,21 @@ class StudentAndFake:
         """All params -> what the student's denoiser takes (its own, or the teacher plus its LoRA)."""
         return self.student_net.net_params(params)
 
-    def noised_generation(self, params, cond, key, t_range, *, detach: bool):
+    def noised_generation(
+        self, params, cond, key, t_range, *, detach: bool, sample_t: TimeSampler | None = None
+    ):
         """(x, ok, t, x_t): the student's sample (non-finite samples zeroed, ``ok`` marks the others),
-        t ~ U(t_range) in schedule fractions, and x_t noised from sg(x) (``detach``) or from x itself."""
+        t ~ U(t_range) in schedule fractions (or ``sample_t(key, shape)``), and x_t noised from sg(x)
+        (``detach``) or from x itself."""
         k = streams(key, "generate", "timestep", "noise")
         x = self.student.generate(self.student_params(params), cond, k["generate"])
         ok = finite_rows(x)
         x = zero_bad_rows(x, ok)
         schedule = self.student.schedule
-        t = sample_timesteps(schedule, k["timestep"], (x.shape[0],), *t_range)
+        if sample_t is None:
+            t = sample_timesteps(schedule, k["timestep"], (x.shape[0],), *t_range)
+        else:
+            t = sample_t(k["timestep"], (x.shape[0],))
         eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
         return x, ok, t, schedule.add_noise(jax.lax.stop_gradient(x) if detach else x, eps, t)
 
@@ -84,10 +91,12 @@ class StudentAndFake:
         guidance: float = 1.0,
         noise_draws: int = 1,
         discriminator: Discriminator | None = None,
+        sample_t: TimeSampler | None = None,
     ) -> LossFn:
         """The fake score's denoising loss on sg(x): this step's generator sample when an earlier update
         carried it, else a fresh no-grad generation; conditions dropped with ``m.fake_cond_dropout``, the
-        prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws`` noisings per sample; plus the
+        prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws`` noisings per sample at
+        t ~ U(m.fake_t_range) or ``sample_t(key, shape)``; plus the
         ``discriminator``'s weighted loss on sg(x) and real samples when a GAN is on."""
         schedule = self.student.schedule
 
@@ -107,7 +116,10 @@ class StudentAndFake:
                 x = jnp.concatenate([x] * noise_draws)
                 cond = jax.tree.map(lambda c: jnp.concatenate([c] * noise_draws), cond)
             n = x.shape[0]
-            t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
+            if sample_t is None:
+                t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
+            else:
+                t = sample_t(k["timestep"], (n,))
             eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
             dropped = drop_conditions(k["dropout"], cond, world.uncond, m.fake_cond_dropout)
             x_t = schedule.add_noise(x, eps, t)
