@@ -38,17 +38,46 @@ Presets:
   README warns against it unless real images beat the student). Run lengths are not stated: 20k steps.
   sd15        one step on SD1.5;          sd15_4step   four steps (999, 749, 499, 249) on SD1.5;
   sd21base    one step on SD2.1-base;     sdxl_4step   four steps on SDXL (zero unconditional embeddings).
-  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
-              SiD-DiT's flow-matching setting (ml-sid-dit, the code of arXiv 2509.25127): four steps at flow
-              times (1, 0.75, 0.5, 0.25) (t_i = 1 - i/K; method.student_timesteps=(1.0,) for one step), the
-              fake score on the flow-matching (velocity) MSE, kappa = the teacher's own sampling CFG (its LSG:
-              all 4.5 on SANA; FLUX-dev/lite through the guidance embedding), batch 256, lr 1e-6. Not
-              reproduced: its generator weight (1 - sigma) and logit-normal fake-score times (here SiD's
-              weight and uniform times).
+  flux_dev, sd3_medium, sd35_medium, sd35_large
+              SiD-DiT (arXiv 2509.25127; its released code apple-aiml-research/ml-sid-dit, commit 9596ed9, read
+              2026-12: training/sid_dit_{sd3,flux}_training_loop.py, sid_dit_*_util.py, sid_dit_*_train.py,
+              run_sid_dit.sh, README). The paper's text was not reachable here; the code's settings are used:
+              - student: a float32 copy of the transformer, four steps at flow times t_i = t_init (1 - i/K) /
+                999 with --init_timestep 999, --num_steps 4: (1, 0.75, 0.5, 0.25), pure noise in, fresh noise
+                between steps (--noise_type fresh); each update draws k ~ U{1..K} once for all devices (rank
+                0's draw broadcast), runs k - 1 steps without gradient and trains the k-th (rollout.py).
+              - fake score: a float32 copy, flow-matching MSE to eps - sg(x) at t = sigmoid(N(ln 2, 1.6^2))
+                (loop: logit_mean = log 2, logit_std = 1.6; the SD3-shifted branch is disabled, use_sd3_shift
+                0), no prompt dropout (use_context_dropout_train_fake = False).
+              - generator: SiD with alpha 1 (--alpha 1.0) at a fresh t from the same logit-normal, weight 1 - t
+                (--weighting_scheme 1_minus_sigma, the CLI and loop default; method.generator_weighting="sid"
+                gives SiD's 1 / mean|x - f_real|, the code's sid_legacy).
+              - guidance: LSG, kappa 4.5 for the teacher, the fake score in the generator loss and its
+                training (--cfg_eval_real / --cfg_eval_fake / --cfg_train_fake 4.5 in run_sid_dit.sh and the
+                loops' defaults; the README: one set of hyperparameters for every teacher; no per-teacher
+                scale is released). FLUX-dev takes 4.5 through its guidance embedding in one pass; the code
+                runs a true-CFG pair there with the embedding also at 4.5 (not reproduced). The FLUX student
+                gets guidance 1 (the code's sid_dit_generate default), as here.
+              - optimizer: Adam (0, 0.999), eps 1e-8, lr = glr = 1e-6 for both networks (the README's AMP
+                setting; its pure-bf16 setting is 1e-5 with eps 1e-4; run_sid_dit.sh's SANA run: 5e-6), no
+                gradient clipping (the code clips values at 1 only in pure bf16), no EMA (--ema 0; "disabled
+                when running FSDP").
+              - batch 256 (--batch 256), 1 Mimg (run_sid_dit.sh --duration 1): 3907 steps; 512 px
+                (--resolution 512; FLUX-dev at 1024 needs more memory, README); T5 length as the utils
+                tokenize: 77 for SD3 / SD3.5, 512 for FLUX.
+              Differences: compute float32 (the code: bf16 autocast over float32 weights; set
+              teacher.dtype=bfloat16 for that); the generator loss's scale (x --lsg 100, sum over the batch
+              / batch) and the fake loss's (sum, / batch) are means here (Adam is indifferent up to eps).
+  flux_schnell, flux_lite
+              our extrapolation of the same settings: flux_lite as flux_dev (guidance-distilled, kappa 4.5
+              through the embedding, T5 512); flux_schnell has no guidance input and no CFG training: kappa 1
+              (the conditional prediction), T5 256 (its pipeline's).
 
   python -m jdistill.main --config configs/sid.py:digits_4step --workdir runs/sid_digits_4step
   python -m jdistill.main --config configs/sid.py:gmm --workdir runs/sid_gmm
 """
+
+import math
 
 from jdistill.config_base import (
     FLOW_FOUR_STEPS,
@@ -57,7 +86,6 @@ from jdistill.config_base import (
     WIDE,
     base_config,
     digits_distillation,
-    flow_guidance,
     gmm_distillation,
     sid_networks,
 )
@@ -79,6 +107,26 @@ PRESETS = (
 )
 FOUR_STEPS = (999.0, 749.0, 499.0, 249.0)
 DIGITS_LR = 3e-5
+# SiD-DiT's released settings (see the docstring for the script lines)
+SID_DIT = {
+    "kappa": 4.5,
+    "lr": 1e-6,
+    "adam_eps": 1e-8,
+    "batch": 256,
+    "steps": 3907,  # 1 Mimg of 256
+    "resolution": 512,
+    "alpha": 1.0,
+    "logit_normal": (math.log(2.0), 1.6),
+    "weighting": "1_minus_sigma",
+}
+SID_DIT_T5 = {
+    "sd3_medium": 77,
+    "sd35_medium": 77,
+    "sd35_large": 77,
+    "flux_dev": 512,
+    "flux_lite": 512,
+    "flux_schnell": 256,
+}
 
 
 def get_config(arg=None):
@@ -100,13 +148,7 @@ def get_config(arg=None):
             c.method.student_timesteps = FOUR_STEPS
         return c
     if preset in FLOW_TEACHERS:
-        sid_networks(c, preset, batch_size=256, num_steps=20000)
-        c.networks.discriminator.optimizer.lr = 1e-6
-        for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
-            c.method[key] = flow_guidance(preset, c.method.cfg_convention)
-        c.method.fake_cond_dropout = 0.1
-        c.method.student_timesteps = FLOW_FOUR_STEPS
-        c.method.fake_target = "velocity"
+        sid_dit(c, preset)
         return c
     if not preset.startswith("gmm"):
         sid_networks(c, preset.removesuffix("_4step"), batch_size=256, num_steps=20000)
@@ -133,3 +175,27 @@ def get_config(arg=None):
         c.networks.student.optimizer.grad_clip = 0.3
         c.method.student_timesteps = (999.0, 499.0) if preset == "gmm_2step" else FOUR_STEPS
     return c
+
+
+def sid_dit(c, preset: str) -> None:
+    """SiD-DiT's four-step flow-teacher setting on ``preset`` (settings and sources: the module docstring)."""
+    sid_networks(c, preset, batch_size=SID_DIT["batch"], num_steps=SID_DIT["steps"], lr=SID_DIT["lr"])
+    c.networks.student.ema_decay = 0.0
+    for name in ("student", "fake_score"):
+        c.networks[name].optimizer.eps = SID_DIT["adam_eps"]
+    c.networks.discriminator.optimizer.lr = SID_DIT["lr"]
+    c.teacher.resolution = SID_DIT["resolution"]
+    c.teacher.t5_length = SID_DIT_T5[preset]
+    kappa = 1.0 if preset == "flux_schnell" else SID_DIT["kappa"]
+    for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
+        c.method[key] = kappa
+    c.method.alpha = SID_DIT["alpha"]
+    c.method.fake_cond_dropout = 0.0
+    c.method.student_timesteps = FLOW_FOUR_STEPS
+    c.method.fake_target = "velocity"
+    c.method.fake_weighting = "uniform"
+    for key in ("t_sampling", "fake_t_sampling"):
+        c.method[key] = "logit_normal"
+    c.method.t_logit_normal = c.method.fake_t_logit_normal = SID_DIT["logit_normal"]
+    c.method.generator_weighting = SID_DIT["weighting"]
+    c.method.renoise = "fresh"
