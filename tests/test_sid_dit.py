@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from test_recipes_flow import _draws, flow_pipelines  # noqa: F401 (flow_pipelin
 
 from jdistill import export, rng, train
 from jdistill.diffusion.guidance import cfg_combine
+from jdistill.diffusion.schedules import FlowSchedule
 from jdistill.methods import build_recipe
 from jdistill.methods.adversarial import enabled
 from jdistill.methods.distribution import (
@@ -333,3 +335,40 @@ def test_sid_dit_preset_trains_and_exports_its_four_step_schedule(
     monkeypatch,
 ):
     _run_and_export(preset, flow_pipelines, tmp_path, monkeypatch)
+
+
+class _ToyDenoiser:
+    """x0 = w tanh(x_t) (1 + t): a smooth stand-in for the student on the flow path."""
+
+    schedule = FlowSchedule()
+
+    def predict(self, params, x_t, t, cond):
+        return SimpleNamespace(x0=params * jnp.tanh(x_t) * (1.0 + t[:, None]))
+
+
+def test_step_count_mixture_is_uniform_and_rolls_out_sid_dits_steps():
+    """k ~ U{1..4} (index 0..3) once per update, the same for the whole batch; the trained step's input is the
+    student's own k - 1 steps at t_i = 1 - i/4 from pure noise with fresh noise between them, redone by hand."""
+    from jdistill.config_base import FLOW_FOUR_STEPS
+    from jdistill.methods.rollout import FewStepStudent, draw_step_index
+
+    draws = jax.vmap(lambda k: draw_step_index(k, 4))(jax.random.split(jax.random.key(0), 4000))
+    counts = np.bincount(np.asarray(draws), minlength=4)
+    assert counts.sum() == 4000 and np.all(np.abs(counts - 1000) < 5 * math.sqrt(4000 * 0.25 * 0.75)), counts
+    student = FewStepStudent(_ToyDenoiser(), (2,), FLOW_FOUR_STEPS)
+    w, n, cond = 0.8, 5, jnp.zeros((5,))
+    seen = set()
+    for i in range(12):
+        key = jax.random.key(100 + i)
+        k = rng.streams(key, "latent", "step_index", "simulate")
+        index = int(draw_step_index(k["step_index"], 4))
+        seen.add(index)
+        x = np.asarray(jax.random.normal(k["latent"], (n, 2)), np.float64)  # pure noise at t = 1
+        times = [1.0 - j / 4 for j in range(4)]
+        for j in range(index):  # predict x0, re-noise to the next time with a fresh draw
+            x0 = w * np.tanh(x) * (1.0 + times[j])
+            fresh = np.asarray(jax.random.normal(jax.random.fold_in(k["simulate"], j), (n, 2)))
+            x = (1.0 - times[j + 1]) * x0 + times[j + 1] * fresh
+        want = w * np.tanh(x) * (1.0 + times[index])
+        np.testing.assert_allclose(np.asarray(student.generate(w, cond, key)), want, rtol=1e-5, atol=1e-6)
+    assert seen == {0, 1, 2, 3}
