@@ -105,6 +105,8 @@ def get_config(arg=None):
         # 0.01 of flow time (about 10-20 of the UNet's timesteps) see the smooth derivative.
         c.method.jvp = "finite_difference"
         c.method.jvp_step = 1e-2
+    elif preset == "flux_lite":
+        t2i_distill(c)
     elif preset in FLOW_TEACHERS:
         unet_distillation(
             c,
@@ -123,4 +125,47 @@ def get_config(arg=None):
         m.guidance_mix = (1.0, 0.5)
         m.tangent = "data"
         m.student_timesteps = FLOW_FOUR_STEPS
+    return c
+
+
+def t2i_distill(c):
+    """T2I-Distill's MeanFlow on FLUX.1-lite-8B (train_meanflow.py and script/train_meanflow.sh; see the module
+    docstring)."""
+    unet_distillation(
+        c,
+        "flux_lite",
+        student_lr=1e-6,  # the sh's example command and README (LR=${1:-1e-5} is only the sh's fallback)
+        fake_lr=None,
+        batch_size=256,  # --train_batch_size 8 on 4 nodes x 8 GPUs
+        num_steps=20000,
+        optimizer="adamw",  # torch.optim.AdamW (0.9, 0.999), eps 1e-8
+        weight_decay=1e-4,  # --adam_weight_decay default
+        grad_clip=0.1,  # --max_grad_norm=0.1
+    )
+    c.teacher.resolution = 512  # --resolution 512
+    c.teacher.t5_length = 256  # --max_sequence_length default
+    model = c.networks.student.model
+    model.timestep_delta_embeds = True  # FluxTransformer2DModelDualTimestep: timestep_embedder2 on t - r
+    model.timestep_delta_init = "copy"  # loaded from time_text_embed.timestep_embedder's state dict
+    model.timestep_scale = 1.0  # ...TimestepX1GuidanceX1: t, t - r and guidance x1
+    m = c.method
+    m.time_mean, m.time_std, m.ratio_r_not_t = (
+        -0.4,
+        1.0,
+        0.75,
+    )  # --time_mu, --time_sigma, --ratio_r_not_equal_t
+    m.cond_dropout = 0.1  # --cfg_prob: prompts replaced by the empty prompt's embedding
+    m.adaptive_power, m.adaptive_eps = 1.0, 1e-3  # --weighting adaptive, --adaptive_p
+    m.guidance_choices = (4.0, 4.5, 5.0)  # --cfg_scale default, per sample, into both guidance embeddings
+    m.guidance_scale = 4.5  # not used in training (guidance_choices); the default of sample_guidance
+    m.sample_guidance = 3.5  # README's MeanFlow inference and geneval_meanflow.sh (--guidance_scale 3.5)
+    # CFG-MeanFlow: on in train_meanflow.sh (CFG_MEANFLOW=${4:-True}, omega 1, kappa 0.5, t in [0, 1]);
+    # off: --config.method.guidance_mix='(1.0, 0.0)'.
+    m.guidance_mix = (1.0, 0.5)
+    m.mix_delta = "interval"  # the script's student velocities take timestep2 = t - r
+    m.mix_window = (0.0, 1.0)
+    m.tangent = "data"  # unguided samples: JVP along noise - x, target from the teacher's velocity
+    # FluxPipeline_MeanFlow: sigmas linspace(1, 1/4, 4) through FLUX-lite's dynamic shift at the resolution.
+    m.student_timesteps = FLOW_FOUR_STEPS
+    m.student_shift = 0.0
     return c

@@ -67,6 +67,8 @@ Presets:
       --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt   # prompts: samples only
 """
 
+import math
+
 from jdistill.config_base import (
     FLOW_TEACHERS,
     base_config,
@@ -126,6 +128,8 @@ def get_config(arg=None):
         m.jvp = "finite_difference"
         m.jvp_step = 1e-2
         return c
+    if preset == "flux_lite":
+        return t2i_distill(c)
     if preset in FLOW_TEACHERS:
         lr = 1e-6
         unet_distillation(
@@ -170,4 +174,35 @@ def get_config(arg=None):
     c.log_every = 50
     c.checkpoint.every = 500
     c.sample.every = 500
+    return c
+
+
+def t2i_distill(c):
+    """T2I-Distill's sCM on FLUX.1-lite-8B (train_sCM.py and script/train_sCM.sh; see the module docstring)."""
+    lr = 1e-6  # the sh's example command and README (LR=${1:-1e-5} is only the sh's fallback)
+    unet_distillation(
+        c,
+        "flux_lite",
+        student_lr=lr,
+        fake_lr=None,
+        batch_size=256,  # --train_batch_size 8 on 4 nodes x 8 GPUs (the "4m32g" run)
+        num_steps=10000,
+        optimizer="adamw",  # torch.optim.AdamW (0.9, 0.999), eps 1e-8
+        weight_decay=1e-4,  # --adam_weight_decay default
+        grad_clip=0.1,  # --max_grad_norm=0.1
+    )
+    c.teacher.resolution = 512  # --resolution 512
+    c.teacher.t5_length = 256  # --max_sequence_length default
+    # x1 timestep and guidance inputs (FluxTransformer2DModelTimestepX1GuidanceX1), jdistill's timestep_scale.
+    c.networks.student.model.timestep_scale = 1.0
+    # logvar_linear belongs to the student module: the same AdamW, weight decay and clip.
+    c.networks.logvar = scm.logvar_config(lr=lr)
+    c.networks.logvar.optimizer.update({"name": "adamw", "weight_decay": 1e-4, "grad_clip": 0.1})
+    m = c.method
+    m.data_scale = m.sigma_data  # model_input = (z - shift) * scale * sigma_data
+    m.guidance_choices = (4.0, 4.5, 5.0)  # --scm_cfg_scale default, per sample
+    m.guidance_embed = True  # the student's guidance embedding gets the teacher's w
+    m.sample_guidance = 4.5  # README's sCM inference (--guidance_scale 4.5), FluxPipeline_sCM's default
+    m.tangent_warmup_steps = 4000  # --tangent_warmup_steps default
+    m.student_timesteps = (math.pi / 2,)  # one step; two: (pi/2, 1.3), test_sCM.py's intermediate_timesteps
     return c

@@ -91,6 +91,7 @@ def _export_flow(
     from jdistill.convert.export import component_state_dict
     from jdistill.convert.export_flow import export_flow_pipeline
     from jdistill.convert.io import read_json
+    from jdistill.models.flux import DIFFUSERS_TIME_SCALE
     from jdistill.models.lora import lora_state_dict, merge_lora
     from jdistill.teachers.flow_world import t5_length
     from jdistill.teachers.presets import FlowTeacherPreset, get_preset
@@ -125,6 +126,9 @@ def _export_flow(
         info=info,
         lora_state=lora_state,
         teacher_sampler=_teacher_sampler(config),
+        time_scale=float(getattr(net.config, "timestep_scale", DIFFUSERS_TIME_SCALE)),
+        # A MeanFlow FLUX student whose t - r embedding is not folded away keeps its embedder.
+        meanflow=bool(getattr(net.config, "timestep_delta_embeds", False)) and s.recipe.export_params is None,
     )
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
 from jdistill.diffusion.guidance import concat_cond
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
-from jdistill.diffusion.schedules import FlowSchedule
+from jdistill.diffusion.schedules import FlowSchedule, broadcast_to
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser, transformer_family
 from jdistill.methods.common import build_network, drop_conditions, network_denoiser, teacher_copy
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
@@ -61,6 +62,11 @@ NETWORKS = ("student",)
 TANGENTS = ("teacher", "data")
 DELTA_OPTION = "timestep_delta_embeds"  # FluxConfig / SD3Config field and networks.student.model key
 DELTA_EMBEDDER = "timestep_delta_embedder"  # its module under time_text_embed
+MIX_DELTAS = ("zero", "interval")
+TIME_SCALE_OPTION = (
+    "timestep_scale"  # FluxConfig field and networks.student.model key (FLUX: 1000 by default)
+)
+DELTA_INITS = ("zero", "copy")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -80,6 +86,16 @@ def default_config() -> ml_collections.ConfigDict:
             "adaptive_power": 1.0,
             "adaptive_eps": 1e-3,
             "student_timesteps": (1.0,),  # e.g. (1.0, 0.5) for two steps
+            # The times through s -> k s / (1 + (k - 1) s); 1: as given, 0: the teacher pipeline's shift
+            "student_shift": 1.0,
+            # w per sample from these for the teacher's CFG and a FLUX student's guidance input (T2I-Distill:
+            # 4, 4.5, 5); empty: guidance_scale
+            "guidance_choices": (),
+            "sample_guidance": 0.0,  # the FLUX student's guidance input when sampling; 0: guidance_scale
+            # The student's own velocities in the guidance mix at t - r = 0 ("zero", the paper's u(z, t, t))
+            # or at the sample's r ("interval", T2I-Distill's train_meanflow.py passes timestep2 = t - r)
+            "mix_delta": "zero",
+            "mix_window": (0.0, 1.0),  # the mix applies to conditioned samples with t in here (cfg_min/max_t)
         }
     )
 
@@ -109,30 +125,51 @@ def start_as_teacher(network: Network) -> Network:
     return dataclasses.replace(network, init=init)
 
 
-def _with_delta_embedder(world):
-    """``world`` whose teacher network is built with ``timestep_delta_embeds`` (same precision and options), so
-    that ``build_network`` makes the teacher's transformer plus the t - r embedder (the teacher itself, its
-    denoiser and parameters are untouched)."""
+def with_transformer_options(world, **changes):
+    """``world`` whose teacher network is built with other config fields (``timestep_delta_embeds``,
+    ``timestep_scale``; same precision and options), so that ``build_network`` makes the student's variant of
+    the teacher's transformer (the teacher itself, its denoiser and parameters are untouched)."""
+    if not changes:
+        return world
     base = world.nets["teacher"]
-    config = dataclasses.replace(base.config, **{DELTA_OPTION: True})
+    config = dataclasses.replace(base.config, **changes)
     view = Net(base.name, base.remake(config), config=config, remake=base.remake)
     return dataclasses.replace(world, nets={**world.nets, "teacher": view})
 
 
-def copy_with_delta_embedder(network: Network) -> Network:
+def student_time_scale(model: ml_collections.ConfigDict, family: str | None) -> dict:
+    """The student transformer's ``timestep_scale`` asked for by ``networks.<name>.model.timestep_scale`` (0 or
+    absent: the teacher's, diffusers' 1000), as config changes; only a FLUX transformer has the option."""
+    scale = float(model.get(TIME_SCALE_OPTION, 0.0) or 0.0)
+    if not scale:
+        return {}
+    if family != "flux":
+        raise ValueError(
+            f"networks.student.model.{TIME_SCALE_OPTION}={scale} is an option of FLUX transformer students "
+            "(a copy of a FLUX teacher); this student is not one"
+        )
+    if scale < 0:
+        raise ValueError(f"networks.student.model.{TIME_SCALE_OPTION} must be positive, got {scale}")
+    return {TIME_SCALE_OPTION: scale}
+
+
+def copy_with_delta_embedder(network: Network, whole: bool = False) -> Network:
     """Init from the teacher for a transformer student: the teacher's parameters (float32 master copies), and
-    the t - r embedder's first linear copied from the teacher's ``timestep_embedder.linear_1`` (T2I-Distill
-    copies the time embedder); its last linear is set to zero by ``start_as_teacher``."""
+    the t - r embedder from the teacher's ``timestep_embedder``: both linears (``whole``: T2I-Distill's
+    train_meanflow.py loads the time embedder's state dict into the second one), or the first only, the last
+    at zero (set again by ``start_as_teacher``), so that the student starts as the teacher's velocity."""
     abstract = network.net.abstract
 
     def init(key, frozen):
         embed = dict(abstract["time_text_embed"])
         delta = embed.pop(DELTA_EMBEDDER)
         params = teacher_copy(key, frozen["teacher"], {**abstract, "time_text_embed": embed})
-        first = params["time_text_embed"]["timestep_embedder"]["linear_1"]
+        source = params["time_text_embed"]["timestep_embedder"]
         new = {
-            "linear_1": jax.tree.map(lambda a: jnp.array(a, copy=True), first),
-            "linear_2": jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), delta["linear_2"]),
+            "linear_1": jax.tree.map(lambda a: jnp.array(a, copy=True), source["linear_1"]),
+            "linear_2": jax.tree.map(lambda a: jnp.array(a, copy=True), source["linear_2"])
+            if whole
+            else jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), delta["linear_2"]),
         }
         return {**params, "time_text_embed": {**params["time_text_embed"], DELTA_EMBEDDER: new}}
 
@@ -165,10 +202,19 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     schedule = FlowSchedule()
     teacher = on_schedule(world.teacher, schedule)
     if family is not None:
-        network = build_network("student", net_cfg, _with_delta_embedder(world), config.num_steps)
+        delta_init = net_cfg.model.get("timestep_delta_init", "zero")
+        if delta_init not in DELTA_INITS:
+            raise ValueError(
+                f"networks.student.model.timestep_delta_init: unknown {delta_init!r}; choose one of {DELTA_INITS}"
+            )
+        options = {DELTA_OPTION: True, **student_time_scale(net_cfg.model, family)}
+        network = build_network(
+            "student", net_cfg, with_transformer_options(world, **options), config.num_steps
+        )
         if network.init is not None:  # from the teacher (model.init "teacher")
-            network = copy_with_delta_embedder(network)
-        network = start_as_teacher(network)
+            network = copy_with_delta_embedder(network, whole=delta_init == "copy")
+        if delta_init == "zero":
+            network = start_as_teacher(network)
         # Its flow denoiser only to tell a guidance-distilled FLUX; the call adds t - r.
         flow = FlowTransformerDenoiser(network.net, schedule, family)
     else:
@@ -178,28 +224,33 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         network = start_as_teacher(network)
         student = on_schedule(network_denoiser(network, net_cfg, world.teacher.schedule), schedule)
     omega, kappa = m.guidance_mix
-    times = tuple(float(t) for t in m.student_timesteps)
-    if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
-        raise ValueError(f"method.student_timesteps must start at 1.0 and decrease, got {times}")
+    mixing = (omega, kappa) != (1.0, 0.0)
+    if m.mix_delta not in MIX_DELTAS:
+        raise ValueError(f"method.mix_delta: unknown {m.mix_delta!r}; choose one of {MIX_DELTAS}")
+    lo, hi = (float(a) for a in m.mix_window)
+    times = student_times(m, world.teacher.schedule)
+    choices = tuple(float(w) for w in m.guidance_choices)
+    sample_w = float(m.sample_guidance) or float(m.guidance_scale)
 
-    def average_velocity(p, z, r, t, cond):
-        """u(z, r, t | cond) in float32; times are flow times in [0, 1] (O(1) inputs)."""
+    def average_velocity(p, z, r, t, cond, w):
+        """u(z, r, t | cond) in float32; times are flow times in [0, 1] (O(1) inputs); ``w`` the guidance
+        input of a guidance-distilled FLUX student (per sample or one)."""
         n = z.shape[0]
         r, t = (jnp.broadcast_to(jnp.asarray(a, jnp.float32), (n,)) for a in (r, t))
         inputs = with_student_inputs(cond, time_delta=t - r, delta_dim=delta_dim)
         if unet:
             return student.predict(p, z, t, inputs).velocity.astype(jnp.float32)
         if family is not None:
-            return transformer_velocity(p, z, r, t, cond)
+            return transformer_velocity(p, z, r, t, cond, w)
         out = network.net.apply(p, z, t, inputs)
         return out.astype(jnp.float32)
 
-    def transformer_velocity(p, z, r, t, cond):
+    def transformer_velocity(p, z, r, t, cond, w):
         """The transformer's output (a velocity: u) with its time convention: FLUX takes flow times and
         scales them itself, SD3 takes 1000 t and 1000 (t - r); a guidance-distilled FLUX takes the teacher's
-        guidance input."""
+        guidance input for CFG ``w``."""
         if flow.embedded_guidance:
-            cond = with_guidance_input(cond, m.guidance_scale, m.cfg_convention, z.shape[0])
+            cond = with_guidance_input(cond, w, m.cfg_convention, z.shape[0])
         if family == "flux":
             out = network.net.apply(p, z, t, cond, timestep_delta=t - r, method="on_latents")
         else:
@@ -208,40 +259,53 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         return out.astype(jnp.float32)
 
     def loss(params, batch, key, carry):
-        k = streams(key, "time", "noise", "dropout")
+        k = streams(key, "time", "noise", "dropout", "guidance")
         x = batch["x0"].astype(jnp.float32)
         n = x.shape[0]
-        cond = drop_conditions(k["dropout"], batch["cond"], world.uncond, m.cond_dropout)
+        dropped = jax.random.bernoulli(k["dropout"], m.cond_dropout, (n,)) if m.cond_dropout > 0 else None
+        cond = drop_conditions(k["dropout"], batch["cond"], world.uncond, m.cond_dropout)  # the same draws
         r, t = meanflow_times(k["time"], n, m.time_mean, m.time_std, m.ratio_r_not_t)
         eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
         z_t = schedule.add_noise(x, eps, t)
-        v = predict_cfg(
-            teacher, params["teacher"], z_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
-        ).velocity
+        w = m.guidance_scale
+        if choices:  # T2I-Distill: w per sample, for the teacher and the student's guidance input
+            w = jnp.asarray(choices, jnp.float32)[jax.random.randint(k["guidance"], (n,), 0, len(choices))]
+        v = predict_cfg(teacher, params["teacher"], z_t, t, cond, world.uncond, w, m.cfg_convention).velocity
         own = network.net_params(params)
         frozen = jax.lax.stop_gradient(own)
-        if (omega, kappa) != (1.0, 0.0):
-            # v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | 0): one batched pass
+        tangent_z = v if m.tangent == "teacher" else eps - x
+        if mixing:
+            # v~ = omega v + kappa u(z, r', t | c) + (1 - omega - kappa) u(z, r', t | 0), one batched pass, on
+            # the conditioned samples with t in mix_window (train_meanflow.py's cfg samples); r' = t (the
+            # paper's instantaneous velocity) or r (mix_delta "interval": the script's timestep2 = t - r).
+            r_mix = t if m.mix_delta == "zero" else r
+            w2 = jnp.concatenate([jnp.broadcast_to(jnp.asarray(w, jnp.float32), (n,))] * 2)
             both = average_velocity(
                 frozen,
                 jnp.concatenate([z_t, z_t]),
-                jnp.concatenate([t, t]),
+                jnp.concatenate([r_mix, r_mix]),
                 jnp.concatenate([t, t]),
                 concat_cond(cond, world.uncond),
+                w2,
             )
             u_cond, u_uncond = jnp.split(both, 2)
-            v = omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
-        v = jax.lax.stop_gradient(v)
-        tangent_z = v if m.tangent == "teacher" else eps - x
+            mixed = omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
+            guided = (t >= lo) & (t <= hi)
+            if dropped is not None:
+                guided = guided & ~dropped
+            guided = broadcast_to(guided, v)
+            v = jnp.where(guided, mixed, v)
+            tangent_z = jnp.where(guided, mixed, tangent_z)  # the guided samples' tangent is v~ either way
+        v, tangent_z = jax.lax.stop_gradient(v), jax.lax.stop_gradient(tangent_z)
         _, du_dt = directional_derivative(
-            lambda z, r_, t_: average_velocity(frozen, z, r_, t_, cond),
+            lambda z, r_, t_: average_velocity(frozen, z, r_, t_, cond, w),
             (z_t, r, t),
             (tangent_z, jnp.zeros_like(r), jnp.ones_like(t)),
             method=m.jvp,
             step=m.jvp_step,
         )
         target = jax.lax.stop_gradient(meanflow_target(v, du_dt, t, r))
-        u = average_velocity(own, z_t, r, t, cond)
+        u = average_velocity(own, z_t, r, t, cond, w)
         value = adaptive_loss(u, target, m.adaptive_power, m.adaptive_eps)
         metrics = {"mse": jnp.mean((u - target) ** 2)}
         return value, (metrics, carry)
@@ -249,10 +313,9 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     ends = (*times[1:], 0.0)
     # The teacher (guided or not), the student's own conditional and unconditional velocities when mixed in,
     # the JVP of sg(student), and the differentiated student.
-    mixed = (Pass("student", 2.0),) if (omega, kappa) != (1.0, 0.0) else ()
     passes = (
         Pass("teacher", float(cfg_evaluations(m.guidance_scale, m.cfg_convention, teacher))),
-        *mixed,
+        *((Pass("student", 2.0),) if mixing else ()),
         *derivative_passes("student", m.jvp, primal_used=False),
         Pass("student", 1.0, "params"),
     )
@@ -262,44 +325,66 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         z, _ = sampler_noise(key, schedule, (n, *world.sample_shape))  # deterministic after the noise
         p = network.net_params(params)
         for t, r in zip(times, ends, strict=True):
-            z = z - (t - r) * average_velocity(p, z, r, t, cond)
+            z = z - (t - r) * average_velocity(p, z, r, t, cond, sample_w)
         return z
 
-    steps = {round(t - r, 6) for t, r in zip(times, ends, strict=True)}
-    export = {
-        "no_diffusers_export": "an average-velocity student (two time inputs, z_r = z_t - (t - r) u) has no "
-        "diffusers pipeline: no diffusers scheduler takes the UNet's t - r input or its flow-path update; use "
-        "--mode sample, or the flat export of a gmm run"
-    }
-    if family is not None and len(steps) > 1:
-        export["no_diffusers_export"] = (
-            f"the student's steps t - r {sorted(steps)} differ, so its t - r input cannot be folded into the "
-            "transformer for a diffusers pipeline; equal steps (e.g. student_timesteps (1.0, 0.75, 0.5, 0.25)) "
-            "export, others sample with --mode sample"
-        )
-    elif (
-        family is not None
-    ):  # equal steps: t - r is one constant, its embedding a bias; the steps are Euler's
-        (delta,) = steps
-        model_delta = delta if family == "flux" else float(schedule.model_time(delta))
-        guided = flow.embedded_guidance
-        export = {
-            "no_diffusers_export": "",
-            "flow_update": "euler",
-            "export_params": lambda p: fold_delta_embedding(network.net, p, model_delta),
-            # The guidance input the sampler gives a guidance-distilled FLUX student, as w in convention "cond".
-            "student_guidance": float(m.guidance_scale) + (0.0 if m.cfg_convention == "cond" else -1.0)
-            if guided
-            else None,
-        }
     return Recipe(
         networks=(network,),
         updates=(Update("student", ("student",), loss, passes=passes),),
         sample=sample,
         data="data",
         student_timesteps=times,
-        **export,
+        **_export(network, family, flow if family is not None else None, times, schedule, sample_w, m),
     )
+
+
+def student_times(m: ml_collections.ConfigDict, teacher_schedule) -> tuple[float, ...]:
+    """``method.student_timesteps`` (1 first, decreasing) through the shift s -> k s / (1 + (k - 1) s) with k =
+    ``method.student_shift`` (1: as given; 0: the teacher pipeline's own, FLUX's exp(mu) at the world's
+    resolution, as T2I-Distill's MeanFlow pipeline places its steps)."""
+    times = tuple(float(t) for t in m.student_timesteps)
+    if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"method.student_timesteps must start at 1.0 and decrease, got {times}")
+    k = float(m.student_shift)
+    if k < 0:
+        raise ValueError(f"method.student_shift={k} must be > 0 (0: the teacher pipeline's shift)")
+    if k == 0:
+        mu = getattr(teacher_schedule, "mu", None)
+        k = math.exp(mu) if mu is not None else float(getattr(teacher_schedule, "shift", 1.0))
+    return tuple(float(np.float32(k * t / (1.0 + (k - 1.0) * t))) for t in times)
+
+
+def _export(network, family, flow, times, schedule, sample_w: float, m) -> dict:
+    """The Recipe fields that say how the student exports: a FLUX student with its t - r embedder (a custom
+    transformer class, any steps and time scale), or with equal steps and diffusers' time scale its fixed t - r
+    embedding folded into a bias (the plain class; SD3 too); others do not export."""
+    ends = (*times[1:], 0.0)
+    steps = {round(t - r, 6) for t, r in zip(times, ends, strict=True)}
+    if family is None:
+        return {
+            "no_diffusers_export": "an average-velocity student (two time inputs, z_r = z_t - (t - r) u) has no "
+            "diffusers pipeline: no diffusers scheduler takes the UNet's t - r input or its flow-path update; "
+            "use --mode sample, or the flat export of a gmm run"
+        }
+    guided = flow.embedded_guidance
+    common = {
+        "no_diffusers_export": "",
+        "flow_update": "euler",
+        # The guidance input the sampler gives a guidance-distilled FLUX student, as w in convention "cond".
+        "student_guidance": sample_w + (0.0 if m.cfg_convention == "cond" else -1.0) if guided else None,
+    }
+    own_scale = getattr(network.net.config, TIME_SCALE_OPTION, 1000.0) != 1000.0
+    if family == "flux" and (len(steps) > 1 or own_scale):
+        return common  # export_params None: written with its t - r embedder (convert/meanflow_flux.py)
+    if len(steps) > 1:
+        return {
+            "no_diffusers_export": f"the student's steps t - r {sorted(steps)} differ, so its t - r input "
+            "cannot be folded into an SD3 transformer for a diffusers pipeline; equal steps (e.g. "
+            "student_timesteps (1.0, 0.75, 0.5, 0.25)) export, others sample with --mode sample"
+        }
+    (delta,) = steps
+    model_delta = delta if family == "flux" else float(schedule.model_time(delta))
+    return {**common, "export_params": lambda p: fold_delta_embedding(network.net, p, model_delta)}
 
 
 def _check_transformer_student(net_cfg: ml_collections.ConfigDict, family: str) -> None:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import MatchedDenoiser, on_schedule, trigflow_output
 from jdistill.diffusion.samplers import run_sampler, student_plan
@@ -51,6 +51,7 @@ from jdistill.diffusion.transformer_denoiser import transformer_family
 from jdistill.methods.adversarial import build_teacher_discriminator, enabled, ladd_config
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.distribution import finite_rows, zero_bad_rows
+from jdistill.methods.meanflow import student_time_scale, with_transformer_options
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
@@ -105,10 +106,13 @@ def logvar_config(lr: float = 1e-3, time_embed_dim: int = 128, time_scale: float
 
 def trigflow_student(config, world, schedule: TrigFlowSchedule):
     """The student network and its denoiser on the TrigFlow path: a copy of the teacher (arch "teacher") keeps
-    the teacher's parameterization and is wrapped the way the teacher is; any other network (an MLP from
-    scratch) lives on the TrigFlow path itself."""
+    the teacher's parameterization and is wrapped the way the teacher is (a FLUX copy with the time scale of
+    ``model.timestep_scale`` when set: T2I-Distill's x1 time and guidance inputs); any other network (an MLP
+    from scratch) lives on the TrigFlow path itself."""
     net_cfg = config.networks.student
-    network = build_network("student", net_cfg, world, config.num_steps)
+    family = transformer_family(world.nets.get("teacher")) if net_cfg.model.arch == "teacher" else None
+    own = with_transformer_options(world, **student_time_scale(net_cfg.model, family))
+    network = build_network("student", net_cfg, own, config.num_steps)
     if net_cfg.model.arch == "teacher":
         base = network_denoiser(network, net_cfg, world.teacher.schedule)
         return network, on_schedule(base, schedule, config.method.data_scale)
@@ -130,9 +134,25 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     schedule = TrigFlowSchedule(sigma_data=sd)
     teacher = on_schedule(world.teacher, schedule, m.data_scale)
     network, student = trigflow_student(config, world, schedule)
-    guidance_dim = config.networks.student.model.get("time_cond_proj_dim", 0) if m.guidance_embed else 0
-    if m.guidance_embed and not guidance_dim:
-        raise ValueError("method.guidance_embed needs networks.student.model.time_cond_proj_dim > 0")
+    # The student's guidance input: a guidance-distilled FLUX copy has its own embedding (T2I-Distill feeds it
+    # the teacher's w); a UNet gets LCM's (time_cond_proj_dim).
+    embedded = m.guidance_embed and student.embedded_guidance
+    guidance_dim = (
+        config.networks.student.model.get("time_cond_proj_dim", 0) if m.guidance_embed and not embedded else 0
+    )
+    if m.guidance_embed and not (embedded or guidance_dim):
+        raise ValueError(
+            "method.guidance_embed needs a student with a guidance input: networks.student.model."
+            "time_cond_proj_dim > 0 (a UNet) or a copy of a guidance-distilled FLUX (guidance_embeds)"
+        )
+
+    def student_inputs(cond, w):
+        """The student's conditioning with CFG scale ``w`` (per sample or one) as its guidance input."""
+        if embedded:  # the same input the teacher's guidance embedding gets for w
+            n = jax.tree.leaves(cond)[0].shape[0]
+            return with_guidance_input(cond, w, m.cfg_convention, n)
+        return with_student_inputs(cond, guidance=w, guidance_dim=guidance_dim)
+
     lv = config.networks.logvar
     logvar_net = Network(
         Net(
@@ -160,7 +180,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         w = choices[jax.random.randint(k["guidance"], (n,), 0, len(m.guidance_choices))]
         guided = predict_cfg(teacher, params["teacher"], x_t, t, cond, world.uncond, w, m.cfg_convention)
         dxdt = jax.lax.stop_gradient(guided.velocity)
-        student_cond = with_student_inputs(cond, guidance=w, guidance_dim=guidance_dim)
+        student_cond = student_inputs(cond, w)
         own = network.net_params(params)
         frozen = jax.lax.stop_gradient(own)
         cs = jnp.cos(t) * jnp.sin(t)
@@ -208,7 +228,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     def sample(params, cond, key):
         n = jax.tree.leaves(cond)[0].shape[0]
         z, renoise = sampler_noise(key, schedule, (n, *world.sample_shape))
-        student_cond = with_student_inputs(cond, guidance=m.sample_guidance, guidance_dim=guidance_dim)
+        student_cond = student_inputs(cond, m.sample_guidance)
         p = network.net_params(params)
         x = run_sampler(
             lambda x_t, t: student.predict(p, x_t, t, student_cond), z, plan, renoise=True, key=renoise
@@ -237,6 +257,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         sample=sample,
         data="data",
         student_timesteps=times,
+        # A guidance-embedding FLUX student samples with sample_guidance, as w in convention "cond".
+        student_guidance=float(m.sample_guidance) - (0.0 if m.cfg_convention == "cond" else 1.0)
+        if embedded
+        else None,
         flow_times=flow_times(student, times) if on_flow_transformer else (),
         no_diffusers_export=""
         if on_flow_transformer

@@ -20,6 +20,12 @@ embedded like the timestep (sinusoids of 1000 delta, then a two-layer MLP,
 ``time_text_embed.timestep_delta_embedder``) and added to the conditioning embedding ``temb``. With that MLP's
 last linear at zero the model computes exactly what it computes without the option. The model then requires
 ``timestep_delta`` (pass 0 for r = t); without the option, passing one is an error.
+
+jdistill-only option ``timestep_scale`` (default 1000, diffusers' fixed factor; a config at 1000 has no such key,
+so a teacher converts and exports exactly as without it): the factor the timestep, the guidance scale and
+``timestep_delta`` are multiplied by before their sinusoids. 1 gives O(1) time inputs, as T2I-Distill's
+``FluxTransformer2DModelTimestepX1GuidanceX1``: forward-mode derivatives in time (sCM, MeanFlow) then do not go
+through sinusoids of 1000 t.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ NORM_EPS = 1e-6
 TIME_PROJ_DIM = 256  # diffusers' Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
 MLP_RATIO = 4
 FP16_MAX = 65504.0
+DIFFUSERS_TIME_SCALE = 1000.0  # FluxTransformer2DModel.forward multiplies timestep and guidance by it
 
 # Options of diffusers' config that jdistill does not implement (value: the only one accepted).
 UNSUPPORTED_OPTIONS = {"patch_size": 1}
@@ -63,6 +70,8 @@ class FluxConfig:
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     # jdistill only (not a diffusers option): a second time input embedded into temb (MeanFlow's t - r).
     timestep_delta_embeds: bool = False
+    # jdistill only: the factor on timestep, guidance and timestep_delta before their sinusoids (diffusers: 1000).
+    timestep_scale: float = DIFFUSERS_TIME_SCALE
 
     @classmethod
     def from_dict(cls, d: dict) -> FluxConfig:
@@ -91,10 +100,14 @@ class FluxConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not self.timestep_delta_embeds:  # jdistill's own option: a diffusers config has no such key
             del out["timestep_delta_embeds"]
+        if self.timestep_scale == DIFFUSERS_TIME_SCALE:
+            del out["timestep_scale"]
         out.update(UNSUPPORTED_OPTIONS)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     def validate(self) -> None:
+        if not (isinstance(self.timestep_scale, int | float) and self.timestep_scale > 0):
+            raise ValueError(f"timestep_scale must be a positive number, got {self.timestep_scale!r}")
         dims = tuple(self.axes_dims_rope)
         if len(dims) != 3 or any(d % 2 for d in dims) or sum(dims) != self.attention_head_dim:
             raise ValueError(
@@ -373,8 +386,9 @@ class TimestepEmbedding(nnx.Module):
 
 
 class TimeTextEmbedding(nnx.Module):
-    """diffusers' CombinedTimestep(Guidance)TextProjEmbeddings: embed(1000 t) [+ embed(1000 g)] + proj(pooled);
-    with ``timestep_delta_embeds`` (jdistill's) plus ``timestep_delta_embedder`` (sinusoids of 1000 delta)."""
+    """diffusers' CombinedTimestep(Guidance)TextProjEmbeddings: embed(k t) [+ embed(k g)] + proj(pooled), k =
+    ``timestep_scale`` (diffusers: 1000); with ``timestep_delta_embeds`` (jdistill's) plus
+    ``timestep_delta_embedder`` (sinusoids of k delta)."""
 
     def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs, p: Precision):
         dim = cfg.inner_dim
@@ -387,10 +401,11 @@ class TimeTextEmbedding(nnx.Module):
         )
         self.text_embedder = TimestepEmbedding(cfg.pooled_projection_dim, dim, rngs, p)
         self.dtype = p.dtype
+        self.scale = float(cfg.timestep_scale)
 
     def _sinusoids(self, t: jax.Array) -> jax.Array:
         # diffusers scales by 1000 in float32 and then takes Timesteps(256, flip_sin_to_cos=True, shift 0).
-        return timestep_embedding(t.astype(jnp.float32) * 1000.0, TIME_PROJ_DIM).astype(self.dtype)
+        return timestep_embedding(t.astype(jnp.float32) * self.scale, TIME_PROJ_DIM).astype(self.dtype)
 
     def __call__(
         self,
