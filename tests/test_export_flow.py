@@ -56,10 +56,10 @@ def to_pipeline_layout(preset: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(x).transpose(0, 3, 1, 2)
 
 
-def pipeline_latents(dst, preset, z_nhwc, call, noises=(), lora_dir=None, monkeypatch=None):
+def pipeline_latents(dst, preset, z_nhwc, call, noises=(), lora_dir=None, monkeypatch=None, **load):
     """The exported pipeline's output latents (in jdistill's layout to compare) from initial noise ``z``; the
     flow scheduler's re-noising draws are replaced by ``noises`` (NHWC, in order; both samplers draw at the last
-    step too, where the noise level is 0)."""
+    step too, where the noise level is 0). ``load``: more arguments of ``from_pretrained``."""
     from diffusers import DiffusionPipeline
     from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_scheduler
 
@@ -68,7 +68,7 @@ def pipeline_latents(dst, preset, z_nhwc, call, noises=(), lora_dir=None, monkey
     queue = [torch.from_numpy(to_pipeline_layout(preset, n).copy()) for n in noises]
     if monkeypatch is not None:
         monkeypatch.setattr(flow_scheduler, "randn_tensor", lambda shape, **_: queue.pop(0))
-    pipe = DiffusionPipeline.from_pretrained(str(dst))
+    pipe = DiffusionPipeline.from_pretrained(str(dst), **load)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     latents = torch.from_numpy(to_pipeline_layout(preset, z_nhwc).copy())

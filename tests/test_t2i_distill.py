@@ -13,15 +13,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_flow_pipeline
 import torch
+from conftest import CACHE_DIR
+from helpers import REPO, load, main_command, subprocess_env
+from test_export_flow import PROMPTS, pipeline_latents, to_pipeline_layout
 from test_flux import LATENT, TEXT, inputs, rel_err, torch_flux, torch_forward
+from test_recipes_flow import _draws, _leaves_equal
 
+from jdistill import export, train
 from jdistill.convert.flux import flux_state_dict, load_flux
+from jdistill.methods.common import build_network
 from jdistill.models.flux import FluxConfig, image_ids, pack_latents, text_ids
 
 
@@ -126,3 +136,210 @@ def test_exported_meanflow_class_matches_jdistill_with_its_second_time(guided_fl
         params, packed, t, jax.tree.map(jnp.asarray, cond)
     )
     assert rel_err(same, ref) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ (r, t) draws
+
+
+def test_meanflow_time_pairs_follow_the_logit_normal():
+    """(r, t) as configs/meanflow.py:flux_lite draws them: t the larger and r the smaller of two
+    logit-normal(-0.4, 1) draws, r = t for 25%. Checked against the closed form: logit(t) is the max of two
+    N(mu, s) (CDF Phi^2), logit(r) of the unequal pairs the min (CDF 1 - (1 - Phi)^2)."""
+    from scipy import stats
+
+    from jdistill.methods.trajectory import meanflow_times
+
+    config = load("configs/meanflow.py:flux_lite")
+    m = config.method
+    n = 200_000
+    r, t = jax.jit(meanflow_times, static_argnums=(1, 2, 3, 4))(
+        jax.random.key(0), n, m.time_mean, m.time_std, m.ratio_r_not_t
+    )
+    r, t = np.asarray(r, np.float64), np.asarray(t, np.float64)
+    assert (r <= t).all() and (r > 0).all() and (t < 1).all()
+    equal = r == t
+    assert abs(equal.mean() - 0.25) < 0.005
+    phi = stats.norm(-0.4, 1.0).cdf
+    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    assert stats.kstest(logit(t), lambda x: phi(x) ** 2).pvalue > 1e-3
+    assert stats.kstest(logit(r[~equal]), lambda x: 1 - (1 - phi(x)) ** 2).pvalue > 1e-3
+    # the t of the equal pairs is drawn like every t
+    assert stats.kstest(logit(t[equal]), lambda x: phi(x) ** 2).pvalue > 1e-3
+
+
+def test_second_embedder_starts_as_a_copy_of_the_first(guided_flux):
+    """configs/meanflow.py:flux_lite's student: timestep_delta_embedder is timestep_embedder's copy (both
+    linears, as train_meanflow.py loads the state dict), the rest the teacher's; the zero-start variant keeps
+    the first linear and zeroes the last."""
+    from jdistill.methods import meanflow
+    from jdistill.models.net import Net
+
+    @dataclasses.dataclass(frozen=True)
+    class World:  # what building the student reads of a world
+        nets: dict
+
+    model, state = guided_flux
+    net, params = load_flux(state, FluxConfig.from_dict(dict(model.config)))
+    world = World({"teacher": Net("teacher", net.make, config=net.config, remake=net.remake)})
+    config = load("configs/meanflow.py:flux_lite")
+    network = build_network(
+        "student",
+        config.networks.student,
+        meanflow.with_transformer_options(world, timestep_delta_embeds=True, timestep_scale=1.0),
+        10,
+    )
+    assert network.net.config.timestep_scale == 1.0 and network.net.config.timestep_delta_embeds
+    for whole in (True, False):
+        init = meanflow.copy_with_delta_embedder(network, whole=whole)
+        if not whole:
+            init = meanflow.start_as_teacher(init)
+        student = init.init(jax.random.key(0), {"teacher": params})
+        embed = student["time_text_embed"]
+        first, second = embed["timestep_embedder"], embed["timestep_delta_embedder"]
+        np.testing.assert_array_equal(
+            second["linear_1"]["kernel"], params["time_text_embed"]["timestep_embedder"]["linear_1"]["kernel"]
+        )
+        np.testing.assert_array_equal(second["linear_1"]["bias"], first["linear_1"]["bias"])
+        if whole:
+            np.testing.assert_array_equal(second["linear_2"]["kernel"], first["linear_2"]["kernel"])
+            np.testing.assert_array_equal(second["linear_2"]["bias"], first["linear_2"]["bias"])
+        else:
+            assert not np.any(second["linear_2"]["kernel"]) and not np.any(second["linear_2"]["bias"])
+        rest = {k: v for k, v in student.items() if k != "time_text_embed"}
+        assert _leaves_equal(rest, {k: v for k, v in params.items() if k != "time_text_embed"})
+
+
+# ------------------------------------------------------------------------------------------------ acceptance
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory):
+    """A tiny FLUX.1-lite-like pipeline (FLUX transformer with a guidance embedding, T5 and CLIP encoders, a
+    16-channel VAE, FLUX's dynamic-shift scheduler) and a prompt file."""
+    root = tmp_path_factory.mktemp("t2i_distill")
+    (root / "prompts.txt").write_text("\n".join([*PROMPTS, "green of the square", "an 8"]) + "\n")
+    return {"path": tiny_flow_pipeline.save_flux_pipeline(root / "lite"), "prompts": root / "prompts.txt"}
+
+
+def _overrides(lite, images, num_steps: int) -> list[tuple[str, str]]:
+    """Only what the acceptance allows: teacher path, prompts and data, resolution, batch and step count (and
+    the fsdp split of the 8 fake devices)."""
+    return [
+        ("teacher.path", str(lite["path"])),
+        ("teacher.prompts", str(lite["prompts"])),
+        ("teacher.data", str(images)),
+        ("teacher.resolution", "16"),
+        ("batch_size", "8"),
+        ("num_steps", str(num_steps)),
+        ("mesh.fsdp", "2"),
+    ]
+
+
+def _main(spec: str, workdir, overrides) -> None:
+    """``python -m jdistill.main --config spec --workdir workdir --config.k=v ...`` on 8 fake CPU devices (with
+    the test session's XLA flags and compilation cache)."""
+    env = subprocess_env(8)
+    env["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"  # see conftest.py
+    env["JAX_COMPILATION_CACHE_DIR"] = str(CACHE_DIR)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    cmd = main_command(workdir, spec, overrides)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def _train_and_resume(spec: str, lite, images, tmp_path):
+    """Two steps straight, and one step then a resumed run to two: equal bit for bit. Returns (the run's
+    config, its resumed workdir)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _main(spec, straight, _overrides(lite, images, 2))
+    _main(spec, resumed, _overrides(lite, images, 1))
+    _main(spec, resumed, _overrides(lite, images, 2))
+    config = load(spec, _overrides(lite, images, 2))
+    assert config.teacher.kind == "flow" and config.teacher.preset == "flux_lite"
+    logged = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "steps_per_sec" in m] == [1, 2]
+    assert all(np.isfinite(m["student/loss"]) for m in logged if "student/loss" in m)
+    _, state, step = train.restore_latest(config, str(resumed))
+    _, state_straight, _ = train.restore_latest(config, str(straight))
+    assert step == 2 and _leaves_equal(state, state_straight), "the resumed run differs from the straight one"
+    return config, resumed
+
+
+FLOAT32 = [("teacher.dtype", "float32"), ("teacher.param_dtype", "float32")]
+
+
+def _diffusers_equals_jdistill(spec, lite, images, workdir, dst, monkeypatch, extra=(), **load_kwargs):
+    """Export the run (with ``extra`` sampling overrides), then sample the same prompts from the same draws with
+    jdistill (its sampler in float32: the preset's frozen networks compute in bfloat16) and with the exported
+    pipeline as its record says; returns the record."""
+    overrides = [*_overrides(lite, images, 2), *extra]
+    export.export_run(load(spec, overrides), str(workdir), str(dst))
+    record = json.loads((dst / "jdistill_export.json").read_text())
+    assert record["step"] == 2
+    config = load(spec, [*overrides, *FLOAT32])
+    s, state, _ = train.restore_latest(config, str(workdir))
+    params = train.sampling_params(s, state)
+    key = jax.random.key(11)
+    cond = jax.jit(s.world.prepare)(params, s.world.conditions.tokenize(PROMPTS))["cond"]
+    ours = np.asarray(jax.jit(s.recipe.sample)(params, cond, key))
+    z, noises = _draws(s, config, key, ours.shape)
+    kind, theirs = pipeline_latents(
+        dst, "flux_lite", z, record["call"], noises, None, monkeypatch, **load_kwargs
+    )
+    assert kind == "FluxPipeline" and np.isfinite(theirs).all()
+    want = to_pipeline_layout("flux_lite", ours)
+    assert rel_err(theirs, want) < 1e-3, rel_err(theirs, want)
+    return record
+
+
+@pytest.mark.e2e
+def test_scm_flux_lite_runs_resumes_and_samples_in_plain_flux_pipeline(lite, images, tmp_path, monkeypatch):
+    """configs/scm.py:flux_lite as a user runs it; the x1-scale student in plain FluxPipeline: one step, and two
+    with the intermediate TrigFlow time 1.3 passed as sigmas (its flow time), from jdistill's own draws."""
+    spec = "configs/scm.py:flux_lite"
+    config, workdir = _train_and_resume(spec, lite, images, tmp_path)
+    assert config.networks.student.model.timestep_scale == 1.0 and config.method.guidance_embed
+    one = _diffusers_equals_jdistill(spec, lite, images, workdir, tmp_path / "one", monkeypatch)
+    assert one["call"]["num_inference_steps"] == 1
+    assert one["call"]["guidance_scale"] == pytest.approx(4.5 / 1000)  # w = 4.5, embedded x1
+    scheduler = json.loads((tmp_path / "one" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["num_train_timesteps"] == 1.0 and not scheduler["use_dynamic_shifting"]
+    transformer = json.loads((tmp_path / "one" / "transformer" / "config.json").read_text())
+    assert transformer["_class_name"] == "FluxTransformer2DModel" and "timestep_scale" not in transformer
+    two = _diffusers_equals_jdistill(
+        spec,
+        lite,
+        images,
+        workdir,
+        tmp_path / "two",
+        monkeypatch,
+        extra=[("method.student_timesteps", f"({math.pi / 2!r}, 1.3)")],
+    )
+    s13 = math.sin(1.3) / (
+        math.sin(1.3) + math.cos(1.3)
+    )  # the same noise-to-data ratio (sigma_d = data scale)
+    assert two["call"]["sigmas"] == pytest.approx([1.0, s13], rel=1e-6)
+
+
+@pytest.mark.e2e
+def test_meanflow_flux_lite_runs_resumes_and_samples_with_its_second_embedder(
+    lite, images, tmp_path, monkeypatch
+):
+    """configs/meanflow.py:flux_lite as a user runs it; the student exported with its t - r embedder (the
+    MeanFlowFluxTransformer2DModel module in the export) draws in FluxPipeline what jdistill's four-step sampler
+    draws, at the teacher pipeline's shifted times."""
+    spec = "configs/meanflow.py:flux_lite"
+    config, workdir = _train_and_resume(spec, lite, images, tmp_path)
+    assert config.networks.student.model.timestep_delta_init == "copy" and config.method.mix_delta == "interval"
+    record = _diffusers_equals_jdistill(
+        spec, lite, images, workdir, tmp_path / "export", monkeypatch, trust_remote_code=True
+    )
+    times = record["call"]["sigmas"]
+    # FLUX's dynamic shift at 16 px (4x4 packed tokens): k = exp(mu), s -> k s / (1 + (k - 1) s)
+    mu = 0.5 + (16 - 256) * (1.15 - 0.5) / (4096 - 256)
+    k = math.exp(mu)
+    assert times == pytest.approx([k * s / (1 + (k - 1) * s) for s in (1.0, 0.75, 0.5, 0.25)], rel=1e-5)
+    transformer = json.loads((tmp_path / "export" / "transformer" / "config.json").read_text())
+    assert transformer["_class_name"] == "MeanFlowFluxTransformer2DModel"
+    assert transformer["meanflow_times"] == times and transformer["timestep_scale"] == 1.0
+    assert record["call"]["guidance_scale"] == pytest.approx(3.5)  # the class embeds it x1 itself
