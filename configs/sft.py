@@ -8,6 +8,14 @@ Presets:
             CFG), through the pipeline's trained text encoder and VAE; AdamW 1e-3 with warm-up and cosine
             decay, EMA 0.999, batch 64. tools/build_digits_world.py runs it on the pipeline it writes
             (teacher.path), then exports the EMA UNet as the shipped teacher.
+  digits_flux
+            the flow digits teacher's FLUX transformer (velocity on the rectified-flow path, flow times
+            uniform) from its own initialisation, on the same captioned digits (10% of captions dropped to the
+            empty prompt: the teacher samples with true CFG, it has no guidance embedding), through the
+            pipeline's CLIP, T5 and 16-channel VAE; AdamW 1e-3 with warm-up and cosine decay, EMA 0.999, batch
+            64; sampled as FluxPipeline does, 28 Euler steps at the scheduler's shift, CFG 4.
+            tools/build_flux_digits_world.py runs it on the pipeline it writes (teacher.path) and exports
+            the EMA transformer as the shipped teacher (jdistill/assets/digits_flux).
   sd15      fine-tune a diffusers UNet teacher on your images (teacher.data: captions and images) from its
   sdxl      own weights: AdamW 1e-5 (wd 1e-2, clip 1, 500 warm-up steps), EMA 0.9999, 10% of prompts
             dropped, batch 256 (sd15) / 64 (sdxl), 10k steps, the real-size levers (bfloat16 compute over
@@ -29,7 +37,7 @@ from jdistill.configuration import choose_preset
 from jdistill.methods import sft
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl", *FLOW_TEACHERS)
+PRESETS = ("gmm", "gmm_flow", "digits", "digits_flux", "sd15", "sdxl", *FLOW_TEACHERS)
 
 
 def get_config(arg=None):
@@ -48,6 +56,8 @@ def get_config(arg=None):
         c.networks.model = network_config(prediction="velocity", lr=1e-3, ema_decay=0.999)
     elif preset == "digits":
         digits_sft(c)
+    elif preset == "digits_flux":
+        digits_flux_sft(c)
     else:
         diffusers_sft(c, preset)
     return c
@@ -91,3 +101,13 @@ def digits_sft(c) -> None:
     )
     c.method.sampler.steps = 50
     c.method.sampler.guidance_scale = 4.0
+
+
+def digits_flux_sft(c) -> None:
+    from jdistill.teachers.digits_world import digits_flux_teacher_config
+
+    digits_sft(c)  # the digits UNet's run: data, length, batch, cadence, optimizer, EMA
+    c.teacher = digits_flux_teacher_config()
+    c.num_steps = 4000  # the shipped teacher's build (jdistill/assets/digits_flux/build.json)
+    c.networks.model.prediction = "velocity"
+    c.method.sampler.steps = 28  # FluxPipeline's default

@@ -158,8 +158,17 @@ def train_text_encoder(tokenizer, steps: int = 800, batch: int = 128, seed: int 
     return Trained(net, params["encoder"], config, {"loss": history, "caption_accuracy": acc})
 
 
-def train_vae(steps: int = 1500, batch: int = 32, seed: int = 0, kl_weight: float = 1e-4) -> Trained:
-    net = vae_net(VAE_CONFIG)
+def train_vae(
+    steps: int = 1500,
+    batch: int = 32,
+    seed: int = 0,
+    kl_weight: float = 1e-4,
+    config: AutoencoderKLConfig = VAE_CONFIG,
+) -> Trained:
+    """A VAE of ``config`` trained on the rendered digits. A config with a ``shift_factor`` (FLUX-style) gets
+    the latents' mean as its shift and 1 / std of the centred latents as its scale; otherwise (SD-style)
+    the scale alone, 1 / std."""
+    net = vae_net(config)
     params = net.init(jax.random.key(seed))
     rng = np.random.default_rng(seed + 1)
     pool = data.split("all")
@@ -185,11 +194,17 @@ def train_vae(steps: int = 1500, batch: int = 32, seed: int = 0, kl_weight: floa
     latents = np.concatenate([np.asarray(encode(params, x[i : i + 512])) for i in range(0, len(x), 512)])
     scaling = float(1.0 / latents.std())
     recon = np.concatenate([np.asarray(decode(params, latents[i : i + 512])) for i in range(0, len(x), 512)])
-    config = dataclasses.replace(VAE_CONFIG, scaling_factor=round(scaling, 5))
+    if config.shift_factor is None:
+        config = dataclasses.replace(config, scaling_factor=round(scaling, 5))
+    else:  # FLUX: (z - shift) * scale has mean 0 and std 1 over the data
+        shift = float(latents.mean())
+        scaling = float(1.0 / (latents - shift).std())
+        config = dataclasses.replace(config, shift_factor=round(shift, 5), scaling_factor=round(scaling, 5))
     metrics = {
         "loss": history,
         "reconstruction_mae": float(np.mean(np.abs(recon - x)) * 127.5),
         "latent_std": float(latents.std()),
+        "latent_mean": float(latents.mean()),
     }
     return Trained(vae_net(config), params, config, metrics)
 

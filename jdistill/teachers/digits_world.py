@@ -1,7 +1,9 @@
-"""The miniature digits world: the shipped digits teacher, its own prompts and images, classifier metrics.
+"""The miniature digits worlds: the shipped digits teachers, their own prompts and images, classifier metrics.
 
 A diffusers world (``teacher.kind = "digits"``, preset "digits", default path the teacher shipped in
-``jdistill/assets/digits/teacher``) whose training prompts are random captions of (digit, colour) pairs,
+``jdistill/assets/digits/teacher``), or the flow world of the FLUX-architecture digits teacher
+(``teacher.kind = "flow"``, preset "digits_flux", ``jdistill/assets/digits_flux/teacher``; the flow world
+asks ``with_digits`` for these parts), whose training prompts are random captions of (digit, colour) pairs,
 whose real images are the rendered data set (``teacher.data`` need not be set: LCM, sCM and the GAN terms get
 real images), whose evaluation prompts are balanced over the 60 pairs with their labels, and whose metrics
 are read by the project's digit classifier (``jdistill.evaluate.digits``) on VAE-decoded samples.
@@ -32,6 +34,15 @@ def digits_teacher_config() -> ml_collections.ConfigDict:
     return c
 
 
+def digits_flux_teacher_config() -> ml_collections.ConfigDict:
+    """The ``teacher`` section of the flow digits world (kind "flow", preset "digits_flux")."""
+    from jdistill.teachers.flow_world import flow_teacher_config
+
+    c = flow_teacher_config("digits_flux")
+    c.classifier = ""  # directory of the digit classifier; empty: the shipped one
+    return c
+
+
 def built_in_sources(seed: int) -> diffusers_world.BuiltInSources:
     def eval_batch(tokenize, n: int) -> dict[str, np.ndarray]:
         prompts = data.evaluation_prompts(n)
@@ -53,16 +64,18 @@ def to_unit(images: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
+def load_world_classifier(config: ml_collections.ConfigDict):
+    """The digit classifier ``teacher.classifier`` names (empty: the shipped one)."""
     from jdistill.digits.classifier import load_classifier
+
+    return load_classifier(config.teacher.get("classifier", "") or DIGITS_CLASSIFIER)
+
+
+def with_digits(world: World, classifier) -> World:
+    """``world`` with the classifier's metrics on decoded samples of labelled evaluation batches, and sample
+    grids with their prompts."""
     from jdistill.evaluate.digits import digits_metrics
 
-    t = config.teacher
-    if t.preset != "digits":
-        raise ValueError(f"teacher.kind 'digits' needs teacher.preset 'digits', got {t.preset!r}")
-    classifier_dir = t.get("classifier", "") or DIGITS_CLASSIFIER
-    classifier = load_classifier(classifier_dir)  # before the networks: a missing file fails fast
-    world = diffusers_world.build(config, shardings_for, built_in_sources(config.seed))
     base_evaluate = world.evaluate
 
     def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:
@@ -81,3 +94,13 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
             paths.as_path(f"{stem}_prompts.txt").write_text("\n".join(prompts) + "\n")
 
     return dataclasses.replace(world, evaluate=evaluate, save_samples=save_samples)
+
+
+def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
+    t = config.teacher
+    if t.preset != "digits":
+        hint = " (the flow digits teacher is teacher.kind 'flow')" if t.preset == "digits_flux" else ""
+        raise ValueError(f"teacher.kind 'digits' needs teacher.preset 'digits', got {t.preset!r}{hint}")
+    classifier = load_world_classifier(config)  # before the networks: a missing file fails fast
+    world = diffusers_world.build(config, shardings_for, built_in_sources(config.seed))
+    return with_digits(world, classifier)

@@ -145,7 +145,13 @@ def pipeline_schedule(scheduler: dict, family: str, shape: tuple[int, int, int])
 def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     t = config.teacher
     preset = get_preset(t.preset, FlowTeacherPreset)
-    tables = diffusers_world.open_tables(config, preset.name, None)
+    built_in = classifier = None
+    if preset.name == "digits_flux":  # the miniature flow world: built-in captions and images, digit metrics
+        from jdistill.teachers import digits_world
+
+        classifier = digits_world.load_world_classifier(config)  # before the networks: fails fast
+        built_in = digits_world.built_in_sources(config.seed)
+    tables = diffusers_world.open_tables(config, preset.name, built_in)
     cached = tables.cache is not None
     if cached:
         check_cache(config, preset, tables.cache, tables.eval_prompts, tables.images)
@@ -172,6 +178,11 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
         **{n: pipe.components[n].net for n in encoders},
     }
     frozen = {"teacher": transformer.params, "vae": vae.params, **encoder_params}
-    return diffusers_world.assemble(
-        config, tables, encoder, teacher, nets, frozen, shape, resolution, pipe.path, "empty_prompt"
+    world = diffusers_world.assemble(
+        config, tables, encoder, teacher, nets, frozen, shape, resolution, pipe.path, "empty_prompt", built_in
     )
+    if built_in is None:
+        return world
+    from jdistill.teachers.digits_world import with_digits
+
+    return with_digits(world, classifier)

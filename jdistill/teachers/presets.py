@@ -16,6 +16,10 @@ CONFIG_ROOT = os.path.join(os.path.dirname(__file__), "configs")
 DIGITS_ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits")
 DIGITS_TEACHER = os.path.join(DIGITS_ROOT, "teacher")
 DIGITS_CLASSIFIER = os.path.join(DIGITS_ROOT, "classifier")
+# The miniature flow world's FLUX-architecture teacher (tools/build_flux_digits_world.py); scored by the digits
+# classifier above.
+DIGITS_FLUX_ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_flux")
+DIGITS_FLUX_TEACHER = os.path.join(DIGITS_FLUX_ROOT, "teacher")
 UNCOND_RULES = ("empty_prompt", "zeros")
 
 
@@ -156,6 +160,12 @@ PRESETS = {
     # 32x32 RGB images, 8x8x4 latents, a 2-layer CLIP text encoder: see jdistill/digits.
     "digits": TeacherPreset(
         "digits", DIGITS_TEACHER, "eps", 32, (("text_encoder", "last"),), None, "empty_prompt", "digits"
+    ),
+    # 32x32 RGB images, 8x8x16 latents (16 tokens), the digits CLIP encoder and a tiny T5: see
+    # jdistill/digits/flux_components.py. Its world (teacher.kind "flow") has the digits world's built-in
+    # captions, images and classifier metrics (teachers/digits_world.py).
+    "digits_flux": FlowTeacherPreset(
+        "digits_flux", DIGITS_FLUX_TEACHER, "flux", 32, ("text_encoder",), "text_encoder_2", 16, "digits_flux"
     ),
 }
 

@@ -1,0 +1,150 @@
+"""Building the flow digits world end to end (``tools/build_flux_digits_world.py``): see that tool for the stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+from jdistill.digits.build import _done, _steps
+from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER, DIGITS_TEACHER
+
+ONE_STEP = 1
+
+
+def _repo() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def sft_config(overrides: list[tuple[str, str]]):
+    """``configs/sft.py:digits_flux`` with ``overrides``."""
+    from jdistill import configuration
+
+    return configuration.load(os.path.join(_repo(), "configs", "sft.py:digits_flux"), overrides)
+
+
+def evaluate_at(overrides: list[tuple[str, str]], run_dir: str, steps: int) -> dict[str, float]:
+    """The run's final metrics (same evaluation prompts and noise as its own final evaluation) with the teacher
+    sampled in ``steps`` Euler steps; nothing is written to the run."""
+    from jdistill import train
+
+    config = sft_config([*overrides, ("method.sampler.steps", str(steps))])
+    s, state, _ = train.restore_latest(config, run_dir)
+    samples, batch = train.draw_samples(s, state, config.sample.final_count, seed=config.sample.seed + 1)
+    return s.world.evaluate(samples, batch)
+
+
+def build_world(
+    out: str,
+    *,
+    steps: int = 0,
+    seed: int = 0,
+    component_steps: dict[str, int] | None = None,
+    sft_overrides: tuple[tuple[str, str], ...] = (),
+    clip_source: str = DIGITS_TEACHER,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the stages into ``out``; returns (and writes to ``out/build.json``) every stage's metrics and time.
+
+    ``steps``: the transformer's training steps (0: the sft preset's); ``component_steps``: training steps of
+    "text_encoder_2" (T5) and "vae" (default: their functions'); ``sft_overrides``: more config overrides of
+    the transformer's sft run (tests shrink it); ``clip_source``: the pipeline whose CLIP tokenizer and text
+    encoder are reused (the shipped digits teacher)."""
+    from jdistill import train
+    from jdistill.digits import flux_components as fc
+    from jdistill.export import export_run
+
+    component_steps = dict(component_steps or {})
+    os.makedirs(out, exist_ok=True)
+    record_path = os.path.join(out, "build.json")
+    record: dict = {}
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+
+    def save():
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=2)
+
+    init_dir = os.path.join(out, "init")
+    if not _done(init_dir):
+        t0 = time.time()
+        t5 = fc.train_t5(fc.t5_tokenizer(), seed=seed, **_steps(component_steps, "text_encoder_2"))
+        t5_seconds = time.time() - t0
+        log(f"T5: caption accuracy {t5.metrics['caption_accuracy']:.3f} ({t5_seconds:.0f} s)")
+        t0 = time.time()
+        vae = fc.train_vae(seed=seed, config=fc.VAE16_CONFIG, **_steps(component_steps, "vae"))
+        vae_seconds = time.time() - t0
+        log(
+            f"vae: reconstruction MAE {vae.metrics['reconstruction_mae']:.2f} / 255, shift "
+            f"{vae.config.shift_factor}, scale {vae.config.scaling_factor} ({vae_seconds:.0f} s)"
+        )
+        if os.path.exists(init_dir + ".tmp"):
+            shutil.rmtree(init_dir + ".tmp")
+        fc.write_flux_pipeline(init_dir + ".tmp", t5, vae, seed=seed, clip_source=clip_source)
+        os.replace(init_dir + ".tmp", init_dir)
+        record["text_encoder_2"] = {
+            "caption_accuracy": t5.metrics["caption_accuracy"],
+            "seconds": round(t5_seconds, 1),
+        }
+        record["vae"] = {k: vae.metrics[k] for k in ("reconstruction_mae", "latent_std", "latent_mean")}
+        record["vae"].update(
+            shift_factor=vae.config.shift_factor,
+            scaling_factor=vae.config.scaling_factor,
+            seconds=round(vae_seconds, 1),
+        )
+        save()
+
+    overrides = [("teacher.path", init_dir), ("seed", str(seed))]
+    if steps:
+        overrides.append(("num_steps", str(steps)))
+    overrides += list(sft_overrides)
+    config = sft_config(overrides)
+    run_dir = os.path.join(out, "sft")
+    sampler = config.method.sampler
+    t0 = time.time()
+    metrics = train.train(config, run_dir)
+    record["transformer"] = {
+        "final": metrics,
+        "steps": config.num_steps,
+        "seconds_this_run": round(time.time() - t0, 1),
+    }
+    # The metrics' sampler: FluxPipeline's Euler steps, true CFG against the empty prompt.
+    record["sampler"] = {"steps": sampler.steps, "guidance_scale": sampler.guidance_scale}
+    save()
+    log(
+        f"transformer (sft, {config.num_steps} steps; {sampler.steps} Euler steps, CFG {sampler.guidance_scale}): {metrics}"
+    )
+
+    if record.get("one_step", {}).get("steps_trained") != config.num_steps:
+        t0 = time.time()
+        one = evaluate_at(overrides, run_dir, ONE_STEP)
+        record["one_step"] = {
+            "final": one,
+            "steps_trained": config.num_steps,
+            "seconds": round(time.time() - t0, 1),
+        }
+        save()
+        log(f"transformer at one Euler step: {one}")
+
+    teacher_dir = os.path.join(out, "teacher")
+    if os.path.exists(teacher_dir):
+        shutil.rmtree(teacher_dir)
+    export_run(config, run_dir, teacher_dir)
+    # The export records where it came from (this build's paths); the shipped teacher is its own source.
+    os.remove(os.path.join(teacher_dir, "jdistill_export.json"))
+    return record
+
+
+def install(out: str) -> str:
+    """Copy ``out/teacher`` (and the build record) into the package's assets."""
+    src = os.path.join(out, "teacher")
+    if not _done(src):
+        raise FileNotFoundError(f"{src} is missing: run the build first")
+    if os.path.exists(DIGITS_FLUX_TEACHER):
+        shutil.rmtree(DIGITS_FLUX_TEACHER)
+    shutil.copytree(src, DIGITS_FLUX_TEACHER)
+    shutil.copy(os.path.join(out, "build.json"), os.path.join(DIGITS_FLUX_ROOT, "build.json"))
+    return DIGITS_FLUX_ROOT
