@@ -25,21 +25,54 @@ Presets:
        2 steps (1, 0.5) 409.9, 0.89 / 0.94, 1.00; 4 steps (1, 0.75, 0.5, 0.25) 190.6, 0.97 / 0.99, 0.87
        (teacher DDIM with CFG 4: 1 step 1180.1 / 0.567, 4 steps 296.9 / 0.947, 50 steps 74.1 / 0.997). Not
        exportable to diffusers (no scheduler takes t - r; --mode sample).
-  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
-       on a flow-matching transformer teacher with T2I-Distill's MeanFlow settings (train_meanflow.py, for
-       FLUX.1-lite): the student is the teacher's transformer with a second timestep embedding for t - r
-       (timestep_delta_embeds; its last layer starts at zero, so u starts as the teacher's velocity, where
-       T2I-Distill copies the first embedder), the data velocity eps - x as the JVP's z tangent
-       (tangent "data") with the teacher's velocity as the target, self-guidance mix (omega, kappa) = (1, 0.5),
-       10% condition dropout, p = 1, forward-mode JVP, AdamW lr 1e-6 (weight decay 1e-4, gradient clip 0.1),
-       batch 256; CFG = the teacher's own sampling scale (FLUX-dev/lite through the guidance embedding, where
-       T2I-Distill draws w from {4, 4.5, 5}); four steps (1, 0.75, 0.5, 0.25): T2I-Distill reports the
-       recipe needs at least 4 NFE on text-to-image.
+  flux_dev, flux_schnell, sd3_medium, sd35_medium, sd35_large
+       on a flow-matching transformer teacher with T2I-Distill's MeanFlow loss settings (see flux_lite): the
+       student is the teacher's transformer with a second timestep embedding for t - r (timestep_delta_embeds;
+       its last layer starts at zero, so u starts as the teacher's velocity), the data velocity eps - x as the
+       JVP's z tangent of unguided samples with the teacher's velocity as the target, self-guidance mix (omega,
+       kappa) = (1, 0.5) on the conditioned samples at the paper's u(z, t, t), 10% condition dropout, p = 1,
+       forward-mode JVP, AdamW lr 1e-6 (weight decay 1e-4, gradient clip 0.1), batch 256; CFG = the teacher's
+       own sampling scale (FLUX-dev through the guidance embedding) at diffusers' time scale; four equal steps
+       (1, 0.75, 0.5, 0.25), exported with the t - r embedding folded into a bias (plain pipelines).
 
+  flux_lite  T2I-Distill's MeanFlow on FLUX.1-lite-8B (arXiv 2512.13006; alibaba-damo-academy/T2I-Distill at
+       84ed92b, train_meanflow.py and script/train_meanflow.sh with its example command):
+       - student FluxTransformer2DModelDualTimestep...X1: temb = time_text_embed(t, w, pooled) +
+         timestep_embedder2(sinusoids(t - r)), the second embedder loaded from the first's state dict
+         (networks.student.model.timestep_delta_embeds, timestep_delta_init "copy"; the other presets' "zero"
+         starts it as the teacher), t, t - r and w x1 (timestep_scale 1);
+       - (r, t) the sorted pair of two logit-normal(-0.4, 1.0) draws, r = t for 25% (--time_mu, --time_sigma,
+         --ratio_r_not_equal_t 0.75), z_t = (1 - t) x + t eps on real latents (no sigma_d);
+       - 10% of prompts replaced by the embedding of " " (--cfg_prob 0.1; here the teacher's unconditional
+         input, FLUX's empty prompt);
+       - w per sample from {4, 4.5, 5} (--cfg_scale) into the teacher's and the student's guidance embeddings;
+       - CFG-MeanFlow on (train_meanflow.sh: CFG_MEANFLOW True, omega 1, kappa 0.5, cfg_min_t 0, cfg_max_t 1):
+         on conditioned samples with t in [0, 1], v~ = omega v_teacher + kappa u(z, r, t | c) + (1 - omega -
+         kappa) u(z, r, t | empty), with the script's timestep2 = t - r for those student passes (method.mix_delta
+         "interval"; the paper's u(z, t, t) is "zero"), v~ both the target's velocity and the JVP's z tangent;
+         other samples: target from v_teacher, tangent eps - x (method.tangent "data"); off:
+         --config.method.guidance_mix='(1.0, 0.0)';
+       - adaptive weighting 1 / (|u - u_tgt|^2 + 1e-3)^p, p = 1 (--weighting adaptive, --adaptive_p), per-sample
+         sums of squares;
+       - AdamW (0.9, 0.999, eps 1e-8) lr 1e-6 (the sh's example command and README; its fallback 1e-5), weight
+         decay 1e-4, constant lr, gradient clip 0.1, no EMA, batch 8 per GPU on 32 GPUs = 256, 512 px, T5 length
+         256, forward-mode JVP, bfloat16 compute over float32 master weights;
+       - sampling (FluxPipeline_MeanFlow): four steps at sigmas linspace(1, 1/4, 4) through the teacher
+         scheduler's dynamic shift at the image's token count (method.student_shift 0: at 512 px (1, 0.849,
+         0.653, 0.385)), r = the next time (0 last), guidance 3.5 (README's MeanFlow command and
+         geneval_meanflow.sh). Export: FluxPipeline with the student's transformer class written into the export
+         (transformer/meanflow_flux.py, our own; DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)),
+         called with sigmas = those times (jdistill_export.json has the call).
+       Differences: T2I-Distill's teacher is its unpublished x1 "rescaled checkpoint" of FLUX.1-lite; here the
+       teacher is FLUX.1-lite as released (x1000) and only the student is x1. The data are the user's
+       (teacher.data; the script reads brivangl/midjourney-v6-llava parquet shards); the length is ours.
   python -m jdistill.main --config configs/meanflow.py:gmm --workdir runs/meanflow_gmm
   python -m jdistill.main --config configs/meanflow.py:gmm --workdir runs/meanflow_gmm --mode eval \
       --config.method.student_timesteps='(1.0, 0.5)'              # the same student, two steps
   python -m jdistill.main --config configs/meanflow.py:digits --workdir runs/meanflow_digits
+  python -m jdistill.main --config configs/meanflow.py:flux_lite --workdir runs/meanflow_flux_lite \
+      --config.teacher.path=flux.1-lite-8B --config.teacher.data=mj_v6/ --config.teacher.prompts=prompts.txt \
+      --config.mesh.fsdp=8      # tests/test_t2i_distill.py runs it on a tiny FLUX.1-lite-like pipeline
 
 On a flow teacher (FLUX / SD3, teacher.kind=flow) the digits preset's student is the teacher's transformer with a
 second timestep embedding for t - r (jdistill's timestep_delta_embeds, starting at zero; methods/meanflow.py):

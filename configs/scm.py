@@ -50,21 +50,54 @@ Presets:
        embedding (not done here). One-step sampling at pi/2 (two steps as SANA-Sprint's pipeline:
        --config.method.student_timesteps='(1.5707963, 1.3)'). Not a measured run.
 
-  flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
+  flux_dev, flux_schnell, sd3_medium, sd35_medium, sd35_large
        on a flow-matching transformer teacher, read on TrigFlow through the training-free transform
-       (x^F = x_t / sigma_d N at flow time s = sin t / (sin t + cos t)), with T2I-Distill's sCM settings for
-       FLUX.1-lite (train_sCM.py): the student a full copy of the transformer, sigma_d 0.5 with the latents
+       (x^F = x_t / sigma_d N at flow time s = sin t / (sin t + cos t)), with T2I-Distill's optimizer and sCM
+       settings (see flux_lite): the student a full copy of the transformer, sigma_d 0.5 with the latents
        times sigma_d, P_mean 0.2, P_std 1.6, tangent warm-up 4000, c = 0.1, the learned log-variance, AdamW
        (0.9, 0.999) lr 1e-6 weight decay 1e-4, gradient clip 0.1, batch 256; one CFG w = the teacher's own
-       sampling scale (FLUX-dev/lite through the guidance embedding). Not reproduced here: its x1 rescaled
-       time embedding (the JVP then runs through the transformer's 1000 t sinusoids) and w drawn from {4,
-       4.5, 5} into the student's guidance embedding (the T2I-Distill presets).
+       sampling scale (FLUX-dev through the guidance embedding), the student at the teacher's time scale and
+       without a guidance input (these teachers have no T2I-Distill recipe; flux_lite has its settings).
+
+  flux_lite  T2I-Distill's sCM on FLUX.1-lite-8B (arXiv 2512.13006; alibaba-damo-academy/T2I-Distill at
+       84ed92b, train_sCM.py and script/train_sCM.sh, its "4m32g" example command):
+       - teacher FLUX.1-lite through the training-free FLUX -> TrigFlow transform (FluxTrigFlow.forward),
+         sigma_d 0.5 (--sigma_data), latents (z - shift) x scale x sigma_d (train(): model_input);
+       - t = arctan(e^tau / 0.5), tau ~ N(0.2, 1.6) (sCMLoss.sample_time_steps; --logit_mean 0.2 --logit_std 1.6
+         in the sh), tangent warm-up 4000 (--tangent_warmup_steps), tangent normalisation c = 0.1, the learned
+         log-variance in the loss e^-logvar / (sigma_d tan t) |F - F- - g|^2 + logvar;
+       - w per sample from {4, 4.5, 5} (--scm_cfg_scale) into the teacher's guidance embedding and the
+         student's (transformer_kwargs["guidance"] for both);
+       - the student's time and guidance inputs x1 (FluxTransformer2DModelTimestepX1GuidanceX1):
+         networks.student.model.timestep_scale = 1 (jdistill's FLUX option); the flow time s enters, as in
+         FluxTrigFlow;
+       - AdamW (0.9, 0.999, eps 1e-8) lr 1e-6 (the sh's example command and the README; the sh's fallback is
+         1e-5), weight decay 1e-4 (--adam_weight_decay), constant lr without warm-up (--lr_scheduler constant),
+         gradient clip 0.1 (--max_grad_norm), no EMA; batch 8 per GPU on 32 GPUs = 256; 512 px (--resolution),
+         T5 length 256 (--max_sequence_length); forward-mode JVP (torch.func.jvp), bfloat16 compute (DeepSpeed
+         bf16) over float32 master weights;
+       - sampling: one step at pi/2 with w = 4.5 (README's sCM command, FluxPipeline_sCM's default); two steps
+         at (pi/2, 1.3), test_sCM.py's intermediate_timesteps: --config.method.student_timesteps='(1.5707963,
+         1.3)'. Exported to plain FluxPipeline: TrigFlow times as the flow times with the same noise-to-data
+         ratio (1.3 -> 0.7827), the x1 inputs through the scheduler's num_train_timesteps = 1 and
+         guidance_scale = 4.5 / 1000 (jdistill_export.json has the call).
+       Differences: T2I-Distill's teacher is its "rescaled checkpoint" of FLUX.1-lite, fine-tuned to x1 inputs
+       and not published (T2I-Distill issue #3); here the teacher is FLUX.1-lite as released (x1000 inputs) and
+       only the student's embeddings are x1, so the student starts away from the teacher at the same weights.
+       Its log-variance head is a linear on the student's whole conditioning embedding (time, w and pooled
+       text), jdistill's a small head on t alone (networks.logvar, AdamW at the student's lr, weight decay and
+       clip); T2I-Distill clips the student and the head together, jdistill per network. The data are the
+       user's (teacher.data: T2I-Distill reads three parquet shards of brivangl/midjourney-v6-llava); the
+       length is ours (its max_train_steps is 10M with a checkpoint every 1000).
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm --mode eval \
       --config.method.student_timesteps='(1.5707963, 1.1)'        # the same student, two steps
   python -m jdistill.main --config configs/scm.py:digits --workdir runs/scm_digits
   python -m jdistill.main --config configs/scm.py:sd15_ladd --workdir runs/scm_sd15_ladd \
       --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt   # prompts: samples only
+  python -m jdistill.main --config configs/scm.py:flux_lite --workdir runs/scm_flux_lite \
+      --config.teacher.path=flux.1-lite-8B --config.teacher.data=mj_v6/ --config.teacher.prompts=prompts.txt \
+      --config.mesh.fsdp=8      # tests/test_t2i_distill.py runs it on a tiny FLUX.1-lite-like pipeline
 """
 
 import math
