@@ -9,10 +9,13 @@ second time t - r, both O(1) (not x1000). Per step, on real data x and condition
 unconditional input with probability ``cond_dropout``):
 
 1. (r, t): the sorted pair of two logit-normal(mean, std) draws, r = t for a fraction 1 - ratio_r_not_t;
-2. v = the teacher's velocity with CFG w (convention "uncond"), optionally mixed with the student's own
-   guidance as T2I-Distill does: v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | 0);
+2. v = the teacher's velocity with CFG w (convention "uncond"; w per sample from ``guidance_choices`` when set,
+   T2I-Distill's {4, 4.5, 5}, given to a guidance-distilled FLUX student's embedding too), optionally mixed
+   with the student's own guidance as T2I-Distill does on the conditioned samples with t in ``mix_window``:
+   v~ = omega v + kappa u(z, r', t | c) + (1 - omega - kappa) u(z, r', t | 0), r' = t (``mix_delta`` "zero",
+   the paper's) or r ("interval", train_meanflow.py's);
 3. du/dt = JVP of the student (stop-gradient parameters) along (v~, 0, 1) in (z, r, t) (``tangent = "data"``:
-   along the data velocity eps - x instead, T2I-Distill's choice for unguided samples);
+   along the data velocity eps - x instead for the unmixed samples, T2I-Distill's choice);
 4. target u_tgt = v~ - (t - r) du/dt; loss = sg(w) |u - sg(u_tgt)|^2, w = 1 / (|u - u_tgt|^2 + 1e-3)^p.
 
 A UNet student (model arch "teacher", a copy of the teacher) keeps the teacher's parameterization and path and
@@ -25,12 +28,17 @@ teacher's transformer with jdistill's ``timestep_delta_embeds``: t - r is embedd
 model's own sinusoids and time scale, FLUX 1000 (t - r), SD3 1000 (t - r) as its ``timesteps``) by a second
 MLP, ``time_text_embed.timestep_delta_embedder``, added to the conditioning embedding. Copied from the teacher,
 that MLP's first linear is the teacher's ``timestep_embedder.linear_1`` and its last linear starts at zero, so
-the student starts exactly as the teacher's velocity. It predicts u directly (the transformer's output is a
+the student starts exactly as the teacher's velocity (``model.timestep_delta_init`` "zero"), or the whole MLP is
+a copy of ``timestep_embedder`` ("copy", T2I-Distill's). ``model.timestep_scale`` (FLUX): the factor t, t - r and
+the guidance are embedded with (T2I-Distill: 1, diffusers: 1000). It predicts u directly (the transformer's output is a
 velocity on the flow path); a guidance-distilled FLUX student (FLUX-dev, -lite) takes the guidance input the
 teacher gets for ``guidance_scale`` (as lcm's does), so that at r = t it starts as the guided teacher. Set
 ``networks.student.model.timestep_delta_embeds=True`` and ``networks.student.model.time_cond_proj_dim=0``.
 
-Samples: z_1 = eps, then z_r = z_t - (t - r) u(z_t, r, t) over ``student_timesteps`` (1 first) down to 0.
+Samples: z_1 = eps, then z_r = z_t - (t - r) u(z_t, r, t) over ``student_timesteps`` (1 first, through
+``student_shift``) down to 0. Export (FLUX / SD3 students): equal steps at diffusers' time scale fold the fixed
+t - r embedding into a bias (the plain transformer class); other FLUX students keep the embedder, written as
+``convert/meanflow_flux.py``'s diffusers class.
 """
 
 from __future__ import annotations
