@@ -309,7 +309,9 @@ def _run_and_export(preset, flow_pipelines, tmp_path, monkeypatch):  # noqa: F81
     assert step == 2
     dst = export.export_run(config, run, str(tmp_path / "export"))
     record = json.loads((tmp_path / "export" / "jdistill_export.json").read_text())
-    assert record["call"] == {"sigmas": [1.0, 0.75, 0.5, 0.25]}
+    call = record["call"]
+    assert call["sigmas"] == [1.0, 0.75, 0.5, 0.25] and call["guidance_scale"] == 1.0  # the student: no CFG
+    assert call["max_sequence_length"] == config.teacher.t5_length == (512 if preset == "flux_dev" else 77)
     sched = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["stochastic_sampling"] and sched["shift"] == 1.0 and not sched["use_dynamic_shifting"]
     params = train.sampling_params(s, state)
