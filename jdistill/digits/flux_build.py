@@ -44,6 +44,7 @@ def build_world(
     component_steps: dict[str, int] | None = None,
     sft_overrides: tuple[tuple[str, str], ...] = (),
     clip_source: str = DIGITS_TEACHER,
+    vae_stats_images: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the stages into ``out``; returns (and writes to ``out/build.json``) every stage's metrics and time.
@@ -51,9 +52,11 @@ def build_world(
     ``steps``: the transformer's training steps (0: the sft preset's); ``component_steps``: training steps of
     "text_encoder_2" (T5) and "vae" (default: their functions'); ``sft_overrides``: more config overrides of
     the transformer's sft run (tests shrink it); ``clip_source``: the pipeline whose CLIP tokenizer and text
-    encoder are reused (the shipped digits teacher)."""
+    encoder are reused (the shipped digits teacher); ``vae_stats_images``: images the VAE's shift and scale
+    are measured on (0: all; ``components.train_vae``)."""
     from jdistill import train
     from jdistill.digits import flux_components as fc
+    from jdistill.digits.components import train_vae
     from jdistill.export import export_run
 
     component_steps = dict(component_steps or {})
@@ -75,7 +78,9 @@ def build_world(
         t5_seconds = time.time() - t0
         log(f"T5: caption accuracy {t5.metrics['caption_accuracy']:.3f} ({t5_seconds:.0f} s)")
         t0 = time.time()
-        vae = fc.train_vae(seed=seed, config=fc.VAE16_CONFIG, **_steps(component_steps, "vae"))
+        vae = train_vae(
+            seed=seed, config=fc.VAE16_CONFIG, stats_images=vae_stats_images, **_steps(component_steps, "vae")
+        )
         vae_seconds = time.time() - t0
         log(
             f"vae: reconstruction MAE {vae.metrics['reconstruction_mae']:.2f} / 255, shift "

@@ -34,7 +34,7 @@ from jdistill.convert.flux import flux_state_dict
 from jdistill.convert.t5 import t5_state_dict
 from jdistill.convert.vae import vae_state_dict
 from jdistill.digits import data
-from jdistill.digits.components import Trained, _adam_loop, train_vae
+from jdistill.digits.components import Trained, _adam_loop
 from jdistill.models.flux import FluxConfig, flux_net
 from jdistill.models.t5 import T5Config, t5_net
 from jdistill.models.vae import AutoencoderKLConfig
@@ -160,10 +160,6 @@ def train_t5(tokenizer, steps: int = 600, batch: int = 128, seed: int = 0) -> Tr
     d, c = logits(params, ids)
     ok = (np.asarray(d).argmax(-1) == digits) & (np.asarray(c).argmax(-1) == colours)
     return Trained(net, params["encoder"], config, {"loss": history, "caption_accuracy": float(np.mean(ok))})
-
-
-def train_vae16(steps: int = 1500, seed: int = 0) -> Trained:
-    return train_vae(steps=steps, seed=seed, config=VAE16_CONFIG)
 
 
 def write_flux_pipeline(
