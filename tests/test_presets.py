@@ -40,6 +40,15 @@ def test_every_preset_loads_with_its_cfg_convention_and_unconditional_input(reci
     if preset.startswith("gmm"):
         assert c.teacher.kind == "gmm"  # unconditional input: the null label
         return
+    if preset == "digits_flux":  # the shipped flow digits teacher: the flow world, velocity-predicting copies
+        assert c.teacher.kind == "flow" and c.teacher.preset == preset and c.teacher.uncond == ""
+        assert get_preset(preset, FlowTeacherPreset).uncond == "empty_prompt"
+        assert all(
+            c.networks[n].prediction == "velocity"
+            for n in ("student", "fake_score", "model")
+            if n in c.networks
+        )
+        return
     if preset.startswith("digits"):  # the shipped digits teacher, encoding the empty prompt
         assert c.teacher.kind == "digits" and c.teacher.preset == "digits" and c.teacher.uncond == ""
         assert get_preset("digits").uncond == "empty_prompt"
