@@ -108,6 +108,6 @@ def digits_flux_sft(c) -> None:
 
     digits_sft(c)  # the digits UNet's run: data, length, batch, cadence, optimizer, EMA
     c.teacher = digits_flux_teacher_config()
-    c.num_steps = 4000  # the shipped teacher's build (jdistill/assets/digits_flux/build.json)
+    c.num_steps = 3000  # the shipped teacher's build (jdistill/assets/digits_flux/build.json)
     c.networks.model.prediction = "velocity"
     c.method.sampler.steps = 28  # FluxPipeline's default
