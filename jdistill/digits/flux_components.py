@@ -15,6 +15,12 @@
   convention: (z - shift) * scale).
 - Transformer: a tiny ``FluxTransformer2DModel`` (placeholder weights; the ``sft`` preset ``digits_flux``
   trains it from its own initialisation). 8x8 latents pack 2x2 into 16 tokens of 64 channels.
+  No guidance embedding (``guidance_embeds`` False, FLUX.1-schnell's shape): the transformer is trained by
+  plain flow matching with 10% of captions dropped and sampled with true CFG against the empty prompt
+  (FluxPipeline's ``true_cfg_scale``), as the digits UNet is. A FLUX.1-dev/lite-shaped teacher (guidance as
+  an input, one pass per step) would need a second training stage that distils this CFG into a guidance
+  embedding; jdistill has no such method yet, and a guidance embedding trained without it would not know
+  what its input means. Recipes on this world therefore see a true-CFG teacher, as on SD3.
 - Scheduler: ``FlowMatchEulerDiscreteScheduler`` with a static shift (``SCHEDULER_CONFIG``).
 """
 
