@@ -92,7 +92,12 @@ def flow_scheduler_plan(
         "stochastic_sampling": stochastic and len(ts) > 1,
     }
     if time_scale != DIFFUSERS_TIME_SCALE:
-        config["num_train_timesteps"] = time_scale  # timesteps = time_scale x sigma: what the student embeds
+        if time_scale != int(time_scale) or time_scale < 1:
+            raise ValueError(
+                f"time scale {time_scale}: the scheduler's num_train_timesteps carries it, a whole number >= 1"
+            )
+        # timesteps = time_scale x sigma: what the student embeds
+        config["num_train_timesteps"] = int(time_scale)
     call = {"num_inference_steps": 1} if ts == [1.0] else {"sigmas": ts}
     return config, call
 
