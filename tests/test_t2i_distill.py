@@ -7,7 +7,11 @@
 - the acceptance runs: ``python -m jdistill.main --config configs/<recipe>.py:flux_lite`` with only the teacher
   path, data, resolution, batch and step count overridden, on 8 fake devices with fsdp, resumed bit-exactly and
   exported; diffusers draws what jdistill's sampler draws (sCM: plain FluxPipeline at one and two steps;
-  MeanFlow: FluxPipeline with the exported MeanFlow transformer class at four steps).
+  MeanFlow: FluxPipeline with the exported MeanFlow transformer class at four steps);
+- both presets planned abstractly at real size (FLUX.1-lite-8B, fsdp=8).
+
+The acceptance runs take about 3 minutes each on 2 cores and are marked ``e2e``
+(``python -m pytest -m e2e tests/test_t2i_distill.py``); the rest is in the default run (about 40 s).
 """
 
 from __future__ import annotations
@@ -294,7 +298,9 @@ def _diffusers_equals_jdistill(spec, lite, images, workdir, dst, monkeypatch, ex
     )
     assert kind == "FluxPipeline" and np.isfinite(theirs).all()
     want = to_pipeline_layout("flux_lite", ours)
-    assert rel_err(theirs, want) < 1e-3, rel_err(theirs, want)
+    err = rel_err(theirs, want)
+    print(f"{spec} {record['call']}: diffusers vs jdistill, max abs difference / max abs = {err:.2e}")
+    assert err < 1e-3, err
     return record
 
 
@@ -356,7 +362,6 @@ def test_meanflow_flux_lite_runs_resumes_and_samples_with_its_second_embedder(
 # ------------------------------------------------------------------------------------------------ real size
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("recipe", ["scm", "meanflow"])
 def test_flux_lite_presets_plan_at_real_size_with_every_parameter_split(recipe):
     """The presets as written (512 px, T5 256, bfloat16 frozen networks, x1 student) planned abstractly for

@@ -354,6 +354,8 @@ def student_times(m: ml_collections.ConfigDict, teacher_schedule) -> tuple[float
     if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
         raise ValueError(f"method.student_timesteps must start at 1.0 and decrease, got {times}")
     k = float(m.student_shift)
+    if k == 1.0:
+        return times
     if k < 0:
         raise ValueError(f"method.student_shift={k} must be > 0 (0: the teacher pipeline's shift)")
     if k == 0:
