@@ -300,7 +300,7 @@ def _diffusers_equals_jdistill(spec, lite, images, workdir, dst, monkeypatch, ex
     want = to_pipeline_layout("flux_lite", ours)
     err = rel_err(theirs, want)
     print(f"{spec} {record['call']}: diffusers vs jdistill, max abs difference / max abs = {err:.2e}")
-    assert err < 1e-3, err
+    assert err < 1e-4, err  # measured 3e-6 to 5e-6
     return record
 
 
