@@ -109,12 +109,18 @@ def build_world(
     config = sft_config(overrides)
     run_dir = os.path.join(out, "sft")
     sampler = config.method.sampler
+    before = record.get("transformer", {})
     t0 = time.time()
     metrics = train.train(config, run_dir)
+    seconds = round(time.time() - t0, 1)
     record["transformer"] = {
         "final": metrics,
         "steps": config.num_steps,
-        "seconds_this_run": round(time.time() - t0, 1),
+        "seconds_this_run": seconds,
+        # The run that reached these steps (running the tool again on a finished run only re-evaluates it).
+        "seconds_training": before["seconds_training"]
+        if before.get("steps") == config.num_steps
+        else seconds,
     }
     # The metrics' sampler: FluxPipeline's Euler steps, true CFG against the empty prompt.
     record["sampler"] = {"steps": sampler.steps, "guidance_scale": sampler.guidance_scale}
@@ -123,12 +129,14 @@ def build_world(
         f"transformer (sft, {config.num_steps} steps; {sampler.steps} Euler steps, CFG {sampler.guidance_scale}): {metrics}"
     )
 
-    if record.get("one_step", {}).get("steps_trained") != config.num_steps:
+    done = record.get("one_step", {})
+    if (done.get("steps_trained"), done.get("guidance_scale")) != (config.num_steps, sampler.guidance_scale):
         t0 = time.time()
         one = evaluate_at(overrides, run_dir, ONE_STEP)
         record["one_step"] = {
             "final": one,
             "steps_trained": config.num_steps,
+            "guidance_scale": sampler.guidance_scale,
             "seconds": round(time.time() - t0, 1),
         }
         save()
