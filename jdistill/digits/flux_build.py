@@ -118,7 +118,7 @@ def build_world(
         "steps": config.num_steps,
         "seconds_this_run": seconds,
         # The run that reached these steps (running the tool again on a finished run only re-evaluates it).
-        "seconds_training": before["seconds_training"]
+        "seconds_training": before.get("seconds_training", before.get("seconds_this_run"))
         if before.get("steps") == config.num_steps
         else seconds,
     }
