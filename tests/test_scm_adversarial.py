@@ -348,6 +348,7 @@ def test_misaligned_pairs_are_the_real_images_with_other_conditions(tiny):
     assert list(jax.jit(plain.discriminator_inputs)(real["x0"], real, jax.random.key(2))) == ["fake", "real"]
 
 
+@pytest.mark.e2e  # 96 s from a cold compilation cache; the LADD losses are checked by hand above
 def test_ladd_trains_on_eight_devices_and_checkpoints_only_the_heads(tiny_pipelines, images, tmp_path):
     """Two steps through the real trainer, the term off (step 1) then on (step 2): the same compiled step."""
     config = ladd_config_on(
