@@ -62,6 +62,7 @@ from jdistill.methods.adversarial import discriminator_config
 
 PRESETS = (
     "digits",
+    "digits_flux",
     "gmm",
     "gmm_4step",
     "sd15",
@@ -86,6 +87,9 @@ def get_config(arg=None):
         c.method.guidance_scale = 4.0  # the teacher's own sampling scale, real score only
         c.method.generator_every = 2
         c.networks.discriminator = discriminator_config(lr=DIGITS_LR)  # used when method.gan is on
+        return c
+    if preset == "digits_flux":
+        dmd2_digits_flux(c)
         return c
     if preset.startswith("gmm"):
         gmm_distillation(c, student_lr=3e-4)
@@ -131,3 +135,19 @@ def get_config(arg=None):
         c.method.gan.generator_weight = 1e-3
         c.method.gan.discriminator_weight = 1e-2
     return c
+
+
+def dmd2_digits_flux(c) -> None:
+    """The flow presets' DMD2 (one step from pure noise at flow time 1, velocity fake score, real-score CFG at
+    the teacher's sampling scale) with the UNet digits preset's miniature run, on the flow digits world."""
+    from jdistill.teachers.digits_world import digits_flux_teacher_config
+
+    dmd2_digits(c, lr=DIGITS_LR, num_steps=800)
+    c.teacher = digits_flux_teacher_config()
+    for name in ("student", "fake_score"):
+        c.networks[name].prediction = "velocity"  # copies of the teacher's velocity transformer
+    c.method.guidance_scale = 4.0  # the teacher's true CFG (build.json's sampler), real score only
+    c.method.generator_every = 2
+    c.method.student_timesteps = (1.0,)
+    c.method.fake_target = "velocity"
+    c.networks.discriminator = discriminator_config(lr=DIGITS_LR)  # unused: the GAN reads a UNet's mid block

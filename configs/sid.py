@@ -96,6 +96,7 @@ from jdistill.methods.adversarial import discriminator_config
 PRESETS = (
     "digits",
     "digits_4step",
+    "digits_flux",
     "gmm",
     "gmm_2step",
     "gmm_4step",
@@ -135,6 +136,9 @@ def get_config(arg=None):
     c.method = sid.default_config()
     c.method.alpha = 1.0
     c.networks.discriminator = discriminator_config(lr=2e-3)  # used when method.gan is on
+    if preset == "digits_flux":
+        sid_digits_flux(c)
+        return c
     if preset.startswith("digits"):
         # The SiD-LSG scripts' optimizer; the student's EMA shortened to the run.
         digits_distillation(
@@ -189,6 +193,12 @@ def sid_dit(c, preset: str) -> None:
     kappa = 1.0 if preset == "flux_schnell" else SID_DIT["kappa"]
     for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
         c.method[key] = kappa
+    sid_dit_method(c)
+
+
+def sid_dit_method(c) -> None:
+    """SiD-DiT's loss settings: four students steps from pure noise with fresh noise between, velocity fake
+    score without prompt dropout, logit-normal times, the 1 - t generator weight, alpha 1."""
     c.method.alpha = SID_DIT["alpha"]
     c.method.fake_cond_dropout = 0.0
     c.method.student_timesteps = FLOW_FOUR_STEPS
@@ -199,3 +209,20 @@ def sid_dit(c, preset: str) -> None:
     c.method.t_logit_normal = c.method.fake_t_logit_normal = SID_DIT["logit_normal"]
     c.method.generator_weighting = SID_DIT["weighting"]
     c.method.renoise = "fresh"
+
+
+def sid_digits_flux(c) -> None:
+    """SiD-DiT's four-step setting on the flow digits world, with the UNet digits presets' miniature run."""
+    from jdistill.teachers.digits_world import digits_flux_teacher_config
+
+    digits_distillation(
+        c, student_lr=DIGITS_LR, fake_lr=DIGITS_LR, num_steps=600, betas=(0.0, 0.999), student_ema=0.99
+    )
+    c.teacher = digits_flux_teacher_config()
+    for name in ("student", "fake_score"):
+        c.networks[name].prediction = "velocity"  # copies of the teacher's velocity transformer
+        c.networks[name].optimizer.eps = SID_DIT["adam_eps"]
+    c.networks.discriminator.optimizer.lr = DIGITS_LR
+    for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
+        c.method[key] = SID_DIT["kappa"]  # LSG at SiD-DiT's one scale, by true CFG on this teacher
+    sid_dit_method(c)
