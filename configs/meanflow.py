@@ -94,7 +94,7 @@ from jdistill.configuration import choose_preset
 from jdistill.methods import meanflow
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "digits", *FLOW_TEACHERS)
+PRESETS = ("gmm", "digits", "digits_flux", *FLOW_TEACHERS)
 
 
 def get_config(arg=None):
@@ -138,6 +138,8 @@ def get_config(arg=None):
         # 0.01 of flow time (about 10-20 of the UNet's timesteps) see the smooth derivative.
         c.method.jvp = "finite_difference"
         c.method.jvp_step = 1e-2
+    elif preset == "digits_flux":
+        digits_flux(c)
     elif preset == "flux_lite":
         t2i_distill(c)
     elif preset in FLOW_TEACHERS:
@@ -202,3 +204,30 @@ def t2i_distill(c):
     m.student_timesteps = FLOW_FOUR_STEPS
     m.student_shift = 0.0
     return c
+
+
+def digits_flux(c) -> None:
+    """MeanFlow on the flow digits world (see the module docstring): T2I-Distill's MeanFlow settings with the
+    UNet digits preset's miniature optimizer, length and batch; four equal steps."""
+    from jdistill.teachers.digits_world import digits_flux_teacher_config
+
+    digits_distillation(
+        c,
+        student_lr=1e-4,
+        fake_lr=None,
+        num_steps=800,
+        optimizer="adamw",
+        weight_decay=1e-4,
+        grad_clip=0.1,
+        student_ema=0.99,
+    )
+    c.teacher = digits_flux_teacher_config()
+    c.networks.student.prediction = "velocity"
+    c.networks.student.model.timestep_delta_embeds = True  # t - r through a second timestep embedding (zero)
+    m = c.method
+    m.guidance_scale = 4.0  # the teacher's sampling CFG (true CFG: no guidance embedding)
+    m.time_mean, m.time_std, m.ratio_r_not_t = -0.4, 1.0, 0.75
+    m.cond_dropout = 0.1
+    m.guidance_mix = (1.0, 0.5)
+    m.tangent = "data"
+    m.student_timesteps = FLOW_FOUR_STEPS

@@ -115,7 +115,7 @@ from jdistill.methods import scm
 from jdistill.methods.adversarial import discriminator_config
 from jdistill.methods.common import network_config
 
-PRESETS = ("gmm", "digits", "sd15_ladd", *FLOW_TEACHERS)
+PRESETS = ("gmm", "digits", "digits_flux", "sd15_ladd", *FLOW_TEACHERS)
 
 
 def get_config(arg=None):
@@ -161,6 +161,8 @@ def get_config(arg=None):
         m.jvp = "finite_difference"
         m.jvp_step = 1e-2
         return c
+    if preset == "digits_flux":
+        return digits_flux(c)
     if preset == "flux_lite":
         return t2i_distill(c)
     if preset in FLOW_TEACHERS:
@@ -238,4 +240,32 @@ def t2i_distill(c):
     m.sample_guidance = 4.5  # README's sCM inference (--guidance_scale 4.5), FluxPipeline_sCM's default
     m.tangent_warmup_steps = 4000  # --tangent_warmup_steps default
     m.student_timesteps = (math.pi / 2,)  # one step; two: (pi/2, 1.3), test_sCM.py's intermediate_timesteps
+    return c
+
+
+def digits_flux_networks(c, *, lr: float, num_steps: int, **kwargs) -> None:
+    """The miniature flow digits world (the shipped tiny FLUX teacher, teacher.kind "flow"): the digits run's
+    length, batch and cadence with the student a float32 velocity copy of the teacher's transformer."""
+    from jdistill.teachers.digits_world import digits_flux_teacher_config
+
+    digits_distillation(c, student_lr=lr, fake_lr=None, num_steps=num_steps, **kwargs)
+    c.teacher = digits_flux_teacher_config()
+    c.networks.student.prediction = "velocity"
+
+
+def digits_flux(c):
+    """sCM on the flow digits world (see the module docstring): T2I-Distill's sCM loss settings with the
+    UNet digits preset's miniature optimizer, length and batch."""
+    lr = 1e-4
+    digits_flux_networks(
+        c, lr=lr, num_steps=800, optimizer="adamw", weight_decay=1e-4, grad_clip=0.1, student_ema=0.99
+    )
+    c.networks.logvar = scm.logvar_config(lr=lr)
+    m = c.method
+    m.data_scale = m.sigma_data  # T2I-Distill: TrigFlow data = latents x sigma_d
+    # The teacher has no guidance embedding (true CFG, as schnell): one w, the teacher's sampling scale.
+    m.guidance_choices = (4.0,)
+    m.sample_guidance = 4.0
+    m.tangent_warmup_steps = 200
+    m.student_timesteps = (math.pi / 2,)  # two steps: (pi/2, 1.3)
     return c
