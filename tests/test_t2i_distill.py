@@ -35,6 +35,7 @@ from test_recipes_flow import _draws, _leaves_equal
 
 from jdistill import export, train
 from jdistill.convert.flux import flux_state_dict, load_flux
+from jdistill.methods import common
 from jdistill.methods.common import build_network
 from jdistill.models.flux import FluxConfig, image_ids, pack_latents, text_ids
 
@@ -189,7 +190,7 @@ def test_second_embedder_starts_as_a_copy_of_the_first(guided_flux):
     network = build_network(
         "student",
         config.networks.student,
-        meanflow.with_transformer_options(world, timestep_delta_embeds=True, timestep_scale=1.0),
+        common.with_transformer_options(world, timestep_delta_embeds=True, timestep_scale=1.0),
         10,
     )
     assert network.net.config.timestep_scale == 1.0 and network.net.config.timestep_delta_embeds

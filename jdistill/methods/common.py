@@ -22,6 +22,10 @@ from jdistill.models.naming import torch_key
 from jdistill.models.net import Net
 from jdistill.optim import make_optimizer, optimizer_config
 
+TIME_SCALE_OPTION = (
+    "timestep_scale"  # FluxConfig field and networks.student.model key (FLUX: 1000 by default)
+)
+
 PyTree = Any
 WEIGHTINGS = ("uniform", "alpha2", "snr")
 
@@ -210,3 +214,31 @@ def drop_conditions(key: jax.Array, cond: PyTree, uncond: PyTree, rate: float) -
         return cond
     n = jax.tree.leaves(cond)[0].shape[0]
     return select_cond(cond, uncond, jax.random.bernoulli(key, rate, (n,)))
+
+
+def with_transformer_options(world, **changes):
+    """``world`` whose teacher network is built with other config fields (``timestep_delta_embeds``,
+    ``timestep_scale``; same precision and options), so that ``build_network`` makes the student's variant of
+    the teacher's transformer (the teacher itself, its denoiser and parameters are untouched)."""
+    if not changes:
+        return world
+    base = world.nets["teacher"]
+    config = dataclasses.replace(base.config, **changes)
+    view = Net(base.name, base.remake(config), config=config, remake=base.remake)
+    return dataclasses.replace(world, nets={**world.nets, "teacher": view})
+
+
+def student_time_scale(model: ml_collections.ConfigDict, family: str | None) -> dict:
+    """The student transformer's ``timestep_scale`` asked for by ``networks.<name>.model.timestep_scale`` (0 or
+    absent: the teacher's, diffusers' 1000), as config changes; only a FLUX transformer has the option."""
+    scale = float(model.get(TIME_SCALE_OPTION, 0.0) or 0.0)
+    if not scale:
+        return {}
+    if family != "flux":
+        raise ValueError(
+            f"networks.student.model.{TIME_SCALE_OPTION}={scale} is an option of FLUX transformer students "
+            "(a copy of a FLUX teacher); this student is not one"
+        )
+    if scale < 0:
+        raise ValueError(f"networks.student.model.{TIME_SCALE_OPTION} must be positive, got {scale}")
+    return {TIME_SCALE_OPTION: scale}

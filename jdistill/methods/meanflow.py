@@ -58,7 +58,15 @@ from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
 from jdistill.diffusion.schedules import FlowSchedule, broadcast_to
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser, transformer_family
-from jdistill.methods.common import build_network, drop_conditions, network_denoiser, teacher_copy
+from jdistill.methods.common import (
+    TIME_SCALE_OPTION,
+    build_network,
+    drop_conditions,
+    network_denoiser,
+    student_time_scale,
+    teacher_copy,
+    with_transformer_options,
+)
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.score_distillation import cfg_evaluations
@@ -71,9 +79,6 @@ TANGENTS = ("teacher", "data")
 DELTA_OPTION = "timestep_delta_embeds"  # FluxConfig / SD3Config field and networks.student.model key
 DELTA_EMBEDDER = "timestep_delta_embedder"  # its module under time_text_embed
 MIX_DELTAS = ("zero", "interval")
-TIME_SCALE_OPTION = (
-    "timestep_scale"  # FluxConfig field and networks.student.model key (FLUX: 1000 by default)
-)
 DELTA_INITS = ("zero", "copy")
 
 
@@ -131,34 +136,6 @@ def start_as_teacher(network: Network) -> Network:
         return jax.tree_util.tree_map_with_path(zero, copy(key, frozen))
 
     return dataclasses.replace(network, init=init)
-
-
-def with_transformer_options(world, **changes):
-    """``world`` whose teacher network is built with other config fields (``timestep_delta_embeds``,
-    ``timestep_scale``; same precision and options), so that ``build_network`` makes the student's variant of
-    the teacher's transformer (the teacher itself, its denoiser and parameters are untouched)."""
-    if not changes:
-        return world
-    base = world.nets["teacher"]
-    config = dataclasses.replace(base.config, **changes)
-    view = Net(base.name, base.remake(config), config=config, remake=base.remake)
-    return dataclasses.replace(world, nets={**world.nets, "teacher": view})
-
-
-def student_time_scale(model: ml_collections.ConfigDict, family: str | None) -> dict:
-    """The student transformer's ``timestep_scale`` asked for by ``networks.<name>.model.timestep_scale`` (0 or
-    absent: the teacher's, diffusers' 1000), as config changes; only a FLUX transformer has the option."""
-    scale = float(model.get(TIME_SCALE_OPTION, 0.0) or 0.0)
-    if not scale:
-        return {}
-    if family != "flux":
-        raise ValueError(
-            f"networks.student.model.{TIME_SCALE_OPTION}={scale} is an option of FLUX transformer students "
-            "(a copy of a FLUX teacher); this student is not one"
-        )
-    if scale < 0:
-        raise ValueError(f"networks.student.model.{TIME_SCALE_OPTION} must be positive, got {scale}")
-    return {TIME_SCALE_OPTION: scale}
 
 
 def copy_with_delta_embedder(network: Network, whole: bool = False) -> Network:

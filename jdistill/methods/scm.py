@@ -49,9 +49,13 @@ from jdistill.diffusion.samplers import run_sampler, student_plan
 from jdistill.diffusion.schedules import TrigFlowSchedule, broadcast_to
 from jdistill.diffusion.transformer_denoiser import transformer_family
 from jdistill.methods.adversarial import build_teacher_discriminator, enabled, ladd_config
-from jdistill.methods.common import build_network, network_denoiser
+from jdistill.methods.common import (
+    build_network,
+    network_denoiser,
+    student_time_scale,
+    with_transformer_options,
+)
 from jdistill.methods.distribution import finite_rows, zero_bad_rows
-from jdistill.methods.meanflow import student_time_scale, with_transformer_options
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
