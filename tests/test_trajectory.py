@@ -413,8 +413,9 @@ def test_scm_loss_and_stop_gradients_by_hand():
 @pytest.mark.parametrize("mix", [(1.0, 0.0), (0.8, 0.0), (1.0, 0.5)], ids=["teacher", "omega", "kappa"])
 def test_meanflow_loss_and_stop_gradients_by_hand(mix):
     """u_tgt = v~ - (t - r) du/dt with du/dt by central differences along (v~, 0, 1) and T2I-Distill's mix
-    v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | 0) of the frozen student; the adaptive
-    weight and the target carry no gradient."""
+    v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | 0) of the frozen student on the samples
+    that kept their label (dropped ones keep the teacher's v); the adaptive weight and the target carry no
+    gradient."""
     config, world, recipe, params, batch = recipe_and_batch(
         "configs/meanflow.py:gmm", [("method.guidance_mix", repr(mix))]
     )
@@ -437,12 +438,13 @@ def test_meanflow_loss_and_stop_gradients_by_hand(mix):
         if constants is None:
             guided = predict_cfg(world.teacher, {}, z, t, cond, world.uncond, 3.0)
             omega, kappa = mix
-            v = omega * (guided.eps - guided.x0)  # flow velocity
-            v = (
-                v
+            teacher_v = guided.eps - guided.x0  # flow velocity
+            mixed = (
+                omega * teacher_v
                 + kappa * u_fn(p["student"], z, t, t, cond)
                 + (1 - omega - kappa) * u_fn(p["student"], z, t, t, jnp.full_like(cond, 2))
             )
+            v = jnp.where(drop[:, None], teacher_v, mixed)  # the mix is for the samples that kept their label
             h = 1e-2
             du = (
                 u_fn(p["student"], z + h * v, r, t + h, cond) - u_fn(p["student"], z - h * v, r, t - h, cond)
