@@ -5,11 +5,13 @@
     python tools/evaluate.py --images samples.npy --prompts prompts.txt \\
         [--fid-inception pt_inception.pth --fid-ref ref.npz] [--clip-model /models/clip-vit-large-patch14]
 
-``--pipeline DIR`` loads DIR with ``diffusers.StableDiffusionPipeline.from_pretrained`` (needs torch and
-diffusers: ``pip install -e '.[torch]'``) and draws one image per digits evaluation prompt (``--count``, balanced
+``--pipeline DIR`` loads DIR with ``diffusers.DiffusionPipeline.from_pretrained`` (a StableDiffusionPipeline,
+or a FluxPipeline of the flow digits world at ``--resolution``, default 32; needs torch and diffusers:
+``pip install -e '.[torch]'``) and draws one image per digits evaluation prompt (``--count``, balanced
 over the 60 (digit, colour) pairs, the prompts jdistill's runs are scored on). Steps and guidance default to
 the call an exported student records in ``jdistill_export.json``, else to the shipped teacher's (50 steps, its
-build's guidance scale). ``--images`` (a folder or ``.npy`` (N, H, W, 3), uint8 or float in [0, 1]) with
+build's guidance scale; a FluxPipeline: the flow digits teacher's build sampler, Euler steps with true CFG against
+the empty prompt). ``--images`` (a folder or ``.npy`` (N, H, W, 3), uint8 or float in [0, 1]) with
 ``--prompts`` (a text file, one prompt per image, e.g. a run's ``samples/final_prompts.txt``) scores images
 drawn elsewhere.
 
@@ -33,37 +35,68 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pipeline_class(path: str) -> str:
+    """The ``_class_name`` of the pipeline directory ``path`` (its model_index.json)."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        return json.load(f)["_class_name"]
+
+
 def pipeline_call(path: str) -> dict:
     """The sampling call to use for a pipeline directory: an export's recorded one (with ``latents_scale``, the
-    factor of its initial latents, when it is not 1), else the teacher's."""
+    factor of its initial latents, when it is not 1), else the shipped teacher's of the same pipeline class
+    (the digits UNet's 50 steps, or the flow digits teacher's build sampler: Euler steps with true CFG)."""
     record = os.path.join(path, "jdistill_export.json")
     if os.path.exists(record):
         with open(record) as f:
             info = json.load(f)
         scale = float(info.get("latents_scale", 1.0))
         return {**info["call"], **({"latents_scale": scale} if scale != 1.0 else {})}
-    from jdistill.teachers.presets import DIGITS_ROOT
+    from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_ROOT
 
+    if pipeline_class(path) == "FluxPipeline":
+        from jdistill.convert.export_flow import teacher_call
+
+        with open(os.path.join(DIGITS_FLUX_ROOT, "build.json")) as f:
+            sampler = json.load(f)["sampler"]
+        return teacher_call("FluxPipeline", False, sampler["steps"], sampler["guidance_scale"])
     with open(os.path.join(DIGITS_ROOT, "build.json")) as f:
         return {"num_inference_steps": 50, "guidance_scale": json.load(f)["guidance_scale"]}
 
 
-def draw(path: str, prompts: list[str], call: dict, seed: int, batch_size: int) -> np.ndarray:
-    """uint8 images (N, H, W, 3) from diffusers' StableDiffusionPipeline at ``path``."""
+def draw(
+    path: str, prompts: list[str], call: dict, seed: int, batch_size: int, resolution: int | None = None
+) -> np.ndarray:
+    """uint8 images (N, H, W, 3) from the diffusers pipeline at ``path``: a StableDiffusionPipeline (initial
+    latents drawn here at the UNet's sample size, times the call's ``latents_scale``), or a transformer
+    pipeline such as FluxPipeline (``DiffusionPipeline.from_pretrained``; the pipeline draws and packs its own
+    latents from the seeded generator at ``resolution`` pixels, default the flow digits world's)."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path)
+    # An export may carry its transformer's class as code (MeanFlow's t - r embedder): ours, written by export.
+    pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     call = dict(call)
     scale = call.pop("latents_scale", 1.0)
-    channels, side = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        if scale != 1.0:
+            raise ValueError(f"latents_scale {scale} is only supported for UNet pipelines")
+        if resolution is None:
+            from jdistill.teachers.presets import PRESETS
+
+            resolution = PRESETS["digits_flux"].resolution
+        call.update(height=resolution, width=resolution)
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
-        latents = scale * torch.randn((len(batch), channels, side, side), generator=generator)
-        images = pipe(batch, latents=latents, output_type="np", **call).images
+        if unet is not None:
+            shape = (len(batch), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            call["latents"] = scale * torch.randn(shape, generator=generator)
+        else:
+            call["generator"] = generator
+        images = pipe(batch, output_type="np", **call).images
         out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -112,11 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pipeline", help="a diffusers StableDiffusionPipeline directory to draw from")
+    source.add_argument(
+        "--pipeline",
+        help="a diffusers pipeline directory (StableDiffusionPipeline, FluxPipeline) to draw from",
+    )
     source.add_argument("--images", help="a folder of images or a .npy array (N, H, W, 3)")
     parser.add_argument("--prompts", help="with --images: a text file, one prompt per image")
     parser.add_argument("--steps", type=int, help="with --pipeline: num_inference_steps")
     parser.add_argument("--guidance", type=float, help="with --pipeline: guidance_scale")
+    parser.add_argument("--resolution", type=int, help="with a FluxPipeline: image side in pixels")
     parser.add_argument("--count", type=int, default=600, help="with --pipeline: images to draw")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -131,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("FID needs both --fid-inception and --fid-ref")
     if args.images and not args.prompts:
         parser.error("--images needs --prompts (one prompt per image)")
-    if args.images and (args.steps or args.guidance is not None):
-        parser.error("--steps and --guidance apply to --pipeline only")
+    if args.images and (args.steps or args.guidance is not None or args.resolution):
+        parser.error("--steps, --guidance and --resolution apply to --pipeline only")
 
     if args.pipeline:
         from jdistill.digits.data import evaluation_prompts
@@ -142,10 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         prompts = evaluation_prompts(args.count).prompts
         call = pipeline_call(args.pipeline)
         if args.steps:
+            call.pop("sigmas", None)  # an export's own times give way to the pipeline's at --steps
             call["num_inference_steps"] = args.steps
         if args.guidance is not None:
-            call["guidance_scale"] = args.guidance
-        images = draw(args.pipeline, prompts, call, args.seed, args.batch_size)
+            # FluxPipeline without a guidance embedding takes CFG as true_cfg_scale against the empty prompt.
+            if "true_cfg_scale" in call:
+                call["true_cfg_scale"] = args.guidance
+            else:
+                call["guidance_scale"] = args.guidance
+        images = draw(args.pipeline, prompts, call, args.seed, args.batch_size, args.resolution)
     else:
         from jdistill.evaluate.fid import read_images
 
