@@ -14,6 +14,15 @@ Presets:
              0.925, diversity 1.15 (teacher at 1 DDIM step: 1180 / 0.567; at 4 steps: 297 / 0.947). With
              SiD-LSG's input instead (method.student_input="noised_zero", student_timesteps (625,); measured
              2026-12-03): Frechet 138, digit 1.000, colour 0.998, diversity 0.58 (clean but narrow).
+  digits_flux
+             the flow digits world (jdistill/assets/digits_flux, a tiny FLUX teacher with true CFG and the
+             empty prompt as unconditional input): the flow presets' DMD2 (one step from pure noise at flow
+             time 1, velocity fake score, real-score CFG at the teacher's sampling scale 4) with the digits
+             preset's miniature run (lr 1e-4, 2 fake updates per generator update, EMA 0.99, 800 steps of
+             32). Measured 2026-12-05 on the teacher of commit fbebebf (2-core CPU shared with two other runs:
+             13.9 min): in-run (600 samples) Frechet 323, digit 0.978, colour 0.998, diversity 0.64; the
+             export through diffusers' FluxPipeline (one step, 300 evaluation prompts): Frechet 338, digit
+             0.993, colour 1.000 (teacher: 28 steps 315 / 0.995; one step 779 / 0.927).
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. The losses
              and timestep ranges (DM t ~ U{20..980}, fake t ~ U{0..999}) are the paper's. Toy-specific
              choices, each measured (2026-11-23 sweeps, 8000 steps of 256, within-0.5 / class consistency):
