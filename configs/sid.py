@@ -18,6 +18,15 @@ Presets:
              (no clipping needed at this lr). Measured 2026-12-02 (0.59 steps/s shared, 20.5 min): Frechet
              distance 59.8, digit accuracy 0.998, colour 1.000, diversity 0.67 (teacher at 4 DDIM steps:
              297 / 0.947; at 50 steps: 74.1 / 0.997).
+  digits_flux
+             the flow digits world (jdistill/assets/digits_flux, a tiny FLUX teacher with true CFG and the
+             empty prompt as unconditional input): SiD-DiT's four-step setting (flow times (1, .75, .5, .25),
+             fresh noise between steps, k ~ U{1..4}, logit-normal times, 1 - t weight, alpha 1, Adam (0,
+             0.999) eps 1e-8, LSG kappa 4.5 by true CFG) with the digits presets' miniature run (lr 3e-5 for
+             both, student EMA 0.99, 600 steps of 32). Measured 2026-12-05 on the teacher of commit fbebebf
+             (2-core CPU shared with two other runs: 24.4 min): in-run (600 samples) Frechet 445, digit 0.995,
+             colour 0.998, diversity 0.53; the export through diffusers' FluxPipeline (four steps, 300
+             evaluation prompts): Frechet 446, digit 0.993, colour 1.000 (teacher at 28 steps: 315 / 0.995).
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. SiD's
              losses, fake first then generator (1:1), generator t ~ U{20..979}. Measured choices (2026-11-23,
              8000 steps of 256, within-0.5 / class consistency): alpha = 1 as SiD-LSG's scripts (1.2, the EDM
