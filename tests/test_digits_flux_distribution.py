@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from helpers import run_main
 
-from jdistill.teachers.presets import DIGITS_FLUX_ROOT
+from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER
 
 PRESETS = {"sid": "configs/sid.py:digits_flux", "dmd2": "configs/dmd2.py:digits_flux"}
+# "far better than the teacher at the same step count": the student's Frechet distance below this fraction of
+# the teacher's (measured 2026-12-05 through FluxPipeline, 300 prompts: teacher at 1 step 794, at 4 steps 481).
+FAR_BETTER = 0.8
 BRIEF = (
     ("num_steps", "2"),
     ("batch_size", "2"),
@@ -32,6 +35,33 @@ BRIEF = (
 def _export_record(export) -> dict:
     with open(os.path.join(export, "jdistill_export.json")) as f:
         return json.load(f)
+
+
+def _teacher_images(prompts: list[str], steps: int, guidance: float, batch: int = 100) -> np.ndarray:
+    """The shipped teacher through FluxPipeline at ``steps`` Euler steps with true CFG ``guidance`` against
+    the empty prompt (its build's sampler at another step count), as [0, 1] float images."""
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(DIGITS_FLUX_TEACHER)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        images = pipe(
+            chunk,
+            negative_prompt=[""] * len(chunk),
+            true_cfg_scale=guidance,
+            num_inference_steps=steps,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            output_type="np",
+            generator=generator,
+        ).images
+        out.append(np.asarray(images, np.float32))
+    return np.concatenate(out)
 
 
 def _pipeline_images(export, prompts: list[str], call: dict, seed: int = 0, batch: int = 100) -> np.ndarray:
@@ -88,11 +118,15 @@ def test_full_run_exported_student_matches_the_teacher_through_flux_pipeline(rec
     call = _export_record(workdir / "export")["call"]
     labelled = data.evaluation_prompts(300)
     images = _pipeline_images(workdir / "export", list(labelled.prompts), call)
-    got = digits_metrics(load_classifier(DIGITS_CLASSIFIER), images, labelled.digits, labelled.colours)
+    classifier = load_classifier(DIGITS_CLASSIFIER)
+    got = digits_metrics(classifier, images, labelled.digits, labelled.colours)
     with open(os.path.join(DIGITS_FLUX_ROOT, "build.json")) as f:
-        teacher = json.load(f)
-    # The acceptance: the prompt's digit, and within 1.5x the teacher's Frechet distance at its own sampler;
-    # the teacher at one step (the DMD2 student's count) is far off (build.json's one_step).
+        build = json.load(f)
+    # The acceptance: the prompt's digit, and within 1.5x the teacher's Frechet distance at its own sampler
+    # (build.json); and better than the teacher's own pipeline at the student's step count.
     assert got["digit_accuracy"] >= 0.9, got
-    assert got["frechet_distance"] <= 1.5 * teacher["transformer"]["final"]["frechet_distance"], got
-    assert got["frechet_distance"] < teacher["one_step"]["final"]["frechet_distance"] / 1.5, got
+    assert got["frechet_distance"] <= 1.5 * build["transformer"]["final"]["frechet_distance"], got
+    steps = call.get("num_inference_steps") or len(call["sigmas"])
+    teacher_images = _teacher_images(list(labelled.prompts), steps, build["sampler"]["guidance_scale"])
+    teacher = digits_metrics(classifier, teacher_images, labelled.digits, labelled.colours)
+    assert got["frechet_distance"] < FAR_BETTER * teacher["frechet_distance"], (got, teacher)
