@@ -96,6 +96,7 @@ def test_evaluate_tool_draws_the_flow_teacher_with_true_cfg(tmp_path):
         "guidance_scale": 1.0,
         "true_cfg_scale": sampler["guidance_scale"],
         "negative_prompt": "",
+        "max_sequence_length": 16,  # the world's T5 length (FluxPipeline's default 512 pads far past it)
     }, result
     assert np.load(tmp_path / "eval" / "images.npy").shape == (30, 32, 32, 3)
     assert result["metrics"]["digit_accuracy"] >= 0.75, result
@@ -105,7 +106,7 @@ def export_at(workdir, spec: str, timesteps: tuple[float, ...], dst) -> dict:
     """The run's student exported with ``timesteps`` as its sampler (e.g. sCM's two steps)."""
     from jdistill.export import export_run
 
-    config = load(spec, [f"method.student_timesteps={timesteps!r}"])
+    config = load(spec, [("method.student_timesteps", repr(timesteps))])
     export_run(config, str(workdir), str(dst))
     return json.loads((dst / "jdistill_export.json").read_text())
 

@@ -58,7 +58,11 @@ def pipeline_call(path: str) -> dict:
 
         with open(os.path.join(DIGITS_FLUX_ROOT, "build.json")) as f:
             sampler = json.load(f)["sampler"]
-        return teacher_call("FluxPipeline", False, sampler["steps"], sampler["guidance_scale"])
+        from jdistill.teachers.presets import PRESETS
+
+        # The world's T5 was trained on short captions: FluxPipeline's default 512 padding tokens derail it.
+        call = teacher_call("FluxPipeline", False, sampler["steps"], sampler["guidance_scale"])
+        return {**call, "max_sequence_length": PRESETS["digits_flux"].t5_length}
     with open(os.path.join(DIGITS_ROOT, "build.json")) as f:
         return {"num_inference_steps": 50, "guidance_scale": json.load(f)["guidance_scale"]}
 
