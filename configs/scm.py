@@ -26,6 +26,23 @@ Presets:
        (teacher DDIM with CFG 4: 1 step 1180.1 / 0.567, 4 steps 296.9 / 0.947, 50 steps 74.1 / 0.997). At lr
        2e-4: 1 step 498.7, 0.85 / 0.46. With jax.jvp: 1 step 537.0, 0.78 / 0.42 at lr 1e-4; 1280 (worse than the teacher) at lr 3e-4.
 
+  digits_flux  the shipped flow digits teacher (jdistill/assets/digits_flux: a tiny FLUX transformer with true
+       CFG against the empty prompt, no guidance embedding) read on TrigFlow through the training-free flow ->
+       TrigFlow transform, on the world's built-in real images. T2I-Distill's sCM loss settings (sigma_d 0.5
+       with the latents times sigma_d, P_mean 0.2, P_std 1.6, c = 0.1, the learned log-variance, forward-mode
+       JVP, AdamW weight decay 1e-4, gradient clip 0.1) with the UNet digits preset's miniature choices: lr 1e-4
+       for student and log-variance head, tangent warm-up 200, EMA 0.99, batch 32, 800 steps. The student is
+       a float32 velocity copy of the teacher's transformer at the teacher's time scale (x1000, not T2I-Distill's
+       x1: its x1 teacher is a fine-tuned checkpoint, and a copy at x1 would start away from the teacher) and
+       without a guidance input (the teacher has no guidance embedding), so one CFG w = 4, the teacher's
+       sampling scale. Forward-mode JVP works here: the teacher learnt continuous flow times.
+       Measured 2026-12-05 on teacher commit fbebebf (2-core CPU shared with three other jobs: about 1-2
+       steps/s, 16 min), through diffusers' FluxPipeline on the exported student, 300 evaluation prompts
+       (tools/evaluate.py): 1 step Frechet 259.2, digit / colour accuracy 1.0 / 1.0, diversity 0.57; 2 steps
+       (pi/2, 1.3; flow sigmas (1, 0.7827)) 317.6, 0.99 / 1.0, 0.70 (the teacher through FluxPipeline with
+       true CFG 4: 1 step 794.1 / 0.93, 2 steps 640.3 / 0.97; 28 steps 315 / 0.995 in its build). The run's
+       own evaluation (600 samples, jdistill's sampler): 1 step 257.2, 0.98.
+
   sd15_ladd  SANA-Sprint's hybrid (sCM + 0.5 LADD) mapped to an SD1.5 teacher, on real latents of captioned
        images (teacher.data). From SANA-Sprint's released config (configs/sana_sprint_config/1024ms/
        SanaSprint_1600M_1024px_allqknorm_bf16_scm_ladd.yaml) and train_scm_ladd.py: sigma_d 0.5 with the
@@ -93,6 +110,8 @@ Presets:
   python -m jdistill.main --config configs/scm.py:gmm --workdir runs/scm_gmm --mode eval \
       --config.method.student_timesteps='(1.5707963, 1.1)'        # the same student, two steps
   python -m jdistill.main --config configs/scm.py:digits --workdir runs/scm_digits
+  python -m jdistill.main --config configs/scm.py:digits_flux --workdir runs/scm_digits_flux \
+      --config.export_when_done=true && python tools/evaluate.py --pipeline runs/scm_digits_flux/export --count 300
   python -m jdistill.main --config configs/scm.py:sd15_ladd --workdir runs/scm_sd15_ladd \
       --config.teacher.data=images/metadata.jsonl --config.teacher.prompts=prompts.txt   # prompts: samples only
   python -m jdistill.main --config configs/scm.py:flux_lite --workdir runs/scm_flux_lite \
