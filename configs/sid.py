@@ -22,11 +22,15 @@ Presets:
              the flow digits world (jdistill/assets/digits_flux, a tiny FLUX teacher with true CFG and the
              empty prompt as unconditional input): SiD-DiT's four-step setting (flow times (1, .75, .5, .25),
              fresh noise between steps, k ~ U{1..4}, logit-normal times, 1 - t weight, alpha 1, Adam (0,
-             0.999) eps 1e-8, LSG kappa 4.5 by true CFG) with the digits presets' miniature run (lr 3e-5 for
-             both, student EMA 0.99, 600 steps of 32). Measured 2026-12-05 on the teacher of commit fbebebf
-             (2-core CPU shared with two other runs: 24.4 min): in-run (600 samples) Frechet 445, digit 0.995,
-             colour 0.998, diversity 0.53; the export through diffusers' FluxPipeline (four steps, 300
-             evaluation prompts): Frechet 446, digit 0.993, colour 1.000 (teacher at 28 steps: 315 / 0.995).
+             0.999) eps 1e-8, LSG by true CFG) with the digits presets' miniature run (lr 3e-5 for both,
+             student EMA 0.99, 600 steps of 32) and their kappa 2. Measured 2026-12-05 on the teacher of
+             commit fbebebf (2-core CPU shared with one or two other jobs: 12 min): in-run (600 samples)
+             Frechet 124, digit 0.952, colour 0.998, diversity 0.82; the export through diffusers'
+             FluxPipeline (four steps, 300 evaluation prompts): Frechet 121, digit 0.977, colour 0.997,
+             diversity 0.83. The teacher through FluxPipeline (CFG 4, same prompts): 4 steps 481 / 0.980,
+             28 steps 323 / 0.987. SiD-DiT's kappa 4.5 instead: Frechet 446, digit 0.993, diversity 0.54
+             (export; over-saturated, latent std 1.34 against the teacher's 1.17), barely past the teacher's
+             four steps.
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. SiD's
              losses, fake first then generator (1:1), generator t ~ U{20..979}. Measured choices (2026-11-23,
              8000 steps of 256, within-0.5 / class consistency): alpha = 1 as SiD-LSG's scripts (1.2, the EDM
@@ -232,6 +236,6 @@ def sid_digits_flux(c) -> None:
         c.networks[name].prediction = "velocity"  # copies of the teacher's velocity transformer
         c.networks[name].optimizer.eps = SID_DIT["adam_eps"]
     c.networks.discriminator.optimizer.lr = DIGITS_LR
-    for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
-        c.method[key] = SID_DIT["kappa"]  # LSG at SiD-DiT's one scale, by true CFG on this teacher
     sid_dit_method(c)
+    for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
+        c.method[key] = 2.0  # the digits presets' kappa (measured: SiD-DiT's 4.5 over-saturates here)
