@@ -73,6 +73,7 @@ def _pipeline_images(export, prompts: list[str], call: dict, seed: int = 0, batc
     pipe = FluxPipeline.from_pretrained(os.fspath(export))
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # FluxPipeline's scheduler.step draws a stochastic student's re-noise globally
     out = []
     for start in range(0, len(prompts), batch):
         images = pipe(
