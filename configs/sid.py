@@ -26,8 +26,8 @@ Presets:
              student EMA 0.99, 600 steps of 32) and their kappa 2. Measured 2026-12-05 on the teacher of
              commit fbebebf (2-core CPU shared with one or two other jobs: 12 min): in-run (600 samples)
              Frechet 124, digit 0.952, colour 0.998, diversity 0.82; the export through diffusers'
-             FluxPipeline (four steps, 300 evaluation prompts): Frechet 121, digit 0.977, colour 0.997,
-             diversity 0.83. The teacher through FluxPipeline (CFG 4, same prompts): 4 steps 481 / 0.980,
+             FluxPipeline (four steps, 300 evaluation prompts; three draws of the re-noise): Frechet 120-133,
+             digit 0.96-0.98, colour 0.997, diversity 0.81-0.85. The teacher through FluxPipeline (CFG 4, same prompts): 4 steps 481 / 0.980,
              28 steps 323 / 0.987. SiD-DiT's kappa 4.5 instead: Frechet 446, digit 0.993, diversity 0.54
              (export; over-saturated, latent std 1.34 against the teacher's 1.17), barely past the teacher's
              four steps.
