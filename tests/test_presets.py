@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 from helpers import REPO, load
 
@@ -167,3 +168,43 @@ def test_lcm_presets_carry_the_scripts_settings():
             assert opt.lr == 1e-6 and student.ema_decay == 0.95 and student.lora.rank == 0
             assert (m.guidance_embed, m.target_network, tuple(m.guidance_range)) == (True, "ema", (5.0, 15.0))
             assert student.model.time_cond_proj_dim == 256 and student.model.init == "teacher"
+
+
+def test_distribution_digits_flux_presets_keep_the_flow_recipes_losses():
+    """sid/dmd2 digits_flux: the flow presets' loss settings (SiD-DiT's four steps and times; DMD2's one step
+    from t = 1 with a velocity fake score), the miniature run's optimizer, true CFG by the world's teacher."""
+    sid, flux = load("configs/sid.py:digits_flux"), load("configs/sid.py:flux_dev")
+    for key in (
+        "student_timesteps",
+        "t_sampling",
+        "fake_t_sampling",
+        "t_logit_normal",
+        "fake_t_logit_normal",
+    ):
+        assert tuple(np.atleast_1d(sid.method[key])) == tuple(np.atleast_1d(flux.method[key])), key
+    for key in (
+        "alpha",
+        "fake_cond_dropout",
+        "fake_target",
+        "fake_weighting",
+        "generator_weighting",
+        "renoise",
+    ):
+        assert sid.method[key] == flux.method[key], key
+    assert (sid.method.teacher_guidance, sid.method.fake_guidance, sid.method.fake_train_guidance) == (
+        2.0,
+    ) * 3
+    opt = sid.networks.student.optimizer
+    assert (opt.b1, opt.b2, opt.eps, opt.lr, sid.batch_size, sid.num_steps) == (
+        0.0,
+        0.999,
+        1e-8,
+        3e-5,
+        32,
+        600,
+    )
+    dmd2 = load("configs/dmd2.py:digits_flux")
+    assert tuple(dmd2.method.student_timesteps) == (1.0,) and dmd2.method.fake_target == "velocity"
+    assert dmd2.method.guidance_scale == 4.0 and (dmd2.batch_size, dmd2.num_steps) == (32, 800)
+    for c in (sid, dmd2):
+        assert c.teacher.kind == "flow" and c.teacher.preset == "digits_flux" and c.teacher.dtype == "float32"
