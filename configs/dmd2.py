@@ -22,7 +22,8 @@ Presets:
              32). Measured 2026-12-05 on the teacher of commit fbebebf (2-core CPU shared with two other runs:
              13.9 min): in-run (600 samples) Frechet 323, digit 0.978, colour 0.998, diversity 0.64; the
              export through diffusers' FluxPipeline (one step, 300 evaluation prompts): Frechet 338, digit
-             0.993, colour 1.000 (teacher: 28 steps 315 / 0.995; one step 779 / 0.927).
+             0.993, colour 1.000 (teacher: 28 steps 315 / 0.995; one step 779 / 0.927). Real CFG 2 instead:
+             Frechet 142, digit 0.907 (export): closer to the data, but at the digit threshold.
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. The losses
              and timestep ranges (DM t ~ U{20..980}, fake t ~ U{0..999}) are the paper's. Toy-specific
              choices, each measured (2026-11-23 sweeps, 8000 steps of 256, within-0.5 / class consistency):
