@@ -205,6 +205,6 @@ def test_distribution_digits_flux_presets_keep_the_flow_recipes_losses():
     )
     dmd2 = load("configs/dmd2.py:digits_flux")
     assert tuple(dmd2.method.student_timesteps) == (1.0,) and dmd2.method.fake_target == "velocity"
-    assert dmd2.method.guidance_scale == 4.0 and (dmd2.batch_size, dmd2.num_steps) == (32, 800)
+    assert dmd2.method.guidance_scale == 3.0 and (dmd2.batch_size, dmd2.num_steps) == (32, 800)
     for c in (sid, dmd2):
         assert c.teacher.kind == "flow" and c.teacher.preset == "digits_flux" and c.teacher.dtype == "float32"
