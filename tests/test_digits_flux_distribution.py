@@ -83,8 +83,8 @@ def _pipeline_images(export, prompts: list[str], call: dict, seed: int = 0, batc
     return np.concatenate(out)
 
 
-# Measured 2026-12-05 on the shared 2-core machine (two other runs going): dmd2 212 s wall / 75 s CPU, sid 137 s
-# wall / 62 s CPU, mostly compiling; one of them stays in the default run, the other goes with the e2e runs.
+# Measured 2026-12-05 on the shared 2-core machine, mostly compiling: dmd2 73 s (212 s beside two training runs),
+# sid 137 s beside one; one of them stays in the default run, the other goes with the e2e runs.
 @pytest.mark.parametrize("recipe", ["dmd2", pytest.param("sid", marks=pytest.mark.e2e)])
 def test_preset_runs_briefly_and_exports_a_flux_pipeline(recipe, tmp_path):
     workdir = tmp_path / recipe
