@@ -81,6 +81,9 @@ def draw(
     pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
+    # FlowMatchEulerDiscreteScheduler's stochastic re-noising (a few-step export) draws from torch's global
+    # generator, not the call's: seed it too, so an evaluation is repeatable.
+    torch.manual_seed(seed)
     call = dict(call)
     scale = call.pop("latents_scale", 1.0)
     unet = getattr(pipe, "unet", None)
