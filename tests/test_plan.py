@@ -114,6 +114,7 @@ def tiny_dmd2(tiny_pipelines, *overrides):
     )
 
 
+@pytest.mark.e2e  # 109 s from a cold compilation cache (two compiles of the DMD2 step)
 def test_plan_agrees_with_a_compiled_run_at_tiny_size(tiny_pipelines, tmp_path):
     """The plan is built from shapes alone; the trainer's own setup loads the weights and compiles the same
     step on the 8 CPU devices: FLOPs and peak memory per device agree within 10%."""
