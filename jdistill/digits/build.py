@@ -38,16 +38,7 @@ def build_world(
     from jdistill.digits.tokenizer import write_tokenizer
     from jdistill.export import export_run
 
-    os.makedirs(out, exist_ok=True)
-    record_path = os.path.join(out, "build.json")
-    record = {}
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
-
-    def save():
-        with open(record_path, "w") as f:
-            json.dump(record, f, indent=2)
+    record, save = open_record(out)
 
     classifier_dir = os.path.join(out, "classifier")
     if not _done(classifier_dir):
@@ -108,6 +99,23 @@ def build_world(
     # The export records where it came from; the shipped teacher is its own source.
     os.remove(os.path.join(teacher_dir, "jdistill_export.json"))
     return record
+
+
+def open_record(out: str) -> tuple[dict, Callable[[], None]]:
+    """(the build record in ``out/build.json``, empty when new; a function that writes it back), so a resumed
+    build keeps the metrics of the stages it does not redo."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "build.json")
+    record: dict = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+
+    def save() -> None:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+
+    return record, save
 
 
 def _steps(steps: dict[str, int], stage: str) -> dict[str, int]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 
-from jdistill.digits.build import _done, _steps
+from jdistill.digits.build import _done, _steps, open_record
 from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER, DIGITS_TEACHER
 
 ONE_STEP = 1
@@ -60,16 +59,7 @@ def build_world(
     from jdistill.export import export_run
 
     component_steps = dict(component_steps or {})
-    os.makedirs(out, exist_ok=True)
-    record_path = os.path.join(out, "build.json")
-    record: dict = {}
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
-
-    def save():
-        with open(record_path, "w") as f:
-            json.dump(record, f, indent=2)
+    record, save = open_record(out)
 
     init_dir = os.path.join(out, "init")
     if not _done(init_dir):
