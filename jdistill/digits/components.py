@@ -222,6 +222,20 @@ def _vae_run(net: Net, params, x, key):
     return module.decode(posterior.sample(key)), posterior
 
 
+def write_component(folder: str, name: str, config: dict, state_dict: dict, weights: str) -> None:
+    """``folder/name``: its ``config.json`` and float32 ``weights`` safetensors, as diffusers saves them."""
+    path = os.path.join(folder, name)
+    os.makedirs(path, exist_ok=True)
+    write_json(os.path.join(path, "config.json"), config)
+    save_weights(path, state_dict, "float32", weights)
+
+
+def write_vae(folder: str, vae: Trained) -> None:
+    """The trained VAE as the pipeline's ``vae/`` component."""
+    config = {"_class_name": "AutoencoderKL", **vae.config.to_dict()}
+    write_component(folder, "vae", config, vae_state_dict(vae.params), "diffusion_pytorch_model")
+
+
 def write_pipeline(folder: str, text_encoder: Trained, vae: Trained, seed: int = 0) -> str:
     """A StableDiffusionPipeline directory with the trained text encoder and VAE and an untrained UNet."""
     if os.path.exists(folder) and os.listdir(folder):
@@ -236,10 +250,7 @@ def write_pipeline(folder: str, text_encoder: Trained, vae: Trained, seed: int =
     )
     save_weights(te, clip_state_dict(text_encoder.params), "float32", "model")
 
-    vae_dir = os.path.join(folder, "vae")
-    os.makedirs(vae_dir, exist_ok=True)
-    write_json(os.path.join(vae_dir, "config.json"), {"_class_name": "AutoencoderKL", **vae.config.to_dict()})
-    save_weights(vae_dir, vae_state_dict(vae.params), "float32", "diffusion_pytorch_model")
+    write_vae(folder, vae)
 
     # The UNet's weights here are a placeholder with the right shapes: the sft preset starts from its own
     # random initialisation (model.init = "random").

@@ -38,9 +38,8 @@ import optax
 from jdistill.convert.export import save_weights, write_json
 from jdistill.convert.flux import flux_state_dict
 from jdistill.convert.t5 import t5_state_dict
-from jdistill.convert.vae import vae_state_dict
 from jdistill.digits import data
-from jdistill.digits.components import Trained, _adam_loop
+from jdistill.digits.components import Trained, _adam_loop, write_vae
 from jdistill.models.flux import FluxConfig, flux_net
 from jdistill.models.t5 import T5Config, t5_net
 from jdistill.models.vae import AutoencoderKLConfig
@@ -193,10 +192,7 @@ def write_flux_pipeline(
     write_json(os.path.join(te2, "config.json"), t5_json)
     save_weights(te2, t5_state_dict(t5.params), "float32", "model")
 
-    vae_dir = os.path.join(folder, "vae")
-    os.makedirs(vae_dir, exist_ok=True)
-    write_json(os.path.join(vae_dir, "config.json"), {"_class_name": "AutoencoderKL", **vae.config.to_dict()})
-    save_weights(vae_dir, vae_state_dict(vae.params), "float32", "diffusion_pytorch_model")
+    write_vae(folder, vae)
 
     # Placeholder weights of the right shapes: the sft preset starts from its own initialisation.
     tr = os.path.join(folder, "transformer")
