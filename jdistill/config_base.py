@@ -242,16 +242,17 @@ def unet_distillation(
         c.networks[name] = net
 
 
-# DMD2's optimizer (official scripts, methods.md 2.2(c)): AdamW (0.9, 0.999), weight decay 0.01, gradient clip 10.
+# DMD2's optimizer (official scripts; docs/distribution_matching.md, DMD2): AdamW (0.9, 0.999), weight decay
+# 0.01, gradient clip 10.
 DMD2_OPTIMIZER = {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 10.0}
 
 
 def dmd2_networks(
     c: ml_collections.ConfigDict, preset: str, *, lr: float, batch_size: int, num_steps: int, **kwargs
 ) -> None:
-    """DMD2's networks and optimizer (official scripts, methods.md 2.2(c)): AdamW (0.9, 0.999), weight decay
-    0.01, the same lr for generator and fake score, constant after 500 warm-up steps, gradient clip 10, no
-    EMA."""
+    """DMD2's networks and optimizer (official scripts; docs/distribution_matching.md, DMD2): AdamW (0.9,
+    0.999), weight decay 0.01, the same lr for generator and fake score, constant after 500 warm-up steps,
+    gradient clip 10, no EMA."""
     unet_distillation(
         c,
         preset,
@@ -268,9 +269,9 @@ def dmd2_networks(
 def sid_networks(
     c: ml_collections.ConfigDict, preset: str, *, batch_size: int, num_steps: int, lr: float = 1e-6
 ) -> None:
-    """SiD-LSG's networks and optimizer (run_sid.sh, methods.md 3.3(c)): full UNets from the teacher, Adam
-    (0, 0.999), eps 1e-8, the same lr for both, float32; the student's EMA half-life of 0.05 Mimg as a
-    per-step decay 0.5 ** (batch / 50000)."""
+    """SiD-LSG's networks and optimizer (run_sid.sh; docs/distribution_matching.md, SiD-LSG): full UNets from
+    the teacher, Adam (0, 0.999), eps 1e-8, the same lr for both, float32; the student's EMA half-life of 0.05
+    Mimg as a per-step decay 0.5 ** (batch / 50000)."""
     unet_distillation(
         c,
         preset,

@@ -7,7 +7,7 @@ the base time s with sigma_s / alpha_s = sigma_t / (c alpha_t), rescale x_t, and
 prediction at t. ``c`` (``data_scale``) lets the target path carry the base's data times c (T2I-Distill runs
 TrigFlow on latents times sigma_d).
 
-This is SANA-Sprint's training-free flow -> TrigFlow transform (methods.md 4.2) for any pair of schedules:
+This is SANA-Sprint's training-free flow -> TrigFlow transform (docs/teachers.md) for any pair of schedules:
 sCM runs flow, eps and v teachers as TrigFlow models this way, and MeanFlow runs VP teachers on the flow path.
 """
 

@@ -14,7 +14,7 @@ t ~ U(``gan.t_range``) (their own draws) and classified with their conditions.
 Real samples come from the world's data source: the recipe trains on conditions and data side by side
 (``Recipe.data = "conditions+data"``) and finds them under ``batch["real"]``.
 
-``TeacherDiscriminator`` is LADD as SANA-Sprint adds it to sCM (methods.md 4.2 and 6): heads on several feature
+``TeacherDiscriminator`` is LADD as SANA-Sprint adds it to sCM (docs/adversarial.md): heads on several feature
 maps of the frozen teacher itself (for a UNet: its down blocks' and mid block's outputs), the teacher shared and
 never trained or copied, only the heads in ``networks.discriminator``. Samples are noised on the TrigFlow path
 at t_D = arctan(e^tau / sd), tau ~ N(``time_mean``, ``time_std``), which is the logit-normal flow time

@@ -1,7 +1,8 @@
 """``lcm``: latent consistency distillation (LCM) and LCM-LoRA, on VP (DDPM) and rectified-flow teachers.
 
 Reference: Luo et al., Latent Consistency Models (arXiv 2310.04378), LCM-LoRA (arXiv 2311.05556); the
-training scripts of luosiallen/latent-consistency-model (= diffusers' train_lcm_distill_*); methods.md 4.1.
+training scripts of luosiallen/latent-consistency-model (= diffusers' train_lcm_distill_*); notes:
+docs/trajectory.md, LCM.
 
 One update per step, on real data (x0, c):
 

@@ -1,7 +1,7 @@
 """``meanflow``: average-velocity students distilled from a teacher's flow (MeanFlow).
 
 Reference: Geng et al., MeanFlow (arXiv 2505.13447); the distillation recipe of T2I-Distill's
-train_meanflow.py; methods.md section 5.
+train_meanflow.py; docs/trajectory.md, MeanFlow.
 
 The student u(z, r, t) is the average velocity over [r, t] on the rectified-flow path z_t = (1 - t) x + t eps
 (the teacher runs on it whatever its own path, through ``diffusion.reparameterize``); it takes t and the
