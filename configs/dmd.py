@@ -1,9 +1,12 @@
 """DMD (distribution matching + regression on teacher ODE pairs, one-step student).
 
-Reference: Yin et al., DMD, CVPR 2024 (arXiv 2311.18828).
-CFG convention "uncond" (y_u + w (y_c - y_u)) on the real score only; the fake score runs without guidance;
-unconditional input = the null label (gmm). Regression weight 0.25 as the paper's (MSE in output space in
-place of LPIPS, see jdistill/methods/dmd.py).
+Reference: Yin et al., DMD, CVPR 2024 (arXiv 2311.18828); its code is not public (DMD2's repository
+reimplements the distribution-matching part). CFG convention "uncond" (y_u + w (y_c - y_u)) on the real score
+only; the fake score runs without guidance; unconditional input = the teacher world's: the null label (gmm),
+the empty prompt (digits, SD1.5/2.1, flow teachers) or zeros (SDXL). Regression weight 0.25 as the paper's
+(MSE in output space in place of LPIPS, see jdistill/methods/dmd.py). Method notes:
+docs/distribution_matching.md, DMD. Measured runs of the digits and gmm presets: benchmarks/RESULTS.md,
+"Preset histories".
 
 Presets:
   digits  the shipped digits teacher (jdistill/assets/digits), one-step student at t = 999; 512 ODE pairs
@@ -11,16 +14,11 @@ Presets:
        at 50 steps 74) generated in memory when the run starts; real-score CFG 4 (the teacher's sampling scale), the fake
        score without guidance, regression weight 0.25 (MSE in latent space). Student and fake score are full
        copies of the teacher's UNet with the optimizer below (AdamW, wd 0.01, clip 10, one lr for both) at
-       lr 1e-4 with 50 warm-up steps, student EMA 0.99, 1:1 updates, 600 steps of 32. Measured 2026-12-02
-       (2-core CPU shared with four other jobs: 0.86 steps/s, 18.7 min with the pairs): Frechet distance 151,
-       digit accuracy 0.898, colour 0.940, diversity 1.04 (teacher at 1 DDIM step: 1180 / 0.567; DMD2's
-       digits preset without the regression: 229 / 0.805).
+       lr 1e-4 with 50 warm-up steps, student EMA 0.99, 1:1 updates, 600 steps of 32.
   gmm  analytic 8-mode Gaussian-mixture teacher on SD's VP schedule; 4096 ODE pairs (50 DDIM steps, same
        CFG) generated in memory when the run starts; real-score CFG w = 3 (the paper's FID model), the
-       networks of the swiftbrush preset at half width (64 / 128, 1.7x faster steps; full width: 0.955 /
-       0.122 / 0.981). Measured 2026-11-23: within-0.5 0.952, min mode share 0.123, class consistency 0.976
-       (full width, w = 2: 0.969 / 0.981): the regression pins the modes that DMD2's pure
-       distribution matching leaves wide.
+       networks of the swiftbrush preset at half width (64 / 128, 1.7x faster steps): the regression pins the
+       modes that DMD2's pure distribution matching leaves wide.
   sd15 SD1.5 at 512, real-score CFG 3 (the paper's FID model), one-step student at t = 999, regression weight
        0.25 on ODE pairs from tools/make_ode_pairs.py (set method.pairs; the paper used ~500k pairs and LPIPS,
        here MSE in latent space). DMD's code is not public: the optimizer settings are DMD2's SD1.5 stage-1

@@ -1,7 +1,11 @@
 """DMD2 (distribution matching with a two time-scale fake score; no regression loss).
 
-Reference: Yin et al., DMD2, NeurIPS 2024 (arXiv 2405.14867), official code tianweiy/DMD2. CFG convention "uncond" (y_u + w (y_c - y_u)) on the real score
-only (the fake score runs without guidance, as DMD2 asserts); unconditional input = the null label (gmm).
+Reference: Yin et al., DMD2, NeurIPS 2024 (arXiv 2405.14867), official code tianweiy/DMD2. CFG convention
+"uncond" (y_u + w (y_c - y_u)) on the real score only (the fake score runs without guidance, as DMD2 asserts);
+unconditional input = the teacher world's: the null label (gmm), the empty prompt (digits, SD1.5/2.1, flow
+teachers) or zeros (SDXL, as DMD2's SDXL code). Method notes: docs/distribution_matching.md, DMD2, and
+docs/adversarial.md for the GAN head. Measured runs and the sweeps behind the digits, digits_flux and gmm
+choices: benchmarks/RESULTS.md, "Preset histories" and "Flow digits world".
 
 Presets:
   digits     the shipped digits teacher (jdistill/assets/digits), one-step student, GAN off (method.gan
@@ -9,33 +13,22 @@ Presets:
              teacher's UNet; DMD2's optimizer (AdamW (0.9, 0.999), wd 0.01, clip 10, one lr for both) at lr
              1e-4 with 50 warm-up steps; real-score CFG 4 (the teacher's sampling scale; the fake score without
              guidance); 2 fake-score updates per generator update (TTUR 10 leaves too few generator updates
-             in a short run); student EMA 0.99; 800 steps of 32. Measured 2026-12-02 (2-core CPU shared with
-             three other jobs: 1.7 steps/s, 11.6 min): Frechet distance 229, digit accuracy 0.805, colour
-             0.925, diversity 1.15 (teacher at 1 DDIM step: 1180 / 0.567; at 4 steps: 297 / 0.947). With
-             SiD-LSG's input instead (method.student_input="noised_zero", student_timesteps (625,); measured
-             2026-12-03): Frechet 138, digit 1.000, colour 0.998, diversity 0.58 (clean but narrow).
+             in a short run); student EMA 0.99; 800 steps of 32.
   digits_flux
              the flow digits world (jdistill/assets/digits_flux, a tiny FLUX teacher with true CFG and the
              empty prompt as unconditional input): the flow presets' DMD2 (one step from pure noise at flow
              time 1, velocity fake score, CFG on the real score only) with the digits preset's miniature run
-             (lr 1e-4, 2 fake updates per generator update, EMA 0.99, 800 steps of 32) and real CFG 3.
-             Measured 2026-12-05 on the teacher of commit fbebebf (2-core CPU shared with other jobs: 6 min)
-             through diffusers' FluxPipeline on the export (one step, 300 evaluation prompts): Frechet 226,
-             digit 0.980, colour 1.000, diversity 0.73 (in-run, 600 samples: 220 / 0.970). Real CFG 4 (the
-             teacher's sampling scale): 338 / 0.993; CFG 2: 142 / 0.907 (at the digit threshold). The
-             teacher through FluxPipeline (CFG 4, same prompts): one step 794 / 0.930, 28 steps 323 / 0.987.
+             (lr 1e-4, 2 fake updates per generator update, EMA 0.99, 800 steps of 32) and real CFG 3 (the
+             teacher's sampling scale 4 measured a worse Frechet distance, 2 a lower digit accuracy).
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. The losses
              and timestep ranges (DM t ~ U{20..980}, fake t ~ U{0..999}) are the paper's. Toy-specific
-             choices, each measured (2026-11-23 sweeps, 8000 steps of 256, within-0.5 / class consistency):
-             - real-score CFG w = 2 (1.75, the SD1.5 setting: 0.882 / 0.965; 2: 0.914 / 0.980; 3: 0.822);
-             - generator every step (the paper's TTUR 10 is for SD; every 2 over 12000 steps: 0.918);
-             - student EMA 0.999 (0.99: 0.914), lr 3e-4 (1e-4: 0.761, 1e-3: 0.630);
-             - the fake score from scratch with v-prediction, as swiftbrush's preset (eps-MSE: 0.764).
-             Without DMD2's GAN term the student's modes stay about twice as wide as the teacher's
-             (median distance to the mode 0.27 vs 0.12), which caps within-0.5 near 0.92.
+             choices, each measured: real-score CFG w = 2; the generator every step (the paper's TTUR 10 is
+             for SD); student EMA 0.999, lr 3e-4; the fake score from scratch with v-prediction, as
+             swiftbrush's preset. Without DMD2's GAN term the student's modes stay wider than the teacher's.
   gmm_4step  the same with a four-step student at (999, 749, 499, 249) trained by backward simulation.
-  Official scripts (experiments/*.sh and the paper's appendix, methods.md 2.2(c)); AdamW (0.9, 0.999), wd
-  0.01, constant lr after 500 warm-up steps, clip 10, no EMA; real images for the GAN from teacher.data:
+  Official scripts (experiments/*.sh and the paper's appendix, as the author quotes it in DMD2 issue #30;
+  docs/distribution_matching.md, DMD2); AdamW (0.9, 0.999), wd 0.01, constant lr after 500 warm-up steps,
+  clip 10, no EMA; real images for the GAN from teacher.data:
   sd15        stage 1: lr 1e-5, real CFG 1.75, 10 fake updates per generator update, no GAN, batch 2048,
               40k steps.
   sd15_gan    stage 2: lr 5e-7, GAN lambda_G 1e-3 / lambda_D 1e-2, 5k steps, from stage 1's networks:
@@ -156,7 +149,7 @@ def dmd2_digits_flux(c) -> None:
     c.teacher = digits_flux_teacher_config()
     for name in ("student", "fake_score"):
         c.networks[name].prediction = "velocity"  # copies of the teacher's velocity transformer
-    c.method.guidance_scale = 3.0  # real score only; measured: 4 (the teacher's) 338 / 0.993, 2 142 / 0.907
+    c.method.guidance_scale = 3.0  # real score only; 4 (the teacher's) and 2 measured worse (RESULTS.md)
     c.method.generator_every = 2
     c.method.student_timesteps = (1.0,)
     c.method.fake_target = "velocity"

@@ -4,31 +4,23 @@ Reference: Luo et al., Latent Consistency Models (arXiv 2310.04378) and LCM-LoRA
 training scripts of luosiallen/latent-consistency-model (= diffusers' examples/consistency_distillation
 train_lcm_distill{,_lora}_{sd,sdxl}_wds.py).
 CFG convention "cond" (y_c + w (y_c - y_u), LCM's own: w here is the standard guidance scale minus 1);
-unconditional input = the null label (gmm), the empty prompt (SD1.5) or zero embeddings (SDXL, as the SDXL
-scripts).
+unconditional input = the null label (gmm), the empty prompt (SD1.5, digits, flow teachers) or zero embeddings
+(SDXL, as the SDXL scripts). Method notes: docs/trajectory.md, LCM. Measured runs of the digits and gmm
+presets: benchmarks/RESULTS.md, "Preset histories".
 
 Presets:
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, real mixture samples as data; the
              scripts' skipping-step DDIM grid (50 of 1000), boundary scalings (sigma_d 0.5, x10), pseudo-Huber
              c = 1e-3 and EMA target 0.95. The student is an x0-prediction MLP from scratch with a guidance
              embedding (time_cond_proj_dim 32); toy-specific: w ~ U[1, 3] (LCM: [5, 15] for SD), sampled at w = 2.
-             Measured 2026-11-23 (within-0.5 / min mode share / class consistency): 1 step 0.967 / 0.113 /
-             0.978, 2 steps (999, 499) 0.972 / 0.117 / 0.982, 4 steps 0.982 / 0.112 / 0.991.
   gmm_flow   the same on the rectified-flow gmm teacher (LCM's flow variant, see jdistill/methods/lcm.py): the grid
              is 50 points j / 50 of flow time (the teacher's shift is 1), the solver one Euler step of the guided
              teacher velocity, f = the student's x0 (f(x, 0) = x), sampled at flow times (1.0,).
-             Measured 2026-12-04 (2-core CPU shared with other jobs, 81 s) (within-0.5 / min mode share / class
-             consistency): 1 step 0.961 / 0.115 / 0.977, 2 steps (1.0, 0.5) 0.979 / 0.115 / 0.987, 4 steps
-             (1.0, 0.75, 0.5, 0.25) 0.998 / 0.114 / 0.999.
   digits     the shipped digits teacher (jdistill/assets/digits) on its built-in real images: a full student
              (the teacher's UNet plus the guidance embedding, time_cond_proj_dim 64), the scripts' loss, grid,
              boundary scalings, pseudo-Huber c and EMA target 0.95; AdamW (weight decay 0), gradient clip 1, constant
              lr 1e-4 (miniature), batch 32, 800 steps; w ~ U[2, 4] in convention "cond" (standard scales 3-5 around
              the teacher's CFG 4), sampled at w = 3 (= the teacher's 4) on LCMScheduler's 4 steps; exported.
-             Measured 2026-12-02 (2-core CPU shared with 3 other jobs: 1.3 steps/s, 11.5 min): 4 steps Frechet 60.0,
-             digit / colour accuracy 1.00 / 1.00, diversity 0.75 (teacher: 50 DDIM steps 74.1, 0.997; 4 steps 296.9,
-             0.947); 1 step (--config.method.student_timesteps='(999.,)') Frechet 267.5, digit 0.74, colour 0.82,
-             diversity 1.24 (teacher DDIM 1 step: 1180.1, 0.567).
   sd15       LCM on SD1.5 (train_lcm_distill_sd_wds.py): a full student with the teacher's UNet plus the
              guidance embedding (time_cond_proj_dim 256, the new projection random, every other weight from the
              teacher), eps-prediction, EMA target 0.95, real latents of captioned images (teacher.data).

@@ -2,14 +2,16 @@
 
 Reference: Geng et al., MeanFlow (arXiv 2505.13447); the distillation recipe of T2I-Distill's
 train_meanflow.py. CFG convention "uncond" (y_u + w (y_c - y_u)) on
-the teacher; unconditional input = the null label (gmm), also used for 10% condition dropout.
+the teacher; unconditional input = the null label (gmm), the empty prompt (digits, flow teachers), also used
+for 10% condition dropout. Method notes: docs/trajectory.md, MeanFlow and T2I-Distill. Measured runs of the
+gmm and digits presets: benchmarks/RESULTS.md, "Preset histories" and "Flow digits world".
 
 Presets:
   gmm  analytic 8-mode Gaussian-mixture teacher on the rectified-flow path, real mixture samples as data;
        the recipe's (r, t) sampler (logit-normal(-0.4, 1), r != t for 75%), teacher velocity as the target,
        JVP along the teacher's velocity, adaptive weighting. The student is an MLP from scratch with a
-       second time embedding for t - r and O(1) times; toy-specific: CFG w = 3, no student self-guidance, p = 0.5 (the
-       recipe's p = 1: within-0.5 0.869 at 4000 steps, 0.907 at 8000; p = 0.5: 0.964).
+       second time embedding for t - r and O(1) times; toy-specific: CFG w = 3, no student self-guidance,
+       p = 0.5 (the recipe's p = 1 reached a lower within-0.5 here).
   digits  the shipped digits teacher (jdistill/assets/digits, eps on SD's VP schedule) moved onto the
        rectified-flow path by SNR matching, its built-in real images as data; the recipe's (r, t) sampler, CFG
        w = 4 (the teacher's sampling scale) on the teacher, 10% condition dropout, p = 1, no student
@@ -19,12 +21,8 @@ Presets:
        first time embedder). AdamW (weight decay 1e-4, gradient clip 0.1, T2I-Distill's), lr 1e-4, EMA 0.99,
        batch 32, 800 steps. du/dt by central differences over 0.01 of flow time, not forward mode: the
        teacher learnt integer timesteps only, and its exact time derivative carries 3-8x the smooth one in
-       wiggles between them (measured at t = 0.3-0.9); with jax.jvp the same run's target MSE grew 17 -> 116 and
-       it reached Frechet 833 / digit 0.64 at 1 step. Measured 2026-12-02 (2-core CPU shared with other jobs:
-       1.5 steps/s, 12 min): 1 step Frechet 547.7, digit / colour accuracy 0.76 / 0.77, diversity 1.12;
-       2 steps (1, 0.5) 409.9, 0.89 / 0.94, 1.00; 4 steps (1, 0.75, 0.5, 0.25) 190.6, 0.97 / 0.99, 0.87
-       (teacher DDIM with CFG 4: 1 step 1180.1 / 0.567, 4 steps 296.9 / 0.947, 50 steps 74.1 / 0.997). Not
-       exportable to diffusers (no scheduler takes t - r; --mode sample).
+       wiggles between them (measured at t = 0.3-0.9); with jax.jvp the same run's target MSE grew instead of
+       falling. Not exportable to diffusers (no scheduler takes t - r; --mode sample).
   digits_flux  the shipped flow digits teacher (jdistill/assets/digits_flux: a tiny FLUX transformer with true
        CFG against the empty prompt, no guidance embedding) on its own rectified-flow path, the world's built-in
        real images as data; T2I-Distill's MeanFlow settings where they carry over (the (r, t) sampler
@@ -35,14 +33,8 @@ Presets:
        copy of the teacher's transformer plus a second timestep embedding for t - r starting at zero (so u
        starts as the teacher's velocity), at the teacher's x1000 time scale and without a guidance input (the
        teacher has none): one CFG w = 4 on the teacher. The CFG-MeanFlow mix is off: with (omega, kappa) =
-       (1, 0.5) the same run reached Frechet 591.4, digit 1.0, diversity 0.50 through FluxPipeline (over-guided,
-       worse than the teacher's four steps). Four equal steps (1, 0.75, 0.5, 0.25), exported to plain
-       FluxPipeline with the t - r embedding folded in (called with those sigmas).
-       Measured 2026-12-05 on teacher commit fbebebf (2-core CPU shared with three other jobs: about 1.5
-       steps/s, 10 min), through diffusers' FluxPipeline on the exported student, 300 evaluation prompts
-       (tools/evaluate.py): 4 steps Frechet 250.0, digit / colour accuracy 0.993 / 1.0, diversity 0.66 (the
-       teacher through FluxPipeline with true CFG 4: 4 steps 480.9 / 0.98; 28 steps 315 / 0.995 in its build).
-       The run's own evaluation (600 samples, jdistill's sampler): 245.4, 0.99.
+       (1, 0.5) the same run over-guided (worse than the teacher's four steps). Four equal steps (1, 0.75, 0.5,
+       0.25), exported to plain FluxPipeline with the t - r embedding folded in (called with those sigmas).
   flux_dev, flux_schnell, sd3_medium, sd35_medium, sd35_large
        on a flow-matching transformer teacher with T2I-Distill's MeanFlow loss settings (see flux_lite): the
        student is the teacher's transformer with a second timestep embedding for t - r (timestep_delta_embeds;
@@ -129,9 +121,7 @@ def get_config(arg=None):
         c.checkpoint.every = 2000
         c.sample.every = 2000
         c.method.guidance_scale = 3.0
-        c.method.adaptive_power = (
-            0.5  # measured: p = 1 0.869 within-0.5 at 4000 steps (0.907 at 8000), p = 0.5 0.964
-        )
+        c.method.adaptive_power = 0.5  # p = 1 scored lower on this toy (benchmarks/RESULTS.md)
         c.networks.student = network_config(
             prediction="velocity", lr=1e-3, ema_decay=0.99, fourier_features=2, second_time=True
         )

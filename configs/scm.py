@@ -3,16 +3,16 @@
 Reference: Lu & Song, sCM (arXiv 2410.11081); SANA-Sprint (arXiv 2503.09641, NVlabs/Sana
 train_scm_ladd.py) and T2I-Distill's train_sCM.py. CFG convention
 "uncond" (y_u + w (y_c - y_u)) on the teacher, w per sample from ``guidance_choices``; unconditional input =
-the null label (gmm).
+the null label (gmm), the empty prompt (digits, SD1.5, flow teachers). Method notes: docs/trajectory.md, sCM
+and T2I-Distill, and docs/adversarial.md, LADD. Measured runs of the gmm and digits presets:
+benchmarks/RESULTS.md, "Preset histories" and "Flow digits world".
 
 Presets:
   gmm  analytic 8-mode Gaussian-mixture teacher on the TrigFlow path (sigma_d 0.5; the teacher is exact on any
        path), real mixture samples as data; sCM's loss with tangent warm-up, tangent normalisation c = 0.1,
        the learned log-variance weighting and forward-mode JVP. The student is a TrigFlow (F-prediction)
-       MLP from scratch with O(1) time input; toy-specific: CFG w = 3. Measured 2026-11-23 (within-0.5 / min
-       mode share / class consistency): 1 step 0.980 / 0.114 / 0.991, 2 steps (pi/2, 1.1) 0.982 / 0.118 / 0.992;
-       with method.jvp=finite_difference 0.969 / 0.122 / 0.990; the same MLP with its time embedding at 100 t
-       (not O(1)) collapsed to 0.0 within-0.5.
+       MLP from scratch with O(1) time input (with its time embedding at 100 t it collapsed); toy-specific:
+       CFG w = 3.
   digits  the shipped digits teacher (jdistill/assets/digits, eps on SD's VP schedule) moved onto TrigFlow by
        SNR matching as sd15_ladd does, without the GAN, on its built-in real images: sigma_d 0.5 with the latents
        times sigma_d, P_mean 0.2, P_std 1.6, c = 0.1, the learned log-variance, AdamW with gradient clip 0.1
@@ -21,10 +21,6 @@ Presets:
        and log-variance head, no lr warm-up, tangent warm-up 200, EMA 0.99, batch 32, 800 steps; dF/dt by
        central differences over 0.01 rad, not forward mode: the teacher learnt integer timesteps only, and its
        exact time derivative carries 3-8x the smooth one in wiggles between them (measured at t = 0.5-1.45).
-       Measured 2026-12-02 (2-core CPU shared with other jobs: 1.4 steps/s, 12 min): 1 step Frechet 451.6,
-       digit / colour accuracy 0.77 / 0.66, diversity 1.16; 2 steps (pi/2, 1.3) 145.7, 0.985 / 0.93, 0.87
-       (teacher DDIM with CFG 4: 1 step 1180.1 / 0.567, 4 steps 296.9 / 0.947, 50 steps 74.1 / 0.997). At lr
-       2e-4: 1 step 498.7, 0.85 / 0.46. With jax.jvp: 1 step 537.0, 0.78 / 0.42 at lr 1e-4; 1280 (worse than the teacher) at lr 3e-4.
 
   digits_flux  the shipped flow digits teacher (jdistill/assets/digits_flux: a tiny FLUX transformer with true
        CFG against the empty prompt, no guidance embedding) read on TrigFlow through the training-free flow ->
@@ -36,12 +32,6 @@ Presets:
        x1: its x1 teacher is a fine-tuned checkpoint, and a copy at x1 would start away from the teacher) and
        without a guidance input (the teacher has no guidance embedding), so one CFG w = 4, the teacher's
        sampling scale. Forward-mode JVP works here: the teacher learnt continuous flow times.
-       Measured 2026-12-05 on teacher commit fbebebf (2-core CPU shared with three other jobs: about 1-2
-       steps/s, 16 min), through diffusers' FluxPipeline on the exported student, 300 evaluation prompts
-       (tools/evaluate.py): 1 step Frechet 259.2, digit / colour accuracy 1.0 / 1.0, diversity 0.57; 2 steps
-       (pi/2, 1.3; flow sigmas (1, 0.7827)) 317.6, 0.99 / 1.0, 0.70 (the teacher through FluxPipeline with
-       true CFG 4: 1 step 794.1 / 0.93, 2 steps 640.3 / 0.97; 28 steps 315 / 0.995 in its build). The run's
-       own evaluation (600 samples, jdistill's sampler): 1 step 257.2, 0.98.
 
   sd15_ladd  SANA-Sprint's hybrid (sCM + 0.5 LADD) mapped to an SD1.5 teacher, on real latents of captioned
        images (teacher.data). From SANA-Sprint's released config (configs/sana_sprint_config/1024ms/

@@ -1,5 +1,10 @@
 """Supervised denoising / flow-matching training of a model on data (trains teachers, e.g. the digits one).
 
+Reference: the denoising objective of Ho et al. 2020 and flow matching (Lipman et al. 2023); not a
+distillation paper's recipe. Samples with CFG convention "uncond" (y_u + w (y_c - y_u)); unconditional input =
+the teacher world's (the null label, the empty prompt), learnt through 10% condition dropout. Method notes:
+docs/teachers.md, training and fine-tuning teachers.
+
 Presets:
   gmm       the Gaussian-mixture data on SD's VP schedule, eps-prediction MLP, DDIM sampling
   gmm_flow  the same data on a rectified-flow path, velocity-prediction MLP, flow-Euler sampling

@@ -1,7 +1,11 @@
 """Score identity Distillation (SiD), one-step and few-step students.
 
-References: Zhou et al., SiD, ICML 2024 (arXiv 2404.04057); few-step SiD (arXiv 2505.12674). CFG convention "uncond" (y_u + w (y_c - y_u)); unconditional input =
-the null label (gmm). Teacher guidance kappa4 and fake guidance kappa2 are recorded below.
+References: Zhou et al., SiD, ICML 2024 (arXiv 2404.04057); few-step SiD (arXiv 2505.12674). CFG convention
+"uncond" (y_u + w (y_c - y_u)); unconditional input = the teacher world's: the null label (gmm), the empty
+prompt (digits, SD1.5/2.1, flow teachers) or zeros (SDXL). Teacher guidance kappa4 and fake guidance kappa2
+are recorded below. Method notes: docs/distribution_matching.md, SiD and few-step SiD / SiD-DiT. Measured runs
+and the sweeps behind the digits, digits_flux and gmm choices: benchmarks/RESULTS.md, "Preset histories" and
+"Flow digits world".
 
 Presets:
   digits     the shipped digits teacher (jdistill/assets/digits), one-step student from noise at t = 999.
@@ -9,46 +13,31 @@ Presets:
              one lr for both networks, kappa1..kappa4 = 2, alpha 1, 10% prompt dropout) at lr 3e-5, student
              EMA 0.99 (the scripts' 0.05 Mimg half-life is longer than the run), 600 steps of 32. A SiD step
              back-propagates through teacher and fake score (with CFG: four UNet passes), about twice the cost
-             of a DMD2 step. Measured 2026-12-02 (2-core CPU shared with three to five other jobs: 0.61 steps/s,
-             19.8 min): Frechet distance 205, digit accuracy 0.800, colour 0.875, diversity 1.16 (teacher at
-             1 DDIM step: 1180 / 0.567). With SiD-LSG's input instead (method.student_input="noised_zero",
-             student_timesteps (625,); measured 2026-12-03): Frechet 62.2, digit 1.000, colour 0.998,
-             diversity 0.64, the same as sid_lsg's digits preset: the input, not LSG, makes the difference.
+             of a DMD2 step. With SiD-LSG's input (sigma_625 z at t = 625) instead it matches sid_lsg's digits
+             preset: the input, not LSG, makes the difference.
   digits_4step  the same with a four-step student at (999, 749, 499, 249), uniform mixture over step counts
-             (no clipping needed at this lr). Measured 2026-12-02 (0.59 steps/s shared, 20.5 min): Frechet
-             distance 59.8, digit accuracy 0.998, colour 1.000, diversity 0.67 (teacher at 4 DDIM steps:
-             297 / 0.947; at 50 steps: 74.1 / 0.997).
+             (no clipping needed at this lr).
   digits_flux
              the flow digits world (jdistill/assets/digits_flux, a tiny FLUX teacher with true CFG and the
              empty prompt as unconditional input): SiD-DiT's four-step setting (flow times (1, .75, .5, .25),
              fresh noise between steps, k ~ U{1..4}, logit-normal times, 1 - t weight, alpha 1, Adam (0,
              0.999) eps 1e-8, LSG by true CFG) with the digits presets' miniature run (lr 3e-5 for both,
-             student EMA 0.99, 600 steps of 32) and their kappa 2. Measured 2026-12-05 on the teacher of
-             commit fbebebf (2-core CPU shared with one or two other jobs: 12 min): in-run (600 samples)
-             Frechet 124, digit 0.952, colour 0.998, diversity 0.82; the export through diffusers'
-             FluxPipeline (four steps, 300 evaluation prompts; three draws of the re-noise): Frechet 120-133,
-             digit 0.96-0.98, colour 0.997, diversity 0.81-0.85. The teacher through FluxPipeline (CFG 4, same prompts): 4 steps 481 / 0.980,
-             28 steps 323 / 0.987. SiD-DiT's kappa 4.5 instead: Frechet 446, digit 0.993, diversity 0.54
-             (export; over-saturated, latent std 1.34 against the teacher's 1.17), barely past the teacher's
-             four steps.
+             student EMA 0.99, 600 steps of 32) and their kappa 2 (SiD-DiT's 4.5 over-saturates here).
   gmm        analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student. SiD's
-             losses, fake first then generator (1:1), generator t ~ U{20..979}. Measured choices (2026-11-23,
-             8000 steps of 256, within-0.5 / class consistency): alpha = 1 as SiD-LSG's scripts (1.2, the EDM
-             setting: 0.603); kappa4 = kappa2 = 3 with 10% prompt dropout for the fake score; student lr 1e-3
-             (1e-4: 0.767, 3e-4: 0.854, 1e-3: 0.940 / 0.968); 5000 steps keep the run under 3 minutes
-             (0.944 / 0.970, min mode share 0.110). The student at half width (64 / 128), the fake score at
-             full width: 0.927 / 0.972 / 0.109 (both halved: 0.921 / 0.950).
+             losses, fake first then generator (1:1), generator t ~ U{20..980}. Measured choices: alpha = 1 as
+             SiD-LSG's scripts (not the EDM runs' 1.2); kappa4 = kappa2 = 3 with 10% prompt dropout for the
+             fake score; student lr 1e-3; 5000 steps keep the run under 3 minutes. The student at half width
+             (64 / 128), the fake score at full width.
   gmm_2step  two-step student at (999, 499), uniform mixture over step counts; student gradient norm
-             clipped at 0.3 (without it 5000 steps mode-collapse, see below); both MLPs at half width
-             (0.945 / 0.102 / 0.982; full width 0.919 / 0.096 / 0.977).
-  gmm_4step  four-step student at (999, 749, 499, 249), clipped likewise, half width (0.941 / 0.063 / 0.977;
-             full width 0.940 / 0.080 / 0.981).
+             clipped at 0.3 (without it 5000 steps mode-collapse); both MLPs at half width.
+  gmm_4step  four-step student at (999, 749, 499, 249), clipped likewise, half width.
 
-  Few-step SiD (arXiv 2505.12674; its released code ml-sid-dit, methods.md 3.4) on UNet teachers: uniform
-  mixture over step counts, student from noise at t = 999, alpha 1, batch 256, Adam (0, 0.999) eps 1e-8,
-  lr 1e-6 for both networks (its AMP setting), EMA as SiD-LSG; guidance kept at SiD-LSG's kappa = 2 for SD
-  teachers (the DiT scripts use 4.5 on SANA) and Zero-CFG off; the optional diffusion GAN stays off (the
-  README warns against it unless real images beat the student). Run lengths are not stated: 20k steps.
+  Few-step SiD (arXiv 2505.12674; its released code ml-sid-dit; docs/distribution_matching.md, few-step SiD)
+  on UNet teachers: uniform mixture over step counts, student from noise at t = 999, alpha 1, batch 256,
+  Adam (0, 0.999) eps 1e-8, lr 1e-6 for both networks (its AMP setting), EMA as SiD-LSG; guidance kept at
+  SiD-LSG's kappa = 2 for SD teachers (the DiT scripts use 4.5 on SANA) and Zero-CFG off; the optional
+  diffusion GAN stays off (the README warns against it unless real images beat the student). Run lengths are
+  not stated: 20k steps.
   sd15        one step on SD1.5;          sd15_4step   four steps (999, 749, 499, 249) on SD1.5;
   sd21base    one step on SD2.1-base;     sdxl_4step   four steps on SDXL (zero unconditional embeddings).
   flux_dev, sd3_medium, sd35_medium, sd35_large
@@ -184,11 +173,9 @@ def get_config(arg=None):
     c.method.fake_train_guidance = 1.0
     c.method.fake_cond_dropout = 0.1
     if few_step:
-        # Measured (2026-11-23): without clipping at lr 1e-3 the few-step student is on the edge of stability:
-        # 8000 steps pass (2-step 0.936 / 0.081 / 0.970, 4-step 0.964 / 0.075 / 0.992) but 5000 steps
-        # mode-collapse (4-step: 98% on one mode at step 2000, class consistency 0.08 at the end); lr 3e-4
-        # stays spread but misses 0.90. Clipping the student's gradient norm at 0.3 stabilises it at 5000
-        # steps: 2-step 0.919 / 0.096 / 0.977 (99 s), 4-step 0.940 / 0.080 / 0.981 (clip 1.0: min share 0.019).
+        # Without clipping at lr 1e-3 the few-step student is on the edge of stability and 5000 steps
+        # mode-collapse; a student gradient norm clipped at 0.3 stabilises it (benchmarks/RESULTS.md, "Preset
+        # histories").
         c.networks.student.optimizer.grad_clip = 0.3
         c.method.student_timesteps = (999.0, 499.0) if preset == "gmm_2step" else FOUR_STEPS
     return c

@@ -1,28 +1,28 @@
 """SiD-LSG (Score identity Distillation with long and short guidance, one-step student).
 
-Reference: Zhou et al., SiD-LSG, ICLR 2025 (arXiv 2406.01561), official scripts mingyuanzhou/SiD-LSG. CFG convention "uncond" (y_u + w (y_c - y_u)) with four scales:
-kappa1 (fake-score training, 10% prompt dropout), kappa2 = kappa3 (fake score in the generator loss), kappa4
-(teacher in the generator loss); unconditional input = the null label (gmm).
+Reference: Zhou et al., SiD-LSG, ICLR 2025 (arXiv 2406.01561), official scripts mingyuanzhou/SiD-LSG.
+CFG convention "uncond" (y_u + w (y_c - y_u)) with four scales: kappa1 (fake-score training, 10% prompt
+dropout), kappa2 = kappa3 (fake score in the generator loss), kappa4 (teacher in the generator loss);
+unconditional input = the teacher world's: the null label (gmm), the empty prompt (digits, SD1.5/2.1, flow
+teachers). Method notes: docs/distribution_matching.md, SiD-LSG. Measured runs of the digits and gmm presets:
+benchmarks/RESULTS.md, "Preset histories".
 
 Presets:
   digits  the shipped digits teacher (jdistill/assets/digits), one-step student with the scripts' generator
        (a zero image noised to t = 625, labelled 625; t ~ U{20..979}), kappa1..kappa4 = 2, alpha 1, 10%
        prompt dropout, Adam (0, 0.999) with one lr for both networks. Student and fake score are full copies
        of the teacher's UNet; lr 3e-5, student EMA 0.99 (the scripts' 0.05 Mimg half-life is longer than the
-       run), 600 steps of 32. Measured 2026-12-02 (2-core CPU shared with four other jobs: 0.57 steps/s,
-       21.4 min): Frechet distance 62.6, digit accuracy 1.000, colour 0.998, diversity 0.64 (teacher at 1 DDIM
-       step: 1180 / 0.567; at 50 steps: 74.1 / 0.997). The same settings from pure noise at t = 999
-       (sid.py:digits) reach only 205 / 0.800: the t = 625 input is what makes the one-step student sharp.
+       run), 600 steps of 32. The same settings from pure noise at t = 999 (sid.py:digits) are far worse: the
+       t = 625 input is what makes the one-step student sharp.
   gmm  analytic 8-mode Gaussian-mixture teacher on SD's VP schedule, one-step MLP student; the scripts'
        kappa1..kappa4 = 2, alpha = 1, 10% prompt dropout; student lr 1e-3 as the sid preset
-       and 5000 steps, both MLPs at half width (measured 2026-11-23: within-0.5 0.959, min mode share
-       0.092, class consistency 0.987; full width 0.954 / 0.106 / 0.982, 8000 steps 0.971 / 0.109 / 0.986).
+       and 5000 steps, both MLPs at half width.
 
-  sd15       the official scripts (run_sid.sh, methods.md 3.3): SD1.5 at 512, kappa1..kappa4 = 2, alpha 1,
-             generator input sigma_625 z labelled t = 625, generator t ~ U{20..979}, 10% prompt dropout,
-             eps-MSE fake loss; Adam (0, 0.999), eps 1e-8, lr 1e-6 for both networks, batch 512, float32,
-             EMA half-life 0.05 Mimg. The run length is not stated in the repo: 100k steps (51 Mimg) here.
-             Reported (COCO-2014 30k, 1 step): kappa 1.5 FID 8.71, kappa 2 FID 9.56.
+  sd15       the official scripts (run_sid.sh; docs/distribution_matching.md, SiD-LSG): SD1.5 at 512,
+             kappa1..kappa4 = 2, alpha 1, generator input sigma_625 z labelled t = 625, generator
+             t ~ U{20..979}, 10% prompt dropout, eps-MSE fake loss; Adam (0, 0.999), eps 1e-8, lr 1e-6 for both
+             networks, batch 512, float32, EMA half-life 0.05 Mimg. The run length is not stated in the repo:
+             100k steps (51 Mimg) here. Reported (COCO-2014 30k, 1 step): kappa 1.5 FID 8.71, kappa 2 FID 9.56.
   sd21base   the same on SD2.1-base (kappa 1.5: FID 9.52).
   flux_dev, flux_schnell, flux_lite, sd3_medium, sd35_medium, sd35_large
              the same networks and optimizer on a flow-matching transformer teacher, with SiD-DiT's

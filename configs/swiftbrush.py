@@ -1,7 +1,10 @@
 """SwiftBrush (variational score distillation, one-step student).
 
-Reference: Nguyen & Tran, SwiftBrush, CVPR 2024 (arXiv 2312.05239); losses and settings of the official code. CFG convention "uncond" (y_u + w (y_c - y_u)) on both the teacher
-and the fake score; unconditional input = the null label (gmm).
+Reference: Nguyen & Tran, SwiftBrush, CVPR 2024 (arXiv 2312.05239); losses and settings of the official code
+(VinAIResearch/SwiftBrush, train_swiftbrush.py). CFG convention "uncond" (y_u + w (y_c - y_u)) on both the
+teacher and the fake score; unconditional input = the teacher world's: the null label (gmm), the empty prompt
+(digits, SD1.5/2.1, flow teachers) or zeros (SDXL). Method notes: docs/distribution_matching.md, SwiftBrush.
+Measured runs and the sweeps behind the digits and gmm choices: benchmarks/RESULTS.md, "Preset histories".
 
 Presets:
   digits  the default and the README's first command: the shipped digits teacher (jdistill/assets/digits,
@@ -11,28 +14,22 @@ Presets:
        score (the teacher's own sampling scale), the paper's losses, timestep ranges and 10% prompt dropout;
        Adam, student lr 1e-4, fake 2e-4, gradient clip 1, student EMA 0.99, 600 steps of 32. One departure
        from the paper: the student's input is SiD-LSG's, sigma_625 z labelled t = 625 (method.student_input
-       "noised_zero"), not z at t = 999. Measured 2026-12-02 (600 evaluation prompts; teacher at 1 DDIM step:
-       Frechet 1180, digit 0.567; at 50 steps 74.1 / 0.997): with it, Frechet 81.5, digit accuracy 0.985,
-       colour 1.000, diversity 0.71 (fake prompt dropout 0.5: 70.5 / 0.972). With the paper's z at t = 999 the
-       student stalled at blotchy digits, digit accuracy 0.64-0.78 and Frechet 216-296 whatever was tuned:
-       student lr 2e-5 / 1e-4 / 3e-4 (0.655 / 0.715 / 0.723), CFG 2.5 (0.713), fake lr 1e-3 (0.737), 1200
-       steps of 16 (0.718), a fake update twice per generator update (0.687), Adam beta1 0 (0.642), fake
-       prompt dropout 0.5 (0.777). Writes sample grids (samples/final.png with the prompts in
-       final_prompts.txt), metrics (metrics.jsonl: digit / colour accuracy, Frechet distance, diversity) and a
-       diffusers pipeline (export/: pipe(prompt, num_inference_steps=1, guidance_scale=1); the t = 625 input
-       is folded into its scheduler and UNet, see jdistill.convert.export.OneStepFold).
+       "noised_zero"), not z at t = 999, from which the student stalled at blotchy digits whatever was tuned.
+       Writes sample grids (samples/final.png with the prompts in final_prompts.txt), metrics (metrics.jsonl:
+       digit / colour accuracy, Frechet distance, diversity) and a diffusers pipeline (export/:
+       pipe(prompt, num_inference_steps=1, guidance_scale=1); the t = 625 input is folded into its scheduler
+       and UNet, see jdistill.convert.export.OneStepFold).
   gmm  analytic 8-mode Gaussian-mixture teacher on SD's VP schedule (scaled_linear betas). The losses,
        timestep ranges (VSD t ~ U{20..980}, fake t ~ U{0..999}), 1:1 update order and 10% prompt dropout
-       are the paper's. Toy-specific choices, each measured (2026-11-23 sweeps):
-       - guidance w = 3 on teacher and fake score (w = 1.5: class consistency ~0.85; w >= 5 bends modes);
+       are the paper's. Toy-specific choices, each measured:
+       - guidance w = 3 on teacher and fake score;
        - the fake score starts from scratch, v-prediction, uniform v-MSE: a fake that starts as the
          class-conditional teacher (the paper's LoRA) cancels the CFG class signal while the random-init
-         student is still class-agnostic (class consistency stayed at 0.50);
+         student is still class-agnostic;
        - Fourier input features (student 2, fake 4) and cosine learning rates: the fake score's precision
-         limits the student; with an oracle fake (kernel score of fresh student samples) the same student
-         reached 0.95 within-mode.
+         limits the student.
 
-  sd21base   the paper's setting (official code's arguments, methods.md 1.1(c)): SD2.1-base teacher at 512,
+  sd21base   the paper's setting (the official code's arguments and README): SD2.1-base teacher at 512,
              student = full UNet from the teacher (eps, t = 999), fake score = LoRA rank 64, alpha 108 on to_q and
              to_v of the frozen teacher; Adam (0.9, 0.999), eps 1e-8, no weight decay, constant lr, student
              1e-6, LoRA 1e-3, gradient clip 1.0 on both; batch 16; CFG 4.5 on teacher and LoRA teacher
@@ -77,7 +74,7 @@ def get_config(arg=None):
         digits_distillation(c, student_lr=1e-4, fake_lr=2e-4, num_steps=600, grad_clip=1.0, student_ema=0.99)
         c.method.guidance_scale = 4.0
         # SiD-LSG's generator input (a zero image noised to t = 625) instead of pure noise at t = 999: measured
-        # digit accuracy 0.985 against at most 0.78 (module docstring).
+        # digit accuracy 0.985 against at most 0.78 (benchmarks/RESULTS.md, "Preset histories").
         c.method.student_input = "noised_zero"
         c.method.student_timestep = 625.0
         c.method.fake_score_init = "network"  # the fake score's own copy of the teacher
