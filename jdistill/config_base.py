@@ -101,10 +101,10 @@ def gmm_distillation(
     student_size: tuple[int, int] = WIDE,
     fake_size: tuple[int, int] = WIDE,
 ) -> None:
-    """The Gaussian-mixture setting the distribution-matching presets share (measured on swiftbrush, see
-    configs/swiftbrush.py): the VP teacher, 8000 steps of 256, a one-step x0 MLP student with Fourier
-    features, EMA and a cosine schedule, and a v-prediction MLP fake score trained from scratch; each MLP
-    (width, hidden) as given (3 residual blocks)."""
+    """The Gaussian-mixture setting the distribution-matching presets share (measured on swiftbrush:
+    benchmarks/RESULTS.md, "Preset histories"): the VP teacher, 8000 steps of 256, a one-step x0 MLP student
+    with Fourier features, EMA and a cosine schedule, and a v-prediction MLP fake score trained from scratch;
+    each MLP (width, hidden) as given (3 residual blocks)."""
     from jdistill.methods.common import network_config
 
     c.teacher = gmm_teacher("vp")
