@@ -21,6 +21,13 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 if "--xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
+# The test process compiles hundreds of small programs and runs each a few times: XLA:CPU without LLVM's
+# optimisations compiles them in 30-45% less time (tests/test_flux.py: 7.4 s -> 5.1 s for the float64 JVP
+# check). Results differ from the optimised code's by rounding only. Subprocess runs of the entry point
+# (helpers.subprocess_env) keep the default flags unless a test asks for a quick compile.
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 import jax
 
 # JAX_COMPILATION_CACHE_DIR (JAX's own variable) points a run elsewhere, e.g. an empty folder to time a cold CI run.

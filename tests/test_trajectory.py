@@ -156,7 +156,9 @@ def test_jvp_along_x_and_t_matches_central_differences_under_jit(make):
     assert tangent.dtype == jnp.float32
     assert rel_err(tangent, reference) < 1e-2
     assert rel_err(tangent_fd, reference) < 1e-3  # the fallback is that central difference (jit rounding)
-    np.testing.assert_allclose(out, out_fd)
+    # The same function's value from two programs (the JVP's primal and the plain forward): equal up to the
+    # rounding of how XLA fuses each (4e-6 on the tiny UNet without LLVM's optimisations).
+    np.testing.assert_allclose(out, out_fd, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(tangent).max()) > 1e-2  # a real direction, not a vanishing one
 
 
