@@ -1,23 +1,70 @@
 """Entry point: ``python -m jdistill.main --config configs/<recipe>.py[:<preset>] --workdir DIR [--config.a.b=v]``.
 
-Kept short on purpose: all logic lives in importable, tested modules (train.py, configuration.py).
+Modes (``--mode``): train (default; resumes from the newest checkpoint in DIR), sample, eval, export.
+
+A bad input (config file, preset or key, mesh, teacher path, prompts, run directory, checkpoint) stops the
+run with one line on stderr, ``jdistill: error: <what is wrong and what to do>``, and exit status 2. Set
+JDISTILL_TRACEBACK=1 to see the traceback of such an error as well. Any other exception is a bug and shows its
+traceback.
+
+Kept short on purpose: all logic lives in importable, tested modules (train.py, configuration.py, preflight.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
+from typing import NoReturn
 
 from absl import app, flags
 
-from jdistill import configuration, parallel, paths
+from jdistill import configuration, parallel, paths, preflight
 
 MODES = ("train", "sample", "eval", "export")
+TRACEBACK_ENV = "JDISTILL_TRACEBACK"
+USAGE_STATUS = 2  # as argparse: the command line or its inputs are wrong
 flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, checkpoints/, samples/).")
 flags.DEFINE_enum("mode", "train", MODES, "What to do with the run directory.")
 FLAGS = flags.FLAGS
 
 _CONFIG: dict = {}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a bad input, not a bug: their message says what to fix."""
+    from jdistill.checkpoint import CheckpointError
+    from jdistill.convert.core import ConversionError
+    from jdistill.train import TrainingError
+
+    return (
+        configuration.ConfigError,
+        ConversionError,
+        CheckpointError,
+        parallel.ShardingError,
+        TrainingError,
+        flags.Error,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    )
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a multi-line message's lines joined)."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text or type(err).__name__
+
+
+def fail(err: BaseException) -> NoReturn:
+    """Stop with one line on stderr (and the traceback too when JDISTILL_TRACEBACK is set)."""
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        traceback.print_exception(err)
+    print(f"jdistill: error: {one_line(err)}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_STATUS)
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -28,7 +75,7 @@ def _parse(argv: list[str]) -> list[str]:
         _CONFIG["spec"], _CONFIG["overrides"] = spec, overrides
         return FLAGS(argv[:1] + rest)
     except (configuration.ConfigError, flags.Error) as err:
-        sys.exit(f"error: {err}")
+        fail(err)
 
 
 def main(argv: list[str]) -> None:
@@ -36,18 +83,18 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not FLAGS.workdir:
-        sys.exit("error: --workdir is required")
     try:
+        if not FLAGS.workdir:
+            raise configuration.ConfigError("--workdir=DIR is required: the run directory to write or read")
         config = configuration.load(_CONFIG["spec"], _CONFIG["overrides"])
-    except configuration.ConfigError as err:
-        sys.exit(f"config error: {err}")
-    parallel.initialize_distributed(config.distributed)
-    paths.as_path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+        parallel.initialize_distributed(config.distributed)
+        # Cheap checks of the inputs a user names (run directory, mesh, teacher, prompts) before anything loads.
+        preflight.check(config, FLAGS.workdir, FLAGS.mode)
 
-    from jdistill import train  # after distributed start-up: importing models touches no devices, but be safe
+        from jdistill import (
+            train,
+        )  # after distributed start-up: importing models touches no devices, but be safe
 
-    try:
         if FLAGS.mode == "train":
             train.train(config, FLAGS.workdir)
             if config.export_when_done:
@@ -60,8 +107,8 @@ def main(argv: list[str]) -> None:
             from jdistill.export import export_run
 
             print(export_run(config, FLAGS.workdir))
-    except (configuration.ConfigError, train.TrainingError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    except user_errors() as err:
+        fail(err)
 
 
 def _export_once(config, workdir: str) -> None:

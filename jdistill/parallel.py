@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jdistill.configuration import ConfigError
+
 PyTree = Any
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -77,15 +79,33 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = No
     devices = list(jax.devices() if devices is None else devices)
     if cfg.num_devices > 0:
         if cfg.num_devices > len(devices):
-            raise ValueError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices exist")
+            raise ConfigError(
+                f"mesh.num_devices={cfg.num_devices}, but only {len(devices)} device(s) exist; set "
+                f"mesh.num_devices to at most {len(devices)}, or -1 for all of them"
+            )
         if jax.process_count() > 1 and cfg.num_devices != len(devices):
-            raise ValueError("mesh.num_devices must cover every device when running on several processes")
+            raise ConfigError(
+                f"mesh.num_devices={cfg.num_devices} must cover every device ({len(devices)}) when running on "
+                "several processes; set mesh.num_devices=-1"
+            )
         devices = devices[: cfg.num_devices]
     n = len(devices)
     fsdp = cfg.fsdp
-    data = cfg.data if cfg.data > 0 else n // max(fsdp, 1)
-    if fsdp < 1 or data * fsdp != n:
-        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not match the {n} devices in use")
+    in_use = f"{n} device(s) in use" + (
+        f" (mesh.num_devices={cfg.num_devices})" if cfg.num_devices > 0 else ""
+    )
+    if fsdp < 1:
+        raise ConfigError(f"mesh.fsdp={fsdp} must be at least 1 (1: no FSDP)")
+    if cfg.data > 0 and cfg.data * fsdp != n:
+        raise ConfigError(
+            f"mesh.data={cfg.data} x mesh.fsdp={fsdp} = {cfg.data * fsdp} devices, but there are {in_use}; set "
+            f"mesh.data=-1 (the devices mesh.fsdp leaves) or make the product {n}"
+        )
+    if n % fsdp:
+        raise ConfigError(
+            f"mesh.fsdp={fsdp} does not divide the {in_use}; set mesh.fsdp to a divisor of {n} (1: no FSDP)"
+        )
+    data = cfg.data if cfg.data > 0 else n // fsdp
     mesh = jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
     if not _processes_contiguous(mesh):
         # Keep each process's devices together along the batch, so host-local rows form one block.

@@ -149,6 +149,19 @@ def open_prompts(path: str, field: str = "") -> PromptTable:
     return ArrayRecordPrompts(path, field)
 
 
+def check_prompt_table(path: str, field: str = "") -> None:
+    """Raise unless ``path`` is a prompt table holding at least one prompt, without reading it whole: a text or
+    JSONL file is read up to its first non-blank line, parquet and array_record tables only for their row
+    counts. FileNotFoundError for a missing path, ValueError for an unknown format or an empty table."""
+    fmt = detect_format(path, PROMPT_FORMATS)
+    if fmt in ("parquet", "array_record"):
+        open_prompts(path, field)  # raises when the table has no rows
+        return
+    with open(path, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            raise ValueError(f"{path} holds no prompts (it is empty or blank)")
+
+
 def read_prompts(path: str, field: str = "") -> list[str]:
     """Every prompt of a prompt table, in order."""
     table = open_prompts(path, field)
