@@ -9,13 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jdistill.diffusion.parameterization import to_prediction
 from jdistill.diffusion.schedules import VPSchedule
-from jdistill.methods.common import pseudo_target_loss
+from jdistill.methods.common import denoising_loss, pseudo_target_loss
 from jdistill.methods.distribution import (
     dmd_direction,
+    finite_denoising_loss,
+    finite_mean,
+    finite_pseudo_target_loss,
     finite_rows,
     gan_losses,
     masked_mean,
+    nonfinite_count,
     sid_generator_loss,
     sid_weight,
     zero_bad_rows,
@@ -59,14 +64,14 @@ def test_dmd_direction_is_the_weighted_score_difference():
     np.testing.assert_allclose(grad, g / x.size, rtol=1e-4, atol=1e-8)  # x - (x - g) rounds in float32
 
 
-def test_dmd_direction_is_nan_safe_and_stops_gradients():
+def test_dmd_direction_keeps_bad_rows_and_stops_gradients():
     x = jnp.array([[1.0, 2.0], [jnp.nan, 0.0], [3.0, 3.0]])
     real = jnp.array([[0.0, 0.0], [0.0, 0.0], [3.0, 3.0]])  # row 3: x == x0_real, normaliser 0 -> floor
     fake = jnp.array([[1.0, 1.0], [1.0, 1.0], [3.0, 4.0]])
     g = dmd_direction(x, real, fake)
-    assert np.all(np.isfinite(g))
     np.testing.assert_allclose(g[0], [1.0 / 1.5, 1.0 / 1.5])
-    assert np.all(g[1] == 0)
+    # The bad row stays non-finite (finite_pseudo_target_loss leaves it out and counts it); the others do not.
+    assert not np.any(np.isfinite(g[1])) and np.all(np.isfinite(g[2]))
     grads = jax.grad(lambda a, b, c: jnp.sum(dmd_direction(a, b, c)), argnums=(0, 1, 2))(x, real, fake)
     assert all(not np.any(np.asarray(gr)) for gr in grads)
 
@@ -130,6 +135,82 @@ def test_finite_masks_weight_instead_of_dropping():
     assert np.all(np.isfinite(grad)) and grad[1].tolist() == [0.0, 0.0]
     np.testing.assert_allclose(grad[0], [1.0, 2.0])  # d/dy (|y|^2 / 2)
     assert float(masked_mean(jnp.array([jnp.nan, jnp.nan]), jnp.array([True, True]))) == 0.0
+
+
+def test_finite_losses_are_the_plain_losses_on_finite_batches():
+    """Bit for bit, values and gradients: the masks and the rescaling by n / n change nothing."""
+    rng = np.random.default_rng(2)
+    x, g = (jnp.asarray(rng.standard_normal((6, 3, 2)), jnp.float32) for _ in range(2))
+    loss, good = finite_pseudo_target_loss(x, g)
+    assert bool(jnp.all(good)) and float(nonfinite_count(good)) == 0.0
+    assert float(loss) == float(pseudo_target_loss(x, g))
+    same = jax.grad(lambda y: finite_pseudo_target_loss(y, g)[0])(x) == jax.grad(pseudo_target_loss)(x, g)
+    assert bool(jnp.all(same))
+    assert float(finite_mean(jnp.abs(g), good)) == float(jnp.mean(jnp.abs(g)))
+
+    t = jnp.asarray([0, 100, 400, 800, 999, 20])
+    out, x0, eps = (jnp.asarray(rng.standard_normal((6, 2)), jnp.float32) for _ in range(3))
+    x_t = SCHEDULE.add_noise(x0, eps, t)
+    for target, weighting in (("eps", "alpha2"), ("v", "uniform"), ("x0", "snr")):
+
+        def plain(o, target=target, weighting=weighting):
+            return denoising_loss(to_prediction(o, "eps", x_t, SCHEDULE, t), x0, eps, target, weighting)
+
+        def finite(o, target=target, weighting=weighting):
+            pred = to_prediction(o, "eps", x_t, SCHEDULE, t)
+            return finite_denoising_loss(pred, x0, eps, target, weighting)[0]
+
+        assert float(finite(out)) == float(plain(out))
+        assert bool(jnp.all(jax.grad(finite)(out) == jax.grad(plain)(out)))
+
+
+def test_finite_pseudo_target_loss_is_the_good_rows_loss_and_counts_the_others():
+    rng = np.random.default_rng(3)
+    x, g = (rng.standard_normal((7, 4)).astype(np.float32) for _ in range(2))
+    x[1, 2] = np.nan  # a non-finite sample
+    g[4] = np.inf  # a non-finite direction
+    ok = np.ones(7, bool)
+    ok[6] = False  # a sample the generator marked (zeroed upstream)
+    keep = np.array([0, 2, 3, 5])
+    loss, good = finite_pseudo_target_loss(jnp.asarray(x), jnp.asarray(g), jnp.asarray(ok))
+    assert np.flatnonzero(good).tolist() == keep.tolist() and float(nonfinite_count(good)) == 3.0
+    # 0.5 mean((x - sg(x - g))^2) = 0.5 mean(g^2), gradient g / size, over the kept rows only.
+    np.testing.assert_allclose(loss, 0.5 * np.mean(g[keep] ** 2), rtol=1e-5)
+    grad = np.asarray(jax.grad(lambda y: finite_pseudo_target_loss(y, jnp.asarray(g), jnp.asarray(ok))[0])(x))
+    np.testing.assert_allclose(grad[keep], g[keep] / g[keep].size, rtol=1e-4)
+    assert not np.any(grad[[1, 4, 6]])
+    assert float(finite_mean(jnp.asarray(np.abs(g)), good)) == pytest.approx(
+        np.mean(np.abs(g[keep])), rel=1e-6
+    )
+    # No finite sample at all: NaN, so that the trainer skips the update and counts it.
+    none, _ = finite_pseudo_target_loss(jnp.asarray(x), jnp.asarray(g), jnp.zeros(7, bool))
+    assert np.isnan(float(none))
+
+
+def test_finite_denoising_loss_is_the_good_rows_loss_and_counts_the_others():
+    """eps-prediction, x0 target, SNR weights: w (alpha, sigma) mean((x0_hat - x0)^2) by hand, kept rows only."""
+    rng = np.random.default_rng(4)
+    t = np.array([50, 300, 600, 900, 999])
+    x0, eps, out = (rng.standard_normal((5, 3)).astype(np.float32) for _ in range(3))
+    out[2, 0] = np.nan  # the network's prediction is not finite for sample 2
+    ok = np.array([True, True, True, False, True])  # sample 3 was not finite upstream
+    abar = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[t][:, None]
+    a, s = np.sqrt(abar), np.sqrt(1 - abar)
+    x_t = (a * x0 + s * eps).astype(np.float32)
+    pred = to_prediction(jnp.asarray(out), "eps", jnp.asarray(x_t), SCHEDULE, jnp.asarray(t))
+    loss, good = finite_denoising_loss(pred, jnp.asarray(x0), jnp.asarray(eps), "x0", "snr", jnp.asarray(ok))
+    keep = np.array([0, 1, 4])
+    assert np.flatnonzero(good).tolist() == keep.tolist() and float(nonfinite_count(good)) == 2.0
+    x0_hat = (x_t - s * out) / a
+    per_row = (a / s)[:, 0] ** 2 * np.mean((x0_hat - x0) ** 2, axis=1)
+    np.testing.assert_allclose(loss, per_row[keep].mean(), rtol=1e-4)
+
+    def f(o):
+        p = to_prediction(o, "eps", jnp.asarray(x_t), SCHEDULE, jnp.asarray(t))
+        return finite_denoising_loss(p, jnp.asarray(x0), jnp.asarray(eps), "x0", "snr", jnp.asarray(ok))[0]
+
+    grad = np.asarray(jax.grad(f)(jnp.asarray(out)))
+    assert np.all(np.isfinite(grad)) and not np.any(grad[[2, 3]])
 
 
 class AffineStudent:

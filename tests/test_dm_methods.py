@@ -260,3 +260,29 @@ def test_student_input_conventions():
     )
     with pytest.raises(Exception, match="student_input"):
         load("configs/sid.py:gmm", [("method.student_input", "zeros")])
+
+
+def _poison_label(tree, label: int):
+    """Parameters whose class embedding of ``label`` is NaN: that class's predictions are not finite."""
+
+    def one(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return leaf.at[label].set(jnp.nan) if "label_embed" in name and "embedding" in name else leaf
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+@pytest.mark.parametrize("spec", ["configs/dmd2.py:gmm", "configs/sid.py:gmm"])
+def test_generator_losses_count_the_samples_they_leave_out(spec):
+    """A fake score that is NaN for class 1 (half the batch): the generator loss stays finite over the other
+    half and reports the 16 samples it left out; with finite networks it reports none."""
+    _, _, recipe, params, batch = _setup(spec)
+    gen = _update(recipe, "generator")
+    key = jax.random.key(1)
+    assert float(gen.loss(params, batch, key, {})[1][0]["nonfinite_rows"]) == 0.0
+    poisoned = {**params, "fake_score": _poison_label(params["fake_score"], 1)}
+    loss, (metrics, _) = gen.loss(poisoned, batch, key, {})
+    assert float(metrics["nonfinite_rows"]) == 16.0
+    assert np.isfinite(float(loss))
+    if "dmd2" in spec:  # the direction is a constant: the finite samples' gradient stays finite
+        assert np.isfinite(_norm(_grads(gen.loss, poisoned, batch, key)["student"]))

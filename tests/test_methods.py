@@ -75,12 +75,10 @@ def test_swiftbrush_stop_gradients():
     assert _norm(f_nocarry["student"]) == 0.0
 
 
-def test_swiftbrush_generator_gradient_is_the_vsd_direction():
-    """grad_theta L = J_theta(x)^T g / N with g = sigma_t^2 (eps_teacher^w - eps_fake^w), recomputed here."""
-    config, world, recipe, params, batch = _swiftbrush()
+def _vsd_direction_by_hand(config, world, recipe, params, batch, key):
+    """(g, x, vjp): SwiftBrush's direction g = sigma_t^2 (eps_teacher^w - eps_fake^w) at the student's samples x,
+    recomputed from the networks and the mixture, and the student's VJP at x."""
     m = config.method
-    gen = recipe.updates[0]
-    key = jax.random.key(5)
     schedule, mix = world.teacher.schedule, world.teacher.mixture
     student = recipe.network("student").net
     fake = recipe.network("fake_score").net
@@ -110,11 +108,86 @@ def test_swiftbrush_generator_gradient_is_the_vsd_direction():
     w = m.guidance_scale
     eps_t = cfg_combine(teacher_eps(cond), teacher_eps(jnp.int32(2)), w)
     eps_f = cfg_combine(fake_eps(cond), fake_eps(jnp.int32(2)), w)
-    g = s**2 * (eps_t - eps_f)
+    return s**2 * (eps_t - eps_f), x, vjp
+
+
+def test_swiftbrush_generator_gradient_is_the_vsd_direction():
+    """grad_theta L = J_theta(x)^T g / N with g = sigma_t^2 (eps_teacher^w - eps_fake^w), recomputed here."""
+    config, world, recipe, params, batch = _swiftbrush()
+    gen = recipe.updates[0]
+    key = jax.random.key(5)
+    g, x, vjp = _vsd_direction_by_hand(config, world, recipe, params, batch, key)
     (expected,) = vjp(g / x.size)
     got = _grads(gen.loss, params, batch, key)["student"]
     for e, o in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(o, e, rtol=2e-3, atol=1e-8)
+
+
+def _poison_label(tree, label: int):
+    """Parameters whose class embedding of ``label`` is NaN: that class's predictions are not finite."""
+
+    def one(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return leaf.at[label].set(jnp.nan) if "label_embed" in name and "embedding" in name else leaf
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def test_swiftbrush_generator_leaves_out_and_counts_nonfinite_directions():
+    """A fake score that is NaN for class 1: those samples are counted, and the loss and gradient are the
+    finite samples' alone (recomputed by hand on them)."""
+    config, world, recipe, clean, batch = _swiftbrush()
+    params = {**clean, "fake_score": _poison_label(clean["fake_score"], 1)}
+    gen = recipe.updates[0]
+    key = jax.random.key(5)
+    g, _, vjp = _vsd_direction_by_hand(config, world, recipe, params, batch, key)
+    good = np.all(np.isfinite(np.asarray(g)), axis=1)
+    assert good.tolist() == (np.asarray(batch["cond"]) != 1).tolist()  # the poison reaches class 1 only
+    loss, (metrics, _) = gen.loss(params, batch, key, {})
+    assert float(metrics["nonfinite_rows"]) == 16.0
+    g_good = np.asarray(g)[good]
+    np.testing.assert_allclose(loss, 0.5 * np.mean(g_good**2), rtol=1e-4)
+    np.testing.assert_allclose(metrics["direction_norm"], np.mean(np.abs(g_good)), rtol=1e-5)
+    (expected,) = vjp(jnp.where(good[:, None], g, 0.0) / g_good.size)
+    got = _grads(gen.loss, params, batch, key)["student"]
+    for e, o in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(o, e, rtol=2e-3, atol=1e-8)
+    # Finite parameters: nothing is counted.
+    assert float(gen.loss(clean, batch, key, {})[1][0]["nonfinite_rows"]) == 0.0
+
+
+def test_swiftbrush_fake_score_loss_leaves_out_and_counts_nonfinite_samples():
+    """Carried samples with NaN rows, two noisings each: 2 x 3 rows counted; the loss is the uniform v-MSE of
+    the other rows, recomputed by hand with the loss's own draws."""
+    config, world, recipe, params, batch = _swiftbrush(("method.fake_noise_draws", "2"))
+    m = config.method
+    fake_update = recipe.updates[1]
+    key = jax.random.key(7)
+    n = batch["cond"].shape[0]
+    x = jax.random.normal(jax.random.key(8), (n, 2))
+    bad = np.zeros(n, bool)
+    bad[[3, 10, 31]] = True
+    x_carried = jnp.where(bad[:, None], jnp.nan, x)
+    loss, (metrics, _) = fake_update.loss(params, batch, key, {"x": x_carried})
+    assert float(metrics["nonfinite_rows"]) == 6.0
+    np.testing.assert_allclose(metrics["finite_samples"], 29 / 32)
+
+    # By hand: the loss's draws for 2n rows (x's bad rows zeroed, as the networks see them).
+    schedule = world.teacher.schedule
+    fake = recipe.network("fake_score").net
+    k = rng.streams(key, "generate", "timestep", "noise", "dropout", "gan")
+    x2 = jnp.concatenate([jnp.where(bad[:, None], 0.0, x)] * 2)
+    cond2 = jnp.concatenate([batch["cond"]] * 2)
+    t = sample_timesteps(schedule, k["timestep"], (2 * n,), *m.fake_t_range)
+    eps = jax.random.normal(k["noise"], x2.shape, jnp.float32)
+    drop = jax.random.bernoulli(k["dropout"], m.fake_cond_dropout, (2 * n,))
+    label = jnp.where(drop, 2, cond2)
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
+    a, s = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    v_pred = fake.apply(params["fake_score"], a * x2 + s * eps, t.astype(jnp.float32), label)
+    per_row = np.mean((np.asarray(v_pred) - np.asarray(a * eps - s * x2)) ** 2, axis=1)
+    keep = ~np.concatenate([bad, bad])
+    np.testing.assert_allclose(loss, per_row[keep].mean(), rtol=1e-4)
 
 
 def test_swiftbrush_fake_equal_to_teacher_gives_no_gradient():

@@ -274,6 +274,27 @@ def test_generator_gradient_by_hand_reaches_the_student_not_the_heads(monkeypatc
     assert set(d_metrics) >= {"logit_real", "logit_fake", "logit_misaligned", "r1"}
 
 
+def test_ladd_counts_the_student_samples_its_heads_leave_out(monkeypatch):
+    """A student that is NaN for class 1: the adversarial samples of that class are zeroed for the heads, left
+    out of both GAN losses and counted in both updates' nonfinite_rows; the heads' loss stays finite."""
+    _, recipe, params, batch, _ = gmm_with_stand_in_trunk(monkeypatch)
+    student, disc = recipe.updates
+    key, carry = jax.random.key(4), {"step": jnp.int32(START)}
+    assert float(student.loss(params, batch, key, carry)[1][0]["nonfinite_rows"]) == 0.0
+
+    def poison(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return leaf.at[1].set(jnp.nan) if "label_embed" in name and "embedding" in name else leaf
+
+    poisoned = {**params, "student": jax.tree_util.tree_map_with_path(poison, params["student"])}
+    _, (metrics, out) = student.loss(poisoned, batch, key, carry)
+    bad = np.asarray(batch["cond"]) == 1
+    assert 0 < bad.sum() < bad.size and float(metrics["nonfinite_rows"]) == bad.sum()
+    assert np.asarray(out["ladd_ok"]).tolist() == (~bad).tolist() and np.all(np.isfinite(out["ladd_x0"]))
+    d_loss, (d_metrics, _) = disc.loss(params, batch, key, {**out, **carry})
+    assert float(d_metrics["nonfinite_rows"]) == bad.sum() and np.isfinite(float(d_loss))
+
+
 # ------------------------------------------------------------------------------------------------ tiny SD
 
 

@@ -2,8 +2,9 @@
 
 All take x0-predictions (``Prediction.x0``) and compute in float32: a difference of two x0 estimates at low noise is mostly rounding noise in bf16.
 
-- ``dmd_direction``: g = (x0_fake - x0_real) / mean_CHW |x - x0_real|, per sample, NaN-safe, under
-  stop-gradient. With the pseudo-target loss its gradient with respect to x is g / x.size.
+- ``dmd_direction``: g = (x0_fake - x0_real) / mean_CHW |x - x0_real|, per sample, under stop-gradient
+  (a sample with non-finite inputs keeps a non-finite direction). With the pseudo-target loss its gradient
+  with respect to x is g / x.size.
 - ``sid_generator_loss``: Score identity Distillation, per sample; gradients flow through x and through
   the inputs of both frozen networks (the caller differentiates with respect to the generator only).
 - ``generator_weight``: the generator loss's per-sample weight: SiD's 1 / mean|x - f_real|, or one of SiD-DiT's
@@ -12,6 +13,10 @@ All take x0-predictions (``Prediction.x0``) and compute in float32: a difference
 - ``gan_losses``: diffusion-GAN losses (non-saturating BCE, hinge) from discriminator logits.
 - ``finite_rows`` / ``masked_mean``: per-sample finite masks as loss weights, instead of dropping samples
   (no dynamic shapes under jit).
+- ``finite_pseudo_target_loss`` / ``finite_denoising_loss`` / ``nonfinite_count``: losses over the finite
+  samples only, and the number of samples left out, which the losses report as the metric ``NONFINITE_ROWS``
+  (the trainer's metrics log carries it as ``<update>/nonfinite_rows``): a non-finite sample is counted,
+  never silently replaced.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jdistill.diffusion.parameterization import Prediction
+from jdistill.methods.common import denoising_loss, pseudo_target_loss
+
 GAN_KINDS = ("bce", "hinge")
+NONFINITE_ROWS = "nonfinite_rows"  # metric: samples of the batch a loss left out for non-finite values
 
 
 def _per_sample_mean(x: jax.Array) -> jax.Array:
@@ -35,15 +44,15 @@ def _rows(v: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def dmd_direction(x: jax.Array, x0_real: jax.Array, x0_fake: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """The DMD/DMD2 distribution-matching direction, float32, stop-gradient, non-finite entries zeroed.
+    """The DMD/DMD2 distribution-matching direction, float32, stop-gradient.
 
-    Equals w_t (s_fake - s_real) with DMD's weighting w_t = sigma_t^2 / alpha_t / mean|x - x0_real|.
+    Equals w_t (s_fake - s_real) with DMD's weighting w_t = sigma_t^2 / alpha_t / mean|x - x0_real|. A sample
+    whose inputs are not finite gets a non-finite direction: ``finite_pseudo_target_loss`` leaves it out of
+    the loss and counts it.
     """
     x, real, fake = (jax.lax.stop_gradient(a).astype(jnp.float32) for a in (x, x0_real, x0_fake))
     norm = jnp.maximum(_per_sample_mean(jnp.abs(x - real)), eps)
-    return jax.lax.stop_gradient(
-        jnp.nan_to_num((fake - real) / _rows(norm, x), nan=0.0, posinf=0.0, neginf=0.0)
-    )
+    return jax.lax.stop_gradient((fake - real) / _rows(norm, x))
 
 
 def sid_weight(x: jax.Array, x0_real: jax.Array, floor: float = 1e-5) -> jax.Array:
@@ -149,8 +158,9 @@ def finite_rows(*arrays: jax.Array) -> jax.Array:
 
 
 def zero_bad_rows(x: jax.Array, ok: jax.Array) -> jax.Array:
-    """Non-finite samples replaced by zeros, so that downstream networks see finite inputs; their losses are
-    masked out by ``masked_mean`` and contribute no gradient."""
+    """Non-finite samples replaced by zeros, so that downstream networks see finite inputs and no NaN reaches
+    a gradient (a NaN multiplied by a zero cotangent is still NaN). Not a way to hide them: the losses leave
+    these samples out (``masked_mean``, ``finite_pseudo_target_loss``) and report ``nonfinite_count(ok)``."""
     return jnp.where(_rows(ok, x), x, jnp.zeros_like(x))
 
 
@@ -159,3 +169,60 @@ def masked_mean(values: jax.Array, ok: jax.Array) -> jax.Array:
     ok = ok & jnp.isfinite(values)
     total = jnp.sum(jnp.where(ok, values, 0.0))
     return total / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
+
+
+def nonfinite_count(ok: jax.Array) -> jax.Array:
+    """How many samples ``ok`` (a per-sample mask) marks as not finite, as float32 (a metric)."""
+    return jnp.sum(jnp.logical_not(ok).astype(jnp.float32))
+
+
+def _finite_scale(good: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(n / max(n_good, 1), n_good): turns a mean over all n rows, the bad ones zeroed, into the mean over the
+    good rows; exactly 1 when every row is good, so that finite batches give the plain mean to the bit."""
+    n_good = jnp.sum(good.astype(jnp.float32))
+    return jnp.float32(good.shape[0]) / jnp.maximum(n_good, 1.0), n_good
+
+
+def finite_mean(x: jax.Array, good: jax.Array) -> jax.Array:
+    """Mean of ``x`` over the elements of the rows ``good`` marks (0 when there are none): ``jnp.mean(x)``
+    when every row is good."""
+    scale, _ = _finite_scale(good)
+    return jnp.mean(zero_bad_rows(x, good)) * scale
+
+
+def finite_pseudo_target_loss(
+    x: jax.Array, direction: jax.Array, ok: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, good): ``common.pseudo_target_loss`` over the samples where ``x`` and ``direction`` are finite
+    (and ``ok``, e.g. the generator's own finite mask), and that per-sample mask.
+
+    The other samples contribute neither value nor gradient, and the mean is over the good samples only: the
+    loss and its gradient equal those of the good samples alone. With every sample finite this is
+    ``pseudo_target_loss`` to the bit. With none, the loss is NaN, so that the trainer skips the update and
+    counts it towards ``max_nonfinite_streak``.
+    """
+    good = finite_rows(x, direction)
+    good = good if ok is None else good & ok
+    scale, n_good = _finite_scale(good)
+    loss = pseudo_target_loss(zero_bad_rows(x, good), zero_bad_rows(direction, good)) * scale
+    return jnp.where(n_good > 0, loss, jnp.nan), good
+
+
+def finite_denoising_loss(
+    pred: Prediction, x0: jax.Array, eps: jax.Array, target: str, weighting: str, ok: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, good): ``common.denoising_loss`` over the samples whose prediction is finite (and ``ok``, e.g.
+    the generated sample's finite mask), and that per-sample mask; the same rules as
+    ``finite_pseudo_target_loss`` (the good samples' mean, bitwise the plain loss when all are finite, NaN
+    when none is)."""
+    good = finite_rows(pred.x0, pred.eps)
+    good = good if ok is None else good & ok
+    truth_x0, truth_eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
+    # A bad sample's prediction is replaced by the truth: zero error, zero gradient.
+    safe = pred.replace(
+        x0=jnp.where(_rows(good, truth_x0), pred.x0, truth_x0),
+        eps=jnp.where(_rows(good, truth_eps), pred.eps, truth_eps),
+    )
+    scale, n_good = _finite_scale(good)
+    loss = denoising_loss(safe, x0, eps, target, weighting) * scale
+    return jnp.where(n_good > 0, loss, jnp.nan), good

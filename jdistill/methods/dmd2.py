@@ -9,7 +9,8 @@ Per step, on one batch of conditions:
    index drawn uniformly (backward simulation for multi-step students; pure noise at t_0 for one step);
    t ~ U{20..980}; x_t = alpha_t sg(x) + sigma_t eps; under stop-gradient, x0_real with CFG of scale w
    (convention y_u + w (y_c - y_u)) and x0_fake without guidance; g = (x0_fake - x0_real) / mean|x - x0_real|
-   (per sample, float32, NaN-safe); loss 0.5 mean((x - sg(x - g))^2).
+   (per sample, float32); loss 0.5 mean((x - sg(x - g))^2) over the samples with finite x and g (the others
+   are counted in the metric nonfinite_rows).
 2. fake-score update (every step): on sg(x) from this step's generator (or a fresh no-grad generation on
    fake-only steps), t ~ U{0..999}, denoising loss (eps-MSE, uniform weight, no guidance).
 
@@ -27,8 +28,13 @@ import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.methods.adversarial import build_discriminator, enabled, gan_config
-from jdistill.methods.common import pseudo_target_loss
-from jdistill.methods.distribution import dmd_direction
+from jdistill.methods.distribution import (
+    NONFINITE_ROWS,
+    dmd_direction,
+    finite_mean,
+    finite_pseudo_target_loss,
+    nonfinite_count,
+)
 from jdistill.methods.recipe import JOINT, Pass, Recipe, Update
 from jdistill.methods.score_distillation import cfg_evaluations, student_and_fake
 from jdistill.rng import stream
@@ -72,8 +78,8 @@ def distribution_matching(config: ml_collections.ConfigDict, world):
         )
         fake_x0 = parts.fake.predict(parts.fake_params(params), x_t, t, cond).x0  # no guidance
         g = dmd_direction(x, real.x0, fake_x0)
-        metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
-        loss = pseudo_target_loss(x, g)
+        loss, good = finite_pseudo_target_loss(x, g, ok)  # non-finite samples left out and counted
+        metrics = {"direction_norm": finite_mean(jnp.abs(g), good), NONFINITE_ROWS: nonfinite_count(good)}
         if disc is not None:  # through x itself: the GAN's gradient is not stop-gradiented
             x_gan, t_gan = disc.noised(stream(key, "gan"), x)
             adversarial, gan_metrics = disc.generator_loss(params, x_gan, t_gan, cond, ok)

@@ -55,7 +55,7 @@ from jdistill.methods.common import (
     student_time_scale,
     with_transformer_options,
 )
-from jdistill.methods.distribution import finite_rows, zero_bad_rows
+from jdistill.methods.distribution import NONFINITE_ROWS, finite_rows, nonfinite_count, zero_bad_rows
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
 from jdistill.methods.rollout import sampler_noise
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
@@ -214,10 +214,10 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         metrics = {"tangent_norm": jnp.mean(jnp.abs(g)), "logvar": jnp.mean(logvar)}
         if disc is None:
             return value, (metrics, carry)
-        ok = finite_rows(x0_adv)
+        ok = finite_rows(x0_adv)  # the heads' losses leave the other samples out; counted here
         x0_adv = zero_bad_rows(x0_adv, ok)
         adversarial, gan_metrics = disc.generator_loss(params, x0_adv, cond, stream(key, "gan"), ok)
-        metrics = {**metrics, "scm": value, **gan_metrics}
+        metrics = {**metrics, "scm": value, **gan_metrics, NONFINITE_ROWS: nonfinite_count(ok)}
         new_carry = {"ladd_x0": jax.lax.stop_gradient(x0_adv), "ladd_ok": ok}
         return disc.combine(value, adversarial, carry), (metrics, new_carry)
 
@@ -225,7 +225,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         """The heads' update on this step's sg(x0_G) (carried from the student update) and the real batch."""
         real = {"x0": m.data_scale * batch["x0"].astype(jnp.float32), "cond": batch["cond"]}
         total, metrics = disc.discriminator_loss(params, carry["ladd_x0"], carry["ladd_ok"], real, key, carry)
-        return total, (metrics, carry)
+        return total, ({**metrics, NONFINITE_ROWS: nonfinite_count(carry["ladd_ok"])}, carry)
 
     plan = student_plan(schedule, tuple(m.student_timesteps))
 

@@ -19,11 +19,16 @@ from jdistill.methods.adversarial import Discriminator
 from jdistill.methods.common import (
     ResidualDenoiser,
     build_network,
-    denoising_loss,
     drop_conditions,
     network_denoiser,
 )
-from jdistill.methods.distribution import finite_rows, zero_bad_rows
+from jdistill.methods.distribution import (
+    NONFINITE_ROWS,
+    finite_denoising_loss,
+    finite_rows,
+    nonfinite_count,
+    zero_bad_rows,
+)
 from jdistill.methods.recipe import LossFn, Network, Pass, Recipe, Update
 from jdistill.methods.rollout import FewStepStudent
 from jdistill.rng import streams
@@ -47,9 +52,10 @@ class StudentAndFake:
     def noised_generation(
         self, params, cond, key, t_range, *, detach: bool, sample_t: TimeSampler | None = None
     ):
-        """(x, ok, t, x_t): the student's sample (non-finite samples zeroed, ``ok`` marks the others),
-        t ~ U(t_range) in schedule fractions (or ``sample_t(key, shape)``), and x_t noised from sg(x)
-        (``detach``) or from x itself."""
+        """(x, ok, t, x_t): the student's sample (non-finite samples zeroed so that the networks downstream and
+        the gradients stay finite; ``ok`` marks the others, and the caller's loss leaves the zeroed ones out
+        and counts them), t ~ U(t_range) in schedule fractions (or ``sample_t(key, shape)``), and x_t noised
+        from sg(x) (``detach``) or from x itself."""
         k = streams(key, "generate", "timestep", "noise")
         x = self.student.generate(self.student_params(params), cond, k["generate"])
         ok = finite_rows(x)
@@ -97,7 +103,8 @@ class StudentAndFake:
         carried it, else a fresh no-grad generation; conditions dropped with ``m.fake_cond_dropout``, the
         prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws`` noisings per sample at
         t ~ U(m.fake_t_range) or ``sample_t(key, shape)``; plus the
-        ``discriminator``'s weighted loss on sg(x) and real samples when a GAN is on."""
+        ``discriminator``'s weighted loss on sg(x) and real samples when a GAN is on. Rows whose sample or
+        prediction is not finite are left out of the denoising loss and counted (metric ``NONFINITE_ROWS``)."""
         schedule = self.student.schedule
 
         def loss(params, batch, key, carry):
@@ -115,6 +122,7 @@ class StudentAndFake:
             if noise_draws > 1:  # variance reduction: several noisings of each generated sample
                 x = jnp.concatenate([x] * noise_draws)
                 cond = jax.tree.map(lambda c: jnp.concatenate([c] * noise_draws), cond)
+                ok = jnp.concatenate([ok] * noise_draws)
             n = x.shape[0]
             if sample_t is None:
                 t = sample_timesteps(schedule, k["timestep"], (n,), *m.fake_t_range)
@@ -126,8 +134,12 @@ class StudentAndFake:
             pred = predict_cfg(
                 self.fake, self.fake_params(params), x_t, t, dropped, world.uncond, guidance, m.cfg_convention
             )
-            metrics = {"finite_samples": jnp.mean(ok.astype(jnp.float32))}
-            total = denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting)
+            # Over the rows whose sample and prediction are finite; the others are counted (one per noising).
+            total, good = finite_denoising_loss(pred, x, eps, m.fake_target, m.fake_weighting, ok)
+            metrics = {
+                "finite_samples": jnp.mean(generated_ok.astype(jnp.float32)),
+                NONFINITE_ROWS: nonfinite_count(good),
+            }
             if discriminator is not None:
                 gan, gan_metrics = discriminator.discriminator_loss(
                     params, batch, k["gan"], generated, generated_ok, carry

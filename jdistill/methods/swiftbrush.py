@@ -23,7 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.methods.common import pseudo_target_loss
+from jdistill.methods.distribution import (
+    NONFINITE_ROWS,
+    finite_mean,
+    finite_pseudo_target_loss,
+    nonfinite_count,
+)
 from jdistill.methods.recipe import Pass, Recipe, Update
 from jdistill.methods.score_distillation import cfg_evaluations, student_and_fake
 
@@ -65,7 +70,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     def generator_loss(params, batch, key, carry):
         cond = batch["cond"]
-        x, _, t, x_t = parts.noised_generation(params, cond, key, m.t_range, detach=True)
+        x, ok, t, x_t = parts.noised_generation(params, cond, key, m.t_range, detach=True)
         real = predict_cfg(
             teacher, params["teacher"], x_t, t, cond, world.uncond, m.guidance_scale, m.cfg_convention
         )
@@ -79,9 +84,11 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             m.guidance_scale,
             m.cfg_convention,
         )
-        g = jax.lax.stop_gradient(jnp.nan_to_num(real.sigma**2 * (real.eps - fake_pred.eps)))
-        metrics = {"direction_norm": jnp.mean(jnp.abs(g))}
-        return pseudo_target_loss(x, g), (metrics, {"x": jax.lax.stop_gradient(x)})
+        g = jax.lax.stop_gradient(real.sigma**2 * (real.eps - fake_pred.eps))
+        # Samples with a non-finite x or direction are left out of the loss and counted.
+        loss, good = finite_pseudo_target_loss(x, g, ok)
+        metrics = {"direction_norm": finite_mean(jnp.abs(g), good), NONFINITE_ROWS: nonfinite_count(good)}
+        return loss, (metrics, {"x": jax.lax.stop_gradient(x)})
 
     generator_passes = (
         *parts.generation_passes("params"),
