@@ -1,13 +1,14 @@
 """Checks of the inputs a user names on the command line, run before any network loads or compiles.
 
 Each failure is a ``ConfigError`` naming the setting (``--workdir``, ``mesh.*``, ``teacher.path``,
-``teacher.prompts``) and what to do, so that a wrong path stops the run in a second instead of after a teacher
+``teacher.prompts``, ``teacher.data``, ...) and what to do, so that a wrong path stops the run in a second instead of after a teacher
 load or an XLA compile. The loaders check the same things again; these checks only make the failures early and
 readable.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import uuid
 
@@ -21,11 +22,12 @@ PROMPT_TABLE_HELP = "a prompt table: .txt (one prompt per line), .jsonl, .parque
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> None:
-    """Run directory, mesh, teacher source and prompt tables of a run, in that order."""
+    """Run directory, mesh, teacher source, prompt tables and other named paths of a run, in that order."""
     check_workdir(workdir, mode)
     check_mesh(config)
     check_teacher_source(config)
     check_prompts(config)
+    check_named_paths(config)
 
 
 # ------------------------------------------------------------------------------------------ run directory
@@ -166,3 +168,27 @@ def check_prompts(config: ml_collections.ConfigDict) -> None:
             check_prompt_table(path, t.get("prompt_field", ""))
         except (OSError, ValueError) as err:
             raise ConfigError(f"teacher.{key}={path!r}: {err}; give {PROMPT_TABLE_HELP}") from err
+
+
+# ---------------------------------------------------------------------------------------- other paths
+
+# Settings that name a local file or directory the run reads, with what belongs there.
+NAMED_PATHS = {
+    "teacher.data": "real images with captions (a folder with metadata.jsonl, .parquet or array_record)",
+    "teacher.embedding_cache": "the directory tools/cache_embeddings.py wrote",
+    "method.pairs": "the directory tools/make_ode_pairs.py wrote",
+}
+
+
+def check_named_paths(config: ml_collections.ConfigDict) -> None:
+    """The paths of ``NAMED_PATHS``, when set, exist (globs and remote paths are left to their readers)."""
+    for key, what in NAMED_PATHS.items():
+        section, _, leaf = key.rpartition(".")
+        node = config
+        for part in section.split("."):
+            node = node.get(part) if node is not None and part in node else None
+        path = node.get(leaf, "") if node is not None else ""
+        if not path or not isinstance(path, str) or paths.is_remote(path) or glob.has_magic(path):
+            continue
+        if not os.path.exists(path):
+            raise ConfigError(f"{key}={path!r} does not exist; give {what}")

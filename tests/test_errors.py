@@ -217,6 +217,24 @@ def test_prompt_table_checks(tmp_path):
         preflight.check_prompts(config)
 
 
+def test_named_paths_checks(tmp_path):
+    config = ml_collections.ConfigDict(
+        {
+            "teacher": {"kind": "digits", "data": str(tmp_path / "images")},
+            "method": {"name": "dmd", "pairs": ""},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"teacher\.data='.*images' does not exist; give real images"):
+        preflight.check_named_paths(config)
+    (tmp_path / "images").mkdir()
+    preflight.check_named_paths(config)
+    config.method.pairs = str(tmp_path / "pairs")
+    with pytest.raises(ConfigError, match=r"method\.pairs=.* tools/make_ode_pairs\.py wrote"):
+        preflight.check_named_paths(config)
+    config.method.pairs = str(tmp_path / "pairs-*")  # a glob: its reader says when it matches nothing
+    preflight.check_named_paths(config)
+
+
 def test_one_line_messages():
     err = ConfigError("first line\n  second line\n")
     assert entry.one_line(err) == "first line second line"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
+from helpers import small_swiftbrush
+
+from jdistill import train
 from jdistill.nonfinite import nonfinite_rows, warn_nonfinite_rows
 
 
@@ -28,3 +32,15 @@ def test_silent_without_left_out_samples(caplog):
     with caplog.at_level(logging.WARNING, logger="jdistill"):
         assert warn_nonfinite_rows({"generator/nonfinite_rows": 0.0, "generator/loss": 1.0}, step=2) is None
     assert not caplog.records
+
+
+def test_the_metrics_log_carries_the_counts(tmp_path):
+    """Two steps of swiftbrush:gmm: every logged step has both updates' counts (zero: nothing left out)."""
+    config = small_swiftbrush(("num_steps", "2"), ("log_every", "1"), ("checkpoint.every", "0"))
+    train.train(config, str(tmp_path))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in logged if "generator/loss" in entry]
+    assert [e["step"] for e in steps] == [1, 2]
+    for entry in steps:
+        assert entry["generator/nonfinite_rows"] == 0.0 and entry["fake_score/nonfinite_rows"] == 0.0
+        assert nonfinite_rows(entry) == {}
