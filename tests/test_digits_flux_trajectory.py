@@ -18,11 +18,6 @@ from helpers import load, run_main, tool
 
 from jdistill.teachers.presets import DIGITS_FLUX_ROOT
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(DIGITS_FLUX_ROOT, "build.json")),
-    reason="the flow digits world is not installed",
-)
-
 SMOKE = [
     ("num_steps", 1),
     ("batch_size", 2),

@@ -11,12 +11,7 @@ import pytest
 from jdistill.digits import data
 from jdistill.teachers.presets import DIGITS_CLASSIFIER, DIGITS_ROOT, DIGITS_TEACHER
 
-# Until tools/build_digits_world.py --install has shipped the world (issue 6, in progress), say so instead of
-# failing on a missing file.
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(DIGITS_ROOT, "build.json")),
-    reason="the digits world is not installed yet: python tools/build_digits_world.py --out DIR --install",
-)
+# The shipped world is package data: a missing file fails here (and in test_package_data.py), never skips.
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 from helpers import tool
 
 from jdistill.digits import data
-from jdistill.teachers.presets import DIGITS_ROOT, DIGITS_TEACHER
-
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(DIGITS_ROOT, "build.json")), reason="the digits world is not installed"
-)
+from jdistill.teachers.presets import DIGITS_TEACHER
 
 
 def _real_with_prompts(tmp_path, n=120):

@@ -4,7 +4,6 @@ differences, and the losses recomputed by hand with their stop-gradients made ex
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,6 @@ from jdistill.models.unet import UNetConfig, unet_net
 from jdistill.rng import streams
 from jdistill.teachers import build_world
 from jdistill.teachers.gmm import GaussianMixture, GMMTeacher
-from jdistill.teachers.presets import DIGITS_ROOT
 
 VP = VPSchedule.from_betas()
 TRIG = TrigFlowSchedule(sigma_data=0.5)
@@ -209,9 +207,6 @@ def test_unet_meanflow_student_takes_t_minus_r_and_has_a_jvp_in_r_and_t():
     assert float(jnp.abs(du_dr).max()) > 1e-2
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(DIGITS_ROOT, "build.json")), reason="the digits world is not installed"
-)
 def test_meanflow_unet_student_starts_as_the_teacher_and_trains_its_t_minus_r_projection():
     """configs/meanflow.py:digits: the student is the teacher's UNet with a zero t - r projection, so its
     one-step sample z - u(z, 0, 1) is the teacher's conditional flow step; the loss (du/dt through the UNet) is
