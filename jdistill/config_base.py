@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
             "initialization_timeout": 300,
         }
     )
+    # The input pipeline (jdistill/data/pipeline.py): `workers` threads read, decode and tokenize up to
+    # `prefetch` batches ahead of the step (0 workers: in the loop's thread, nothing ahead), and
+    # `device_prefetch` batches are put on the devices ahead of the one in use.
+    c.data = ml_collections.ConfigDict({"workers": 4, "prefetch": 4, "device_prefetch": 2})
     c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
     c.sample = ml_collections.ConfigDict(
         {"every": 0, "count": 1024, "final_count": 4096, "batch": 1024, "use_ema": True, "seed": 1234}

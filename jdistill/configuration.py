@@ -265,6 +265,7 @@ def _walk(node: ml_collections.ConfigDict, prefix: str = ""):
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check choices, ranges and the networks a method needs; raise ConfigError naming the first problem."""
+    from jdistill.data.pipeline import PipelineOptions
     from jdistill.methods import method_module
     from jdistill.optim import LR_SCHEDULES, OPTIMIZERS
 
@@ -292,6 +293,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         )
     if not isinstance(cfg.get("split_updates", False), bool):
         raise ConfigError(f"config key 'split_updates' must be true or false, got {cfg.split_updates!r}")
+    try:
+        PipelineOptions.from_config(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     module = method_module(cfg.method.name)
     needed = tuple(getattr(module, "NETWORKS", ()))
     optional = tuple(getattr(module, "OPTIONAL_NETWORKS", ()))  # e.g. a GAN's discriminator

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from jdistill import configuration, microbatch, parallel, paths, rng
 from jdistill.checkpoint import Checkpointer
+from jdistill.data.pipeline import BatchPipeline, PipelineOptions
 from jdistill.methods import build_recipe
 from jdistill.methods.recipe import Recipe, Update
 from jdistill.teachers import World, build_world
@@ -462,10 +463,10 @@ def _state_from_items(items: dict[str, PyTree], abstract: dict[str, PyTree], non
     }
 
 
-def _meta(step: int, root: jax.Array, state) -> dict[str, Any]:
+def _meta(step: int, root: jax.Array, state, data_position: int | None = None) -> dict[str, Any]:
     return {
         "step": step,
-        "data_position": step,
+        "data_position": step if data_position is None else data_position,  # the input pipeline's next batch
         "rng_key": np.asarray(jax.random.key_data(root)).tolist(),
         "nonfinite": {k: int(v) for k, v in jax.device_get(state["nonfinite"]).items()},
     }
@@ -499,11 +500,16 @@ def start_from_other_runs(s: Setup, state: dict[str, PyTree]) -> dict[str, PyTre
 
 def restore_or_init(s: Setup, ckpt: Checkpointer) -> tuple[int, dict[str, PyTree], jax.Array]:
     """(step, state, PRNG root): from the newest readable checkpoint, or freshly initialised."""
+    return _restore_or_init(s, ckpt)[:3]
+
+
+def _restore_or_init(s: Setup, ckpt: Checkpointer) -> tuple[int, dict[str, PyTree], jax.Array, int]:
+    """``restore_or_init``'s (step, state, root) and the data position to resume the input pipeline at."""
     abstract_items = _checkpoint_items(s.abstract_state)
     restored = ckpt.restore(abstract_items)
     if restored is None:
         root = jax.random.key(s.config.seed)
-        return 0, start_from_other_runs(s, init_train_state(s, rng.stream(root, "init"))), root
+        return 0, start_from_other_runs(s, init_train_state(s, rng.stream(root, "init"))), root, 0
     step, items, meta = restored
     root = jax.random.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
     nonfinite = {
@@ -511,7 +517,8 @@ def restore_or_init(s: Setup, ckpt: Checkpointer) -> tuple[int, dict[str, PyTree
     }
     nonfinite = jax.device_put(nonfinite, jax.tree.map(lambda a: a.sharding, s.abstract_state["nonfinite"]))
     log.info("resumed from checkpoint at step %d", step)
-    return step, _state_from_items(items, s.abstract_state, nonfinite), root
+    position = int(meta.get("data_position", step))
+    return step, _state_from_items(items, s.abstract_state, nonfinite), root, position
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -531,7 +538,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
     )
-    step, state, root = restore_or_init(s, ckpt)
+    step, state, root, data_position = _restore_or_init(s, ckpt)
     metrics_log = MetricsLog(run / "metrics.jsonl", step)
     steps = StepFunctions(s)
     source = s.recipe.source(s.world)
@@ -539,6 +546,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         raise configuration.ConfigError(
             f"method {config.method.name!r} trains on data, but this teacher has none"
         )
+    # One batch per step, read and put on the devices ahead of the step (jdistill/data/pipeline.py).
+    batches = BatchPipeline(
+        source,
+        start=data_position,
+        stop=data_position + max(config.num_steps - step, 0),
+        global_size=config.batch_size,
+        rows=s.rows,
+        sharding=s.batch_sharding,
+        options=PipelineOptions.from_config(config),
+    )
 
     window: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()
@@ -553,8 +570,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         with StopSignal() as stop:
             while step < config.num_steps:
-                local = source.local_batch(step, config.batch_size, s.rows)
-                batch = parallel.global_batch(local, s.batch_sharding, config.batch_size)
+                batch = next(batches)
                 with jax.set_mesh(s.mesh):  # models keep activations batch-sharded (parallel.constrain_batch)
                     state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
                 if sync_each_step:
@@ -581,7 +597,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     stopping = parallel.agree(stop.received is not None)
                 if ckpt.due(step) or step == config.num_steps or stopping:
                     _check_nonfinite(state, config.max_nonfinite_streak, step)
-                    ckpt.save(step, _checkpoint_items(state), _meta(step, root, state))
+                    ckpt.save(step, _checkpoint_items(state), _meta(step, root, state, batches.position))
                 if stopping:
                     ckpt.wait()
                     log.warning(
@@ -589,6 +605,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     )
                     raise SystemExit(128 + (stop.received or signal.SIGTERM))
     finally:
+        batches.close()
         bar.close()
         ckpt.close()  # finishes saves in flight, also when an error ends the loop
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from jdistill.data.embeddings import write_embedding_cache
-    from jdistill.data.images import CaptionTable, open_image_text
+    from jdistill.data.images import CaptionTable, open_teacher_images
     from jdistill.teachers import diffusers_world, flow_world
 
     t = config.teacher
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = diffusers_world.training_prompts(config)
         captions = None
         if t.data and t.kind == "flow":  # opened before any encoder loads
-            captions = CaptionTable(open_image_text(t.data, t.data_field, t.data_image_field))
+            captions = CaptionTable(open_teacher_images(t))
         encoder, params, source = worlds[t.kind].load_prompt_encoder(config)
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

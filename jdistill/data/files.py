@@ -12,6 +12,7 @@ import glob
 import importlib
 import json
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -108,10 +109,13 @@ class _Chunks:
 
 
 class ParquetRows:
-    """Given rows of given columns of one or more parquet files (same schema)."""
+    """Given rows of given columns of one or more parquet files (same schema). Safe to read from several
+    threads (the input pipeline's workers): each thread reads through its own file handles."""
 
     def __init__(self, path: str):
         pq = require("pyarrow.parquet", "pyarrow", f"reading {path}")
+        self._open = pq.ParquetFile
+        self._local, self._owner = threading.local(), threading.get_ident()
         self.path = path
         self.paths = expand(path, "parquet")
         self.files = [pq.ParquetFile(f) for f in self.paths]
@@ -134,11 +138,21 @@ class ParquetRows:
         for c in np.unique(chunk):
             where = np.flatnonzero(chunk == c)
             file, group = self.groups[c]
-            table = self.files[file].read_row_group(group, columns=list(columns)).take(local[where])
+            table = self._thread_file(file).read_row_group(group, columns=list(columns)).take(local[where])
             for name in columns:
                 for i, value in zip(where, table.column(name).to_pylist(), strict=True):
                     out[name][i] = value
         return out
+
+    def _thread_file(self, file: int):
+        """This thread's handle of file number ``file`` (pyarrow does not promise that one ParquetFile reads
+        safely from several threads at once)."""
+        if threading.get_ident() == self._owner:
+            return self.files[file]
+        handles = self._local.__dict__.setdefault("files", {})
+        if file not in handles:
+            handles[file] = self._open(self.paths[file])
+        return handles[file]
 
     def describe(self, index: int) -> str:
         """Where a row lives, for error messages."""

@@ -8,7 +8,8 @@ Formats:
   writes it, and a text column;
 - array_record: one JSON object per record, ``{"image": "<base64 of the encoded file>", "text": "..."}``,
   or a serialized tf.train.Example (as TFDS writes) with the encoded image and the UTF-8 caption as bytes
-  features.
+  features;
+- TFDS: ``tfds:<name>``, a TFDS dataset prepared in array_record, read through ``tfds`` (``tfds_source.py``).
 
 The text field is configurable (empty: "text", "caption", "prompt", the first present), and so is the image
 field (empty: "image", "jpg", "png", "webp"). Images are decoded with Pillow, turned upright by their EXIF
@@ -24,8 +25,8 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -166,14 +167,33 @@ class ArrayRecordImages:
         return [it.text for it in self.take(indices)]
 
 
-def open_image_text(path: str, text_field: str = "", image_field: str = "") -> ImageTextTable:
-    """The image-text table at ``path`` (image folder with metadata.jsonl, parquet or array_record)."""
+def open_image_text(
+    path: str, text_field: str = "", image_field: str = "", *, tfds_split: str = "train", tfds_dir: str = ""
+) -> ImageTextTable:
+    """The image-text table at ``path`` (image folder with metadata.jsonl, parquet or array_record), or the
+    TFDS dataset ``tfds:<name>`` (split ``tfds_split`` under ``tfds_dir``, ``tfds_source.TfdsImages``)."""
+    from jdistill.data.tfds_source import PREFIX, TfdsImages, is_tfds
+
+    if is_tfds(path):
+        return TfdsImages(path[len(PREFIX) :], tfds_split, tfds_dir, text_field, image_field)
     fmt = detect_format(path, IMAGE_FORMATS)
     if fmt == "imagefolder":
         return ImageFolder(path, text_field)
     if fmt == "parquet":
         return ParquetImages(path, text_field, image_field)
     return ArrayRecordImages(path, text_field, image_field)
+
+
+def open_teacher_images(teacher: Mapping[str, Any]) -> ImageTextTable:
+    """The image-text table a ``teacher`` config section names (``data``, its field and TFDS settings; run
+    configs written before the TFDS settings read TFDS's defaults)."""
+    return open_image_text(
+        teacher["data"],
+        teacher.get("data_field", ""),
+        teacher.get("data_image_field", ""),
+        tfds_split=teacher.get("tfds_split", "train"),
+        tfds_dir=teacher.get("tfds_dir", ""),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from jdistill.convert.pipeline import Pipeline, load_pipeline, prediction_type
 from jdistill.data.embeddings import COND, EmbeddingCache
-from jdistill.data.images import ImageTextSource, open_image_text
+from jdistill.data.images import ImageTextSource, open_teacher_images
 from jdistill.data.sources import DataSource
 from jdistill.data.text import PromptSource, PromptTable, open_prompts
 from jdistill.diffusion.denoiser import NetworkDenoiser
@@ -49,10 +49,13 @@ def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
             "embedding_cache": "",  # directory from tools/cache_embeddings.py: no text encoding per step
             "t5_length": 0,  # flow teachers: T5 tokens per prompt (max_sequence_length); 0: the preset's
             # Real images with captions (World.data; GAN terms): a folder with metadata.jsonl, .parquet or
-            # array_record of JSON {"image": base64, "text": ...}. Empty: no data source.
+            # array_record of JSON {"image": base64, "text": ...}, or "tfds:<name>" (a TFDS dataset prepared
+            # in array_record: split tfds_split under tfds_dir, empty: TFDS's default). Empty: no data source.
             "data": "",
             "data_field": "",  # caption field or column; empty: "text", "caption" or "prompt"
             "data_image_field": "",  # image field or column; empty: "image", "jpg", "png" or "webp"
+            "tfds_split": "train",
+            "tfds_dir": "",
         }
     )
 
@@ -191,7 +194,7 @@ def open_tables(
                 "teacher.embedding_cache needs the prompt table it was made from (teacher.prompts)"
             )
         cache.verify(preset=preset_name, prompts=prompts)
-    images = open_image_text(t.data, t.data_field, t.data_image_field) if t.data else None
+    images = open_teacher_images(t) if t.data else None
     return Tables(prompts, eval_prompts, cache, images)
 
 
