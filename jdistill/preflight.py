@@ -38,8 +38,11 @@ def check_workdir(workdir: str, mode: str = "train") -> None:
     writable."""
     path = paths.as_path(workdir)
     flag = f"--workdir={workdir}"
-    if mode != "train" and not path.is_dir():
-        raise ConfigError(f"{flag} is not a run directory; --mode {mode} reads a run that --mode train wrote")
+    if mode != "train" and not path.exists():
+        raise ConfigError(
+            f"{flag} does not exist: no run, no checkpoint to read; --mode {mode} reads a run that --mode train "
+            "wrote"
+        )
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} is a file, not a directory; choose a directory for the run")
     try:

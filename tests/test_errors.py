@@ -111,7 +111,9 @@ def test_bad_config_key_preset_and_mode(tmp_path):
 def test_other_modes_need_a_run(tmp_path):
     cmd = [*main_command(tmp_path / "nothing"), "--mode=sample"]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    _error_line(result, f"--workdir={tmp_path / 'nothing'} is not a run directory", "--mode train")
+    _error_line(
+        result, f"--workdir={tmp_path / 'nothing'} does not exist: no run, no checkpoint", "--mode train"
+    )
     assert not (tmp_path / "nothing").exists()
 
 
@@ -159,7 +161,7 @@ def test_mesh_errors_name_the_settings():
 def test_workdir_checks(tmp_path):
     preflight.check_workdir(str(tmp_path / "new" / "run"))
     assert (tmp_path / "new" / "run").is_dir() and not os.listdir(tmp_path / "new" / "run")  # probe removed
-    with pytest.raises(ConfigError, match="is not a run directory; --mode eval reads"):
+    with pytest.raises(ConfigError, match="does not exist: no run, no checkpoint to read; --mode eval reads"):
         preflight.check_workdir(str(tmp_path / "other"), "eval")
     if os.geteuid() == 0:
         return  # root writes into read-only directories
