@@ -1,9 +1,9 @@
 """Checks of the inputs a user names on the command line, run before any network loads or compiles.
 
 Each failure is a ``ConfigError`` naming the setting (``--workdir``, ``mesh.*``, ``teacher.path``,
-``teacher.prompts``, ``teacher.data``, ...) and what to do, so that a wrong path stops the run in a second instead of after a teacher
-load or an XLA compile. The loaders check the same things again; these checks only make the failures early and
-readable.
+``teacher.prompts``, ``teacher.data``, ...) and what to do, so that a wrong path stops the run in a second
+instead of after a teacher load or an XLA compile. The loaders check the same things again; these checks only
+make the failures early and readable.
 """
 
 from __future__ import annotations
