@@ -1,7 +1,7 @@
 """``scm``: continuous-time consistency distillation in TrigFlow (sCM).
 
 Reference: Lu & Song, sCM (arXiv 2410.11081); the losses of SANA-Sprint (arXiv 2503.09641,
-NVlabs/Sana train_scm_ladd.py) and T2I-Distill's train_sCM.py; methods.md 4.2.
+NVlabs/Sana train_scm_ladd.py) and T2I-Distill's train_sCM.py; docs/trajectory.md, sCM.
 
 The teacher runs as a TrigFlow model whatever its own path (eps / v / flow teachers through
 ``diffusion.reparameterize``): at TrigFlow time t its x0 and eps give d x_t / dt = sd F_teacher. Per step, on

@@ -10,7 +10,7 @@ Per step (fake score first, then the generator, 1:1):
    teacher, a logit-normal flow time: ``fake_t_sampling``); the fake score's
    prediction, under its own CFG of scale kappa1 (prompts dropped with probability ``fake_cond_dropout``),
    regressed to the truth (eps-MSE by default).
-2. generator update: x = G (gradient through the last student step), t ~ U{20..979} (or logit-normal:
+2. generator update: x = G (gradient through the last student step), t ~ U(t_range) (or logit-normal:
    ``t_sampling``),
    x_t = alpha_t x + sigma_t eps **without** stop-gradient; f_real = teacher x0 under CFG kappa4,
    f_fake = fake x0 under CFG kappa2 (or unconditional: Zero-CFG; negative kappa2: Anti-CFG);
@@ -72,7 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
             "fake_cond_dropout": 0.0,  # prompt dropout when training the fake score (0.1 when any kappa != 1)
             "student_timesteps": (999.0,),  # schedule units; several: uniform mixture over step counts
             "student_input": "noise",  # z labelled t_0; "noised_zero": sigma_{t_0} z (SiD-LSG at t_0 = 625)
-            "t_range": (0.02, 0.98),  # generator-loss timesteps: U{20..979}
+            "t_range": (
+                0.02,
+                0.98,
+            ),  # generator-loss timesteps: U{20..980} (sid_lsg presets: 0.979, U{20..979})
             "fake_t_range": (0.0, 1.0),
             # "logit_normal" (flow teachers): t = sigmoid(N(mean, std^2)) with (mean, std) = *_t_logit_normal
             "t_sampling": "uniform",
