@@ -25,7 +25,12 @@ from helpers import (
 from jdistill import train
 
 
+# The gmm preset in full (8000 steps, about 100 s alone on 2 cores, more with a second worker): ``heavy`` like the
+# other presets' full runs (``-m acceptance`` runs them); the default run checks swiftbrush's training briefly
+# (test_family_quality.py) and the rerun of a finished run below.
 @pytest.mark.slow
+@pytest.mark.acceptance
+@pytest.mark.heavy
 def test_default_recipe_distils_the_mixture_and_resumes(tmp_path):
     workdir = tmp_path / "gmm"
     start = time.perf_counter()
@@ -62,6 +67,35 @@ def test_default_recipe_distils_the_mixture_and_resumes(tmp_path):
     relogged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [e["step"] for e in relogged if not any(k.startswith("eval/") for k in e)]
     assert train_steps == [e["step"] for e in logged if not any(k.startswith("eval/") for k in e)]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_redoes_nothing(tmp_path):
+    """The entry point run twice with the same command: the second resumes at the last step and logs no
+    training step again."""
+    workdir = tmp_path / "run"
+    overrides = [*SMALL, *SMALL_SWIFTBRUSH_NETS]
+    first = run_main(workdir, overrides=overrides, quick_compile=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoints",
+        "samples/final.npy",
+        "samples/final_labels.npy",
+    ):
+        assert (workdir / name).exists(), name
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in entry for entry in logged)
+    assert any("swiftbrush" not in k and k.endswith("/loss") for k in logged[0])
+
+    second = run_main(workdir, overrides=overrides, quick_compile=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint at step 6" in second.stderr
+    relogged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [e["step"] for e in relogged if not any(k.startswith("eval/") for k in e)]
+    assert train_steps == [e["step"] for e in logged if not any(k.startswith("eval/") for k in e)]
+    assert train_steps[-1] == 6
 
 
 SIGNAL_RUN = [

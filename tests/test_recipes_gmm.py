@@ -1,9 +1,9 @@
 """Every distribution-matching recipe's gmm preset, run as a user runs it, meets the Gaussian-mixture test:
 >= 90% of samples within 0.5 of a mode, every mode >= 5%, >= 95% of samples on a mode of their own class.
 
-One to three minutes per preset on a 2-core machine running two of them. To keep CI under 20 minutes the
-default run keeps one trajectory preset (scm); the others are marked ``heavy``; all of them run with
-``python -m pytest -m acceptance`` (swiftbrush's gmm preset runs by default in test_main.py)."""
+One to three minutes per preset on a 2-core machine running two of them, so all of them are marked ``heavy``
+(as is swiftbrush's, in test_main.py): ``python -m pytest -m acceptance`` runs them. The default run checks
+each family with a short run of its own instead (test_family_quality.py: a few hundred steps each)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from jdistill.diffusion.samplers import ode_plan, run_sampler
 from jdistill.methods import build_recipe
 from jdistill.methods.rollout import sampler_noise
 
-# swiftbrush's preset is checked (with resume) in test_main.py; every distribution-matching preset here is
-# ``heavy`` (60-180 s each on a busy 2-core machine): ``python -m pytest -m acceptance`` runs them.
+# swiftbrush's preset is checked (with resume) in test_main.py; every preset here is ``heavy`` (60-180 s each on
+# a busy 2-core machine): ``python -m pytest -m acceptance`` runs them.
 PRESETS = [
     pytest.param(spec, marks=pytest.mark.heavy)
     for spec in (
@@ -91,9 +91,8 @@ def teacher_ode_samples(config, world, z, labels):
 
 
 @pytest.mark.acceptance
-@pytest.mark.parametrize(
-    "spec", [s if "scm" in s else pytest.param(s, marks=pytest.mark.heavy) for s in TRAJECTORY]
-)
+@pytest.mark.heavy  # scm's (about 90 s cold) too: test_family_quality.py covers sCM in the default run
+@pytest.mark.parametrize("spec", TRAJECTORY)
 def test_trajectory_preset_distils_the_mixture_in_one_and_two_steps(tmp_path, spec):
     elapsed, samples, labels = run_preset(tmp_path / "run", spec)
     assert gmm_passes(samples, labels), gmm_quality(samples, labels)
