@@ -1,11 +1,15 @@
 """Python-only reference packages that cannot be installed next to our torch build (tests only).
 
-pytorch-fid (the reference FID InceptionV3) and open-clip-torch need torchvision, and the torchvision wheels on the package index
-are CUDA builds: installed, their compiled ops fail to load, and transformers / diffusers then fail to import
-(they import torchvision whenever it is installed). The reference code only needs torchvision's Python model
-definitions, so the wheels are downloaded (``pip download --no-deps``, from the same index the install uses),
-unpacked into ``.cache/reference/`` (ignored by git) and imported from there with torchvision's package
-``__init__`` (which loads the compiled ops) bypassed. Nothing is installed into the environment.
+pytorch-fid (the reference FID InceptionV3) and open-clip-torch need torchvision, and the only torchvision wheels
+the package indexes offer for torch 2.13 on Linux x86_64 are CUDA builds (PyTorch's CPU builds live on its own
+index, download.pytorch.org, which the development and CI machines cannot reach): installed, their compiled ops
+fail to load (``operator torchvision::nms does not exist``), and transformers / diffusers then fail to import
+(they import torchvision whenever it is installed). So the test extra cannot install them. The reference code
+only needs torchvision's Python model definitions: ``python tests/reference_wheels.py`` (a set-up step after
+``pip install -e '.[test]'``, run by .ci/run) downloads the pinned wheels (``pip download --no-deps``, from the
+index the install uses) and unpacks their Python files into ``.cache/reference/`` (ignored by git); tests import
+them from there with torchvision's package ``__init__`` (which loads the compiled ops) bypassed. Nothing is
+installed into the environment, and tests never download: a missing package fails with the set-up command.
 """
 
 from __future__ import annotations
@@ -29,9 +33,25 @@ WHEELS = {
 }
 
 
+SETUP = "python tests/reference_wheels.py"
+
+
 def unpacked(package: str) -> pathlib.Path:
-    """The directory holding ``package`` (as imported) unpacked from its pinned wheel. Safe when several test
-    workers get there at once: each downloads into its own temporary directory and the first rename wins."""
+    """The directory holding ``package`` (as imported), unpacked from its pinned wheel by the set-up step."""
+    dist, version = WHEELS[package]
+    target = ROOT / f"{package}-{version}"
+    if not (target / package).is_dir():
+        raise RuntimeError(
+            f"the reference package {dist}=={version} is not unpacked in {ROOT}: run `{SETUP}` once after "
+            "`pip install -e '.[test]'` (it downloads the pinned wheels; tests never do)"
+        )
+    return target
+
+
+def fetch(package: str) -> pathlib.Path:
+    """Download ``package``'s pinned wheel and unpack its Python files (the set-up step; nothing if already
+    there). Safe when run twice at once: each download goes to its own temporary directory and the first rename
+    wins."""
     dist, version = WHEELS[package]
     target = ROOT / f"{package}-{version}"
     if (target / package).is_dir():
@@ -101,3 +121,8 @@ def pytorch_fid(module: str = "inception") -> types.ModuleType:
     root = unpacked("pytorch_fid")
     with torchvision_placeholder(), _on_path(root):
         return importlib.import_module(name)
+
+
+if __name__ == "__main__":
+    for name in WHEELS:
+        print(f"{name}: {fetch(name)}")
