@@ -16,6 +16,7 @@ import ml_collections
 
 from jdistill import parallel, paths
 from jdistill.configuration import ConfigError
+from jdistill.data.tfds_source import PREFIX as TFDS_PREFIX
 
 PIPELINE_KINDS = ("diffusers", "digits", "flow")  # teachers read from a diffusers pipeline directory
 PROMPT_TABLE_HELP = "a prompt table: .txt (one prompt per line), .jsonl, .parquet or array_record"
@@ -177,7 +178,8 @@ def check_prompts(config: ml_collections.ConfigDict) -> None:
 
 # Settings that name a local file or directory the run reads, with what belongs there.
 NAMED_PATHS = {
-    "teacher.data": "real images with captions (a folder with metadata.jsonl, .parquet or array_record)",
+    "teacher.data": "real images with captions (a folder with metadata.jsonl, .parquet or array_record, or "
+    "tfds:<name>)",
     "teacher.embedding_cache": "the directory tools/cache_embeddings.py wrote",
     "method.pairs": "the directory tools/make_ode_pairs.py wrote",
 }
@@ -193,5 +195,7 @@ def check_named_paths(config: ml_collections.ConfigDict) -> None:
         path = node.get(leaf, "") if node is not None else ""
         if not path or not isinstance(path, str) or paths.is_remote(path) or glob.has_magic(path):
             continue
+        if key == "teacher.data" and path.startswith(TFDS_PREFIX):
+            continue  # a TFDS dataset's name: its reader says when it is not prepared
         if not os.path.exists(path):
             raise ConfigError(f"{key}={path!r} does not exist; give {what}")

@@ -8,12 +8,15 @@ import io
 import pathlib
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from jdistill import preflight
 from jdistill.data.images import ImageTextSource, decode_image, open_image_text, open_teacher_images
 from jdistill.data.pipeline import PipelineOptions, host_batches
+from jdistill.teachers.diffusers_world import diffusers_teacher_config
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -93,17 +96,13 @@ def test_tfds_table_gives_the_images_and_first_captions_written(data_dir):
 
 
 def test_tfds_batches_through_the_pipeline(data_dir):
-    """A teacher section's TFDS settings give a source whose worker-thread batches hold the drawn examples'
-    images and captions."""
-    table = open_teacher_images(
-        {
-            "data": "tfds:tiny_captions",
-            "data_field": "",
-            "data_image_field": "",
-            "tfds_split": "train",
-            "tfds_dir": data_dir,
-        }
-    )
+    """A teacher section naming the dataset passes the run's preflight checks and gives a source whose
+    worker-thread batches hold the drawn examples' images and captions."""
+    config = ml_collections.ConfigDict({"teacher": diffusers_teacher_config("sd15")})
+    config.teacher.data = "tfds:tiny_captions"
+    config.teacher.tfds_dir = data_dir
+    preflight.check_named_paths(config)  # a dataset's name, not a path that must exist
+    table = open_teacher_images(config.teacher)
 
     def tokenize(texts):
         return {"input_ids.text_encoder": np.array([[int(t.split()[-1])] for t in texts], np.int32)}
