@@ -12,8 +12,10 @@ captions tokenized by a CLIP BPE tokenizer to 77 ids:
 - grain, N workers: ``pipeline.host_batches`` with N threads and 2N batches of read-ahead;
 - pipeline, N workers: the whole ``BatchPipeline`` including the transfer thread's global device batches.
 
-Prints images/s for each (after one warm-up batch) and the need of a step: ``--global-batch`` images every
-``--step-time`` seconds, spread over ``--hosts`` hosts. Results go to benchmarks/RESULTS.md.
+Prints images/s for each (from the reader's creation to its last batch; the median of ``--repeats`` runs) against the need of a
+step: ``--global-batch`` images every ``--step-time`` seconds, spread over ``--hosts`` hosts; and the time a
+training loop that takes a host batch every (batch / need) seconds waits for data per step (its step a sleep,
+as a device step leaves the host's cores free). Results go to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -95,20 +97,45 @@ def clip_tokenize(folder: str):
     return tokenize
 
 
-def rate(batches, count: int, batch: int) -> float:
-    """Images/s over ``count`` batches after a warm-up batch."""
-    next(batches)
-    start = time.perf_counter()
+def rate(make, count: int, batch: int) -> tuple[float, float]:
+    """Images/s from creating the reader to its ``count``-th batch (so batches read ahead before the clock
+    started cannot inflate it), and the process's CPU time over that wall time (above 1: threads ran at once,
+    the GIL released while Pillow decodes and resizes)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    batches = make()
     for _ in range(count):
         next(batches)
-    return count * batch / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    used = time.process_time() - cpu
+    getattr(batches, "close", lambda: None)()
+    return count * batch / elapsed, used / elapsed
+
+
+def rate_batches(batches, count: int):
+    """The first ``count + 1`` batches."""
+    for _ in range(count + 1):
+        yield next(batches)
+
+
+def wait_per_step(batches, count: int, step_time: float) -> float:
+    """Mean seconds a consumer that spends ``step_time`` per step (a sleep: the device's step, which holds no
+    host core) waits for its next batch, over ``count`` steps after a warm-up batch."""
+    next(batches)
+    waited = 0.0
+    for _ in range(count):
+        time.sleep(step_time)
+        start = time.perf_counter()
+        next(batches)
+        waited += time.perf_counter() - start
+    return waited / count
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--batch", type=int, default=32, help="rows a host reads per batch")
-    p.add_argument("--batches", type=int, default=12)
+    p.add_argument("--batches", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3, help="throughput runs per reader; the median is printed")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--format", choices=("parquet", "array_record"), default="parquet")
@@ -119,27 +146,27 @@ def main() -> None:
     )
     args = p.parse_args()
 
+    need = args.global_batch / args.step_time / args.hosts  # images/s one host must deliver
     with tempfile.TemporaryDirectory() as folder:
         path, kib = write_table(folder, args.format, args.images)
         source = ImageTextSource(open_image_text(path), clip_tokenize(folder), args.resolution, seed=0)
         rows = np.arange(args.batch)
         n = args.batches
-        print(
-            f"{platform.machine()}, {os.cpu_count()} cores; {args.images} 640x480 JPEGs ({kib:.0f} KiB each) in "
-            f"{args.format}; host batches of {args.batch} at {args.resolution} px, {n} timed"
-        )
-        results = []
-        sync = (source.local_batch(pos, args.batch, rows) for pos in range(n + 1))
-        results.append(("synchronous local_batch", rate(sync, n, args.batch)))
         sharding = jax.sharding.NamedSharding(
             jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), jax.sharding.PartitionSpec("data")
         )
-        for w in [int(x) for x in args.workers.split(",")]:
+
+        def synchronous():
+            return (source.local_batch(pos, args.batch, rows) for pos in range(n + 1))
+
+        def grain_threads(w):
+            return host_batches(
+                source, 0, n + 1, args.batch, rows, PipelineOptions(workers=w, prefetch=2 * w)
+            )
+
+        def pipeline(w):
             options = PipelineOptions(workers=w, prefetch=2 * w)
-            batches = host_batches(source, 0, n + 1, args.batch, rows, options)
-            results.append((f"grain, {w} worker{'s' if w > 1 else ''}", rate(batches, n, args.batch)))
-            batches.close()
-            with BatchPipeline(
+            return BatchPipeline(
                 source,
                 start=0,
                 stop=n + 1,
@@ -147,20 +174,46 @@ def main() -> None:
                 rows=rows,
                 sharding=sharding,
                 options=options,
-            ) as pipeline:
-                results.append(
-                    (f"BatchPipeline, {w} worker{'s' if w > 1 else ''}", rate(pipeline, n, args.batch))
-                )
-        need = args.global_batch / args.step_time
+            )
+
+        readers = [("synchronous local_batch", synchronous)]
+        for w in [int(x) for x in args.workers.split(",")]:
+            label = f"{w} worker{'s' if w > 1 else ''}"
+            readers += [
+                (f"grain, {label}", lambda w=w: grain_threads(w)),
+                (f"BatchPipeline, {label}", lambda w=w: pipeline(w)),
+            ]
+
         print(
-            f"\nneed: {args.global_batch} images per {args.step_time:g} s step = {need:.0f} images/s in all, "
-            f"{need / args.hosts:.0f} per host on {args.hosts} hosts\n"
+            f"{platform.machine()}, {os.cpu_count()} cores; {args.images} 640x480 JPEGs ({kib:.0f} KiB each) in "
+            f"{args.format}; host batches of {args.batch} at {args.resolution} px, {n} timed, median of "
+            f"{args.repeats}"
         )
-        print("| reader | images/s | x synchronous | host need covered |")
-        print("|---|---|---|---|")
-        for name, value in results:
+        print(
+            f"need: {args.global_batch} images per {args.step_time:g} s step on {args.hosts} hosts = {need:.0f} "
+            f"images/s per host; a host batch of {args.batch} every {args.batch / need:.2f} s\n"
+        )
+        cpu = time.process_time()
+        for _ in rate_batches(synchronous(), n):
+            pass
+        per_image = (time.process_time() - cpu) / ((n + 1) * args.batch)
+        print(
+            f"CPU time per image (decode, resize, crop, tokenize; synchronous): {1000 * per_image:.1f} ms, so "
+            f"{need * per_image:.2f} cores per host cover the need\n"
+        )
+        print("| reader | images/s | x synchronous | x host need | CPU / wall | data wait per step |")
+        print("|---|---|---|---|---|---|")
+        base = None
+        for name, make in readers:
+            runs = [rate(make, n, args.batch) for _ in range(args.repeats)]
+            batches = make()
+            wait = wait_per_step(batches, n, args.batch / need)
+            getattr(batches, "close", lambda: None)()
+            value, concurrency = (float(np.median([r[i] for r in runs])) for i in (0, 1))
+            base = base or value
             print(
-                f"| {name} | {value:.1f} | {value / results[0][1]:.2f} | {value / (need / args.hosts):.2f} |"
+                f"| {name} | {value:.1f} | {value / base:.2f} | {value / need:.2f} | {concurrency:.2f} | "
+                f"{wait:.3f} s |"
             )
 
 

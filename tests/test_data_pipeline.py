@@ -103,6 +103,11 @@ def test_worker_threads_decode_what_local_batch_decodes(image_table):
         want = source.local_batch(position, GLOBAL, rows)
         assert batch["images"].shape == (4, RES, RES, 3) and batch["images"].std() > 10
         _assert_same(batch, want, f"position {position}")
+        picks = np.random.default_rng([5, position]).integers(0, len(CAPTIONS), GLOBAL)[
+            rows
+        ]  # sources.py's rule
+        want_ids = tokenize([CAPTIONS[i] for i in picks])["input_ids.text_encoder"]
+        np.testing.assert_array_equal(batch["input_ids.text_encoder"], want_ids)
     assert threads and threading.current_thread().name not in threads
 
 
