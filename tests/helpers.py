@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jdistill import configuration
+from jdistill.methods.recipe import Carry
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -130,7 +131,7 @@ def grads_wrt_trained(loss, params, batch, key, carry=None):
     """Gradients of a recipe loss with respect to every trained network (everything but the teacher)."""
 
     def f(p):
-        return loss({**params, **p}, batch, key, carry or {})[0]
+        return loss({**params, **p}, batch, key, carry or Carry(step=0))[0]
 
     return jax.grad(f)({k: v for k, v in params.items() if k != "teacher"})
 

@@ -17,7 +17,7 @@ from jdistill import configuration, rng
 from jdistill.data.joint import JointSource, split
 from jdistill.data.sources import SyntheticSource
 from jdistill.methods import build_recipe
-from jdistill.methods.recipe import JOINT
+from jdistill.methods.recipe import JOINT, Carry
 from jdistill.models.heads import DiscriminatorHead
 from jdistill.teachers import build_world
 
@@ -56,14 +56,14 @@ def test_gan_networks_updates_and_gradients(spec):
     assert gen.trains == ("student",)  # the generator step never moves the fake score or the head
     assert fake.trains == ("fake_score", "discriminator")  # the head trains with its trunk, as DMD2's
     key = jax.random.key(0)
-    carry = {"step": 0, **gen.loss(params, batch, key, {"step": 0})[1][1]}
+    carry = gen.loss(params, batch, key, Carry(step=0))[1][1]
     f = _grads(fake.loss, params, batch, key, carry)
     assert _norm(f["fake_score"]) > 0 and _norm(f["discriminator"]) > 0
     assert _norm(f["student"]) == 0.0  # the discriminator sees sg(x)
     # The GAN term reaches the student: its gradient differs from the GAN-off one.
-    g_on = _grads(gen.loss, params, batch, key, {"step": 0})["student"]
+    g_on = _grads(gen.loss, params, batch, key, Carry(step=0))["student"]
     _, _, recipe_off, _, _ = _setup(spec)
-    g_off = _grads(_update(recipe_off, "generator").loss, params, batch, key, {"step": 0})["student"]
+    g_off = _grads(_update(recipe_off, "generator").loss, params, batch, key, Carry(step=0))["student"]
     assert _norm(jax.tree.map(lambda a, b: a - b, g_on, g_off)) > 1e-4 * _norm(g_off)
 
 
@@ -93,8 +93,8 @@ def test_dmd2_generator_gan_gradient_is_the_softplus_term_through_x():
     want = jax.tree.map(
         lambda g: config.method.gan.generator_weight * g, jax.grad(adversarial)(params["student"])
     )
-    on = _grads(gen.loss, params, batch, key, {"step": 0})["student"]
-    off = _grads(gen_off.loss, params, batch, key, {"step": 0})["student"]
+    on = _grads(gen.loss, params, batch, key, Carry(step=0))["student"]
+    off = _grads(gen_off.loss, params, batch, key, Carry(step=0))["student"]
     got = jax.tree.map(lambda a, b: a - b, on, off)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
@@ -109,14 +109,14 @@ def test_gan_terms_wait_for_their_start_step(spec):
     key = jax.random.key(1)
     for name in ("generator", "fake_score"):
         on, off = _update(recipe, name).loss, _update(recipe_off, name).loss
-        carry = {"x": jnp.zeros((32, 2))} if name == "fake_score" else {}
-        before = on(params, batch, key, {"step": 99, **carry})[0]
-        np.testing.assert_allclose(before, off(params, batch, key, {"step": 99, **carry})[0], rtol=1e-6)
-        after = on(params, batch, key, {"step": 100, **carry})[0]
+        carried = {"generated": jnp.zeros((32, 2))} if name == "fake_score" else {}
+        before = on(params, batch, key, Carry(step=99, **carried))[0]
+        np.testing.assert_allclose(before, off(params, batch, key, Carry(step=99, **carried))[0], rtol=1e-6)
+        after = on(params, batch, key, Carry(step=100, **carried))[0]
         assert abs(float(after) - float(before)) > 1e-6
     # SiD (main weight 0.5): once on, total = 0.5 L_SiD + lambda_G L_adv, as its metrics report.
     if config.method.name == "sid":
-        loss, (metrics, _) = _update(recipe, "generator").loss(params, batch, key, {"step": 100})
+        loss, (metrics, _) = _update(recipe, "generator").loss(params, batch, key, Carry(step=100))
         want = 0.5 * metrics["sid"] + config.method.gan.generator_weight * metrics["gan_g"]
         np.testing.assert_allclose(loss, want, rtol=1e-5)
 
@@ -133,7 +133,7 @@ def test_discriminator_learns_to_separate_real_from_generated():
     @jax.jit
     def step(trained, state, key):
         def loss(tr):
-            return disc_loss({**params, **tr}, batch, key, {"step": 0, "x": x_fake})
+            return disc_loss({**params, **tr}, batch, key, Carry(step=0, generated=x_fake))
 
         (_, (metrics, _)), grads = jax.value_and_grad(loss, has_aux=True)(trained)
         updates, state = opt.update(grads, state, trained)

@@ -14,7 +14,7 @@ from helpers import grads_wrt_trained as _grads
 from jdistill import rng
 from jdistill.diffusion.guidance import cfg_combine
 from jdistill.diffusion.schedules import sample_timesteps
-from jdistill.methods import build_recipe
+from jdistill.methods import Carry, build_recipe
 from jdistill.methods.rollout import FewStepStudent
 from jdistill.teachers import build_world
 
@@ -41,7 +41,7 @@ def test_dmd2_gradients_go_where_the_paper_puts_them(spec):
     key = jax.random.key(0)
     g = _grads(gen.loss, params, batch, key)
     assert _norm(g["student"]) > 0 and _norm(g["fake_score"]) == 0.0  # the direction is stop-gradiented
-    carry = gen.loss(params, batch, key, {})[1][1]
+    carry = gen.loss(params, batch, key, Carry(step=0))[1][1]
     f = _grads(fake.loss, params, batch, key, carry)
     assert _norm(f["fake_score"]) > 0 and _norm(f["student"]) == 0.0  # the fake score trains on sg(x)
     assert _norm(_grads(fake.loss, params, batch, key)["student"]) == 0.0  # fake-only (TTUR) steps too
@@ -166,7 +166,8 @@ def test_sid_zero_cfg_uses_an_unconditional_fake_score():
 
 
 def test_ode_pairs_tool_and_source(tmp_path, capsys):
-    from helpers import gmm_quality, tool as load_tool
+    from helpers import gmm_quality
+    from helpers import tool as load_tool
 
     from jdistill.data.pairs import PairsSource
 
@@ -279,9 +280,9 @@ def test_generator_losses_count_the_samples_they_leave_out(spec):
     _, _, recipe, params, batch = _setup(spec)
     gen = _update(recipe, "generator")
     key = jax.random.key(1)
-    assert float(gen.loss(params, batch, key, {})[1][0]["nonfinite_rows"]) == 0.0
+    assert float(gen.loss(params, batch, key, Carry(step=0))[1][0]["nonfinite_rows"]) == 0.0
     poisoned = {**params, "fake_score": _poison_label(params["fake_score"], 1)}
-    loss, (metrics, _) = gen.loss(poisoned, batch, key, {})
+    loss, (metrics, _) = gen.loss(poisoned, batch, key, Carry(step=0))
     assert float(metrics["nonfinite_rows"]) == 16.0
     assert np.isfinite(float(loss))
     if "dmd2" in spec:  # the direction is a constant: the finite samples' gradient stays finite

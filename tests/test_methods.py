@@ -14,7 +14,7 @@ from jdistill import rng
 from jdistill.diffusion.guidance import cfg_combine
 from jdistill.diffusion.parameterization import to_prediction
 from jdistill.diffusion.schedules import VPSchedule, sample_timesteps
-from jdistill.methods import build_recipe
+from jdistill.methods import Carry, build_recipe
 from jdistill.methods.common import denoising_loss, loss_weight, pseudo_target_loss
 from jdistill.teachers import build_world
 
@@ -68,7 +68,7 @@ def test_swiftbrush_stop_gradients():
     key = jax.random.key(0)
     g = _grads(gen.loss, params, batch, key)
     assert _norm(g["student"]) > 0 and _norm(g["fake_score"]) == 0.0  # the direction is a constant
-    carry = gen.loss(params, batch, key, {})[1][1]
+    carry = gen.loss(params, batch, key, Carry(step=0))[1][1]
     f = _grads(fake.loss, params, batch, key, carry)
     assert _norm(f["fake_score"]) > 0 and _norm(f["student"]) == 0.0  # trained on sg(x)
     f_nocarry = _grads(fake.loss, params, batch, key)  # regenerates x itself when no carry: still sg
@@ -143,7 +143,7 @@ def test_swiftbrush_generator_leaves_out_and_counts_nonfinite_directions():
     g, _, vjp = _vsd_direction_by_hand(config, world, recipe, params, batch, key)
     good = np.all(np.isfinite(np.asarray(g)), axis=1)
     assert good.tolist() == (np.asarray(batch["cond"]) != 1).tolist()  # the poison reaches class 1 only
-    loss, (metrics, _) = gen.loss(params, batch, key, {})
+    loss, (metrics, _) = gen.loss(params, batch, key, Carry(step=0))
     assert float(metrics["nonfinite_rows"]) == 16.0
     g_good = np.asarray(g)[good]
     np.testing.assert_allclose(loss, 0.5 * np.mean(g_good**2), rtol=1e-4)
@@ -153,7 +153,7 @@ def test_swiftbrush_generator_leaves_out_and_counts_nonfinite_directions():
     for e, o in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(o, e, rtol=2e-3, atol=1e-8)
     # Finite parameters: nothing is counted.
-    assert float(gen.loss(clean, batch, key, {})[1][0]["nonfinite_rows"]) == 0.0
+    assert float(gen.loss(clean, batch, key, Carry(step=0))[1][0]["nonfinite_rows"]) == 0.0
 
 
 def test_swiftbrush_fake_score_loss_leaves_out_and_counts_nonfinite_samples():
@@ -168,7 +168,7 @@ def test_swiftbrush_fake_score_loss_leaves_out_and_counts_nonfinite_samples():
     bad = np.zeros(n, bool)
     bad[[3, 10, 31]] = True
     x_carried = jnp.where(bad[:, None], jnp.nan, x)
-    loss, (metrics, _) = fake_update.loss(params, batch, key, {"x": x_carried})
+    loss, (metrics, _) = fake_update.loss(params, batch, key, Carry(step=0, generated=x_carried))
     assert float(metrics["nonfinite_rows"]) == 6.0
     np.testing.assert_allclose(metrics["finite_samples"], 29 / 32)
 

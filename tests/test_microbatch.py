@@ -64,22 +64,26 @@ def regression_recipe() -> Recipe:
 
 
 def carry_recipe() -> Recipe:
-    """Update "a" regresses y and carries its (detached) predictions and a per-sample mask; update "b"
-    regresses a's carried predictions on the masked rows, scaled by the shared step number."""
+    """Update "a" regresses y and carries its (detached) predictions and a per-sample mask (as the generated
+    sample and its finite rows); update "b" regresses a's carried predictions on the masked rows, scaled by the
+    shared step number."""
     a, b = network("a"), network("b")
 
     def loss_a(params, batch, key, carry):
         pred = a.net.apply(params["a"], batch["x"])
         value = jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=1))
         mask = batch["x"][:, 0] > 0
-        return value, ({}, {"h": jax.lax.stop_gradient(pred), "mask": mask})
+        return value, ({}, carry.replace(generated=jax.lax.stop_gradient(pred), generated_ok=mask))
 
     def loss_b(params, batch, key, carry):
-        err = b.net.apply(params["b"], batch["x"]) - carry["h"]
-        value = (1.0 + carry["step"]) * jnp.mean(carry["mask"] * jnp.sum(err**2, axis=1))
+        err = b.net.apply(params["b"], batch["x"]) - carry.generated
+        value = (1.0 + carry.step) * jnp.mean(carry.generated_ok * jnp.sum(err**2, axis=1))
         return value, ({}, carry)
 
-    updates = (Update("a", ("a",), loss_a, carries=("h", "mask")), Update("b", ("b",), loss_b))
+    updates = (
+        Update("a", ("a",), loss_a, carries=("generated", "generated_ok")),
+        Update("b", ("b",), loss_b),
+    )
     return Recipe((a, b), updates, sample=lambda p, c, k: c)
 
 

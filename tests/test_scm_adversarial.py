@@ -32,7 +32,7 @@ from jdistill.methods.adversarial import (
     ladd_config,
     r1_penalty,
 )
-from jdistill.methods.recipe import Network
+from jdistill.methods.recipe import Carry, Network
 from jdistill.methods.scm import adversarial_times
 from jdistill.methods.trajectory import trigflow_times
 from jdistill.models.heads import DiscriminatorHeads
@@ -77,7 +77,9 @@ def test_hinge_with_misaligned_fakes_and_r1_by_hand():
     real, x_fake = toy_batch()
     key = jax.random.key(9)
     n = x_fake.shape[0]
-    got, metrics = jax.jit(disc.discriminator_loss)(params, x_fake, jnp.ones(n, bool), real, key, {"step": 0})
+    got, metrics = jax.jit(disc.discriminator_loss)(
+        params, x_fake, jnp.ones(n, bool), real, key, Carry(step=0)
+    )
 
     inputs = jax.jit(disc.discriminator_inputs)(x_fake, real, key)
     assert list(inputs) == ["fake", "misaligned", "real"]
@@ -104,7 +106,7 @@ def test_hinge_with_misaligned_fakes_and_r1_by_hand():
 
     # The discriminator's gradient reaches its heads only: not the student's x0, not the teacher (the trunk).
     def d_loss(p, x):
-        return disc.discriminator_loss(p, x, jnp.ones(n, bool), real, key, {"step": 0})[0]
+        return disc.discriminator_loss(p, x, jnp.ones(n, bool), real, key, Carry(step=0))[0]
 
     d_params, d_x = jax.jit(jax.grad(d_loss, argnums=(0, 1)))(params, x_fake)
     assert abs_sum(d_params["discriminator"]) > 0
@@ -212,12 +214,14 @@ def _grads(loss, params, names, batch, key):
     @jax.jit
     def f(trained, step, carry):
         def value(p):
-            return loss({**params, **p}, batch, key, {**carry, "step": step})
+            return loss({**params, **p}, batch, key, carry.replace(step=step))
 
         return jax.value_and_grad(value, has_aux=True)(trained)
 
     def at(step, carry=None):
-        (v, (metrics, out)), grads = f({n: params[n] for n in names}, jnp.int32(step), carry or {})
+        (v, (metrics, out)), grads = f(
+            {n: params[n] for n in names}, jnp.int32(step), carry or Carry(step=jnp.int32(0))
+        )
         return v, metrics, out, grads
 
     return at
@@ -266,7 +270,7 @@ def test_generator_gradient_by_hand_reaches_the_student_not_the_heads(monkeypatc
     assert abs_sum(g_on["discriminator"]) == abs_sum(g_off["discriminator"]) == 0.0
     for a, b in zip(jax.tree.leaves(g_on["logvar"]), jax.tree.leaves(g_off["logvar"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)  # the log-variance weighting is sCM's alone
-    assert out["ladd_x0"].shape == batch["x0"].shape and bool(jnp.all(out["ladd_ok"]))
+    assert out.generated.shape == batch["x0"].shape and bool(jnp.all(out.generated_ok))
 
     d_value, d_metrics, _, d = _grads(disc.loss, params, names, batch, key)(START, out)
     assert abs_sum(d["discriminator"]) > 0 and abs_sum(d["student"]) == abs_sum(d["logvar"]) == 0.0
@@ -279,7 +283,7 @@ def test_ladd_counts_the_student_samples_its_heads_leave_out(monkeypatch):
     out of both GAN losses and counted in both updates' nonfinite_rows; the heads' loss stays finite."""
     _, recipe, params, batch, _ = gmm_with_stand_in_trunk(monkeypatch)
     student, disc = recipe.updates
-    key, carry = jax.random.key(4), {"step": jnp.int32(START)}
+    key, carry = jax.random.key(4), Carry(step=jnp.int32(START))
     assert float(student.loss(params, batch, key, carry)[1][0]["nonfinite_rows"]) == 0.0
 
     def poison(path, leaf):
@@ -290,8 +294,8 @@ def test_ladd_counts_the_student_samples_its_heads_leave_out(monkeypatch):
     _, (metrics, out) = student.loss(poisoned, batch, key, carry)
     bad = np.asarray(batch["cond"]) == 1
     assert 0 < bad.sum() < bad.size and float(metrics["nonfinite_rows"]) == bad.sum()
-    assert np.asarray(out["ladd_ok"]).tolist() == (~bad).tolist() and np.all(np.isfinite(out["ladd_x0"]))
-    d_loss, (d_metrics, _) = disc.loss(params, batch, key, {**out, **carry})
+    assert np.asarray(out.generated_ok).tolist() == (~bad).tolist() and np.all(np.isfinite(out.generated))
+    d_loss, (d_metrics, _) = disc.loss(params, batch, key, out)
     assert float(d_metrics["nonfinite_rows"]) == bad.sum() and np.isfinite(float(d_loss))
 
 

@@ -22,7 +22,7 @@ from test_recipes_flow import _draws, flow_pipelines  # noqa: F401 (flow_pipelin
 from jdistill import export, rng, train
 from jdistill.diffusion.guidance import cfg_combine
 from jdistill.diffusion.schedules import FlowSchedule
-from jdistill.methods import build_recipe
+from jdistill.methods import Carry, build_recipe
 from jdistill.methods.adversarial import enabled
 from jdistill.methods.distribution import (
     GENERATOR_WEIGHTINGS,
@@ -184,7 +184,7 @@ def test_flow_generator_loss_and_gradient_by_hand():
         return jnp.mean((1.0 - t) * jnp.sum(d * ((f_r - x) - m.alpha * d), axis=1))
 
     gen = _update(recipe, "generator")
-    got_loss = gen.loss(params, batch, key, {})[0]
+    got_loss = gen.loss(params, batch, key, Carry(step=0))[0]
     np.testing.assert_allclose(float(got_loss), float(hand_loss(params["student"])), rtol=1e-4)
     got = _grads(gen.loss, params, batch, key)["student"]
     want = jax.grad(hand_loss)(params["student"])
@@ -208,7 +208,7 @@ def test_flow_fake_score_loss_by_hand_at_logit_normal_times():
     x0 = fake.apply(params["fake_score"], x_t, 1000.0 * t, cond)  # kappa1 = 1: the conditional prediction
     v_pred = (x_t - x0) / t[:, None]  # velocity of an x0 prediction on x_t = (1 - t) x0 + t eps
     want = jnp.mean(jnp.mean((v_pred - (eps - x)) ** 2, axis=1))
-    got = _update(recipe, "fake_score").loss(params, batch, key, {})[0]
+    got = _update(recipe, "fake_score").loss(params, batch, key, Carry(step=0))[0]
     np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
 
 

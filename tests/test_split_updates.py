@@ -58,8 +58,8 @@ def test_programs_per_update_equal_the_one_program_step(k):
     for array, sharding in zip(jax.tree.leaves((prepared, carry)), jax.tree.leaves(expected), strict=True):
         assert array.sharding.is_equivalent_to(sharding, array.ndim)
     batch_dim = 1 if k > 1 else 0
-    assert carry["h"].sharding.spec[batch_dim] == parallel.BATCH_AXES
-    assert expected[1]["step"].spec == PartitionSpec()
+    assert carry.generated.sharding.spec[batch_dim] == parallel.BATCH_AXES
+    assert expected[1].step.spec == PartitionSpec()
 
 
 def test_split_updates_in_the_trainer_match_one_program():

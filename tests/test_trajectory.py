@@ -16,7 +16,7 @@ from jdistill.diffusion.denoiser import NetworkDenoiser, predict_cfg
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import MatchedDenoiser, on_schedule, trigflow_output
 from jdistill.diffusion.schedules import FlowSchedule, TrigFlowSchedule, VPSchedule
-from jdistill.methods import build_recipe
+from jdistill.methods import Carry, build_recipe
 from jdistill.methods.trajectory import (
     consistency_scalings,
     meanflow_times,
@@ -232,7 +232,7 @@ def test_meanflow_unet_student_starts_as_the_teacher_and_trains_its_t_minus_r_pr
 
     update = recipe.updates[0]
     value, grads = jax.jit(
-        jax.value_and_grad(lambda p: update.loss({**params, "student": p}, batch, key, {"step": 0})[0])
+        jax.value_and_grad(lambda p: update.loss({**params, "student": p}, batch, key, Carry(step=0))[0])
     )(params["student"])
     flat_grads = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     assert np.isfinite(float(value)) and float(jnp.abs(flat_grads[proj]).max()) > 0
@@ -306,7 +306,7 @@ def check_loss_and_gradient(recipe, params, batch, key, step, hand):
     trains = update.trains
 
     def recipe_loss(trainable):
-        return update.loss({**params, **trainable}, batch, key, {"step": jnp.int32(step)})[0]
+        return update.loss({**params, **trainable}, batch, key, Carry(step=jnp.int32(step)))[0]
 
     trainable = {n: params[n] for n in trains}
     value, grads = jax.value_and_grad(recipe_loss)(trainable)
@@ -460,7 +460,7 @@ def test_finite_difference_fallback_gives_the_same_loss_and_gradient(spec):
     _, _, recipe, params, batch = recipe_and_batch(spec)
     fd_config = load(spec, [("batch_size", "16"), *SMALL_NET, ("method.jvp", "finite_difference")])
     fd_recipe = build_recipe(fd_config, build_world(fd_config))
-    key, carry = jax.random.key(14), {"step": jnp.int32(500)}
+    key, carry = jax.random.key(14), Carry(step=jnp.int32(500))
     trains = recipe.updates[0].trains
 
     def value_and_grad(r):

@@ -48,6 +48,14 @@ def guide(
     )
 
 
+def in_cond_convention(scale: float, convention: str) -> float:
+    """The same guidance as ``scale`` under ``convention``, written in convention "cond" (y_c + w (y_c - y_u)):
+    w_cond = w_uncond - 1."""
+    if convention not in CFG_CONVENTIONS:
+        raise ValueError(f"unknown CFG convention {convention!r}; choose one of {CFG_CONVENTIONS}")
+    return float(scale) - (1.0 if convention == "uncond" else 0.0)
+
+
 def is_identity(scale: Any, convention: str) -> bool:
     """True when guidance with this (static) scale returns the conditional prediction unchanged."""
     if scale is None:

@@ -248,12 +248,3 @@ def sample_timesteps(
         return jax.random.randint(key, shape, low, high + 1)
     span = schedule.t_max - schedule.t_min
     return jax.random.uniform(key, shape, jnp.float32, schedule.t_min + lo * span, schedule.t_min + hi * span)
-
-
-def as_timestep(schedule: Schedule, t: float) -> jax.Array:
-    """A configured timestep as the schedule's dtype (int for VP, float otherwise)."""
-    if isinstance(schedule, VPSchedule):
-        if t != round(t):
-            raise ValueError(f"VP timesteps are integers, got {t}")
-        return jnp.asarray(round(t), jnp.int32)
-    return jnp.asarray(t, jnp.float32)

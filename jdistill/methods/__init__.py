@@ -6,7 +6,7 @@ import importlib
 
 import ml_collections
 
-from jdistill.methods.recipe import Network, Recipe, Update
+from jdistill.methods.recipe import Carry, Network, Recipe, Update
 
 METHODS = ("sft", "swiftbrush", "dmd", "dmd2", "sid", "sid_lsg", "lcm", "scm", "meanflow")
 
@@ -21,4 +21,4 @@ def build_recipe(config: ml_collections.ConfigDict, world) -> Recipe:
     return method_module(config.method.name).build(config, world)
 
 
-__all__ = ["METHODS", "Network", "Recipe", "Update", "build_recipe", "method_module"]
+__all__ = ["METHODS", "Carry", "Network", "Recipe", "Update", "build_recipe", "method_module"]

@@ -17,9 +17,9 @@ Real samples come from the world's data source: the recipe trains on conditions 
 ``TeacherDiscriminator`` is LADD as SANA-Sprint adds it to sCM (docs/adversarial.md): heads on several feature
 maps of the frozen teacher itself (for a UNet: its down blocks' and mid block's outputs), the teacher shared and
 never trained or copied, only the heads in ``networks.discriminator``. Samples are noised on the TrigFlow path
-at t_D = arctan(e^tau / sd), tau ~ N(``time_mean``, ``time_std``), which is the logit-normal flow time
+at t_D = arctan(e^tau / sigma_d), tau ~ N(``time_mean``, ``time_std``), which is the logit-normal flow time
 s = sigmoid(tau) carried to TrigFlow by matching noise-to-signal ratios (flow: s / (1 - s) = e^tau, TrigFlow:
-sd tan t) and is SANA-Sprint's own "logit_normal_trigflow" sampler; the teacher reads them at the time of
+sigma_d tan t) and is SANA-Sprint's own "logit_normal_trigflow" sampler; the teacher reads them at the time of
 its own path with the same ratio (``diffusion.reparameterize``). Logits are per location (SANA-Sprint's heads
 classify every token), losses their per-sample means. The discriminator update sees sg(student x0), the real
 images, and (``misaligned``) the real images with rolled conditions as extra fakes, plus an R1-style penalty
@@ -43,7 +43,7 @@ from jdistill.diffusion.denoiser import Denoiser, NetworkDenoiser
 from jdistill.diffusion.reparameterize import MatchedDenoiser
 from jdistill.diffusion.schedules import Schedule, TrigFlowSchedule, sample_timesteps
 from jdistill.methods.distribution import GAN_KINDS, gan_losses, masked_mean
-from jdistill.methods.recipe import Network
+from jdistill.methods.recipe import Carry, Network
 from jdistill.methods.trajectory import per_sample_sum, trigflow_times
 from jdistill.models.heads import DiscriminatorHead, DiscriminatorHeads
 from jdistill.models.net import Net
@@ -111,11 +111,11 @@ class _Switched:
 
     cfg: ml_collections.ConfigDict
 
-    def on(self, carry) -> jax.Array:
-        """1.0 from ``start_step`` on (the trainer passes the step number in ``carry``), else 0.0."""
-        return (jnp.asarray(carry["step"]) >= self.cfg.start_step).astype(jnp.float32)
+    def on(self, carry: Carry) -> jax.Array:
+        """1.0 from ``start_step`` on (the step number is the carry's), else 0.0."""
+        return (jnp.asarray(carry.step) >= self.cfg.start_step).astype(jnp.float32)
 
-    def combine(self, main: jax.Array, adversarial: jax.Array, carry) -> jax.Array:
+    def combine(self, main: jax.Array, adversarial: jax.Array, carry: Carry) -> jax.Array:
         """The generator's total: main alone before ``start_step``; main_weight main + lambda_G adv after."""
         on = self.on(carry)
         scale = 1.0 + on * (self.cfg.main_weight - 1.0)
@@ -146,7 +146,7 @@ class Discriminator(_Switched):
         eps = jax.random.normal(k["noise"], x.shape, jnp.float32)
         return self.schedule.add_noise(x.astype(jnp.float32), eps, t), t
 
-    def discriminator_loss(self, params, batch, key, x_fake, ok, carry) -> tuple[jax.Array, dict]:
+    def discriminator_loss(self, params, batch, key, x_fake, ok, carry: Carry) -> tuple[jax.Array, dict]:
         """Weighted D loss on sg(x_fake) (conditions ``batch["cond"]``) and the real ``batch["real"]``."""
         k = streams(key, "fake", "real")
         real = batch["real"]
@@ -268,11 +268,12 @@ class TeacherDiscriminator(_Switched):
     time_eps: float = 1e-3
 
     def noised(self, key: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(x_t, t_D): ``x0`` (TrigFlow data) noised at t_D = arctan(e^tau / sd), tau ~ N(time_mean, time_std)."""
+        """(x_t, t_D): ``x0`` (TrigFlow data) noised at t_D = arctan(e^tau / sigma_d),
+        tau ~ N(time_mean, time_std)."""
         k = streams(key, "time", "noise")
         n = x0.shape[0]
-        sd = self.schedule.sigma_data
-        t = trigflow_times(k["time"], n, self.cfg.time_mean, self.cfg.time_std, sd, self.time_eps)
+        sigma_data = self.schedule.sigma_data
+        t = trigflow_times(k["time"], n, self.cfg.time_mean, self.cfg.time_std, sigma_data, self.time_eps)
         eps = jax.random.normal(k["noise"], x0.shape, jnp.float32)
         return self.schedule.add_noise(x0.astype(jnp.float32), eps, t), t
 
@@ -307,7 +308,7 @@ class TeacherDiscriminator(_Switched):
         return {name: (*self.noised(stream(key, name), x), c) for name, (x, c) in groups.items()}
 
     def discriminator_loss(
-        self, params, x_fake: jax.Array, ok: jax.Array, real: dict, key: jax.Array, carry
+        self, params, x_fake: jax.Array, ok: jax.Array, real: dict, key: jax.Array, carry: Carry
     ) -> tuple[jax.Array, dict]:
         """discriminator_weight x the GAN loss of real pairs against sg(x_fake) and the misaligned pairs (the
         fakes' per-location terms averaged together) + r1_weight x R1 on the real samples' head inputs."""

@@ -23,7 +23,7 @@ from jdistill.data.pairs import PairsSource
 from jdistill.methods import dmd2
 from jdistill.methods.distribution import finite_rows, masked_mean
 from jdistill.methods.ode_pairs import generate_ode_pairs
-from jdistill.methods.recipe import Pass, Recipe, Update
+from jdistill.methods.recipe import Pass, Recipe
 
 NETWORKS = ("student", "fake_score")
 REGRESSION_LOSSES = ("mse",)
@@ -82,21 +82,11 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     return parts.recipe(
         (
-            Update(
-                "generator",
-                ("student",),
-                generator_loss,
-                every=m.generator_every,
-                # plus the regression's student forward on the pair's noise, differentiated
-                passes=(*dm_passes, Pass("student", 1.0, "params")),
-                carries=("x",),
+            # plus the regression's student forward on the pair's noise, differentiated
+            parts.generator_update(
+                generator_loss, (*dm_passes, Pass("student", 1.0, "params")), every=m.generator_every
             ),
-            Update(
-                "fake_score",
-                ("fake_score",),
-                parts.fake_score_loss(world, m),
-                passes=parts.fake_score_passes(m),
-            ),
+            parts.fake_score_update(world, m),
         ),
         data=source,
     )

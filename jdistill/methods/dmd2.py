@@ -35,7 +35,7 @@ from jdistill.methods.distribution import (
     finite_pseudo_target_loss,
     nonfinite_count,
 )
-from jdistill.methods.recipe import JOINT, Pass, Recipe, Update
+from jdistill.methods.recipe import JOINT, Pass, Recipe
 from jdistill.methods.score_distillation import cfg_evaluations, student_and_fake
 from jdistill.rng import stream
 
@@ -85,7 +85,7 @@ def distribution_matching(config: ml_collections.ConfigDict, world):
             adversarial, gan_metrics = disc.generator_loss(params, x_gan, t_gan, cond, ok)
             metrics = {**metrics, "distribution_matching": loss, **gan_metrics}
             loss = disc.combine(loss, adversarial, carry)
-        return loss, (metrics, {"x": jax.lax.stop_gradient(x)})
+        return loss, (metrics, carry.replace(generated=jax.lax.stop_gradient(x)))
 
     passes = (
         *parts.generation_passes("params"),
@@ -99,22 +99,10 @@ def distribution_matching(config: ml_collections.ConfigDict, world):
 
 def build(config: ml_collections.ConfigDict, world) -> Recipe:
     parts, disc, generator_loss, passes = distribution_matching(config, world)
-    fake_trains = ("fake_score",) if disc is None else ("fake_score", "discriminator")
-    fake_loss = parts.fake_score_loss(world, config.method, discriminator=disc)
-    fake_passes = parts.fake_score_passes(config.method)
-    if disc is not None:  # the trunk and head trained on generated and real samples together
-        fake_passes += (Pass(parts.fake_net.name, 2.0, "params", trunk=True),)
     return parts.recipe(
         (
-            Update(
-                "generator",
-                ("student",),
-                generator_loss,
-                every=config.method.generator_every,
-                passes=passes,
-                carries=("x",),
-            ),
-            Update("fake_score", fake_trains, fake_loss, passes=fake_passes),
+            parts.generator_update(generator_loss, passes, every=config.method.generator_every),
+            parts.fake_score_update(world, config.method, discriminator=disc),
         ),
         data="conditions" if disc is None else JOINT,
         discriminator=disc,

@@ -11,8 +11,8 @@ One update per step, on real data (x0, c):
 2. guidance w ~ U[w_min, w_max] per sample in LCM's convention y_c + w (y_c - y_u); the student sees it
    through the guidance-scale embedding (``timestep_cond``, sinusoids of 1000 w) when ``guidance_embed``.
 3. teacher one DDIM step with guided x0 and eps: x_s = alpha_s x0^w + sigma_s eps^w (no gradient).
-4. f(x, t) = c_skip(t) x + c_out(t) x0_student(x, t) with c_skip = sd^2 / ((10 t)^2 + sd^2),
-   c_out = 10 t / sqrt((10 t)^2 + sd^2); target f_target(x_s, s) under stop-gradient, where the target
+4. f(x, t) = c_skip(t) x + c_out(t) x0_student(x, t) with c_skip = sigma_d^2 / ((10 t)^2 + sigma_d^2),
+   c_out = 10 t / sqrt((10 t)^2 + sigma_d^2); target f_target(x_s, s) under stop-gradient, where the target
    network is the student's EMA (decay 0.95 after every step, ``target_network = "ema"``), or the online student
    itself (LCM-LoRA: ``target_network = "online"``).
 5. loss = mean(sqrt((f(x_t, t) - target)^2 + c^2) - c), pseudo-Huber c = 1e-3 (0: L2).
@@ -61,13 +61,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
+from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.guidance import in_cond_convention
 from jdistill.diffusion.samplers import run_sampler, student_plan
 from jdistill.diffusion.schedules import FlowSchedule, VPSchedule, broadcast_to, shift_sigmas
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.recipe import Pass, Recipe, Update
-from jdistill.methods.rollout import sampler_noise
-from jdistill.methods.trajectory import consistency_scalings, huber_loss, skipping_grid, with_student_inputs
+from jdistill.methods.rollout import sampler_start
+from jdistill.methods.trajectory import consistency_scalings, huber_loss, skipping_grid, with_guidance
 from jdistill.rng import streams
 
 NETWORKS = ("student",)
@@ -184,9 +185,9 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
 
     def student_inputs(cond, w):
-        if embedded:
-            return with_guidance_input(cond, w, m.cfg_convention, jax.tree.leaves(cond)[0].shape[0])
-        return with_student_inputs(cond, guidance=w, guidance_dim=guidance_dim)
+        return with_guidance(
+            cond, w, embedded=embedded, convention=m.cfg_convention, guidance_dim=guidance_dim
+        )
 
     if flow:
         # The teacher pipeline's shift: FLUX-dev's dynamic one at the world's resolution is the static exp(mu).
@@ -249,19 +250,23 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
     def sample(params, cond, key):
-        n = jax.tree.leaves(cond)[0].shape[0]
-        z, renoise = sampler_noise(key, schedule, (n, *world.sample_shape))
-        student_cond = student_inputs(cond, m.sample_guidance)
-        p = network.net_params(params)
+        start = sampler_start(
+            key,
+            schedule,
+            world.sample_shape,
+            cond,
+            network.net_params(params),
+            student_cond=lambda c: student_inputs(c, m.sample_guidance),
+        )
 
         def denoise(x_t, t):
-            pred = student.predict(p, x_t, t, student_cond)
-            return pred.replace(x0=consistency(p, x_t, t, student_cond))
+            pred = student.predict(start.params, x_t, t, start.cond)
+            return pred.replace(x0=consistency(start.params, x_t, t, start.cond))
 
-        return run_sampler(denoise, z, plan, renoise=True, key=renoise)
+        return run_sampler(denoise, start.noise, plan, renoise=True, key=start.renoise_key)
 
     if embedded:  # in convention "cond", as Recipe.student_guidance is (the input is its value + 1)
-        student_guidance = float(m.sample_guidance) - (1.0 if m.cfg_convention == "uncond" else 0.0)
+        student_guidance = in_cond_convention(m.sample_guidance, m.cfg_convention)
     else:
         student_guidance = float(m.sample_guidance) if guidance_dim else None
     # A guidance-distilled teacher runs one pass per guided prediction, any other the cond/uncond pair.

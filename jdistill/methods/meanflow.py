@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
-from jdistill.diffusion.guidance import concat_cond
+from jdistill.diffusion.guidance import concat_cond, in_cond_convention
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
 from jdistill.diffusion.schedules import FlowSchedule, broadcast_to
@@ -68,7 +68,7 @@ from jdistill.methods.common import (
     with_transformer_options,
 )
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
-from jdistill.methods.rollout import sampler_noise
+from jdistill.methods.rollout import sampler_start
 from jdistill.methods.score_distillation import cfg_evaluations
 from jdistill.methods.trajectory import adaptive_loss, meanflow_target, meanflow_times, with_student_inputs
 from jdistill.models.net import Net
@@ -264,14 +264,14 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             # the conditioned samples with t in mix_window (train_meanflow.py's cfg samples); r' = t (the
             # paper's instantaneous velocity) or r (mix_delta "interval": the script's timestep2 = t - r).
             r_mix = t if m.mix_delta == "zero" else r
-            w2 = jnp.concatenate([jnp.broadcast_to(jnp.asarray(w, jnp.float32), (n,))] * 2)
+            w_pair = jnp.concatenate([jnp.broadcast_to(jnp.asarray(w, jnp.float32), (n,))] * 2)
             both = average_velocity(
                 frozen,
                 jnp.concatenate([z_t, z_t]),
                 jnp.concatenate([r_mix, r_mix]),
                 jnp.concatenate([t, t]),
                 concat_cond(cond, world.uncond),
-                w2,
+                w_pair,
             )
             u_cond, u_uncond = jnp.split(both, 2)
             mixed = omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
@@ -306,11 +306,11 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     )
 
     def sample(params, cond, key):
-        n = jax.tree.leaves(cond)[0].shape[0]
-        z, _ = sampler_noise(key, schedule, (n, *world.sample_shape))  # deterministic after the noise
-        p = network.net_params(params)
+        # Deterministic after the initial noise: the re-noising key goes unused.
+        start = sampler_start(key, schedule, world.sample_shape, cond, network.net_params(params))
+        z = start.noise
         for t, r in zip(times, ends, strict=True):
-            z = z - (t - r) * average_velocity(p, z, r, t, cond, sample_w)
+            z = z - (t - r) * average_velocity(start.params, z, r, t, start.cond, sample_w)
         return z
 
     return Recipe(
@@ -358,7 +358,7 @@ def _export(network, family, flow, times, schedule, sample_w: float, m) -> dict:
         "no_diffusers_export": "",
         "flow_update": "euler",
         # The guidance input the sampler gives a guidance-distilled FLUX student, as w in convention "cond".
-        "student_guidance": sample_w + (0.0 if m.cfg_convention == "cond" else -1.0) if guided else None,
+        "student_guidance": in_cond_convention(sample_w, m.cfg_convention) if guided else None,
     }
     own_scale = getattr(network.net.config, TIME_SCALE_OPTION, 1000.0) != 1000.0
     if family == "flux" and (len(steps) > 1 or own_scale):

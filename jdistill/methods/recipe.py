@@ -10,8 +10,9 @@ it runs. The contract between them:
   every network's current parameters by name (frozen ones included) and returns
   ``(scalar, (metrics, carry))``; gradients are taken with respect to ``trains`` only, so everything else
   is frozen for that update. A network's EMA, if it has one, is there too as "<name>_ema" (LCM's target).
-  ``carry`` passes values (e.g. the generated batch) to later updates of the same step; it starts as
-  ``{"step": the step number}``. An update runs on steps where ``step % every == offset``.
+  ``carry`` (a ``Carry``) passes values (e.g. the generated batch) to later updates of the same step; it
+  starts as ``Carry(step=the step number)``, and each loss returns it with the fields it fills replaced. An
+  update runs on steps where ``step % every == offset``.
 - ``sample(params, cond, key)``: student samples for a batch of conditions.
 - ``student_timesteps``: where that sampler evaluates the student (predict x0, re-noise with fresh noise).
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import jax
 import optax
+from flax import struct
 
 from jdistill.data.joint import JointSource, split
 from jdistill.models.net import Net
@@ -32,7 +34,26 @@ PyTree = Any
 JOINT = "conditions+data"
 DATA_CHOICES = ("conditions", "data", JOINT)
 Params = Mapping[str, PyTree]
-Carry = dict[str, Any]
+
+
+@struct.dataclass
+class Carry:
+    """What the updates of one train step hand to the later ones (a pytree: it crosses the programs of
+    ``split_updates`` and the micro-batch scan). A field stays None until an update of the step fills it.
+
+    With micro-batches every array field must be per sample (leading dimension the batch's rows) or, like
+    ``step``, a scalar that does not depend on the batch (``jdistill/microbatch.py``).
+    """
+
+    step: jax.Array  # the train step's number (int32 scalar): warm-ups (sCM's tangent, a GAN's start_step)
+    # Under stop-gradient, non-finite rows zeroed: this step's generator sample, for the update that trains on
+    # it (SwiftBrush / DMD / DMD2: the student's x, which the fake score denoises; sCM with LADD: x0_G, which
+    # the discriminator classifies).
+    generated: jax.Array | None = None
+    generated_ok: jax.Array | None = None  # bool per sample: the rows of ``generated`` that were finite
+
+
+CARRIED = tuple(f.name for f in dataclasses.fields(Carry) if f.name != "step")  # what an update may fill
 LossFn = Callable[[Params, dict, jax.Array, Carry], tuple[jax.Array, tuple[dict[str, jax.Array], Carry]]]
 
 
@@ -68,9 +89,9 @@ class Pass:
     expected backward simulation of a K-step student), differentiated through nothing ("none": one forward),
     through its input only ("input": about two) or with respect to its parameters ("params": about three), or
     pushed forward along a tangent ("jvp": the primal and a tangent pass, about two).
-    ``unless_carried``: not made when an earlier update of the same step carried that key (the fake-score
-    update regenerates x only on steps without a generator update). ``trunk``: only up to the bottleneck
-    (a GAN head's features; the head's own few convolutions are not counted).
+    ``unless_carried``: not made when an earlier update of the same step filled that ``Carry`` field (the
+    fake-score update regenerates x only on steps without a generator update). ``trunk``: only up to the
+    bottleneck (a GAN head's features; the head's own few convolutions are not counted).
     """
 
     network: str
@@ -82,6 +103,10 @@ class Pass:
     def __post_init__(self):
         if self.grad not in GRADS:
             raise ValueError(f"pass grad {self.grad!r}; choose one of {GRADS}")
+        if self.unless_carried and self.unless_carried not in CARRIED:
+            raise ValueError(
+                f"pass unless_carried {self.unless_carried!r}; choose a Carry field of {CARRIED}"
+            )
 
 
 def derivative_passes(network: str, method: str, primal_used: bool = True) -> tuple[Pass, ...]:
@@ -100,10 +125,17 @@ class Update:
     loss: LossFn
     every: int = 1
     offset: int = 0
-    # The network evaluations of ``loss`` (empty: not declared, no analytic count) and the carry keys it
-    # hands to later updates of the step.
+    # The network evaluations of ``loss`` (empty: not declared, no analytic count) and the ``Carry`` fields
+    # it fills for later updates of the step.
     passes: tuple[Pass, ...] = ()
     carries: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = set(self.carries) - set(CARRIED)
+        if unknown:
+            raise ValueError(
+                f"update {self.name!r} carries {sorted(unknown)}: not Carry fields; choose of {CARRIED}"
+            )
 
     def active(self, step: int) -> bool:
         return step % self.every == self.offset

@@ -9,12 +9,14 @@ student at t_k on their output (k = 0: pure noise at t_0).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jdistill.diffusion.samplers import run_sampler, student_plan
 from jdistill.diffusion.schedules import Schedule
+from jdistill.rng import streams
 
 PyTree = Any
 PredictX0 = Callable[[PyTree, jax.Array, jax.Array], jax.Array]  # (params, x_t, t per sample) -> x0
@@ -59,10 +61,36 @@ def sampler_noise(
 ) -> tuple[jax.Array, jax.Array]:
     """(initial noise, key for re-noising) of a student sampler: the prior noise comes from the "latent" stream
     of the sampling key (tests rebuild it to run the teacher's ODE from the same noise)."""
-    from jdistill.rng import streams
-
     k = streams(key, "latent", "renoise")
     return scale * schedule.prior_sample(k["latent"], shape), k["renoise"]
+
+
+class SamplerStart(NamedTuple):
+    """What a student sampler starts from, for one batch of conditions."""
+
+    noise: jax.Array  # the first step's input: ``scale`` times prior noise, (batch, *sample_shape)
+    renoise_key: jax.Array  # the key of the fresh noise drawn between steps
+    cond: PyTree  # the student's conditioning (with its guidance input for the sampling guidance, if any)
+    params: PyTree  # the sampling network's parameters as its module takes them
+
+
+def sampler_start(
+    key: jax.Array,
+    schedule: Schedule,
+    sample_shape: tuple[int, ...],
+    cond: PyTree,
+    params: PyTree,
+    *,
+    student_cond: Callable[[PyTree], PyTree] | None = None,
+    scale: float = 1.0,
+) -> SamplerStart:
+    """The prologue every student sampler shares: the batch size read from ``cond``, the prior noise and the
+    re-noising key (``sampler_noise``), the student's conditioning (``student_cond(cond)``: e.g. with the
+    sampling guidance as its input; None: ``cond`` as it is) and the parameters (``params``, already what the
+    network's module takes: ``Network.net_params``)."""
+    n = jax.tree.leaves(cond)[0].shape[0]
+    noise, renoise_key = sampler_noise(key, schedule, (n, *sample_shape), scale)
+    return SamplerStart(noise, renoise_key, cond if student_cond is None else student_cond(cond), params)
 
 
 STUDENT_INPUTS = ("noise", "noised_zero")
@@ -83,8 +111,6 @@ class FewStepStudent:
         timesteps: tuple[float, ...],
         student_input: str = "noise",
     ):
-        from jdistill.diffusion.samplers import student_plan
-
         if student_input not in STUDENT_INPUTS:
             raise ValueError(f"student input {student_input!r}; choose one of {STUDENT_INPUTS}")
         self.denoiser = denoiser
@@ -113,8 +139,6 @@ class FewStepStudent:
     def generate(self, params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
         """x0 from the student at a step drawn uniformly (the earlier steps simulated without gradient);
         differentiable with respect to ``params`` through the last step only."""
-        from jdistill.rng import streams
-
         n = jax.tree.leaves(cond)[0].shape[0]
         k = streams(key, "latent", "step_index", "simulate")
         z = self.prior(k["latent"], n)
@@ -132,10 +156,11 @@ class FewStepStudent:
 
     def sample(self, params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
         """The deployed sampler: all steps, fresh noise between them."""
-        from jdistill.diffusion.samplers import run_sampler
-
-        n = jax.tree.leaves(cond)[0].shape[0]
-        z, renoise = sampler_noise(key, self.schedule, (n, *self.sample_shape), self.input_scale)
+        start = sampler_start(key, self.schedule, self.sample_shape, cond, params, scale=self.input_scale)
         return run_sampler(
-            lambda x, t: self.denoiser.predict(params, x, t, cond), z, self.plan, renoise=True, key=renoise
+            lambda x, t: self.denoiser.predict(start.params, x, t, start.cond),
+            start.noise,
+            self.plan,
+            renoise=True,
+            key=start.renoise_key,
         )

@@ -4,16 +4,17 @@ Reference: Lu & Song, sCM (arXiv 2410.11081); the losses of SANA-Sprint (arXiv 2
 NVlabs/Sana train_scm_ladd.py) and T2I-Distill's train_sCM.py; docs/trajectory.md, sCM.
 
 The teacher runs as a TrigFlow model whatever its own path (eps / v / flow teachers through
-``diffusion.reparameterize``): at TrigFlow time t its x0 and eps give d x_t / dt = sd F_teacher. Per step, on
-real data x0 (times ``data_scale``, T2I-Distill: sd) and conditions c:
+``diffusion.reparameterize``): at TrigFlow time t its x0 and eps give d x_t / dt = sigma_d F_teacher. Per step,
+on real data x0 (times ``data_scale``, T2I-Distill: sigma_d) and conditions c:
 
-1. tau ~ N(P_mean, P_std), t = arctan(e^tau / sd); x_t = cos t x0 + sin t z, z ~ N(0, sd^2).
-2. dx/dt = sd F_teacher(x_t, t; w), CFG w per sample from ``guidance_choices`` (convention "uncond"), no
+1. tau ~ N(P_mean, P_std), t = arctan(e^tau / sigma_d); x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2).
+2. dx/dt = sigma_d F_teacher(x_t, t; w), CFG w per sample from ``guidance_choices`` (convention "uncond"), no
    gradient; the student sees w through its guidance embedding when ``guidance_embed``.
 3. (F-, dF-) = JVP of the student under stop-gradient along (cos t sin t dx/dt, cos t sin t) (``jvp``:
    forward mode, or central differences);
-4. g = -cos^2 t (sd F- - dx/dt) - r (cos t sin t x_t + sd dF-), r = min(1, step / H), g / (|g| + 0.1);
-5. loss = mean[ e^{-w(t)} / (sd tan t) |F_theta - F- - g|^2 + w(t) ], w(t) the learned log-variance head
+4. g = -cos^2 t (sigma_d F- - dx/dt) - r (cos t sin t x_t + sigma_d dF-), r = min(1, step / H),
+   g / (|g| + 0.1);
+5. loss = mean[ e^{-w(t)} / (sigma_d tan t) |F_theta - F- - g|^2 + w(t) ], w(t) the learned log-variance head
    (``networks.logvar``), trained with the student.
 
 Samples: the student's x0 at each of ``student_timesteps`` (pi/2 first), re-noised with fresh noise between
@@ -25,7 +26,7 @@ student's, one step each per train step.
 
 - generator (in the student update): on the real x0, times t_G from sCM's distribution, replaced by pi/2 with
   probability ``gan.max_time_prob`` (SANA-Sprint's train_largest_timestep: one-step quality), fresh noise,
-  x0_G = cos t_G x_t - sin t_G sd F_theta (the same student call as sCM's F_theta), re-noised at t_D and
+  x0_G = cos t_G x_t - sin t_G sigma_d F_theta (the same student call as sCM's F_theta), re-noised at t_D and
   classified by the heads on the teacher's features; lambda_adv times the G loss (hinge: -mean D) is added,
   its gradient reaching the student through the frozen teacher, the heads held fixed.
 - discriminator (heads only): sg(x0_G) from the student update, the real images and the real images with
@@ -42,7 +43,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
+from jdistill.diffusion.denoiser import predict_cfg
+from jdistill.diffusion.guidance import in_cond_convention
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import MatchedDenoiser, on_schedule, trigflow_output
 from jdistill.diffusion.samplers import run_sampler, student_plan
@@ -57,8 +59,8 @@ from jdistill.methods.common import (
 )
 from jdistill.methods.distribution import NONFINITE_ROWS, finite_rows, nonfinite_count, zero_bad_rows
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
-from jdistill.methods.rollout import sampler_noise
-from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_student_inputs
+from jdistill.methods.rollout import sampler_start
+from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_guidance
 from jdistill.models.heads import LogVarHead
 from jdistill.models.net import Net
 from jdistill.optim import make_optimizer, optimizer_config
@@ -134,8 +136,8 @@ def adversarial_times(key: jax.Array, n: int, m: ml_collections.ConfigDict) -> j
 
 def build(config: ml_collections.ConfigDict, world) -> Recipe:
     m = config.method
-    sd = m.sigma_data
-    schedule = TrigFlowSchedule(sigma_data=sd)
+    sigma_data = m.sigma_data
+    schedule = TrigFlowSchedule(sigma_data=sigma_data)
     teacher = on_schedule(world.teacher, schedule, m.data_scale)
     network, student = trigflow_student(config, world, schedule)
     # The student's guidance input: a guidance-distilled FLUX copy has its own embedding (T2I-Distill feeds it
@@ -151,35 +153,35 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
 
     def student_inputs(cond, w):
-        """The student's conditioning with CFG scale ``w`` (per sample or one) as its guidance input."""
-        if embedded:  # the same input the teacher's guidance embedding gets for w
-            n = jax.tree.leaves(cond)[0].shape[0]
-            return with_guidance_input(cond, w, m.cfg_convention, n)
-        return with_student_inputs(cond, guidance=w, guidance_dim=guidance_dim)
+        return with_guidance(
+            cond, w, embedded=embedded, convention=m.cfg_convention, guidance_dim=guidance_dim
+        )
 
-    lv = config.networks.logvar
+    logvar_cfg = config.networks.logvar
     logvar_net = Network(
         Net(
             "logvar",
             lambda rngs: LogVarHead(
-                time_embed_dim=lv.model.time_embed_dim, time_scale=lv.model.time_scale, rngs=rngs
+                time_embed_dim=logvar_cfg.model.time_embed_dim,
+                time_scale=logvar_cfg.model.time_scale,
+                rngs=rngs,
             ),
         ),
-        make_optimizer(lv.optimizer, config.num_steps),
-        lv.ema_decay,
+        make_optimizer(logvar_cfg.optimizer, config.num_steps),
+        logvar_cfg.ema_decay,
     )
     choices = jnp.asarray(m.guidance_choices, jnp.float32)
     disc = build_teacher_discriminator(config, world, teacher, m.time_eps) if enabled(m.get("gan")) else None
 
     def output(p, x_t, t, cond):
-        return trigflow_output(student.predict(p, x_t, t, cond), sd)
+        return trigflow_output(student.predict(p, x_t, t, cond), sigma_data)
 
     def loss(params, batch, key, carry):
         k = streams(key, "time", "noise", "guidance")
         x0 = m.data_scale * batch["x0"].astype(jnp.float32)
         cond = batch["cond"]
         n = x0.shape[0]
-        t = trigflow_times(k["time"], n, m.p_mean, m.p_std, sd, m.time_eps)
+        t = trigflow_times(k["time"], n, m.p_mean, m.p_std, sigma_data, m.time_eps)
         x_t = schedule.add_noise(x0, jax.random.normal(k["noise"], x0.shape, jnp.float32), t)
         w = choices[jax.random.randint(k["guidance"], (n,), 0, len(m.guidance_choices))]
         guided = predict_cfg(teacher, params["teacher"], x_t, t, cond, world.uncond, w, m.cfg_convention)
@@ -187,30 +189,30 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         student_cond = student_inputs(cond, w)
         own = network.net_params(params)
         frozen = jax.lax.stop_gradient(own)
-        cs = jnp.cos(t) * jnp.sin(t)
+        cos_sin = jnp.cos(t) * jnp.sin(t)
         f_minus, df_minus = directional_derivative(
             lambda x, s: output(frozen, x, s, student_cond),
             (x_t, t),
-            (broadcast_to(cs, dxdt) * dxdt, cs),
+            (broadcast_to(cos_sin, dxdt) * dxdt, cos_sin),
             method=m.jvp,
             step=m.jvp_step,
         )
-        warmup = jnp.minimum(1.0, carry["step"] / max(m.tangent_warmup_steps, 1))
-        g = scm_tangent(f_minus, df_minus, dxdt, x_t, t, sd, warmup, m.tangent_norm_c)
+        warmup = jnp.minimum(1.0, carry.step / max(m.tangent_warmup_steps, 1))
+        g = scm_tangent(f_minus, df_minus, dxdt, x_t, t, sigma_data, warmup, m.tangent_norm_c)
         g = jax.lax.stop_gradient(g)
         if disc is None:
             f_theta = output(own, x_t, t, student_cond)
         else:  # LADD's generator pass on the real x0 at its own times, in the same student call
-            ka = streams(key, "adversarial_time", "adversarial_noise")
-            t_adv = adversarial_times(ka["adversarial_time"], n, m)
-            noise = jax.random.normal(ka["adversarial_noise"], x0.shape, jnp.float32)
+            k_adv = streams(key, "adversarial_time", "adversarial_noise")
+            t_adv = adversarial_times(k_adv["adversarial_time"], n, m)
+            noise = jax.random.normal(k_adv["adversarial_noise"], x0.shape, jnp.float32)
             x_adv = schedule.add_noise(x0, noise, t_adv)
             pair = jax.tree.map(lambda c: jnp.concatenate([c, c]), student_cond)
             pred = student.predict(own, jnp.concatenate([x_t, x_adv]), jnp.concatenate([t, t_adv]), pair)
-            f_theta = trigflow_output(pred, sd)[:n]
-            x0_adv = pred.x0[n:]  # cos t x_t - sin t sd F_theta
+            f_theta = trigflow_output(pred, sigma_data)[:n]
+            x0_adv = pred.x0[n:]  # cos t x_t - sin t sigma_d F_theta
         logvar = logvar_net.net.apply(params["logvar"], t)
-        value = scm_loss(f_theta, jax.lax.stop_gradient(f_minus), g, t, logvar, sd)
+        value = scm_loss(f_theta, jax.lax.stop_gradient(f_minus), g, t, logvar, sigma_data)
         metrics = {"tangent_norm": jnp.mean(jnp.abs(g)), "logvar": jnp.mean(logvar)}
         if disc is None:
             return value, (metrics, carry)
@@ -218,29 +220,40 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         x0_adv = zero_bad_rows(x0_adv, ok)
         adversarial, gan_metrics = disc.generator_loss(params, x0_adv, cond, stream(key, "gan"), ok)
         metrics = {**metrics, "scm": value, **gan_metrics, NONFINITE_ROWS: nonfinite_count(ok)}
-        new_carry = {"ladd_x0": jax.lax.stop_gradient(x0_adv), "ladd_ok": ok}
-        return disc.combine(value, adversarial, carry), (metrics, new_carry)
+        carry = carry.replace(generated=jax.lax.stop_gradient(x0_adv), generated_ok=ok)
+        return disc.combine(value, adversarial, carry), (metrics, carry)
 
     def discriminator_loss(params, batch, key, carry):
         """The heads' update on this step's sg(x0_G) (carried from the student update) and the real batch."""
         real = {"x0": m.data_scale * batch["x0"].astype(jnp.float32), "cond": batch["cond"]}
-        total, metrics = disc.discriminator_loss(params, carry["ladd_x0"], carry["ladd_ok"], real, key, carry)
-        return total, ({**metrics, NONFINITE_ROWS: nonfinite_count(carry["ladd_ok"])}, carry)
+        total, metrics = disc.discriminator_loss(
+            params, carry.generated, carry.generated_ok, real, key, carry
+        )
+        return total, ({**metrics, NONFINITE_ROWS: nonfinite_count(carry.generated_ok)}, carry)
 
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
     def sample(params, cond, key):
-        n = jax.tree.leaves(cond)[0].shape[0]
-        z, renoise = sampler_noise(key, schedule, (n, *world.sample_shape))
-        student_cond = student_inputs(cond, m.sample_guidance)
-        p = network.net_params(params)
+        start = sampler_start(
+            key,
+            schedule,
+            world.sample_shape,
+            cond,
+            network.net_params(params),
+            student_cond=lambda c: student_inputs(c, m.sample_guidance),
+        )
         x = run_sampler(
-            lambda x_t, t: student.predict(p, x_t, t, student_cond), z, plan, renoise=True, key=renoise
+            lambda x_t, t: student.predict(start.params, x_t, t, start.cond),
+            start.noise,
+            plan,
+            renoise=True,
+            key=start.renoise_key,
         )
         return x / m.data_scale
 
-    # The teacher's guided pair (w drawn per sample; one pass for a guidance-distilled FLUX), the JVP of sg(student), and the differentiated student
-    # (with LADD: on x_t and the real x_adv in one call, then the teacher's trunk under the heads).
+    # The teacher's guided pair (w drawn per sample; one pass for a guidance-distilled FLUX), the JVP of
+    # sg(student), and the differentiated student (with LADD: on x_t and the real x_adv in one call, then the
+    # teacher's trunk under the heads).
     passes = (
         Pass("teacher", 1.0 if getattr(teacher, "embedded_guidance", False) else 2.0),
         *derivative_passes("student", m.jvp),
@@ -248,7 +261,8 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     )
     if disc is not None:
         passes += (Pass("teacher", 1.0, "input", trunk=True),)
-    updates = (Update("student", ("student", "logvar"), loss, passes=passes),)
+    carries = ("generated", "generated_ok") if disc is not None else ()
+    updates = (Update("student", ("student", "logvar"), loss, passes=passes, carries=carries),)
     if disc is not None:  # after the student's: it reads the student's x0 from the carry
         groups = 3.0 if m.gan.misaligned else 2.0  # fake, (misaligned,) real: one trunk pass, no gradient
         heads = (Pass("teacher", groups, trunk=True),)
@@ -262,9 +276,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         data="data",
         student_timesteps=times,
         # A guidance-embedding FLUX student samples with sample_guidance, as w in convention "cond".
-        student_guidance=float(m.sample_guidance) - (0.0 if m.cfg_convention == "cond" else 1.0)
-        if embedded
-        else None,
+        student_guidance=in_cond_convention(m.sample_guidance, m.cfg_convention) if embedded else None,
         flow_times=flow_times(student, times) if on_flow_transformer else (),
         no_diffusers_export=""
         if on_flow_transformer

@@ -87,7 +87,10 @@ class StudentAndFake:
     def fake_score_passes(self, m: ml_collections.ConfigDict, guidance: float = 1.0, noise_draws: int = 1):
         """``fake_score_loss``'s passes (without a discriminator)."""
         samples = noise_draws * cfg_evaluations(guidance, m.cfg_convention, self.fake)
-        return (*self.generation_passes("none", unless_carried="x"), *self.fake_passes(samples, "params"))
+        return (
+            *self.generation_passes("none", unless_carried="generated"),
+            *self.fake_passes(samples, "params"),
+        )
 
     def fake_score_loss(
         self,
@@ -110,8 +113,8 @@ class StudentAndFake:
         def loss(params, batch, key, carry):
             k = streams(key, "generate", "timestep", "noise", "dropout", "gan")
             cond = batch["cond"]
-            if "x" in carry:
-                x = carry["x"]
+            if carry.generated is not None:
+                x = carry.generated
             else:
                 x = jax.lax.stop_gradient(
                     self.student.generate(self.student_params(params), cond, k["generate"])
@@ -149,6 +152,38 @@ class StudentAndFake:
             return total, (metrics, carry)
 
         return loss
+
+    def generator_update(self, loss: LossFn, passes: tuple[Pass, ...], every: int = 1) -> Update:
+        """The student's update ("generator") that hands its sample sg(x) to the fake score's update of the same
+        step (``Carry.generated``), every ``every`` steps."""
+        return Update("generator", ("student",), loss, every=every, passes=passes, carries=("generated",))
+
+    def fake_score_update(
+        self,
+        world,
+        m: ml_collections.ConfigDict,
+        *,
+        guidance: float = 1.0,
+        noise_draws: int = 1,
+        discriminator: Discriminator | None = None,
+        sample_t: TimeSampler | None = None,
+    ) -> Update:
+        """The fake score's update on ``fake_score_loss`` (same options), every step; with a ``discriminator``
+        its head trains with it, the trunk and head running on generated and real samples together."""
+        loss = self.fake_score_loss(
+            world,
+            m,
+            guidance=guidance,
+            noise_draws=noise_draws,
+            discriminator=discriminator,
+            sample_t=sample_t,
+        )
+        passes = self.fake_score_passes(m, guidance=guidance, noise_draws=noise_draws)
+        trains: tuple[str, ...] = ("fake_score",)
+        if discriminator is not None:
+            trains += ("discriminator",)
+            passes += (Pass(self.fake_net.name, 2.0, "params", trunk=True),)
+        return Update("fake_score", trains, loss, passes=passes)
 
     def recipe(
         self,

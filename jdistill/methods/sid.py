@@ -138,26 +138,18 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             loss = disc.combine(loss, adversarial, carry)
         return loss, (metrics, carry)
 
-    fake_score_loss = parts.fake_score_loss(
-        world, m, guidance=m.fake_train_guidance, discriminator=disc, sample_t=sample_fake_t
-    )
-    fake_passes = parts.fake_score_passes(m, guidance=m.fake_train_guidance)
     # the generator's gradient reaches x through the frozen networks' inputs
     generator_passes = (
         *parts.generation_passes("params"),
         Pass("teacher", cfg_evaluations(m.teacher_guidance, m.cfg_convention, teacher), "input"),
         *parts.fake_passes(cfg_evaluations(m.fake_guidance, m.cfg_convention, parts.fake), "input"),
     )
-    if disc is not None:  # the head's trunk: on x_t in the generator loss, on generated and real samples here
+    if disc is not None:  # the head's trunk on x_t in the generator loss
         generator_passes += (Pass(parts.fake_net.name, 1.0, "input", trunk=True),)
-        fake_passes += (Pass(parts.fake_net.name, 2.0, "params", trunk=True),)
     return parts.recipe(
         (
-            Update(
-                "fake_score",
-                ("fake_score",) if disc is None else ("fake_score", "discriminator"),
-                fake_score_loss,
-                passes=fake_passes,
+            parts.fake_score_update(
+                world, m, guidance=m.fake_train_guidance, discriminator=disc, sample_t=sample_fake_t
             ),
             Update("generator", ("student",), generator_loss, passes=generator_passes),
         ),

@@ -29,7 +29,7 @@ from jdistill.methods.distribution import (
     finite_pseudo_target_loss,
     nonfinite_count,
 )
-from jdistill.methods.recipe import Pass, Recipe, Update
+from jdistill.methods.recipe import Pass, Recipe
 from jdistill.methods.score_distillation import cfg_evaluations, student_and_fake
 
 FAKE_SCORE_INITS = ("teacher_residual", "network")
@@ -88,7 +88,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         # Samples with a non-finite x or direction are left out of the loss and counted.
         loss, good = finite_pseudo_target_loss(x, g, ok)
         metrics = {"direction_norm": finite_mean(jnp.abs(g), good), NONFINITE_ROWS: nonfinite_count(good)}
-        return loss, (metrics, {"x": jax.lax.stop_gradient(x)})
+        return loss, (metrics, carry.replace(generated=jax.lax.stop_gradient(x)))
 
     generator_passes = (
         *parts.generation_passes("params"),
@@ -97,19 +97,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     )
     return parts.recipe(
         (
-            Update(
-                "generator",
-                ("student",),
-                generator_loss,
-                every=m.generator_every,
-                passes=generator_passes,
-                carries=("x",),
-            ),
-            Update(
-                "fake_score",
-                ("fake_score",),
-                parts.fake_score_loss(world, m, noise_draws=m.fake_noise_draws),
-                passes=parts.fake_score_passes(m, noise_draws=m.fake_noise_draws),
-            ),
+            parts.generator_update(generator_loss, generator_passes, every=m.generator_every),
+            parts.fake_score_update(world, m, noise_draws=m.fake_noise_draws),
         )
     )

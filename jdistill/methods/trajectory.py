@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jdistill.diffusion.denoiser import with_guidance_input
 from jdistill.diffusion.schedules import broadcast_to
 from jdistill.models.embeddings import guidance_embedding
 
@@ -58,6 +59,17 @@ def with_student_inputs(
     return out
 
 
+def with_guidance(
+    cond: PyTree, w: jax.Array | float, *, embedded: bool, convention: str, guidance_dim: int
+) -> PyTree:
+    """The student's conditioning with CFG scale ``w`` (per sample or one) as its guidance input: a
+    guidance-distilled FLUX student's own guidance embedder (``embedded``: the input the teacher's gets for
+    ``w`` under ``convention``), else LCM's guidance-scale embedding of width ``guidance_dim`` (0: no input)."""
+    if embedded:
+        return with_guidance_input(cond, w, convention, jax.tree.leaves(cond)[0].shape[0])
+    return with_student_inputs(cond, guidance=w, guidance_dim=guidance_dim)
+
+
 # ------------------------------------------------------------------------------------------------ LCM
 
 
@@ -73,7 +85,7 @@ def consistency_scalings(
     t: jax.Array, sigma_data: float = 0.5, timestep_scaling: float = 10.0
 ) -> tuple[jax.Array, jax.Array]:
     """LCM's boundary-condition scalings (c_skip, c_out) at integer timestep t: f = c_skip x_t + c_out x0_hat,
-    c_skip = sd^2 / ((10 t)^2 + sd^2), c_out = 10 t / sqrt((10 t)^2 + sd^2); f = x_t at t = 0."""
+    c_skip = sigma_d^2 / ((10 t)^2 + sigma_d^2), c_out = 10 t / sqrt((10 t)^2 + sigma_d^2); f = x_t at t = 0."""
     scaled = jnp.asarray(t, jnp.float32) * timestep_scaling
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / jnp.sqrt(scaled**2 + sigma_data**2)
@@ -105,8 +117,8 @@ def scm_tangent(
     warmup: jax.Array | float,
     norm_c: float = 0.1,
 ) -> jax.Array:
-    """sCM's target direction g = -cos^2 t (sd F- - dx/dt) - r (cos t sin t x_t + sd dF-), normalised per sample
-    g / (|g| + c) (c = 0: not normalised). ``df_minus`` is the JVP along (cos t sin t dx/dt, cos t sin t);
+    """sCM's target direction g = -cos^2 t (sigma_d F- - dx/dt) - r (cos t sin t x_t + sigma_d dF-), normalised
+    per sample g / (|g| + c) (c = 0: not normalised). ``df_minus`` is the JVP along (cos t sin t dx/dt, cos t sin t);
     r is the tangent warm-up min(1, step / H). Float32, to be used under stop-gradient."""
     cos, sin = (broadcast_to(f(t), x_t) for f in (jnp.cos, jnp.sin))
     g = -(cos**2) * (sigma_data * f_minus - dxdt) - warmup * (cos * sin * x_t + sigma_data * df_minus)
@@ -119,8 +131,8 @@ def scm_tangent(
 def scm_loss(
     f_theta: jax.Array, f_minus: jax.Array, g: jax.Array, t: jax.Array, logvar: jax.Array, sigma_data: float
 ) -> jax.Array:
-    """mean[ exp(-logvar) / (sd tan t) |F_theta - F- - g|^2 + logvar ] with F- and g stop-gradiented
-    (the learned adaptive weighting; the prior weight 1 / (sd tan t) is sCM's)."""
+    """mean[ exp(-logvar) / (sigma_d tan t) |F_theta - F- - g|^2 + logvar ] with F- and g stop-gradiented
+    (the learned adaptive weighting; the prior weight 1 / (sigma_d tan t) is sCM's)."""
     target = jax.lax.stop_gradient(f_minus + g)
     sq = (f_theta.astype(jnp.float32) - target) ** 2
     weight = jnp.exp(-logvar) / (sigma_data * jnp.tan(t))
