@@ -90,6 +90,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(
         {"every": 0, "count": 1024, "final_count": 4096, "batch": 1024, "use_ema": True, "seed": 1234}
     )
+    # Evaluation during training: every `every` steps (0: only at the end) `count` samples (0: sample.final_count)
+    # of the world's evaluation prompts, scored by the world's metrics and, for worlds that decode images, FID
+    # against `fid_reference` (statistics from tools/fid_stats.py, with pytorch-fid's Inception weights
+    # `fid_inception`) and the CLIP score with `clip_model` (a transformers CLIP directory).
+    c.eval = ml_collections.ConfigDict(
+        {"every": 0, "count": 0, "fid_inception": "", "fid_reference": "", "clip_model": ""}
+    )
+    # Metric sinks besides metrics.jsonl: TensorBoard event files in <workdir>/tensorboard, optionally W&B.
+    c.logging = ml_collections.ConfigDict({"tensorboard": True, "wandb": False, "wandb_project": "jdistill"})
+    # A JAX profiler trace (<workdir>/profile, for TensorBoard's or Perfetto's viewer) of `steps` steps, taken
+    # after `warmup` steps of this run (compilation and the first dispatches stay out of it); 0: no trace.
+    c.profile = ml_collections.ConfigDict({"steps": 0, "warmup": 3})
     return c
 
 

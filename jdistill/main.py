@@ -27,6 +27,13 @@ TRACEBACK_ENV = "JDISTILL_TRACEBACK"
 USAGE_STATUS = 2  # as argparse: the command line or its inputs are wrong
 flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, checkpoints/, samples/).")
 flags.DEFINE_enum("mode", "train", MODES, "What to do with the run directory.")
+flags.DEFINE_bool(
+    "profile",
+    False,
+    "Train: write a JAX profiler trace of a few steps after warm-up to DIR/profile "
+    "(profile.steps, 5 unless the config sets it; profile.warmup steps first).",
+)
+PROFILE_STEPS = 5  # --profile's trace length when the config sets none
 FLAGS = flags.FLAGS
 
 _CONFIG: dict = {}
@@ -87,6 +94,8 @@ def main(argv: list[str]) -> None:
         if not FLAGS.workdir:
             raise configuration.ConfigError("--workdir=DIR is required: the run directory to write or read")
         config = configuration.load(_CONFIG["spec"], _CONFIG["overrides"])
+        if FLAGS.profile and not config.profile.steps:
+            config.profile.steps = PROFILE_STEPS
         parallel.initialize_distributed(config.distributed)
         # Cheap checks of the inputs a user names (run directory, mesh, teacher, prompts) before anything loads.
         preflight.check(config, FLAGS.workdir, FLAGS.mode)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Mapping
@@ -27,8 +25,11 @@ from tqdm import tqdm
 from jdistill import configuration, microbatch, parallel, paths, rng
 from jdistill.checkpoint import Checkpointer
 from jdistill.data.pipeline import BatchPipeline, PipelineOptions
+from jdistill.evaluate.image_metrics import ImageMetrics
 from jdistill.methods import build_recipe
-from jdistill.methods.recipe import Carry, Recipe, Update
+from jdistill.methods.recipe import Recipe, Update
+from jdistill.metric_writers import MetricsLog, MetricWriters
+from jdistill.nonfinite import warn_nonfinite_rows
 from jdistill.teachers import World, build_world
 
 PyTree = Any
@@ -53,6 +54,8 @@ class Setup:
     abstract_state: dict[str, PyTree]  # ShapeDtypeStructs with shardings
     batch_sharding: jax.sharding.NamedSharding
     rows: np.ndarray  # global batch rows fed by this process
+    image_metrics: ImageMetrics = dataclasses.field(default_factory=ImageMetrics)  # config.eval's FID, CLIP
+    sample_fn: Any = None  # the jitted sampler (draw_samples), built once per run
 
     @property
     def state_shardings(self) -> PyTree:
@@ -100,7 +103,19 @@ def setup(
     abstract_state = abstract_train_state(recipe, frozen, mesh, config)
     batch_sharding = parallel.batch_sharding(mesh)
     rows = parallel.local_rows(batch_sharding, config.batch_size)
-    return Setup(config, workdir, mesh, world, recipe, frozen, abstract_state, batch_sharding, rows)
+    image_metrics = ImageMetrics.from_config(config.get("eval"))
+    if image_metrics.enabled and not abstract:
+        if world.decode is None:
+            raise configuration.ConfigError(
+                "eval.fid_reference / eval.clip_model score decoded images; this teacher's samples are not images"
+            )
+        if image_metrics.needs_prompts and world.eval_prompts is None:
+            raise configuration.ConfigError(
+                "eval.clip_model needs the evaluation prompts as text; this world has none (teacher.eval_prompts)"
+            )
+    return Setup(
+        config, workdir, mesh, world, recipe, frozen, abstract_state, batch_sharding, rows, image_metrics
+    )
 
 
 # ================================================================================================ state
@@ -224,7 +239,7 @@ def _update_fn(update: Update, networks: Mapping[str, Any], k: int):
             **{f"{update.name}/{name}": v for name, v in aux.items()},
         }
         state = {"params": params, "opt": opt, "ema": ema, "nonfinite": nonfinite}
-        return state, metrics, new_carry  # the loss's carry: its input with the fields it filled
+        return state, metrics, {**carry, **new_carry}
 
     return apply
 
@@ -242,7 +257,7 @@ def make_step(recipe: Recipe, active: tuple[Update, ...], prepare, micro_batches
     def step(state, frozen, batch, step_num, root):
         batch = _prepared(prepare, frozen, batch, micro_batches)
         key = rng.step_key(root, step_num)
-        metrics, carry = {}, Carry(step=step_num)
+        metrics, carry = {}, {"step": step_num}
         for apply in updates:
             state, update_metrics, carry = apply(state, frozen, batch, key, carry, step_num)
             metrics.update(update_metrics)
@@ -269,7 +284,7 @@ def make_update_programs(recipe: Recipe, active: tuple[Update, ...], prepare, mi
 
         def run(state, frozen, inputs, step_num, root):
             if index == 0:
-                batch, carry = _prepared(prepare, frozen, inputs, k), Carry(step=step_num)
+                batch, carry = _prepared(prepare, frozen, inputs, k), {"step": step_num}
             else:
                 batch, carry = inputs
             state, metrics, carry = apply(state, frozen, batch, rng.step_key(root, step_num), carry, step_num)
@@ -402,42 +417,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step (main process only).
-
-    Local files are appended to; a remote one (``gs://``: objects cannot be appended to) is rewritten whole.
-    """
-
-    def __init__(self, path: str | os.PathLike, resume_step: int):
-        self.path = paths.as_path(path)
-        self.enabled = parallel.is_main_process()
-        self.append = not paths.is_remote(path)
-        self.lines: list[str] = []
-        if self.enabled and self.path.exists():
-            # Drop entries of steps that a resumed run redoes.
-            lines = self.path.read_text().splitlines(keepends=True)
-            self.lines = [
-                line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(self.lines))
-
-    def write(self, step: int, values: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps({"step": step, **{k: _jsonable(v) for k, v in values.items()}}) + "\n"
-        if self.append:
-            with self.path.open("a") as f:
-                f.write(line)
-        else:
-            self.lines.append(line)
-            self.path.write_text("".join(self.lines))
-
-
-def _jsonable(v):
-    v = float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-    return None if isinstance(v, float) and not np.isfinite(v) else v
-
-
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
     host = jax.device_get(window)
     keys = sorted({k for m in host for k in m})
@@ -539,7 +518,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         async_save=config.checkpoint.async_save,
     )
     step, state, root, data_position = _restore_or_init(s, ckpt)
-    metrics_log = MetricsLog(run / "metrics.jsonl", step)
+    writers = MetricWriters(config, workdir, step)
+    recorded = recorded_final_evaluation(writers.jsonl, config.num_steps)
+    if step >= config.num_steps and recorded is not None:
+        log.info(
+            "the run finished at step %d and was evaluated: nothing to do (--mode eval evaluates again)", step
+        )
+        ckpt.close()
+        writers.close()
+        return recorded
+    writers.text("config", configuration.to_json(config))
     steps = StepFunctions(s)
     source = s.recipe.source(s.world)
     if source is None:
@@ -557,6 +545,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         options=PipelineOptions.from_config(config),
     )
 
+    evaluation = config.get("eval", ml_collections.ConfigDict())
+    eval_every = evaluation.get("every", 0)
+    profile = config.get("profile", ml_collections.ConfigDict())
+    profiler = Profiler(run / "profile", step + profile.get("warmup", 3), profile.get("steps", 0))
     window: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()
     bar = tqdm(
@@ -570,6 +562,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         with StopSignal() as stop:
             while step < config.num_steps:
+                profiler.before_step(step, state)
                 batch = next(batches)
                 with jax.set_mesh(s.mesh):  # models keep activations batch-sharded (parallel.constrain_batch)
                     state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
@@ -581,14 +574,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
                 if step % config.log_every == 0 or step == config.num_steps:
                     values = _mean_metrics(window)
-                    values["steps_per_sec"] = len(window) / (time.perf_counter() - window_start)
-                    metrics_log.write(step, values)
+                    elapsed = time.perf_counter() - window_start
+                    values["steps_per_sec"] = len(window) / elapsed
+                    values["step_time_s"] = elapsed / len(window)
+                    values["images_per_sec"] = len(window) * config.batch_size / elapsed
+                    values.update(device_memory())
+                    writers.scalars(step, values)
+                    if parallel.is_main_process():
+                        warn_nonfinite_rows(values, step)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
                     window, window_start = [], time.perf_counter()
                     _check_nonfinite(state, config.max_nonfinite_streak, step)
 
+                paused_at = time.perf_counter()  # sampling and evaluation stay out of the step timings
                 if config.sample.every and step % config.sample.every == 0:
                     write_samples(s, state, f"step_{step:07d}", config.sample.count)
+                    writers.image_file(step, "samples", run / "samples" / f"step_{step:07d}.png")
+                if eval_every and step % eval_every == 0 and step < config.num_steps:
+                    results = evaluate_during_training(s, state, step)
+                    writers.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+                    writers.image_file(step, "eval", run / "samples" / f"eval_{step:07d}.png")
+                window_start += time.perf_counter() - paused_at
 
                 # A stop request must be seen by every process at the same step; several processes agree at
                 # log steps only, to keep host synchronisation off the hot path.
@@ -605,13 +611,63 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     )
                     raise SystemExit(128 + (stop.received or signal.SIGTERM))
     finally:
+        profiler.stop(state, step)
         batches.close()
         bar.close()
         ckpt.close()  # finishes saves in flight, also when an error ends the loop
+        writers.flush()
 
     results = evaluate_final(s, state)
-    metrics_log.write(step, {f"eval/{k}": v for k, v in results.items()})
+    writers.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    writers.image_file(step, "final", run / "samples" / "final.png")
+    writers.close()
     return results
+
+
+def recorded_final_evaluation(metrics: MetricsLog, num_steps: int) -> dict[str, float] | None:
+    """The final evaluation a finished run already logged (its ``eval/`` values at ``num_steps``), if any."""
+    for record in reversed(metrics.records()):
+        if record.get("step") == num_steps and any(k.startswith("eval/") for k in record):
+            return {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    return None
+
+
+def device_memory() -> dict[str, float]:
+    """Memory in use and its peak on the busiest local device, in GiB (where the backend reports it: GPUs
+    and TPUs; CPU devices report nothing)."""
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    stats = [m for m in stats if m]
+    out = {}
+    for key, name in (("bytes_in_use", "memory/in_use_gib"), ("peak_bytes_in_use", "memory/peak_gib")):
+        if any(key in m for m in stats):
+            out[name] = max(m.get(key, 0) for m in stats) / 2**30
+    return out
+
+
+class Profiler:
+    """A JAX profiler trace of ``steps`` steps from step ``first`` (after warm-up: compilation stays out)."""
+
+    def __init__(self, logdir, first: int, steps: int):
+        self.logdir, self.first, self.steps = str(logdir), first, steps
+        self.active = False
+
+    def before_step(self, step: int, state) -> None:
+        if not self.steps:
+            return
+        if step == self.first:
+            jax.block_until_ready(state)  # the trace starts with the device idle
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+        elif step == self.first + self.steps:
+            self.stop(state, step)
+
+    def stop(self, state, step: int) -> None:
+        """Ends the trace (if one runs) once the steps before ``step`` are done."""
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of steps %d-%d written to %s", self.first, step - 1, self.logdir)
 
 
 def _check_nonfinite(state, limit: int, step: int) -> None:
@@ -648,12 +704,13 @@ def draw_samples(s: Setup, state, count: int, seed: int) -> tuple[np.ndarray, di
             f"sample.batch={chunk} must be divisible by the {divisor} batch devices"
         )
     params = sampling_params(s, state)
-    recipe, prepare = s.recipe, s.world.prepare
+    if s.sample_fn is None:  # one jitted function per run: every sampling and evaluation reuses its programs
+        recipe, prepare = s.recipe, s.world.prepare
 
-    def sample(params, batch, key):
-        return recipe.sample(params, prepare(params, batch)["cond"], key)
+        def sample(params, batch, key):
+            return recipe.sample(params, prepare(params, batch)["cond"], key)
 
-    sample_fn = jax.jit(sample, out_shardings=s.batch_sharding)
+        s.sample_fn = jax.jit(sample, out_shardings=s.batch_sharding)
     key = jax.random.key(seed)
     rows = parallel.local_rows(s.batch_sharding, chunk)
     out = []
@@ -661,7 +718,7 @@ def draw_samples(s: Setup, state, count: int, seed: int) -> tuple[np.ndarray, di
         part = {k: _pad_rows(v[start : start + chunk], chunk)[rows] for k, v in batch_all.items()}
         batch = parallel.global_batch(part, s.batch_sharding, chunk)
         with jax.set_mesh(s.mesh):  # as in the steps: batch-sharded activations, per-device attention kernels
-            drawn = sample_fn(params, batch, jax.random.fold_in(key, i))
+            drawn = s.sample_fn(params, batch, jax.random.fold_in(key, i))
         out.append(parallel.to_host(drawn))
     return np.concatenate(out)[:count], batch_all
 
@@ -677,14 +734,46 @@ def write_samples(s: Setup, state, name: str, count: int, seed: int | None = Non
     return samples, batch
 
 
+def score(s: Setup, samples: np.ndarray, batch: dict) -> dict[str, float]:
+    """The world's metrics of ``samples`` (drawn for ``batch``), with config.eval's FID and CLIP score."""
+    results = s.world.evaluate(samples, batch)
+    if s.image_metrics.enabled:
+        images = np.clip((s.world.decode(samples).astype(np.float32) + 1.0) / 2.0, 0.0, 1.0)
+        prompts = s.world.eval_prompts(len(samples)) if s.image_metrics.needs_prompts else None
+        results.update(s.image_metrics(images, prompts))
+    return results
+
+
+# Evaluations during training and the final one draw from the same noise, so their numbers follow the student
+# alone; the samples of ``sample.every`` use another seed.
+def _evaluation_seed(s: Setup) -> int:
+    return s.config.sample.seed + 1
+
+
+def evaluate_during_training(s: Setup, state, step: int) -> dict[str, float]:
+    """``eval.count`` samples (default ``sample.final_count``) scored; a grid of the first 64 is written to
+    ``samples/eval_<step>.png`` (the samples themselves are not kept: at real size they are large)."""
+    count = s.config.eval.get("count", 0) or s.config.sample.final_count
+    samples, batch = draw_samples(s, state, count, _evaluation_seed(s))
+    if parallel.is_main_process():
+        shown = min(64, len(samples))
+        stem = str(paths.as_path(s.workdir) / "samples" / f"eval_{step:07d}")
+        s.world.save_samples(stem, samples[:shown], {k: v[:shown] for k, v in batch.items()})
+    results = score(s, samples, batch)
+    log.info("evaluation at step %d: %s", step, _shown(results))
+    return results
+
+
 def evaluate_final(s: Setup, state) -> dict[str, float]:
     """Final samples with fresh noise (``samples/final*``) and the world's metrics on them."""
-    samples, batch = write_samples(
-        s, state, "final", s.config.sample.final_count, seed=s.config.sample.seed + 1
-    )
-    results = s.world.evaluate(samples, batch)
-    log.info("final evaluation: %s", {k: round(v, 4) for k, v in results.items() if "mode_share" not in k})
+    samples, batch = write_samples(s, state, "final", s.config.sample.final_count, seed=_evaluation_seed(s))
+    results = score(s, samples, batch)
+    log.info("final evaluation: %s", _shown(results))
     return results
+
+
+def _shown(results: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in results.items() if "mode_share" not in k}
 
 
 # ================================================================================================ other modes

@@ -21,6 +21,25 @@ colour and prompt accuracy, the Frechet distance in its feature space and divers
 (statistics ``.npz`` from ``tools/fid_stats.py``); CLIP score with ``--clip-model`` (a transformers CLIP
 directory). ``--out DIR`` receives ``metrics.json``, ``images.npy``, ``prompts.txt`` and a PNG grid of the
 first 64 images. Nothing is downloaded.
+
+The papers' number: zero-shot FID on COCO-2014 30k (SwiftBrush, DMD, DMD2 and SiD-LSG on SD1.5/2.1 report
+it; GigaGAN's protocol, which DMD2's and SiD's evaluation code follow):
+
+1. Prompts: 30,000 captions of the COCO-2014 validation split (40,504 images, five captions each), one caption
+   from each of 30,000 images drawn with a fixed seed; write them one per line (``--prompts``).
+2. Images: the student draws one image per caption at its training resolution (512 px for SD1.5/2.1) with its
+   own sampler and guidance (an export's recorded call), saved losslessly (PNG or ``.npy``: JPEG shifts FID).
+3. Reference statistics: the validation images themselves, centre-cropped square and resized to 256 px, through
+   ``tools/fid_stats.py --images DIR --inception pt_inception.pth --out coco2014_val_256.npz``.
+4. FID: the generated images centre-cropped and resized to 256 px the same way, then ``--fid-inception`` and
+   ``--fid-ref coco2014_val_256.npz``. jdistill's FID is pytorch-fid's network and resize (within 1e-5 of it,
+   tests/test_fid.py); clean-fid's "clean" mode, which some papers use, resizes with PIL instead, and resizing
+   alone can move FID by whole points: compare numbers only under the same protocol, and note which one.
+5. CLIP score: ``--clip-model`` with the papers' CLIP (ViT-G/14 from OpenCLIP for SiD-LSG, converted with
+   ``jdistill.convert.clip_model``); papers print the cosine (0.30), jdistill 100 x cosine (30).
+
+SDXL students are usually scored on a 10k subset at 1024 px (DMD2's SDXL table); FLUX and SD3 papers use other
+sets (MJHQ-30K, GenEval): say which set, size and resize a number comes from.
 """
 
 from __future__ import annotations

@@ -47,3 +47,5 @@ class World:
     decode: Callable[[np.ndarray], np.ndarray] | None = (
         None  # latent samples -> images in [-1, 1] (VAE worlds)
     )
+    # n -> the prompts behind eval_batch(n), one per sample (text-to-image worlds; for the CLIP score)
+    eval_prompts: Callable[[int], list[str]] | None = None

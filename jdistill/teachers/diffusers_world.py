@@ -168,6 +168,7 @@ class BuiltInSources:
     conditions: Callable[[Callable], DataSource]
     data: Callable[[Callable], DataSource]
     eval_batch: Callable[[Callable, int], dict[str, np.ndarray]]
+    eval_prompts: Callable[[int], list[str]] | None = None  # n -> the prompts of eval_batch(_, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +274,13 @@ def assemble(
             return built_in.eval_batch(encoder.tokenize, n)
         return encoder.tokenize(eval_prompts.take([i % len(eval_prompts) for i in range(n)]))
 
+    def eval_texts(n: int) -> list[str] | None:
+        if encoder is None:  # the cache's rows are the prompt table's, in order (verified when opened)
+            return tables.prompts.take([i % tables.cache.count for i in range(n)])
+        if eval_prompts is None:
+            return built_in.eval_prompts(n) if built_in.eval_prompts else None
+        return eval_prompts.take([i % len(eval_prompts) for i in range(n)])
+
     if tables.cache is not None:
         if encoder is not None:
             tables.cache.verify(probe=jax.tree.map(np.asarray, empty), source=source)
@@ -325,6 +333,7 @@ def assemble(
         prepare=prepare,
         decode=decode_images,
         source=source,
+        eval_prompts=eval_texts,
     )
 
 

@@ -56,6 +56,7 @@ def built_in_sources(seed: int) -> diffusers_world.BuiltInSources:
         conditions=lambda tokenize: data.DigitsPromptSource(tokenize, seed=seed),
         data=lambda tokenize: data.DigitsImageSource(tokenize, seed=seed),
         eval_batch=eval_batch,
+        eval_prompts=lambda n: list(data.evaluation_prompts(n).prompts),
     )
 
 
