@@ -27,7 +27,7 @@ from jdistill.checkpoint import Checkpointer
 from jdistill.data.pipeline import BatchPipeline, PipelineOptions
 from jdistill.evaluate.image_metrics import ImageMetrics
 from jdistill.methods import build_recipe
-from jdistill.methods.recipe import Recipe, Update
+from jdistill.methods.recipe import Carry, Recipe, Update
 from jdistill.metric_writers import MetricsLog, MetricWriters
 from jdistill.nonfinite import warn_nonfinite_rows
 from jdistill.teachers import World, build_world
@@ -239,7 +239,7 @@ def _update_fn(update: Update, networks: Mapping[str, Any], k: int):
             **{f"{update.name}/{name}": v for name, v in aux.items()},
         }
         state = {"params": params, "opt": opt, "ema": ema, "nonfinite": nonfinite}
-        return state, metrics, {**carry, **new_carry}
+        return state, metrics, new_carry  # the loss's carry: its input with the fields it filled
 
     return apply
 
@@ -257,7 +257,7 @@ def make_step(recipe: Recipe, active: tuple[Update, ...], prepare, micro_batches
     def step(state, frozen, batch, step_num, root):
         batch = _prepared(prepare, frozen, batch, micro_batches)
         key = rng.step_key(root, step_num)
-        metrics, carry = {}, {"step": step_num}
+        metrics, carry = {}, Carry(step=step_num)
         for apply in updates:
             state, update_metrics, carry = apply(state, frozen, batch, key, carry, step_num)
             metrics.update(update_metrics)
@@ -284,7 +284,7 @@ def make_update_programs(recipe: Recipe, active: tuple[Update, ...], prepare, mi
 
         def run(state, frozen, inputs, step_num, root):
             if index == 0:
-                batch, carry = _prepared(prepare, frozen, inputs, k), {"step": step_num}
+                batch, carry = _prepared(prepare, frozen, inputs, k), Carry(step=step_num)
             else:
                 batch, carry = inputs
             state, metrics, carry = apply(state, frozen, batch, rng.step_key(root, step_num), carry, step_num)
