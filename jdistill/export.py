@@ -24,20 +24,26 @@ def export_run(
     *,
     dtype: str = "float32",
     lora_merged: bool = False,
+    trained=None,
 ) -> str:
     """Export the latest checkpoint of the run in ``workdir`` to ``dst`` (default ``workdir/export``).
 
     The sampling network is taken as sampling uses it (its EMA when ``sample.use_ema``). With a diffusers
     teacher the result is a pipeline directory that ``DiffusionPipeline.from_pretrained`` loads (a LoRA
     student as the teacher plus ``pytorch_lora_weights.safetensors``, or merged with ``lora_merged``); with other
-    teachers each sampling network is written as flat safetensors with the run's config.
+    teachers each sampling network is written as flat safetensors with the run's config. ``trained`` (a
+    ``train.Trained`` of this run, just finished) supplies the setup and state instead of building the world
+    and restoring the checkpoint again.
     """
     from jdistill import train
 
     if dtype not in EXPORT_DTYPES:
         raise configuration.ConfigError(f"export dtype {dtype!r}; choose one of {EXPORT_DTYPES}")
     dst = dst or str(paths.as_path(workdir) / "export")
-    s, state, step = train.restore_latest(config, workdir)
+    if trained is not None and trained.setup is not None:
+        s, state, step = trained.setup, trained.state, trained.step
+    else:
+        s, state, step = train.restore_latest(config, workdir)
     params = parallel.to_host(train.sampling_params(s, state))
     if not parallel.is_main_process():
         return dst

@@ -105,9 +105,9 @@ def main(argv: list[str]) -> None:
         )  # after distributed start-up: importing models touches no devices, but be safe
 
         if FLAGS.mode == "train":
-            train.train(config, FLAGS.workdir)
+            trained = train.run_training(config, FLAGS.workdir)
             if config.export_when_done:
-                _export_once(config, FLAGS.workdir)
+                _export_once(config, FLAGS.workdir, trained)
         elif FLAGS.mode == "sample":
             print(train.sample(config, FLAGS.workdir))
         elif FLAGS.mode == "eval":
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
         fail(err)
 
 
-def _export_once(config, workdir: str) -> None:
+def _export_once(config, workdir: str, trained) -> None:
     from jdistill.export import export_run
 
     dst = str(paths.as_path(workdir) / "export")
@@ -129,7 +129,7 @@ def _export_once(config, workdir: str) -> None:
             f"{dst} already holds an export of this run; not written again (tools/export_diffusers.py --dst DIR writes another)"
         )
         return
-    print(export_run(config, workdir, dst))
+    print(export_run(config, workdir, dst, trained=trained))  # the trained world and state, not built again
 
 
 def run() -> None:

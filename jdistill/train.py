@@ -500,8 +500,25 @@ def _restore_or_init(s: Setup, ckpt: Checkpointer) -> tuple[int, dict[str, PyTre
     return step, _state_from_items(items, s.abstract_state, nonfinite), root, position
 
 
+@dataclasses.dataclass
+class Trained:
+    """What a finished ``run_training`` holds: the final evaluation, and the run's setup and state at its last
+    step, so that exporting after training reuses them instead of building the world again. ``setup`` is None
+    when the run had already finished and been evaluated (nothing trained or restored this time)."""
+
+    results: dict[str, float]
+    setup: Setup | None = None
+    state: dict[str, PyTree] | None = None
+    step: int = 0
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (or resume) the recipe in ``config``; returns the final evaluation metrics."""
+    return run_training(config, workdir).results
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str) -> Trained:
+    """``train``, keeping the run's setup and final state (see ``Trained``)."""
     s = setup(config, workdir)
     run = paths.as_path(workdir)  # local or remote (gs://): every file of the run goes through epath
     if parallel.is_main_process():
@@ -526,7 +543,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         )
         ckpt.close()
         writers.close()
-        return recorded
+        return Trained(recorded)
     writers.text("config", configuration.to_json(config))
     steps = StepFunctions(s)
     source = s.recipe.source(s.world)
@@ -621,7 +638,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     writers.scalars(step, {f"eval/{k}": v for k, v in results.items()})
     writers.image_file(step, "final", run / "samples" / "final.png")
     writers.close()
-    return results
+    return Trained(results, s, state, step)
 
 
 def recorded_final_evaluation(metrics: MetricsLog, num_steps: int) -> dict[str, float] | None:
