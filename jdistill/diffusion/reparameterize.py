@@ -56,11 +56,11 @@ class MatchedDenoiser:
         """(x_s, s): the base path's state and time (float32, s per sample) holding what (x_t, t) holds."""
         x_t = x_t.astype(jnp.float32)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
-        a, sig = self.schedule.alpha_sigma(t)  # per sample (B,)
-        s = self.base_time(a, sig)
+        alpha, sigma = self.schedule.alpha_sigma(t)  # per sample (B,)
+        s = self.base_time(alpha, sigma)
         base_alpha, base_sigma = self.base.schedule.alpha_sigma(s)
         # x_t / |(c alpha, sigma)| and x_s / |(alpha_s, sigma_s)| are the same unit-norm mix of x0 and eps.
-        scale = jnp.hypot(base_alpha, base_sigma) / jnp.hypot(self.data_scale * a, sig)
+        scale = jnp.hypot(base_alpha, base_sigma) / jnp.hypot(self.data_scale * alpha, sigma)
         return broadcast_to(scale, x_t) * x_t, s
 
     def predict(self, params: PyTree, x_t: jax.Array, t: jax.Array, cond: PyTree) -> Prediction:

@@ -30,17 +30,17 @@ REGRESSION_LOSSES = ("mse",)
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = dmd2.default_config()
-    c.name = "dmd"
-    del c.gan  # DMD has no GAN term (DMD2's addition)
-    c.guidance_scale = 3.0  # the real score's CFG (the paper's FID model)
-    c.generator_every = 1  # DMD updates generator and fake score 1:1
-    c.regression_weight = 0.25
-    c.regression_loss = "mse"
-    c.pairs = ""  # directory from tools/make_ode_pairs.py
-    c.make_pairs = 0  # with pairs empty: generate this many pairs in memory at build time
-    c.pair_steps = 50  # teacher sampler steps for in-memory pairs
-    return c
+    config = dmd2.default_config()
+    config.name = "dmd"
+    del config.gan  # DMD has no GAN term (DMD2's addition)
+    config.guidance_scale = 3.0  # the real score's CFG (the paper's FID model)
+    config.generator_every = 1  # DMD updates generator and fake score 1:1
+    config.regression_weight = 0.25
+    config.regression_loss = "mse"
+    config.pairs = ""  # directory from tools/make_ode_pairs.py
+    config.make_pairs = 0  # with pairs empty: generate this many pairs in memory at build time
+    config.pair_steps = 50  # teacher sampler steps for in-memory pairs
+    return config
 
 
 def build(config: ml_collections.ConfigDict, world) -> Recipe:

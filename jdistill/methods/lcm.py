@@ -63,11 +63,11 @@ import numpy as np
 
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.guidance import in_cond_convention
-from jdistill.diffusion.samplers import run_sampler, student_plan
+from jdistill.diffusion.samplers import student_plan
 from jdistill.diffusion.schedules import FlowSchedule, VPSchedule, broadcast_to, shift_sigmas
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.recipe import Pass, Recipe, Update
-from jdistill.methods.rollout import sampler_start
+from jdistill.methods.rollout import renoising_sample
 from jdistill.methods.trajectory import consistency_scalings, huber_loss, skipping_grid, with_guidance
 from jdistill.rng import streams
 
@@ -191,8 +191,8 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     if flow:
         # The teacher pipeline's shift: FLUX-dev's dynamic one at the world's resolution is the static exp(mu).
-        own = math.exp(schedule.mu) if schedule.mu is not None else float(schedule.shift)
-        shift = float(m.flow_shift) if m.flow_shift else own
+        teacher_shift = math.exp(schedule.mu) if schedule.mu is not None else float(schedule.shift)
+        shift = float(m.flow_shift) if m.flow_shift else teacher_shift
         times = jnp.asarray(flow_grid(m.num_ddim_timesteps, shift), jnp.float32)
 
         def draw_times(key, n):
@@ -249,8 +249,14 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
+    def boundary_predict(p, x_t, t, cond):
+        """The student's prediction with x0 replaced by f(x_t, t): what the sampler re-noises."""
+        return student.predict(p, x_t, t, cond).replace(x0=consistency(p, x_t, t, cond))
+
     def sample(params, cond, key):
-        start = sampler_start(
+        return renoising_sample(
+            boundary_predict,
+            plan,
             key,
             schedule,
             world.sample_shape,
@@ -258,12 +264,6 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             network.net_params(params),
             student_cond=lambda c: student_inputs(c, m.sample_guidance),
         )
-
-        def denoise(x_t, t):
-            pred = student.predict(start.params, x_t, t, start.cond)
-            return pred.replace(x0=consistency(start.params, x_t, t, start.cond))
-
-        return run_sampler(denoise, start.noise, plan, renoise=True, key=start.renoise_key)
 
     if embedded:  # in convention "cond", as Recipe.student_guidance is (the input is its value + 1)
         student_guidance = in_cond_convention(m.sample_guidance, m.cfg_convention)

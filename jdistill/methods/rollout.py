@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jdistill.diffusion.samplers import run_sampler, student_plan
+from jdistill.diffusion.parameterization import Prediction
+from jdistill.diffusion.samplers import SamplerPlan, run_sampler, student_plan
 from jdistill.diffusion.schedules import Schedule
 from jdistill.rng import streams
 
@@ -93,6 +94,31 @@ def sampler_start(
     return SamplerStart(noise, renoise_key, cond if student_cond is None else student_cond(cond), params)
 
 
+def renoising_sample(
+    predict: Callable[[PyTree, jax.Array, jax.Array, PyTree], Prediction],
+    plan: SamplerPlan,
+    key: jax.Array,
+    schedule: Schedule,
+    sample_shape: tuple[int, ...],
+    cond: PyTree,
+    params: PyTree,
+    *,
+    student_cond: Callable[[PyTree], PyTree] | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
+    """A few-step student's sampler: ``predict(params, x_t, t, cond)`` at each time of ``plan``, its x0
+    re-noised with fresh noise to the next time; the last x0 is the sample. ``sampler_start`` prepares the
+    inputs (``student_cond``, ``scale``)."""
+    start = sampler_start(key, schedule, sample_shape, cond, params, student_cond=student_cond, scale=scale)
+    return run_sampler(
+        lambda x_t, t: predict(start.params, x_t, t, start.cond),
+        start.noise,
+        plan,
+        renoise=True,
+        key=start.renoise_key,
+    )
+
+
 STUDENT_INPUTS = ("noise", "noised_zero")
 
 
@@ -156,11 +182,13 @@ class FewStepStudent:
 
     def sample(self, params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
         """The deployed sampler: all steps, fresh noise between them."""
-        start = sampler_start(key, self.schedule, self.sample_shape, cond, params, scale=self.input_scale)
-        return run_sampler(
-            lambda x, t: self.denoiser.predict(start.params, x, t, start.cond),
-            start.noise,
+        return renoising_sample(
+            self.denoiser.predict,
             self.plan,
-            renoise=True,
-            key=start.renoise_key,
+            key,
+            self.schedule,
+            self.sample_shape,
+            cond,
+            params,
+            scale=self.input_scale,
         )

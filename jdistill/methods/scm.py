@@ -47,7 +47,7 @@ from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.guidance import in_cond_convention
 from jdistill.diffusion.jvp import directional_derivative
 from jdistill.diffusion.reparameterize import MatchedDenoiser, on_schedule, trigflow_output
-from jdistill.diffusion.samplers import run_sampler, student_plan
+from jdistill.diffusion.samplers import student_plan
 from jdistill.diffusion.schedules import TrigFlowSchedule, broadcast_to
 from jdistill.diffusion.transformer_denoiser import transformer_family
 from jdistill.methods.adversarial import build_teacher_discriminator, enabled, ladd_config
@@ -59,7 +59,7 @@ from jdistill.methods.common import (
 )
 from jdistill.methods.distribution import NONFINITE_ROWS, finite_rows, nonfinite_count, zero_bad_rows
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
-from jdistill.methods.rollout import sampler_start
+from jdistill.methods.rollout import renoising_sample
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_guidance
 from jdistill.models.heads import LogVarHead
 from jdistill.models.net import Net
@@ -117,8 +117,8 @@ def trigflow_student(config, world, schedule: TrigFlowSchedule):
     from scratch) lives on the TrigFlow path itself."""
     net_cfg = config.networks.student
     family = transformer_family(world.nets.get("teacher")) if net_cfg.model.arch == "teacher" else None
-    own = with_transformer_options(world, **student_time_scale(net_cfg.model, family))
-    network = build_network("student", net_cfg, own, config.num_steps)
+    student_world = with_transformer_options(world, **student_time_scale(net_cfg.model, family))
+    network = build_network("student", net_cfg, student_world, config.num_steps)
     if net_cfg.model.arch == "teacher":
         base = network_denoiser(network, net_cfg, world.teacher.schedule)
         return network, on_schedule(base, schedule, config.method.data_scale)
@@ -234,20 +234,15 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
     def sample(params, cond, key):
-        start = sampler_start(
+        x = renoising_sample(
+            student.predict,
+            plan,
             key,
             schedule,
             world.sample_shape,
             cond,
             network.net_params(params),
             student_cond=lambda c: student_inputs(c, m.sample_guidance),
-        )
-        x = run_sampler(
-            lambda x_t, t: student.predict(start.params, x_t, t, start.cond),
-            start.noise,
-            plan,
-            renoise=True,
-            key=start.renoise_key,
         )
         return x / m.data_scale
 

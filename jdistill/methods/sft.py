@@ -61,8 +61,8 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         value = denoising_loss(pred, x0, eps, target, m.weighting)
         return value, ({}, carry)
 
-    s = m.sampler
-    plan = ode_plan(schedule, s.steps, spacing=s.spacing)
+    sampler_cfg = m.sampler
+    plan = ode_plan(schedule, sampler_cfg.steps, spacing=sampler_cfg.spacing)
 
     def sample(params, cond, key):
         n = jax.tree.leaves(cond)[0].shape[0]
@@ -70,7 +70,14 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
         def denoise(x_t, t):
             return predict_cfg(
-                model, params["model"], x_t, t, cond, world.uncond, s.guidance_scale, s.cfg_convention
+                model,
+                params["model"],
+                x_t,
+                t,
+                cond,
+                world.uncond,
+                sampler_cfg.guidance_scale,
+                sampler_cfg.cfg_convention,
             )
 
         return run_sampler(denoise, x, plan)

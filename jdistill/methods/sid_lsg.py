@@ -17,11 +17,11 @@ build = sid.build
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = sid.default_config()
-    c.name = "sid_lsg"
-    c.alpha = 1.0
-    c.teacher_guidance = 2.0  # kappa4
-    c.fake_guidance = 2.0  # kappa2 = kappa3
-    c.fake_train_guidance = 2.0  # kappa1
-    c.fake_cond_dropout = 0.1
-    return c
+    config = sid.default_config()
+    config.name = "sid_lsg"
+    config.alpha = 1.0
+    config.teacher_guidance = 2.0  # kappa4
+    config.fake_guidance = 2.0  # kappa2 = kappa3
+    config.fake_train_guidance = 2.0  # kappa1
+    config.fake_cond_dropout = 0.1
+    return config
