@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import tool
 
 pytestmark = pytest.mark.e2e  # compiles the VAE, the UNet's training step and its sampler: about 2 minutes
 
@@ -26,7 +27,7 @@ SFT = (
 def test_build_writes_a_diffusers_teacher_and_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from jdistill.digits.build import build_world
+    build_world = tool("build_digits_world").build_world  # the build lives with the tools
 
     out = str(tmp_path / "build")
     record = build_world(out, unet_steps=2, component_steps=TINY, sft_overrides=SFT, log=lambda m: None)

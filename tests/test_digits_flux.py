@@ -16,9 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from helpers import tool
 
 from jdistill.digits import data
-from jdistill.digits.flux_build import build_world
 from jdistill.teachers import build_world as build_teacher_world
 from jdistill.teachers.digits_world import digits_flux_teacher_config, to_unit
 from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER
@@ -37,7 +37,7 @@ PROMPTS = ["a red seven", "the number 3 in blue", "an image of a cyan 0"]
 
 
 def shrunk_build(out: str) -> dict:
-    return build_world(
+    return tool("build_flux_digits_world").build_world(  # the build lives with the tools
         out, steps=2, component_steps=TINY, sft_overrides=SFT, vae_stats_images=64, log=lambda m: None
     )
 

@@ -21,9 +21,116 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import time
+from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from jdistill.digits.build_record import open_record, stage_done, stage_steps  # noqa: E402
+from jdistill.teachers.presets import DIGITS_CLASSIFIER, DIGITS_ROOT, DIGITS_TEACHER  # noqa: E402
+
+
+def build_world(
+    out: str,
+    *,
+    unet_steps: int = 0,
+    seed: int = 0,
+    component_steps: dict[str, int] | None = None,
+    sft_overrides: tuple[tuple[str, str], ...] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the stages into ``out``; returns (and writes to ``out/build.json``) every stage's metrics.
+
+    ``component_steps``: training steps of "classifier", "text_encoder", "vae" (default: their functions');
+    ``sft_overrides``: more config overrides of the UNet's sft run (tests shrink it)."""
+    steps = dict(component_steps or {})
+    import numpy as np
+    from transformers import CLIPTokenizer
+
+    from jdistill import configuration, train
+    from jdistill.digits import classifier as clf
+    from jdistill.digits import components, data
+    from jdistill.digits.tokenizer import write_tokenizer
+    from jdistill.export import export_run
+
+    record, save = open_record(out)
+
+    classifier_dir = os.path.join(out, "classifier")
+    if not stage_done(classifier_dir):
+        t0 = time.time()
+        model = clf.train_classifier(seed=seed, **stage_steps(steps, "classifier"))
+        test = data.split("test")
+        n_colours = len(data.COLOUR_NAMES)
+        index, colours = np.repeat(test, n_colours), np.tile(np.arange(n_colours), len(test))
+        acc = clf.accuracy(model, data.render(index, colours), data.digit_labels()[index], colours)
+        record["classifier"] = {**acc, "seconds": round(time.time() - t0, 1)}
+        model.save(classifier_dir, {"test": acc})
+        save()
+        log(f"classifier: {record['classifier']}")
+
+    init_dir = os.path.join(out, "init")
+    if not stage_done(init_dir):
+        t0 = time.time()
+        write_tokenizer(os.path.join(out, "tokenizer"))
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+        text = components.train_text_encoder(tokenizer, seed=seed, **stage_steps(steps, "text_encoder"))
+        log(f"text encoder: caption accuracy {text.metrics['caption_accuracy']:.3f}")
+        vae = components.train_vae(seed=seed, **stage_steps(steps, "vae"))
+        log(
+            f"vae: reconstruction MAE {vae.metrics['reconstruction_mae']:.2f} / 255, scale {vae.config.scaling_factor}"
+        )
+        components.write_pipeline(init_dir + ".tmp", text, vae, seed=seed)
+        os.replace(init_dir + ".tmp", init_dir)
+        record["text_encoder"] = {"caption_accuracy": text.metrics["caption_accuracy"]}
+        record["vae"] = {k: vae.metrics[k] for k in ("reconstruction_mae", "latent_std")}
+        record["vae"]["scaling_factor"] = vae.config.scaling_factor
+        record["components_seconds"] = round(time.time() - t0, 1)
+        save()
+
+    overrides = [("teacher.path", init_dir), ("teacher.classifier", classifier_dir), ("seed", str(seed))]
+    if unet_steps:
+        overrides.append(("num_steps", str(unet_steps)))
+    overrides += list(sft_overrides)
+    config = configuration.load(os.path.join(REPO, "configs", "sft.py:digits"), overrides)
+    run_dir = os.path.join(out, "sft")
+    t0 = time.time()
+    metrics = train.train(config, run_dir)
+    record["unet"] = {
+        "final": metrics,
+        "steps": config.num_steps,
+        "seconds_this_run": round(time.time() - t0, 1),
+    }
+    record["guidance_scale"] = config.method.sampler.guidance_scale  # the CFG scale of the metrics
+    save()
+    log(
+        f"unet (sft, {config.num_steps} steps, 50 DDIM steps, CFG {config.method.sampler.guidance_scale}): {metrics}"
+    )
+
+    teacher_dir = os.path.join(out, "teacher")
+    if os.path.exists(teacher_dir):
+        shutil.rmtree(teacher_dir)
+    export_run(config, run_dir, teacher_dir)
+    # The export records where it came from; the shipped teacher is its own source.
+    os.remove(os.path.join(teacher_dir, "jdistill_export.json"))
+    return record
+
+
+def install(out: str) -> str:
+    """Copy ``out/teacher`` and ``out/classifier`` (and the build record) into the package's assets."""
+    for src, dst in (
+        (os.path.join(out, "teacher"), DIGITS_TEACHER),
+        (os.path.join(out, "classifier"), DIGITS_CLASSIFIER),
+    ):
+        if not stage_done(src):
+            raise FileNotFoundError(f"{src} is missing: run the build first")
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    shutil.copy(os.path.join(out, "build.json"), os.path.join(DIGITS_ROOT, "build.json"))
+    return DIGITS_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true", help="copy the result into jdistill/assets/digits")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    from jdistill.digits.build import build_world, install
 
     record = build_world(args.out, unet_steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
     print(json.dumps(record, indent=2))
