@@ -32,8 +32,8 @@ KEYS = ("workers", "prefetch", "device_prefetch")
 class PipelineOptions:
     """``workers``: threads preparing batches (0: each batch is read in the consumer's thread when it is
     asked for, nothing ahead); ``prefetch``: host batches prepared ahead (at least ``workers``, or threads
-    sit idle); ``device_prefetch``: global batches put on the devices ahead of the one in use (0: put in the
-    consumer's thread when asked for)."""
+    sit idle); ``device_prefetch``: global batches waiting on the devices ahead of the one in use, one more
+    may be in transfer (0: put in the consumer's thread when asked for)."""
 
     workers: int = 4
     prefetch: int = 4
