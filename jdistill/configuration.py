@@ -196,25 +196,19 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    """Valid values of string settings, by leaf key name (wherever the key appears)."""
-    from jdistill.diffusion.guidance import CFG_CONVENTIONS
+    """Valid values of string settings, by leaf key name (wherever the key appears): the teacher's, the
+    networks' and the methods' shared ones (``methods.shared_choices``)."""
     from jdistill.diffusion.parameterization import PREDICTION_TYPES
     from jdistill.diffusion.samplers import TIMESTEP_SPACINGS
     from jdistill.diffusion.schedules import BETA_SCHEDULES
-    from jdistill.methods.common import WEIGHTINGS
-    from jdistill.methods.rollout import STUDENT_INPUTS
+    from jdistill.methods import shared_choices
     from jdistill.models import ARCHITECTURES, NETWORK_INITS
     from jdistill.models.attention import ATTENTION_IMPLS
     from jdistill.models.layers import REMAT_POLICIES
 
     return {
-        "cfg_convention": CFG_CONVENTIONS,
+        **shared_choices(),
         "prediction": PREDICTION_TYPES,
-        "fake_target": PREDICTION_TYPES,
-        "target": ("", *PREDICTION_TYPES),
-        "weighting": WEIGHTINGS,
-        "fake_weighting": WEIGHTINGS,
-        "student_input": STUDENT_INPUTS,
         "arch": ARCHITECTURES,
         "beta_schedule": BETA_SCHEDULES,
         "spacing": TIMESTEP_SPACINGS,
@@ -228,13 +222,10 @@ def _choices() -> dict[str, tuple[str, ...]]:
     }
 
 
-def _path_choices() -> dict[str, tuple[str, ...]]:
-    from jdistill.diffusion.jvp import JVP_METHODS
+def _path_choices(method: str) -> dict[str, tuple[str, ...]]:
+    """Valid values by config path: the run's own settings and the method's (its ``CONFIG_CHOICES``)."""
     from jdistill.diffusion.schedules import SCHEDULE_KINDS
-    from jdistill.methods import METHODS
-    from jdistill.methods.distribution import GAN_KINDS
-    from jdistill.methods.lcm import TARGETS
-    from jdistill.methods.meanflow import TANGENTS
+    from jdistill.methods import METHODS, config_choices
     from jdistill.teachers import WORLD_KINDS
     from jdistill.teachers.presets import PRESETS, UNCOND_RULES
 
@@ -244,12 +235,7 @@ def _path_choices() -> dict[str, tuple[str, ...]]:
         "teacher.schedule.kind": SCHEDULE_KINDS,
         "teacher.preset": tuple(PRESETS),
         "teacher.uncond": ("", *UNCOND_RULES),
-        "method.gan.loss": GAN_KINDS,
-        "method.target_network": TARGETS,
-        "method.jvp": JVP_METHODS,
-        "method.tangent": TANGENTS,
-        "networks.discriminator.model.arch": ("head",),
-        "networks.logvar.model.arch": ("logvar",),
+        **(config_choices(method) if method in METHODS else {}),
     }
 
 
@@ -270,7 +256,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     from jdistill.optim import LR_SCHEDULES, OPTIMIZERS
 
     by_key = _choices()
-    by_path = _path_choices()
+    by_path = _path_choices(cfg.method.name)
     for path, key, value in _walk(cfg):
         allowed = by_path.get(path)
         if allowed is None and path.endswith("optimizer.name"):

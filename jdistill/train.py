@@ -88,8 +88,10 @@ def setup(
     def shardings_for(name: str, net) -> PyTree:  # frozen networks load straight into these
         return policy.shardings(name, net.abstract, net.logical_axes, mesh)
 
-    world = build_world(config, shardings_for, abstract=abstract)
-    recipe = build_recipe(config, world)
+    with _reported_as_setting("teacher"):
+        world = build_world(config, shardings_for, abstract=abstract)
+    with _reported_as_setting(f"method {config.method.name!r}"):
+        recipe = build_recipe(config, world)
     frozen_shardings = {
         name: policy.shardings(name, tree, world.frozen_axes[name], mesh)
         for name, tree in world.frozen.items()
@@ -116,6 +118,20 @@ def setup(
     return Setup(
         config, workdir, mesh, world, recipe, frozen, abstract_state, batch_sharding, rows, image_metrics
     )
+
+
+@contextlib.contextmanager
+def _reported_as_setting(what: str):
+    """A plain ValueError while building the world or the recipe comes from a setting they refuse (a choice,
+    a range, a missing option): it becomes a ConfigError, which the entry point reports in one line."""
+    from jdistill.convert.core import ConversionError
+
+    try:
+        yield
+    except (configuration.ConfigError, ConversionError):
+        raise
+    except ValueError as err:
+        raise configuration.ConfigError(f"{what}: {err}") from err
 
 
 # ================================================================================================ state

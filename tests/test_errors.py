@@ -243,3 +243,27 @@ def test_one_line_messages():
     missing = FileNotFoundError(2, "No such file or directory", "/x/vocab.json")
     assert entry.one_line(missing) == "[Errno 2] No such file or directory: '/x/vocab.json'"
     assert ValueError not in entry.user_errors()  # a ValueError that is not a ConfigError is a bug: traceback
+
+
+def test_method_settings_are_checked_by_their_method(tmp_path):
+    """A method's own choices (its module's CONFIG_CHOICES) are checked when the config loads, and a value its
+    build refuses stops in one line as well, before anything compiles."""
+    from helpers import load
+
+    for spec, key in (
+        ("configs/swiftbrush.py:gmm", "method.fake_score_init"),
+        ("configs/meanflow.py:gmm", "method.tangent"),
+        ("configs/dmd2.py:gmm", "method.gan.loss"),
+        ("configs/lcm.py:gmm", "method.target_network"),
+    ):
+        with pytest.raises(ConfigError, match=rf"'{key}' has value 'bogus'; valid choices"):
+            load(spec, [(key, "bogus")])
+    chosen = run_main(tmp_path / "w", overrides=[("method.fake_score_init", "bogus")], timeout=120)
+    _error_line(chosen, "'method.fake_score_init' has value 'bogus'", "teacher_residual")
+    built = run_main(
+        tmp_path / "w2",
+        spec="configs/lcm.py:gmm",
+        overrides=[("method.num_ddim_timesteps", "0")],
+        timeout=120,
+    )
+    _error_line(built, "method 'lcm'", "method.num_ddim_timesteps must be an integer in [1, 1000]")

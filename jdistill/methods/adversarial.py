@@ -50,6 +50,9 @@ from jdistill.models.net import Net
 from jdistill.optim import make_optimizer, optimizer_config
 from jdistill.rng import stream, streams
 
+# The settings a method with a GAN term (method.gan, networks.discriminator) adds to its CONFIG_CHOICES.
+GAN_CHOICES = {"method.gan.loss": GAN_KINDS, "networks.discriminator.model.arch": ("head",)}
+
 PyTree = Any
 Features = Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple[jax.Array, ...]]
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jdistill.diffusion.denoiser import predict_cfg
-from jdistill.methods.adversarial import build_discriminator, enabled, gan_config
+from jdistill.methods.adversarial import GAN_CHOICES, build_discriminator, enabled, gan_config
 from jdistill.methods.distribution import (
     NONFINITE_ROWS,
     dmd_direction,
@@ -41,6 +41,7 @@ from jdistill.rng import stream
 
 NETWORKS = ("student", "fake_score")
 OPTIONAL_NETWORKS = ("discriminator",)
+CONFIG_CHOICES = GAN_CHOICES
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -73,6 +73,7 @@ from jdistill.rng import streams
 
 NETWORKS = ("student",)
 TARGETS = ("ema", "online")
+CONFIG_CHOICES = {"method.target_network": TARGETS}
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -54,7 +54,7 @@ import numpy as np
 
 from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
 from jdistill.diffusion.guidance import concat_cond, in_cond_convention
-from jdistill.diffusion.jvp import directional_derivative
+from jdistill.diffusion.jvp import JVP_METHODS, directional_derivative
 from jdistill.diffusion.reparameterize import on_schedule
 from jdistill.diffusion.schedules import FlowSchedule, broadcast_to
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser, transformer_family
@@ -76,6 +76,7 @@ from jdistill.rng import streams
 
 NETWORKS = ("student",)
 TANGENTS = ("teacher", "data")
+CONFIG_CHOICES = {"method.jvp": JVP_METHODS, "method.tangent": TANGENTS}
 DELTA_OPTION = "timestep_delta_embeds"  # FluxConfig / SD3Config field and networks.student.model key
 DELTA_EMBEDDER = "timestep_delta_embedder"  # its module under time_text_embed
 MIX_DELTAS = ("zero", "interval")

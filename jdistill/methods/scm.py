@@ -45,12 +45,12 @@ import numpy as np
 
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.guidance import in_cond_convention
-from jdistill.diffusion.jvp import directional_derivative
+from jdistill.diffusion.jvp import JVP_METHODS, directional_derivative
 from jdistill.diffusion.reparameterize import MatchedDenoiser, on_schedule, trigflow_output
 from jdistill.diffusion.samplers import student_plan
 from jdistill.diffusion.schedules import TrigFlowSchedule, broadcast_to
 from jdistill.diffusion.transformer_denoiser import transformer_family
-from jdistill.methods.adversarial import build_teacher_discriminator, enabled, ladd_config
+from jdistill.methods.adversarial import GAN_CHOICES, build_teacher_discriminator, enabled, ladd_config
 from jdistill.methods.common import (
     build_network,
     network_denoiser,
@@ -68,6 +68,7 @@ from jdistill.rng import stream, streams
 
 NETWORKS = ("student", "logvar")
 OPTIONAL_NETWORKS = ("discriminator",)
+CONFIG_CHOICES = {**GAN_CHOICES, "method.jvp": JVP_METHODS, "networks.logvar.model.arch": ("logvar",)}
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -38,7 +38,7 @@ import ml_collections
 from jdistill.diffusion.denoiser import predict_cfg
 from jdistill.diffusion.guidance import select_cond
 from jdistill.diffusion.schedules import FlowSchedule
-from jdistill.methods.adversarial import build_discriminator, enabled, gan_config
+from jdistill.methods.adversarial import GAN_CHOICES, build_discriminator, enabled, gan_config
 from jdistill.methods.distribution import (
     FLOW_TIME_WEIGHTINGS,
     GENERATOR_WEIGHTINGS,
@@ -57,6 +57,14 @@ OPTIONAL_NETWORKS = ("discriminator",)
 FAKE_CONDITIONS = ("cond", "uncond")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 RENOISE = ("fresh",)
+CONFIG_CHOICES = {
+    **GAN_CHOICES,
+    "method.fake_condition": FAKE_CONDITIONS,
+    "method.generator_weighting": GENERATOR_WEIGHTINGS,
+    "method.t_sampling": TIME_SAMPLINGS,
+    "method.fake_t_sampling": TIME_SAMPLINGS,
+    "method.renoise": RENOISE,
+}
 
 
 def default_config() -> ml_collections.ConfigDict:

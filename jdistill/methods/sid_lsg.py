@@ -13,6 +13,7 @@ from jdistill.methods import sid
 
 NETWORKS = sid.NETWORKS
 OPTIONAL_NETWORKS = sid.OPTIONAL_NETWORKS
+CONFIG_CHOICES = sid.CONFIG_CHOICES
 build = sid.build
 
 

@@ -36,6 +36,7 @@ FAKE_SCORE_INITS = ("teacher_residual", "network")
 
 
 NETWORKS = ("student", "fake_score")
+CONFIG_CHOICES = {"method.fake_score_init": FAKE_SCORE_INITS}
 
 
 def default_config() -> ml_collections.ConfigDict:

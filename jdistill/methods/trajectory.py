@@ -94,6 +94,11 @@ def consistency_scalings(
 
 def skipping_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> jnp.ndarray:
     """LCM's DDIM grid {k - 1, 2k - 1, ..., N - 1} with k = N / n (19, 39, ..., 999 for 50 of 1000)."""
+    if int(num_ddim_timesteps) != num_ddim_timesteps or not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ValueError(
+            f"method.num_ddim_timesteps must be an integer in [1, {num_train_timesteps}] (the teacher's "
+            f"timesteps), got {num_ddim_timesteps}"
+        )
     ratio = num_train_timesteps // num_ddim_timesteps
     return jnp.arange(1, num_ddim_timesteps + 1, dtype=jnp.int32) * ratio - 1
 
