@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,12 +75,18 @@ def _scalar(value: Any) -> float | None:
 
 
 class TensorBoardWriter:
-    """Scalars, images and text in TensorBoard event files under ``logdir``."""
+    """Scalars, images and text in TensorBoard event files under ``logdir``.
+
+    A remote ``logdir`` (``gs://``...) is written through a local staging folder that each ``flush`` copies
+    there (etils.epath, as every file of a run): tensorboardX itself reaches only local folders and S3/GCS with
+    their own client libraries."""
 
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir, flush_secs=30)
+        self.mirror = logdir if paths.is_remote(logdir) else None
+        self.local = tempfile.mkdtemp(prefix="jdistill_tensorboard_") if self.mirror else logdir
+        self.writer = SummaryWriter(self.local, flush_secs=30)
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         for key, value in values.items():
@@ -94,9 +102,14 @@ class TensorBoardWriter:
 
     def flush(self) -> None:
         self.writer.flush()
+        if self.mirror:
+            paths.copy_tree(self.local, self.mirror)
 
     def close(self) -> None:
         self.writer.close()
+        if self.mirror:
+            paths.copy_tree(self.local, self.mirror)
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class WandbWriter:

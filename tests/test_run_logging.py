@@ -228,3 +228,30 @@ def test_profile_flag_traces_steps_after_warmup(tmp_path):
     assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 1
     assert "profile of steps 1-3 written" in done.stderr  # --profile's 5 steps, cut at the run's end
     assert json.loads((tmp_path / "config.json").read_text())["profile"]["steps"] == 5
+
+
+def test_tensorboard_events_of_a_remote_run_directory_reach_the_store(tmp_path, monkeypatch):
+    """A run directory on an object store (``fake://`` through etils.epath, as ``gs://``): the event files are
+    staged locally and copied there; nothing is written under a local ``fake:`` folder."""
+    import os
+
+    import fake_fs
+
+    fs = fake_fs.install(tmp_path / "store")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    try:
+        from etils import epath
+
+        epath.Path("fake://bucket/run").mkdir(parents=True)  # as the entry point makes the run directory
+        writers = MetricWriters(small_swiftbrush(), "fake://bucket/run", resume_step=0)
+        writers.scalars(2, {"student/loss": 0.5})
+        writers.close()
+    finally:
+        fake_fs.uninstall()
+    assert os.listdir(cwd) == []
+    stored = fs.root / "bucket" / "run"
+    assert json.loads((stored / "metrics.jsonl").read_text()) == {"step": 2, "student/loss": 0.5}
+    events = event_accumulator(stored / "tensorboard")
+    assert [(e.step, e.value) for e in events.Scalars("student/loss")] == [(2, 0.5)]

@@ -215,9 +215,12 @@ def test_flow_fake_score_loss_by_hand_at_logit_normal_times():
 @pytest.mark.parametrize(
     "override, message",
     [
-        (("method.generator_weighting", "sid_legacy"), "generator_weighting='sid_legacy'; choose one of"),
-        (("method.t_sampling", "lognormal"), "t_sampling='lognormal'; choose one of"),
-        (("method.renoise", "ddim"), "renoise='ddim'; choose one of"),
+        (
+            ("method.generator_weighting", "sid_legacy"),
+            "'method.generator_weighting' has value 'sid_legacy'; valid choices",
+        ),
+        (("method.t_sampling", "lognormal"), "'method.t_sampling' has value 'lognormal'; valid choices"),
+        (("method.renoise", "ddim"), "'method.renoise' has value 'ddim'; valid choices"),
         (("method.fake_t_logit_normal", "(0.0, -1.0)"), r"fake_t_logit_normal=.*std > 0"),
     ],
 )
