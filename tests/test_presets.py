@@ -140,7 +140,7 @@ def test_real_size_presets_choose_the_memory_levers():
 
 
 def test_lcm_presets_carry_the_scripts_settings():
-    """LCM's training scripts and README examples (methods.md 4.1(c)); see configs/lcm.py."""
+    """LCM's training scripts and README examples (docs/trajectory.md, LCM); see configs/lcm.py."""
     for preset in ("sd15", "sdxl", "sd15_lora", "sdxl_lora"):
         c = load(f"configs/lcm.py:{preset}")
         lora = preset.endswith("_lora")
