@@ -26,6 +26,7 @@ from jdistill import configuration, microbatch, parallel, paths, rng
 from jdistill.checkpoint import Checkpointer
 from jdistill.data.pipeline import BatchPipeline, PipelineOptions
 from jdistill.evaluate.image_metrics import ImageMetrics
+from jdistill.evaluate.images import to_unit
 from jdistill.methods import build_recipe
 from jdistill.methods.recipe import Carry, Recipe, Update
 from jdistill.metric_writers import MetricsLog, MetricWriters
@@ -771,7 +772,7 @@ def score(s: Setup, samples: np.ndarray, batch: dict) -> dict[str, float]:
     """The world's metrics of ``samples`` (drawn for ``batch``), with config.eval's FID and CLIP score."""
     results = s.world.evaluate(samples, batch)
     if s.image_metrics.enabled:
-        images = np.clip((s.world.decode(samples).astype(np.float32) + 1.0) / 2.0, 0.0, 1.0)
+        images = to_unit(s.world.decode(samples))
         prompts = s.world.eval_prompts(len(samples)) if s.image_metrics.needs_prompts else None
         results.update(s.image_metrics(images, prompts))
     return results

@@ -19,8 +19,9 @@ import torch
 from helpers import tool
 
 from jdistill.digits import data
+from jdistill.evaluate.images import to_unit
 from jdistill.teachers import build_world as build_teacher_world
-from jdistill.teachers.digits_world import digits_flux_teacher_config, to_unit
+from jdistill.teachers.digits_world import digits_flux_teacher_config
 from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER
 
 TINY = {"text_encoder_2": 2, "vae": 2}

@@ -255,3 +255,54 @@ def test_tensorboard_events_of_a_remote_run_directory_reach_the_store(tmp_path, 
     assert json.loads((stored / "metrics.jsonl").read_text()) == {"step": 2, "student/loss": 0.5}
     events = event_accumulator(stored / "tensorboard")
     assert [(e.step, e.value) for e in events.Scalars("student/loss")] == [(2, 0.5)]
+
+
+def test_wandb_gets_the_same_scalars_images_and_text(tmp_path, monkeypatch):
+    """``logging.wandb``: the run is opened under the workdir's id and receives what TensorBoard receives.
+    wandb is not a dependency; a stand-in module records the calls the writer makes on its public API."""
+    import sys
+    import types
+
+    calls, summary = [], {}
+
+    class Run:
+        def __init__(self):
+            self.summary = summary
+
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    monkeypatch.setitem(
+        sys.modules, "wandb", types.SimpleNamespace(init=init, Image=lambda a: ("image", a.shape))
+    )
+    config = small_swiftbrush(("logging.tensorboard", "false"), ("logging.wandb", "true"))
+    writers = MetricWriters(config, str(tmp_path), 0)
+    writers.scalars(3, {"student/loss": 0.25, "bad": float("nan")})
+    writers.image(3, "samples", np.zeros((4, 6, 3), np.uint8))
+    writers.text("config", "{}")
+    writers.close()
+    (init_call, *rest) = calls
+    assert init_call[1]["project"] == config.logging.wandb_project and init_call[1]["resume"] == "allow"
+    assert init_call[1]["id"].startswith("jdistill-") and init_call[1]["config"]["seed"] == config.seed
+    assert rest == [
+        ("log", 3, {"student/loss": 0.25}),  # the non-finite value left out, as in TensorBoard
+        ("log", 3, {"samples": ("image", (4, 6, 3))}),
+        ("finish",),
+    ]
+    assert summary == {"config": "{}"}
+
+
+def test_wandb_missing_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    writers = MetricWriters(small_swiftbrush(("logging.wandb", "true")), str(tmp_path), 0)
+    writers.close()
+    assert "pip install wandb" in caplog.text

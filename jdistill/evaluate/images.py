@@ -9,6 +9,11 @@ RANGE_SLACK = (
 )
 
 
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """Decoded images in [-1, 1] (a VAE's output) -> float32 in [0, 1], the metrics' convention."""
+    return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
 def checked_images(images: np.ndarray) -> np.ndarray:
     """RGB images (..., H, W, 3) as uint8 (kept) or float32, with float values checked to lie in [0, 1]."""
     x = np.asarray(images)

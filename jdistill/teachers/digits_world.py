@@ -19,6 +19,7 @@ import numpy as np
 
 from jdistill import paths
 from jdistill.digits import data
+from jdistill.evaluate.images import to_unit
 from jdistill.teachers import diffusers_world
 from jdistill.teachers.base import World
 from jdistill.teachers.presets import DIGITS_CLASSIFIER
@@ -58,11 +59,6 @@ def built_in_sources(seed: int) -> diffusers_world.BuiltInSources:
         eval_batch=eval_batch,
         eval_prompts=lambda n: list(data.evaluation_prompts(n).prompts),
     )
-
-
-def to_unit(images: np.ndarray) -> np.ndarray:
-    """Decoded images in [-1, 1] -> [0, 1]."""
-    return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def load_world_classifier(config: ml_collections.ConfigDict):
