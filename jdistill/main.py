@@ -90,9 +90,11 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    created: str | None = None  # the outermost folder this run creates for its --workdir
     try:
         if not FLAGS.workdir:
             raise configuration.ConfigError("--workdir=DIR is required: the run directory to write or read")
+        created = preflight.missing_root(FLAGS.workdir) if FLAGS.mode == "train" else None
         config = configuration.load(_CONFIG["spec"], _CONFIG["overrides"])
         if FLAGS.profile and not config.profile.steps:
             config.profile.steps = PROFILE_STEPS
@@ -117,7 +119,18 @@ def main(argv: list[str]) -> None:
 
             print(export_run(config, FLAGS.workdir))
     except user_errors() as err:
+        _discard_if_created(created)
         fail(err)
+    except BaseException:
+        _discard_if_created(created)
+        raise
+
+
+def _discard_if_created(created: str | None) -> None:
+    """A failed run leaves no empty run directory behind (one it created, with no checkpoint or logged step);
+    silently, so that a bad input's error stays the one line on stderr."""
+    if created is not None and parallel.is_main_process():
+        preflight.discard_empty_run(FLAGS.workdir, created)
 
 
 def _export_once(config, workdir: str, trained) -> None:

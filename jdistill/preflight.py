@@ -199,3 +199,35 @@ def check_named_paths(config: ml_collections.ConfigDict) -> None:
             continue  # a TFDS dataset's name: its reader says when it is not prepared
         if not os.path.exists(path):
             raise ConfigError(f"{key}={path!r} does not exist; give {what}")
+
+
+def holds_results(workdir: str) -> bool:
+    """Whether a run directory holds anything a failed run should keep: a checkpoint or a logged step."""
+    path = paths.as_path(workdir)
+    metrics = path / "metrics.jsonl"
+    return paths.is_nonempty_dir(path / "checkpoints") or (
+        metrics.exists() and bool(metrics.read_text().strip())
+    )
+
+
+def missing_root(workdir: str) -> str | None:
+    """The outermost folder of ``workdir``'s path that does not exist yet (what a run creates), or None."""
+    path, root = paths.as_path(workdir), None
+    while not path.exists() and path.parent != path:
+        path, root = path.parent, path
+    return None if root is None else str(root)
+
+
+def discard_empty_run(workdir: str, created_root: str) -> bool:
+    """Removes a run directory that this run created (with its parents up to ``created_root``, where they hold
+    nothing else) when it failed before saving a checkpoint or logging a step: what it holds then, config.json
+    and empty folders, the command line says again. True if removed."""
+    path = paths.as_path(workdir)
+    if not path.is_dir() or holds_results(workdir):
+        return False
+    path.rmtree()
+    root = paths.as_path(created_root)
+    while path != root and path.parent.is_dir() and not any(path.parent.iterdir()):
+        path = path.parent
+        path.rmdir()
+    return True

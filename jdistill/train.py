@@ -366,6 +366,13 @@ class StepFunctions:
         self.s = s
         self.cache: dict[tuple[str, ...], Any] = {}
 
+    def compiles(self, step_num: int) -> bool:
+        """Whether ``step_num`` runs a step not compiled yet (its first call compiles it)."""
+        return self._names(step_num) not in self.cache
+
+    def _names(self, step_num: int) -> tuple[str, ...]:
+        return tuple(u.name for u in self.s.recipe.active_updates(step_num))
+
     def __call__(self, step_num: int):
         active = self.s.recipe.active_updates(step_num)
         names = tuple(u.name for u in active)
@@ -408,6 +415,55 @@ class StepFunctions:
 
 
 # ================================================================================================ loop
+
+
+class StepClock:
+    """Step timings without compilation: a step that compiles is waited for, said on the progress bar, and
+    left out of the timed steps (its time is logged as ``compile_s``), so neither ``step_time_s`` nor the
+    bar's remaining time counts it."""
+
+    def __init__(self, bar: tqdm, name: str):
+        self.bar, self.name = bar, name
+        self.start = time.perf_counter()
+        self.untimed, self.compile_s, self.compile_start = 0, 0.0, 0.0
+
+    def compiling(self, step: int) -> None:
+        self.compile_start = time.perf_counter()
+        message = f"compiling the step for step {step + 1} (a minute or more on a CPU)"
+        if self.bar.disable:
+            log.info("%s", message)
+        else:
+            self.bar.set_description_str(f"{self.name}: {message}")
+            self.bar.refresh()
+
+    def compiled(self) -> None:
+        now = time.perf_counter()
+        self.compile_s += now - self.compile_start
+        self.untimed += 1
+        self.start = now
+        self.bar.set_description_str(self.name)
+        self.bar.unpause()  # the rate behind the remaining time starts after compilation
+
+    def pause(self, seconds: float) -> None:
+        """Keeps ``seconds`` spent outside the steps (sampling, evaluation) out of the timings."""
+        self.start += seconds
+
+    def window_timings(self, steps: int, batch_size: int) -> dict[str, float]:
+        """Timings of the ``steps`` steps since the last call (those that compiled left out, unless every
+        step did), and ``compile_s`` where a step compiled."""
+        now = time.perf_counter()
+        timed, elapsed = steps - self.untimed, now - self.start
+        if timed <= 0:
+            timed, elapsed = steps, elapsed + self.compile_s
+        out = {
+            "steps_per_sec": timed / elapsed,
+            "step_time_s": elapsed / timed,
+            "images_per_sec": timed * batch_size / elapsed,
+        }
+        if self.compile_s:
+            out["compile_s"] = self.compile_s
+        self.start, self.untimed, self.compile_s = now, 0, 0.0
+        return out
 
 
 class StopSignal:
@@ -584,7 +640,6 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Trained:
     profile = config.get("profile", ml_collections.ConfigDict())
     profiler = Profiler(run / "profile", step + profile.get("warmup", 3), profile.get("steps", 0))
     window: list[dict[str, jax.Array]] = []
-    window_start = time.perf_counter()
     bar = tqdm(
         total=config.num_steps,
         initial=step,
@@ -592,32 +647,35 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Trained:
         dynamic_ncols=True,
         desc=config.method.name,
     )
+    clock = StepClock(bar, config.method.name)
     sync_each_step = parallel.needs_step_sync(s.mesh)
     try:
         with StopSignal() as stop:
             while step < config.num_steps:
                 profiler.before_step(step, state)
                 batch = next(batches)
+                compiling = steps.compiles(step)
+                if compiling:
+                    clock.compiling(step)
                 with jax.set_mesh(s.mesh):  # models keep activations batch-sharded (parallel.constrain_batch)
                     state, metrics = steps(step)(state, s.frozen, batch, np.int32(step), root)
-                if sync_each_step:
+                if sync_each_step or compiling:
                     jax.block_until_ready(metrics)
+                if compiling:
+                    clock.compiled()
                 step += 1
                 window.append(metrics)
                 bar.update(1)
 
                 if step % config.log_every == 0 or step == config.num_steps:
                     values = _mean_metrics(window)
-                    elapsed = time.perf_counter() - window_start
-                    values["steps_per_sec"] = len(window) / elapsed
-                    values["step_time_s"] = elapsed / len(window)
-                    values["images_per_sec"] = len(window) * config.batch_size / elapsed
+                    values.update(clock.window_timings(len(window), config.batch_size))
                     values.update(device_memory())
                     writers.scalars(step, values)
                     if parallel.is_main_process():
                         warn_nonfinite_rows(values, step)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
-                    window, window_start = [], time.perf_counter()
+                    window = []
                     _check_nonfinite(state, config.max_nonfinite_streak, step)
 
                 paused_at = time.perf_counter()  # sampling and evaluation stay out of the step timings
@@ -628,7 +686,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Trained:
                     results = evaluate_during_training(s, state, step)
                     writers.scalars(step, {f"eval/{k}": v for k, v in results.items()})
                     writers.image_file(step, "eval", run / "samples" / f"eval_{step:07d}.png")
-                window_start += time.perf_counter() - paused_at
+                clock.pause(time.perf_counter() - paused_at)
 
                 # A stop request must be seen by every process at the same step; several processes agree at
                 # log steps only, to keep host synchronisation off the hot path.

@@ -49,12 +49,18 @@ def test_mesh_that_does_not_fit_the_devices(tmp_path):
         timeout=120,
     )
     _error_line(four, "mesh.data=3 x mesh.fsdp=1 = 3 devices", "4 device(s)", "mesh.data=-1")
+    # A failed run leaves no empty run directory behind.
+    assert not (tmp_path / "w").exists() and not (tmp_path / "w4").exists()
 
 
 def test_teacher_path_that_does_not_exist(tmp_path, monkeypatch):
     missing = str(tmp_path / "no" / "sd15")
-    result = run_main(tmp_path / "w", spec=SD15, overrides=[("teacher.path", missing)], timeout=120)
+    (tmp_path / "runs").mkdir()
+    result = run_main(
+        tmp_path / "runs" / "a" / "w", spec=SD15, overrides=[("teacher.path", missing)], timeout=120
+    )
     last = _error_line(result, f"teacher.path='{missing}'", "does not exist", "Hugging Face cache")
+    assert list((tmp_path / "runs").iterdir()) == []  # the folders the run made are gone, the others stay
     assert "hub" in last and len(last) < 400
     # A hub id that is not cached, without network: said before any download is tried.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,69 @@
+"""What a run leaves in its directory when it fails, and step timings without compilation."""
+
+from __future__ import annotations
+
+import pytest
+from tqdm import tqdm
+
+from jdistill import preflight, train
+
+
+def test_missing_root_is_the_outermost_folder_to_create(tmp_path):
+    assert preflight.missing_root(str(tmp_path)) is None
+    assert preflight.missing_root(str(tmp_path / "a" / "b" / "c")) == str(tmp_path / "a")
+
+
+def test_a_failed_run_removes_only_what_it_created_and_nothing_it_saved(tmp_path):
+    run = tmp_path / "a" / "b" / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (tmp_path / "a" / "other").mkdir()  # not the run's: stays, and so does its parent
+    assert preflight.discard_empty_run(str(run), str(tmp_path / "a"))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["other"]
+
+    for saved in ("checkpoints/5/x", "metrics.jsonl"):
+        kept = tmp_path / saved.split("/")[0] / "run"
+        target = kept / saved
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text('{"step": 1}')
+        assert not preflight.discard_empty_run(str(kept), str(kept))
+        assert target.exists()
+    empty_log = tmp_path / "log" / "run"
+    empty_log.mkdir(parents=True)
+    (empty_log / "metrics.jsonl").write_text("")
+    assert preflight.discard_empty_run(str(empty_log), str(empty_log.parent))
+    assert not empty_log.parent.exists()
+
+
+class FakeTime:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_step_clock_leaves_compilation_out_of_the_timings(monkeypatch):
+    clock_time = FakeTime()
+    monkeypatch.setattr(train.time, "perf_counter", clock_time)
+    clock = train.StepClock(tqdm(disable=True), "x")
+    clock.compiling(0)
+    clock_time.now += 30.0  # compiling and running the first step
+    clock.compiled()
+    clock_time.now += 4 * 0.5  # four more steps of 0.5 s
+    clock.pause(0.0)
+    timings = clock.window_timings(5, batch_size=8)
+    assert timings["step_time_s"] == pytest.approx(0.5)
+    assert timings["images_per_sec"] == pytest.approx(16.0)
+    assert timings["compile_s"] == pytest.approx(30.0)
+    # The next window: sampling time (a pause) is left out too, and no compile_s.
+    clock_time.now += 10.0
+    clock.pause(10.0)
+    clock_time.now += 2 * 0.25
+    timings = clock.window_timings(2, batch_size=8)
+    assert timings["step_time_s"] == pytest.approx(0.25) and "compile_s" not in timings
+    # A window made of one compiling step only is timed with its compilation.
+    clock.compiling(7)
+    clock_time.now += 6.0
+    clock.compiled()
+    assert clock.window_timings(1, batch_size=8)["step_time_s"] == pytest.approx(6.0)
