@@ -143,12 +143,7 @@ def get_config(arg=None):
 def dmd2_digits_flux(c) -> None:
     """The flow presets' DMD2 (one step from pure noise at flow time 1, velocity fake score, real-score CFG at
     the teacher's sampling scale) with the UNet digits preset's miniature run, on the flow digits world."""
-    from jdistill.teachers.digits_world import digits_flux_teacher_config
-
-    dmd2_digits(c, lr=DIGITS_LR, num_steps=800)
-    c.teacher = digits_flux_teacher_config()
-    for name in ("student", "fake_score"):
-        c.networks[name].prediction = "velocity"  # copies of the teacher's velocity transformer
+    dmd2_digits(c, lr=DIGITS_LR, num_steps=800, flow=True)
     c.method.guidance_scale = 3.0  # real score only; 4 (the teacher's) and 2 measured worse (RESULTS.md)
     c.method.generator_every = 2
     c.method.student_timesteps = (1.0,)

@@ -79,14 +79,13 @@ from jdistill.config_base import (
     FLOW_FOUR_STEPS,
     FLOW_TEACHERS,
     base_config,
-    digits_distillation,
+    digits_student,
     flow_guidance,
-    gmm_teacher,
+    gmm_student,
     unet_distillation,
 )
 from jdistill.configuration import choose_preset
 from jdistill.methods import lcm
-from jdistill.methods.common import network_config
 from jdistill.teachers.presets import FlowTeacherPreset, get_preset
 
 PRESETS = ("gmm", "gmm_flow", "digits", "sd15", "sdxl", "sd15_lora", "sdxl_lora", *FLOW_TEACHERS)
@@ -102,31 +101,14 @@ def get_config(arg=None):
     c.method = lcm.default_config()
     if preset in ("gmm", "gmm_flow"):
         flow = preset == "gmm_flow"
-        c.teacher = gmm_teacher("flow" if flow else "vp")
+        gmm_student(c, "flow" if flow else "vp", prediction="x0", ema_decay=0.95, time_cond_proj_dim=32)
         if flow:
             c.method.student_timesteps = (1.0,)
-        c.num_steps = 4000
-        c.batch_size = 256
-        c.log_every = 200
-        c.checkpoint.every = 2000
-        c.sample.every = 2000
         c.method.guidance_range = (1.0, 3.0)
         c.method.sample_guidance = 2.0
-        c.networks.student = network_config(
-            prediction="x0", lr=1e-3, ema_decay=0.95, fourier_features=2, time_cond_proj_dim=32
-        )
-        c.networks.student.optimizer.schedule = "cosine"
         return c
     if preset == "digits":
-        digits_distillation(
-            c,
-            student_lr=1e-4,
-            fake_lr=None,
-            num_steps=800,
-            optimizer="adamw",
-            grad_clip=1.0,
-            student_ema=0.95,
-        )
+        digits_student(c, ema_decay=0.95, optimizer="adamw", grad_clip=1.0)
         c.networks.student.model.time_cond_proj_dim = 64
         c.method.student_timesteps = FOUR_STEPS
         c.method.guidance_range = (2.0, 4.0)  # convention "cond": standard scales 3-5 around the teacher's 4

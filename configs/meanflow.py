@@ -96,15 +96,16 @@ second timestep embedding for t - r (jdistill's timestep_delta_embeds, starting 
 from jdistill.config_base import (
     FLOW_FOUR_STEPS,
     FLOW_TEACHERS,
+    T2I_DISTILL_OPTIMIZER,
     base_config,
-    digits_distillation,
+    digits_student,
     flow_guidance,
-    gmm_teacher,
-    unet_distillation,
+    gmm_student,
+    t2i_distill_flux_lite,
+    t2i_distill_networks,
 )
 from jdistill.configuration import choose_preset
 from jdistill.methods import meanflow
-from jdistill.methods.common import network_config
 
 PRESETS = ("gmm", "digits", "digits_flux", *FLOW_TEACHERS)
 
@@ -114,30 +115,12 @@ def get_config(arg=None):
     c = base_config()
     c.method = meanflow.default_config()
     if preset == "gmm":
-        c.teacher = gmm_teacher("flow")
-        c.num_steps = 4000
-        c.batch_size = 256
-        c.log_every = 200
-        c.checkpoint.every = 2000
-        c.sample.every = 2000
+        gmm_student(c, "flow", prediction="velocity", ema_decay=0.99, second_time=True)
         c.method.guidance_scale = 3.0
         c.method.adaptive_power = 0.5  # p = 1 scored lower on this toy (benchmarks/RESULTS.md)
-        c.networks.student = network_config(
-            prediction="velocity", lr=1e-3, ema_decay=0.99, fourier_features=2, second_time=True
-        )
-        c.networks.student.optimizer.schedule = "cosine"
     elif preset == "digits":
         # T2I-Distill's optimizer (AdamW, weight decay 1e-4, gradient clip 0.1) at a miniature's lr.
-        digits_distillation(
-            c,
-            student_lr=1e-4,
-            fake_lr=None,
-            num_steps=800,
-            optimizer="adamw",
-            weight_decay=1e-4,
-            grad_clip=0.1,
-            student_ema=0.99,
-        )
+        digits_student(c, ema_decay=0.99, **T2I_DISTILL_OPTIMIZER)
         c.networks.student.model.time_cond_proj_dim = 64  # t - r through the UNet's timestep condition
         # On a flow teacher (teacher.kind=flow, FLUX / SD3): set True and time_cond_proj_dim=0 (t - r through
         # the transformer's second timestep embedding).
@@ -153,17 +136,7 @@ def get_config(arg=None):
     elif preset == "flux_lite":
         t2i_distill(c)
     elif preset in FLOW_TEACHERS:
-        unet_distillation(
-            c,
-            preset,
-            student_lr=1e-6,
-            fake_lr=None,
-            batch_size=256,
-            num_steps=20000,
-            optimizer="adamw",
-            weight_decay=1e-4,
-            grad_clip=0.1,
-        )
+        t2i_distill_networks(c, preset, num_steps=20000)
         c.networks.student.model.timestep_delta_embeds = True
         m = c.method
         m.guidance_scale = flow_guidance(preset, m.cfg_convention)
@@ -176,29 +149,14 @@ def get_config(arg=None):
 def t2i_distill(c):
     """T2I-Distill's MeanFlow on FLUX.1-lite-8B (train_meanflow.py and script/train_meanflow.sh; see the module
     docstring)."""
-    unet_distillation(
-        c,
-        "flux_lite",
-        student_lr=1e-6,  # the sh's example command and README (LR=${1:-1e-5} is only the sh's fallback)
-        fake_lr=None,
-        batch_size=256,  # --train_batch_size 8 on 4 nodes x 8 GPUs
-        num_steps=20000,
-        optimizer="adamw",  # torch.optim.AdamW (0.9, 0.999), eps 1e-8
-        weight_decay=1e-4,  # --adam_weight_decay default
-        grad_clip=0.1,  # --max_grad_norm=0.1
-    )
-    c.teacher.resolution = 512  # --resolution 512
-    c.teacher.t5_length = 256  # --max_sequence_length default
+    t2i_distill_flux_lite(c, num_steps=20000)  # lr 1e-6, batch 256, AdamW, 512 px, T5 length 256
     model = c.networks.student.model
     model.timestep_delta_embeds = True  # FluxTransformer2DModelDualTimestep: timestep_embedder2 on t - r
     model.timestep_delta_init = "copy"  # loaded from time_text_embed.timestep_embedder's state dict
     model.timestep_scale = 1.0  # ...TimestepX1GuidanceX1: t, t - r and guidance x1
     m = c.method
-    m.time_mean, m.time_std, m.ratio_r_not_t = (
-        -0.4,
-        1.0,
-        0.75,
-    )  # --time_mu, --time_sigma, --ratio_r_not_equal_t
+    # --time_mu, --time_sigma, --ratio_r_not_equal_t
+    m.time_mean, m.time_std, m.ratio_r_not_t = -0.4, 1.0, 0.75
     m.cond_dropout = 0.1  # --cfg_prob: prompts replaced by the empty prompt's embedding
     m.adaptive_power, m.adaptive_eps = 1.0, 1e-3  # --weighting adaptive, --adaptive_p
     m.guidance_choices = (4.0, 4.5, 5.0)  # --cfg_scale default, per sample, into both guidance embeddings
@@ -219,20 +177,7 @@ def t2i_distill(c):
 def digits_flux(c) -> None:
     """MeanFlow on the flow digits world (see the module docstring): T2I-Distill's MeanFlow settings with the
     UNet digits preset's miniature optimizer, length and batch; four equal steps."""
-    from jdistill.teachers.digits_world import digits_flux_teacher_config
-
-    digits_distillation(
-        c,
-        student_lr=1e-4,
-        fake_lr=None,
-        num_steps=800,
-        optimizer="adamw",
-        weight_decay=1e-4,
-        grad_clip=0.1,
-        student_ema=0.99,
-    )
-    c.teacher = digits_flux_teacher_config()
-    c.networks.student.prediction = "velocity"
+    digits_student(c, ema_decay=0.99, flow=True, **T2I_DISTILL_OPTIMIZER)
     c.networks.student.model.timestep_delta_embeds = True  # t - r through a second timestep embedding (zero)
     m = c.method
     m.guidance_scale = 4.0  # the teacher's sampling CFG (true CFG: no guidance embedding)

@@ -113,16 +113,18 @@ import math
 
 from jdistill.config_base import (
     FLOW_TEACHERS,
+    T2I_DISTILL_OPTIMIZER,
     base_config,
-    digits_distillation,
+    digits_student,
     flow_guidance,
-    gmm_teacher,
+    gmm_student,
+    t2i_distill_flux_lite,
+    t2i_distill_networks,
     unet_distillation,
 )
 from jdistill.configuration import choose_preset
 from jdistill.methods import scm
 from jdistill.methods.adversarial import discriminator_config
-from jdistill.methods.common import network_config
 
 PRESETS = ("gmm", "digits", "digits_flux", "sd15_ladd", *FLOW_TEACHERS)
 
@@ -132,33 +134,15 @@ def get_config(arg=None):
     c = base_config()
     c.method = scm.default_config()
     if preset == "gmm":
-        c.teacher = gmm_teacher("trigflow")
-        c.num_steps = 4000
-        c.batch_size = 256
-        c.log_every = 200
-        c.checkpoint.every = 2000
-        c.sample.every = 2000
+        gmm_student(c, "trigflow", prediction="velocity", ema_decay=0.99, time_scale=1.0)
         c.method.guidance_choices = (3.0,)
         c.method.sample_guidance = 3.0
         c.method.tangent_warmup_steps = 1000
-        c.networks.student = network_config(
-            prediction="velocity", lr=1e-3, ema_decay=0.99, fourier_features=2, time_scale=1.0
-        )
-        c.networks.student.optimizer.schedule = "cosine"
         c.networks.logvar = scm.logvar_config(lr=1e-2)
         return c
     if preset == "digits":
-        lr = 1e-4
-        digits_distillation(
-            c,
-            student_lr=lr,
-            fake_lr=None,
-            num_steps=800,
-            optimizer="adamw",
-            grad_clip=0.1,
-            student_ema=0.99,
-        )
-        c.networks.logvar = scm.logvar_config(lr=lr)
+        digits_student(c, ema_decay=0.99, optimizer="adamw", grad_clip=0.1)
+        c.networks.logvar = scm.logvar_config(lr=c.networks.student.optimizer.lr)
         m = c.method
         m.data_scale = m.sigma_data  # SANA-Sprint / T2I-Distill: TrigFlow data = latents x sigma_d
         m.guidance_choices = (4.0,)  # the teacher's sampling CFG
@@ -175,19 +159,8 @@ def get_config(arg=None):
     if preset == "flux_lite":
         return t2i_distill(c)
     if preset in FLOW_TEACHERS:
-        lr = 1e-6
-        unet_distillation(
-            c,
-            preset,
-            student_lr=lr,
-            fake_lr=None,
-            batch_size=256,
-            num_steps=10000,
-            optimizer="adamw",
-            weight_decay=1e-4,
-            grad_clip=0.1,
-        )
-        c.networks.logvar = scm.logvar_config(lr=lr)
+        t2i_distill_networks(c, preset, num_steps=10000)
+        c.networks.logvar = scm.logvar_config(lr=c.networks.student.optimizer.lr)
         m = c.method
         m.data_scale = m.sigma_data
         m.guidance_choices = (flow_guidance(preset, m.cfg_convention),)
@@ -223,24 +196,12 @@ def get_config(arg=None):
 
 def t2i_distill(c):
     """T2I-Distill's sCM on FLUX.1-lite-8B (train_sCM.py and script/train_sCM.sh; see the module docstring)."""
-    lr = 1e-6  # the sh's example command and README (LR=${1:-1e-5} is only the sh's fallback)
-    unet_distillation(
-        c,
-        "flux_lite",
-        student_lr=lr,
-        fake_lr=None,
-        batch_size=256,  # --train_batch_size 8 on 4 nodes x 8 GPUs (the "4m32g" run)
-        num_steps=10000,
-        optimizer="adamw",  # torch.optim.AdamW (0.9, 0.999), eps 1e-8
-        weight_decay=1e-4,  # --adam_weight_decay default
-        grad_clip=0.1,  # --max_grad_norm=0.1
-    )
-    c.teacher.resolution = 512  # --resolution 512
-    c.teacher.t5_length = 256  # --max_sequence_length default
+    # lr 1e-6, batch 256 (the "4m32g" run), AdamW, 512 px, T5 length 256
+    t2i_distill_flux_lite(c, num_steps=10000)
     # x1 timestep and guidance inputs (FluxTransformer2DModelTimestepX1GuidanceX1), jdistill's timestep_scale.
     c.networks.student.model.timestep_scale = 1.0
     # logvar_linear belongs to the student module: the same AdamW, weight decay and clip.
-    c.networks.logvar = scm.logvar_config(lr=lr)
+    c.networks.logvar = scm.logvar_config(lr=c.networks.student.optimizer.lr)
     c.networks.logvar.optimizer.update({"name": "adamw", "weight_decay": 1e-4, "grad_clip": 0.1})
     m = c.method
     m.data_scale = m.sigma_data  # model_input = (z - shift) * scale * sigma_data
@@ -252,24 +213,11 @@ def t2i_distill(c):
     return c
 
 
-def digits_flux_networks(c, *, lr: float, num_steps: int, **kwargs) -> None:
-    """The miniature flow digits world (the shipped tiny FLUX teacher, teacher.kind "flow"): the digits run's
-    length, batch and cadence with the student a float32 velocity copy of the teacher's transformer."""
-    from jdistill.teachers.digits_world import digits_flux_teacher_config
-
-    digits_distillation(c, student_lr=lr, fake_lr=None, num_steps=num_steps, **kwargs)
-    c.teacher = digits_flux_teacher_config()
-    c.networks.student.prediction = "velocity"
-
-
 def digits_flux(c):
     """sCM on the flow digits world (see the module docstring): T2I-Distill's sCM loss settings with the
     UNet digits preset's miniature optimizer, length and batch."""
-    lr = 1e-4
-    digits_flux_networks(
-        c, lr=lr, num_steps=800, optimizer="adamw", weight_decay=1e-4, grad_clip=0.1, student_ema=0.99
-    )
-    c.networks.logvar = scm.logvar_config(lr=lr)
+    digits_student(c, ema_decay=0.99, flow=True, **T2I_DISTILL_OPTIMIZER)
+    c.networks.logvar = scm.logvar_config(lr=c.networks.student.optimizer.lr)
     m = c.method
     m.data_scale = m.sigma_data  # T2I-Distill: TrigFlow data = latents x sigma_d
     # The teacher has no guidance embedding (true CFG, as schnell): one w, the teacher's sampling scale.

@@ -87,8 +87,8 @@ from jdistill.config_base import (
     NARROW,
     WIDE,
     base_config,
-    digits_distillation,
     gmm_distillation,
+    sid_digits,
     sid_networks,
 )
 from jdistill.configuration import choose_preset
@@ -143,9 +143,7 @@ def get_config(arg=None):
         return c
     if preset.startswith("digits"):
         # The SiD-LSG scripts' optimizer; the student's EMA shortened to the run.
-        digits_distillation(
-            c, student_lr=DIGITS_LR, fake_lr=DIGITS_LR, num_steps=600, betas=(0.0, 0.999), student_ema=0.99
-        )
+        sid_digits(c, lr=DIGITS_LR)
         c.networks.discriminator.optimizer.lr = DIGITS_LR
         for key in ("teacher_guidance", "fake_guidance", "fake_train_guidance"):
             c.method[key] = 2.0
@@ -213,14 +211,8 @@ def sid_dit_method(c) -> None:
 
 def sid_digits_flux(c) -> None:
     """SiD-DiT's four-step setting on the flow digits world, with the UNet digits presets' miniature run."""
-    from jdistill.teachers.digits_world import digits_flux_teacher_config
-
-    digits_distillation(
-        c, student_lr=DIGITS_LR, fake_lr=DIGITS_LR, num_steps=600, betas=(0.0, 0.999), student_ema=0.99
-    )
-    c.teacher = digits_flux_teacher_config()
+    sid_digits(c, lr=DIGITS_LR, flow=True)
     for name in ("student", "fake_score"):
-        c.networks[name].prediction = "velocity"  # copies of the teacher's velocity transformer
         c.networks[name].optimizer.eps = SID_DIT["adam_eps"]
     c.networks.discriminator.optimizer.lr = DIGITS_LR
     sid_dit_method(c)

@@ -39,9 +39,9 @@ from jdistill.config_base import (
     FLOW_TEACHERS,
     NARROW,
     base_config,
-    digits_distillation,
     flow_guidance,
     gmm_distillation,
+    sid_digits,
     sid_networks,
 )
 from jdistill.configuration import choose_preset
@@ -64,9 +64,7 @@ def get_config(arg=None):
     if preset == "digits":
         # The scripts' Adam (0, 0.999) and one lr for both networks; the student's EMA shortened to the run;
         # kappa1..kappa4 = 2, alpha 1 and 10% prompt dropout are the scripts' (the method's defaults).
-        digits_distillation(
-            c, student_lr=DIGITS_LR, fake_lr=DIGITS_LR, num_steps=600, betas=(0.0, 0.999), student_ema=0.99
-        )
+        sid_digits(c, lr=DIGITS_LR)
         c.networks.discriminator.optimizer.lr = DIGITS_LR
     elif preset in FLOW_TEACHERS:
         sid_networks(c, preset, batch_size=256, num_steps=20000)

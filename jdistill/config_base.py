@@ -109,6 +109,27 @@ WIDE = (128, 256)  # MLP (width, hidden)
 NARROW = (64, 128)  # half the width: about 1.7x faster steps on a 2-core CPU
 
 
+def gmm_run(c: ml_collections.ConfigDict, schedule: str = "vp", *, num_steps: int) -> None:
+    """The Gaussian-mixture presets' run: the analytic teacher on ``schedule``'s path, ``num_steps`` steps of
+    256, and their logging, checkpoint and sample cadence."""
+    c.teacher = gmm_teacher(schedule)
+    c.num_steps = num_steps
+    c.batch_size = 256
+    c.log_every = 200
+    c.checkpoint.every = 2000
+    c.sample.every = 2000
+
+
+def gmm_mlp(prediction: str, *, lr: float, ema_decay: float = 0.0, **model) -> ml_collections.ConfigDict:
+    """A Gaussian-mixture preset's network: an MLP from scratch (``model``: its Fourier features, width, ...)
+    with a cosine lr schedule."""
+    from jdistill.methods.common import network_config
+
+    net = network_config(prediction=prediction, lr=lr, ema_decay=ema_decay, **model)
+    net.optimizer.schedule = "cosine"
+    return net
+
+
 def gmm_distillation(
     c: ml_collections.ConfigDict,
     *,
@@ -121,28 +142,29 @@ def gmm_distillation(
     benchmarks/RESULTS.md, "Preset histories"): the VP teacher, 8000 steps of 256, a one-step x0 MLP student
     with Fourier features, EMA and a cosine schedule, and a v-prediction MLP fake score trained from scratch;
     each MLP (width, hidden) as given (3 residual blocks)."""
-    from jdistill.methods.common import network_config
-
-    c.teacher = gmm_teacher("vp")
-    c.num_steps = 8000
-    c.batch_size = 256
-    c.log_every = 200
-    c.checkpoint.every = 2000
-    c.sample.every = 2000
-    c.networks.student = network_config(
-        prediction="x0",
+    gmm_run(c, "vp", num_steps=8000)
+    c.networks.student = gmm_mlp(
+        "x0",
         lr=student_lr,
         ema_decay=0.99,
         fourier_features=2,
         width=student_size[0],
         hidden=student_size[1],
     )
-    c.networks.student.optimizer.schedule = "cosine"
-    c.networks.fake_score = network_config(
-        prediction="v", lr=fake_lr, fourier_features=4, width=fake_size[0], hidden=fake_size[1]
+    c.networks.fake_score = gmm_mlp(
+        "v", lr=fake_lr, fourier_features=4, width=fake_size[0], hidden=fake_size[1]
     )
-    c.networks.fake_score.optimizer.schedule = "cosine"
     c.method.fake_target = "v"
+
+
+def gmm_student(
+    c: ml_collections.ConfigDict, schedule: str, *, prediction: str, ema_decay: float, **model
+) -> None:
+    """The Gaussian-mixture setting the trajectory presets share (LCM, sCM, MeanFlow; docs/trajectory.md): the
+    teacher on ``schedule``'s path, 4000 steps of 256, a student alone: an MLP from scratch (lr 1e-3, 2
+    Fourier features, ``model``'s extra inputs) with EMA and a cosine schedule."""
+    gmm_run(c, schedule, num_steps=4000)
+    c.networks.student = gmm_mlp(prediction, lr=1e-3, ema_decay=ema_decay, fourier_features=2, **model)
 
 
 def real_size_levers(c: ml_collections.ConfigDict, dtype: str = "bfloat16") -> None:
@@ -308,13 +330,16 @@ def digits_distillation(
     fake_lr: float | None,
     num_steps: int,
     batch_size: int = 32,
+    flow: bool = False,
     **kwargs,
 ) -> None:
     """The miniature digits world (the shipped teacher, ``teacher.kind = "digits"``): student and fake score as
     full copies of the teacher's small UNet (``unet_distillation``'s networks, ``kwargs`` passed on), sized
     to finish on a 2-core CPU in minutes; final samples: 10 per (digit, colour) pair, scored by the
-    classifier (digit / colour accuracy, Frechet distance, diversity)."""
-    from jdistill.teachers.digits_world import digits_teacher_config
+    classifier (digit / colour accuracy, Frechet distance, diversity). ``flow``: the flow digits world
+    instead (the shipped tiny FLUX teacher, ``teacher.kind = "flow"``), student and fake score float32
+    velocity copies of its transformer."""
+    from jdistill.teachers.digits_world import digits_flux_teacher_config, digits_teacher_config
 
     unet_distillation(
         c,
@@ -325,7 +350,11 @@ def digits_distillation(
         num_steps=num_steps,
         **kwargs,
     )
-    c.teacher = digits_teacher_config()
+    c.teacher = digits_flux_teacher_config() if flow else digits_teacher_config()
+    if flow:
+        for name in ("student", "fake_score"):
+            if name in c.networks:
+                c.networks[name].prediction = "velocity"  # copies of the teacher's velocity transformer
     c.log_every = 50
     c.checkpoint.every = max(num_steps // 2, 1)
     c.sample.every = 0
@@ -334,16 +363,64 @@ def digits_distillation(
     c.sample.batch = 200
 
 
-def dmd2_digits(c: ml_collections.ConfigDict, *, lr: float, num_steps: int) -> None:
+def digits_student(c: ml_collections.ConfigDict, *, ema_decay: float, flow: bool = False, **kwargs) -> None:
+    """The digits setting the trajectory presets share (LCM, sCM, MeanFlow; docs/trajectory.md): a student
+    alone (no fake score), lr 1e-4, 800 steps of 32, on the digits world or (``flow``) the flow digits world;
+    ``kwargs``: the recipe's optimizer."""
+    digits_distillation(
+        c, student_lr=1e-4, fake_lr=None, num_steps=800, flow=flow, student_ema=ema_decay, **kwargs
+    )
+
+
+def dmd2_digits(c: ml_collections.ConfigDict, *, lr: float, num_steps: int, flow: bool = False) -> None:
     """``digits_distillation`` with DMD2's optimizer (AdamW (0.9, 0.999), weight decay 0.01, gradient clip 10,
     one lr for student and fake score; its sd15 preset's) plus a short warm-up and student EMA 0.99, for the
-    DMD family's digits presets."""
+    DMD family's digits presets (``flow``: on the flow digits world)."""
     digits_distillation(
         c,
         student_lr=lr,
         fake_lr=lr,
         num_steps=num_steps,
+        flow=flow,
         warmup_steps=50,
         student_ema=0.99,
         **DMD2_OPTIMIZER,
     )
+
+
+def sid_digits(c: ml_collections.ConfigDict, *, lr: float, flow: bool = False) -> None:
+    """``digits_distillation`` with SiD-LSG's optimizer (Adam (0, 0.999), one lr for student and fake score)
+    and student EMA 0.99 (the scripts' 0.05 Mimg half-life is longer than the run), 600 steps of 32, for the
+    SiD family's digits presets (``flow``: on the flow digits world)."""
+    digits_distillation(
+        c, student_lr=lr, fake_lr=lr, num_steps=600, flow=flow, betas=(0.0, 0.999), student_ema=0.99
+    )
+
+
+# T2I-Distill's AdamW (train_meanflow.py / train_sCM.py; torch.optim.AdamW (0.9, 0.999), eps 1e-8): weight decay
+# 1e-4 (--adam_weight_decay default), gradient clip 0.1 (--max_grad_norm=0.1).
+T2I_DISTILL_OPTIMIZER = {"optimizer": "adamw", "weight_decay": 1e-4, "grad_clip": 0.1}
+
+
+def t2i_distill_networks(
+    c: ml_collections.ConfigDict, preset: str, *, num_steps: int, lr: float = 1e-6
+) -> None:
+    """T2I-Distill's student alone on the flow teacher ``preset``: a copy of its transformer with
+    ``T2I_DISTILL_OPTIMIZER``, constant lr 1e-6 (the scripts' example command and README; their LR=${1:-1e-5}
+    is only a fallback), no EMA, batch 256 (--train_batch_size 8 on 4 nodes x 8 GPUs)."""
+    unet_distillation(
+        c,
+        preset,
+        student_lr=lr,
+        fake_lr=None,
+        batch_size=256,
+        num_steps=num_steps,
+        **T2I_DISTILL_OPTIMIZER,
+    )
+
+
+def t2i_distill_flux_lite(c: ml_collections.ConfigDict, *, num_steps: int) -> None:
+    """``t2i_distill_networks`` on FLUX.1-lite-8B with the scripts' data settings: 512 px, T5 length 256."""
+    t2i_distill_networks(c, "flux_lite", num_steps=num_steps)
+    c.teacher.resolution = 512  # --resolution 512
+    c.teacher.t5_length = 256  # --max_sequence_length default
