@@ -96,6 +96,7 @@ def draw(
     import torch
     from diffusers import DiffusionPipeline
 
+    say(f"loading {path}")
     # An export may carry its transformer's class as code (MeanFlow's t - r embedder): ours, written by export.
     pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
@@ -114,7 +115,10 @@ def draw(
 
             resolution = PRESETS["digits_flux"].resolution
         call.update(height=resolution, width=resolution)
+    from tqdm import tqdm
+
     out = []
+    bar = tqdm(total=len(prompts), desc=f"drawing with {type(pipe).__name__}", unit="image", file=sys.stderr)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         if unet is not None:
@@ -124,6 +128,8 @@ def draw(
             call["generator"] = generator
         images = pipe(batch, output_type="np", **call).images
         out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))
+        bar.update(len(batch))
+    bar.close()
     return np.concatenate(out)
 
 
@@ -138,10 +144,16 @@ def digits_labels(prompts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
     return pairs[:, 0], pairs[:, 1]
 
 
+def say(message: str) -> None:
+    """Progress on stderr (stdout holds the JSON record only)."""
+    print(f"evaluate: {message}", file=sys.stderr, flush=True)
+
+
 def score(images: np.ndarray, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
     metrics: dict[str, float] = {}
     labels = digits_labels(prompts)
     if labels is not None:
+        say(f"digits metrics of {len(images)} images")
         from jdistill.digits.classifier import load_classifier
         from jdistill.evaluate.digits import digits_metrics
         from jdistill.teachers.presets import DIGITS_CLASSIFIER
@@ -150,11 +162,13 @@ def score(images: np.ndarray, prompts: list[str], args: argparse.Namespace) -> d
     if args.fid_inception:
         from jdistill.evaluate.fid import InceptionFeatures, fid
 
+        say(f"FID of {len(images)} images against {args.fid_ref}")
         features = InceptionFeatures.from_file(args.fid_inception, batch_size=args.batch_size)
         metrics["fid"] = float(fid(images, args.fid_ref, features))
     if args.clip_model:
         from jdistill.evaluate.clip_score import CLIPScore
 
+        say(f"CLIP score of {len(images)} images with {args.clip_model}")
         metrics["clip_score"] = float(CLIPScore.from_pretrained(args.clip_model)(images, prompts))
     return metrics
 
