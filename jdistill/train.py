@@ -31,6 +31,7 @@ from jdistill.methods import build_recipe
 from jdistill.methods.recipe import Carry, Recipe, Update
 from jdistill.metric_writers import MetricsLog, MetricWriters
 from jdistill.nonfinite import warn_nonfinite_rows
+from jdistill.sample_files import GRID, save_samples
 from jdistill.teachers import World, build_world
 
 PyTree = Any
@@ -822,8 +823,15 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 def write_samples(s: Setup, state, name: str, count: int, seed: int | None = None) -> tuple[np.ndarray, dict]:
     samples, batch = draw_samples(s, state, count, s.config.sample.seed if seed is None else seed)
     if parallel.is_main_process():
-        s.world.save_samples(str(paths.as_path(s.workdir) / "samples" / name), samples, batch)
+        _save(s, name, samples, batch, count)
     return samples, batch
+
+
+def _save(s: Setup, name: str, samples: np.ndarray, batch: dict, count: int) -> None:
+    """``samples/<name>*`` of samples drawn for the first rows of the world's evaluation batch of ``count``."""
+    prompts = s.world.eval_prompts(count) if s.world.eval_prompts else None  # None: no texts (cached only)
+    prompts = None if prompts is None else prompts[: len(samples)]
+    save_samples(s.world, str(paths.as_path(s.workdir) / "samples" / name), samples, batch, prompts)
 
 
 def score(s: Setup, samples: np.ndarray, batch: dict) -> dict[str, float]:
@@ -848,9 +856,8 @@ def evaluate_during_training(s: Setup, state, step: int) -> dict[str, float]:
     count = s.config.eval.get("count", 0) or s.config.sample.final_count
     samples, batch = draw_samples(s, state, count, _evaluation_seed(s))
     if parallel.is_main_process():
-        shown = min(64, len(samples))
-        stem = str(paths.as_path(s.workdir) / "samples" / f"eval_{step:07d}")
-        s.world.save_samples(stem, samples[:shown], {k: v[:shown] for k, v in batch.items()})
+        shown = min(GRID, len(samples))
+        _save(s, f"eval_{step:07d}", samples[:shown], {k: v[:shown] for k, v in batch.items()}, count)
     results = score(s, samples, batch)
     log.info("evaluation at step %d: %s", step, _shown(results))
     return results

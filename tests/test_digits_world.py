@@ -148,6 +148,7 @@ def test_digits_world_saves_a_grid_of_64_and_one_prompt_per_sample(tmp_path):
     from helpers import load
     from PIL import Image
 
+    from jdistill.sample_files import save_samples
     from jdistill.teachers import build_world
 
     config = load("configs/swiftbrush.py:digits")
@@ -155,8 +156,12 @@ def test_digits_world_saves_a_grid_of_64_and_one_prompt_per_sample(tmp_path):
     n = 70
     samples = np.random.default_rng(0).normal(size=(n, *world.sample_shape)).astype(np.float32)
     labelled = data.evaluation_prompts(n)
-    world.save_samples(
-        str(tmp_path / "final"), samples, {"digit": labelled.digits, "colour": labelled.colours}
+    save_samples(
+        world,
+        str(tmp_path / "final"),
+        samples,
+        {"digit": labelled.digits, "colour": labelled.colours},
+        world.eval_prompts(n),
     )
     assert (tmp_path / "final_prompts.txt").read_text().splitlines() == list(labelled.prompts)
     np.testing.assert_array_equal(np.load(tmp_path / "final.npy"), samples)

@@ -67,3 +67,23 @@ def test_step_clock_leaves_compilation_out_of_the_timings(monkeypatch):
     clock_time.now += 6.0
     clock.compiled()
     assert clock.window_timings(1, batch_size=8)["step_time_s"] == pytest.approx(6.0)
+
+
+def test_point_samples_are_saved_with_labels_and_a_scatter_plot(tmp_path):
+    import numpy as np
+    from helpers import load
+    from PIL import Image
+
+    from jdistill.sample_files import save_samples
+    from jdistill.teachers import build_world
+
+    world = build_world(load("configs/swiftbrush.py:gmm"))
+    batch = world.eval_batch(10)
+    samples = np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32)
+    save_samples(world, str(tmp_path / "final"), samples, batch, None)
+    np.testing.assert_array_equal(np.load(tmp_path / "final.npy"), samples)
+    np.testing.assert_array_equal(np.load(tmp_path / "final_labels.npy"), batch["cond"])
+    assert Image.open(tmp_path / "final.png").size[0] > 0
+    assert not (tmp_path / "final_prompts.txt").exists()
+    with pytest.raises(ValueError, match="3 prompts for 10 samples"):
+        save_samples(world, str(tmp_path / "other"), samples, batch, ["a", "b", "c"])

@@ -119,7 +119,6 @@ def shapes_world(
         num_classes=0,
         eval_batch=unavailable,
         evaluate=unavailable,
-        save_samples=unavailable,
         prepare=_prepare_fn(encoder, nets["vae"]),
         decode=unavailable,
         source=None,

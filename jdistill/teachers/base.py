@@ -3,7 +3,7 @@
 A world holds the teacher denoiser, the frozen networks and their parameters (the teacher under "teacher";
 text encoders and VAE where the teacher has them), the shape of one sample, the unconditional conditioning,
 the data sources, and how to turn a host batch into model inputs, draw evaluation batches, score samples and
-write them to disk.
+decode them to images. Writing samples to files is not a world's business: ``jdistill/sample_files.py``.
 
 Batches are dicts of arrays. A source's batch goes through ``prepare(frozen, batch)`` on device (e.g. token
 ids -> prompt embeddings) and must then hold "cond" (the denoiser's conditioning) and, for data sources, "x0".
@@ -41,7 +41,6 @@ class World:
     num_classes: int  # for class-conditioned toy networks (0 for text-conditioned worlds)
     eval_batch: Callable[[int], dict[str, np.ndarray]]  # n -> a host batch of evaluation conditions
     evaluate: Callable[[np.ndarray, dict], dict[str, float]]  # (samples, prepared host batch) -> metrics
-    save_samples: Callable[[str, np.ndarray, dict], None]  # (path stem, samples, prepared host batch)
     prepare: Callable[[dict[str, PyTree], dict], dict] = _identity  # (frozen, batch) -> batch, jittable
     source: str | None = None  # local directory of the teacher's pipeline, for export (diffusers worlds)
     decode: Callable[[np.ndarray], np.ndarray] | None = (
@@ -49,3 +48,5 @@ class World:
     )
     # n -> the prompts behind eval_batch(n), one per sample (text-to-image worlds; for the CLIP score)
     eval_prompts: Callable[[int], list[str]] | None = None
+    # points the samples of a point world are drawn against in plots (the Gaussian mixture's modes)
+    reference_points: np.ndarray | None = None

@@ -20,11 +20,9 @@ from jdistill.diffusion.denoiser import NetworkDenoiser
 from jdistill.diffusion.schedules import VPSchedule
 from jdistill.models.layers import DTYPES, Precision
 from jdistill.models.net import Net
-from jdistill.paths import save_npy
 from jdistill.teachers.base import World
 from jdistill.teachers.presets import UNCOND_RULES, TeacherPreset, get_preset
 from jdistill.teachers.prompts import IDS, PromptEncoder
-from jdistill.visualize import image_grid_png
 
 
 def diffusers_teacher_config(preset: str = "sd15") -> ml_collections.ConfigDict:
@@ -304,10 +302,6 @@ def assemble(
             [np.asarray(decode(frozen["vae"], samples[i : i + chunk])) for i in range(0, len(samples), chunk)]
         )
 
-    def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
-        save_npy(f"{stem}.npy", samples)
-        image_grid_png(f"{stem}.png", decode_images(samples[:64]))
-
     def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:
         # Image metrics (FID, CLIP score) come with the evaluation module; here: finite and latent statistics.
         flat = samples.reshape(len(samples), -1)
@@ -329,7 +323,6 @@ def assemble(
         num_classes=0,
         eval_batch=eval_batch,
         evaluate=evaluate,
-        save_samples=save_samples,
         prepare=prepare,
         decode=decode_images,
         source=source,

@@ -17,13 +17,11 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from jdistill import paths
 from jdistill.digits import data
 from jdistill.evaluate.images import to_unit
 from jdistill.teachers import diffusers_world
 from jdistill.teachers.base import World
 from jdistill.teachers.presets import DIGITS_CLASSIFIER
-from jdistill.visualize import image_grid_png
 
 LABELS = ("digit", "colour")
 
@@ -69,8 +67,7 @@ def load_world_classifier(config: ml_collections.ConfigDict):
 
 
 def with_digits(world: World, classifier) -> World:
-    """``world`` with the classifier's metrics on decoded samples of labelled evaluation batches, and sample
-    grids with their prompts."""
+    """``world`` with the classifier's metrics on decoded samples of labelled evaluation batches."""
     from jdistill.evaluate.digits import digits_metrics
 
     base_evaluate = world.evaluate
@@ -82,15 +79,7 @@ def with_digits(world: World, classifier) -> World:
             results.update(digits_metrics(classifier, images, batch["digit"], batch["colour"]))
         return results
 
-    def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
-        paths.save_npy(f"{stem}.npy", samples)
-        shown = world.decode(samples[:64])
-        image_grid_png(f"{stem}.png", shown)
-        if all(k in batch for k in LABELS):  # the evaluation prompts (eval_batch draws them the same way)
-            prompts = data.evaluation_prompts(len(samples)).prompts  # one per sample: the grid shows 64
-            paths.as_path(f"{stem}_prompts.txt").write_text("\n".join(prompts) + "\n")
-
-    return dataclasses.replace(world, evaluate=evaluate, save_samples=save_samples)
+    return dataclasses.replace(world, evaluate=evaluate)
 
 
 def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:

@@ -1,4 +1,4 @@
-"""The Gaussian-mixture world: analytic teacher, synthetic data, mode statistics, .npy samples."""
+"""The Gaussian-mixture world: analytic teacher, synthetic data, mode statistics."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import numpy as np
 from jdistill.data.sources import SyntheticSource
 from jdistill.diffusion.schedules import make_schedule
 from jdistill.evaluate.gmm import mode_statistics
-from jdistill.paths import save_npy
 from jdistill.teachers.base import World
 from jdistill.teachers.gmm import GaussianMixture, GMMTeacher
-from jdistill.visualize import scatter_png
 
 
 def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
@@ -35,12 +33,6 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
     def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:
         return mode_statistics(samples, batch["cond"], mixture.means, mixture.mode_labels)
 
-    def save_samples(stem: str, samples: np.ndarray, batch: dict) -> None:
-        labels = batch["cond"]
-        save_npy(f"{stem}.npy", samples)
-        save_npy(f"{stem}_labels.npy", labels)
-        scatter_png(f"{stem}.png", samples, labels, reference=mixture.means)
-
     return World(
         teacher=GMMTeacher(mixture, schedule),
         frozen={"teacher": {}},
@@ -53,5 +45,5 @@ def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
         num_classes=mixture.num_classes,
         eval_batch=eval_batch,
         evaluate=evaluate,
-        save_samples=save_samples,
+        reference_points=mixture.means,
     )
