@@ -22,21 +22,19 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.models.flux import FluxConfig, flux_net, image_ids
-
-TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    attention_head_dim=16,
-    num_attention_heads=4,
-    joint_attention_dim=32,
-    pooled_projection_dim=24,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
+from tests import tiny_configs  # the tests' tiny FLUX, four heads instead of two
 
 
 def measure(depth: int, batch: int = 2, side: int = 8, text: int = 16) -> dict[str, float]:
-    cfg = FluxConfig.from_dict(dict(TINY, num_layers=depth, num_single_layers=depth))
+    cfg = FluxConfig.from_dict(
+        tiny_configs.flux(
+            patch_size=1,
+            num_layers=depth,
+            num_single_layers=depth,
+            num_attention_heads=4,
+            guidance_embeds=True,
+        )
+    )
     net = flux_net(cfg)
     ids = image_ids(side // 2, side // 2)
     tokens = (side // 2) ** 2

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 from diffusers import FluxTransformer2DModel as TorchFlux
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
@@ -35,16 +36,7 @@ from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "jdistill" / "teachers" / "configs"
-TINY = dict(
-    in_channels=16,  # 4 latent channels packed 2x2
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=24,
-    axes_dims_rope=(4, 6, 6),
-)
+TINY = tiny_configs.flux()
 LATENT = (16, 12)  # an 8x6 grid of packed tokens: non-square, so a row/column mix-up in ids or RoPE shows
 TEXT = 7
 FLUX_DEV = dict(

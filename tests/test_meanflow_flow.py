@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny_configs
 import tiny_flow_pipeline
-from helpers import TINY_RUN, load
+from helpers import flow_teacher, load
 
 from jdistill.methods import meanflow
 from jdistill.methods.recipe import Network
@@ -22,29 +23,24 @@ from jdistill.models.flux import FluxConfig, flux_net
 from jdistill.models.sd3 import SD3Config, sd3_net
 
 FLUX = FluxConfig(
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    pooled_projection_dim=8,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
+    **tiny_configs.flux(
+        num_layers=1,
+        num_single_layers=1,
+        joint_attention_dim=12,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+    )
 )
 SD3 = SD3Config(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    caption_projection_dim=16,
-    pooled_projection_dim=8,
-    pos_embed_max_size=8,
-    dual_attention_layers=(0,),
-    qk_norm="rms_norm",
+    **tiny_configs.sd3(
+        sample_size=8,
+        num_layers=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=8,
+        pos_embed_max_size=8,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
 )
 PROMPTS = ["a red circle", "the digit 3 on a blue square", "green of the square", "an 8"]
 
@@ -159,12 +155,7 @@ def test_config_option_is_jdistill_only(family):
 
 def meanflow_overrides(preset: str, pipelines, images, *extra):
     return [
-        ("teacher.kind", "flow"),
-        ("teacher.preset", preset),
-        ("teacher.path", str(pipelines[preset])),
-        ("teacher.prompts", str(pipelines["prompts"])),
-        ("teacher.data", str(images)),
-        *TINY_RUN,
+        *flow_teacher(preset, pipelines[preset], pipelines["prompts"], images),
         # 16 px (8x8 latents), 4 samples a batch, one checkpoint: the smallest run that checks the plumbing.
         ("teacher.resolution", "16"),
         ("batch_size", "4"),

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 from diffusers import SD3Transformer2DModel as TorchSD3
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
@@ -21,19 +22,7 @@ from jdistill.convert.sd3 import load_sd3, sd3_state_dict
 from jdistill.models.layers import FP32, Precision
 from jdistill.models.sd3 import PatchEmbed, SD3Config, pos_table, sd3_net
 
-TINY = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=4,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    caption_projection_dim=16,
-    pooled_projection_dim=12,
-    out_channels=4,
-    pos_embed_max_size=16,
-)
+TINY = tiny_configs.sd3()
 VARIANTS = {
     "sd3": TINY,
     # Four layers: two dual-attention blocks, one plain block (model index 0 = diffusers' 2), the last block.

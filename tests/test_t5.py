@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 from transformers import T5Config as TorchConfig
 from transformers import T5EncoderModel as TorchT5
@@ -22,17 +23,7 @@ from jdistill.convert.t5 import BIAS_KEY, TIED_KEY, load_t5, t5_state_dict
 from jdistill.models.layers import Precision
 from jdistill.models.t5 import T5Config, relative_position_bucket, t5_net
 
-TINY = dict(
-    vocab_size=100,
-    d_model=32,
-    d_kv=8,
-    num_heads=4,
-    d_ff=48,
-    num_layers=3,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    dropout_rate=0.0,
-)
+TINY = tiny_configs.t5(dropout_rate=0.0)
 VARIANTS = {
     "gated-gelu": dict(TINY, feed_forward_proj="gated-gelu"),
     "relu": dict(TINY, feed_forward_proj="relu", num_layers=2),

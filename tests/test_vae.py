@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
@@ -31,36 +32,20 @@ RTOL = 3e-5
 GRAD_RTOL = 1e-4
 
 VARIANTS = {
-    "two_blocks": dict(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=32,
-    ),
+    "two_blocks": tiny_configs.vae(),
     # SD3-style latent space: shift and scale, no quant convolutions.
-    "three_blocks": dict(
+    "three_blocks": tiny_configs.vae(
         block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=16,
         norm_num_groups=32,
         layers_per_block=2,
-        sample_size=32,
         scaling_factor=1.5035,
         shift_factor=0.0609,
         use_quant_conv=False,
         use_post_quant_conv=False,
     ),
-    "no_mid_attention": dict(
-        block_out_channels=(16,),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=16,
-        mid_block_add_attention=False,
+    "no_mid_attention": tiny_configs.vae(
+        block_out_channels=(16,), sample_size=16, mid_block_add_attention=False
     ),
 }
 

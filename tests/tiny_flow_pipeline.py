@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
+import tiny_configs
 import torch
 from tiny_pipeline import _randomize, text_encoder, tiny_tokenizer
 
@@ -34,16 +35,16 @@ def t5_encoder(gated: bool = True, width: int = 24):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=40,
-        d_model=width,
-        d_kv=6,
-        num_heads=4,
-        d_ff=40,
-        num_layers=3,
-        relative_attention_num_buckets=6,
-        relative_attention_max_distance=12,
-        feed_forward_proj="gated-gelu" if gated else "relu",
-        decoder_start_token_id=0,
+        **tiny_configs.t5(
+            vocab_size=40,
+            d_model=width,
+            d_kv=6,
+            d_ff=40,
+            relative_attention_num_buckets=6,
+            relative_attention_max_distance=12,
+            feed_forward_proj="gated-gelu" if gated else "relu",
+            decoder_start_token_id=0,
+        )
     )
     return _randomize(T5EncoderModel(config), 0.2)
 
@@ -53,16 +54,15 @@ def vae16():
 
     return _randomize(
         AutoencoderKL(
-            block_out_channels=(32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=16,
-            norm_num_groups=16,
-            sample_size=32,
-            scaling_factor=0.5,
-            shift_factor=0.1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
+            **tiny_configs.vae(
+                block_out_channels=(32, 32),
+                latent_channels=16,
+                norm_num_groups=16,
+                scaling_factor=0.5,
+                shift_factor=0.1,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            )
         )
     )
 
@@ -72,15 +72,16 @@ def save_flux_pipeline(path: pathlib.Path, *, guidance: bool = True) -> pathlib.
 
     torch.manual_seed(1)
     transformer = FluxTransformer2DModel(
-        in_channels=64,  # 16 latent channels packed 2x2
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=24,
-        num_attention_heads=3,
-        joint_attention_dim=24,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance,
-        axes_dims_rope=(8, 8, 8),
+        **tiny_configs.flux(
+            in_channels=64,  # 16 latent channels packed 2x2
+            num_layers=1,
+            attention_head_dim=24,
+            num_attention_heads=3,
+            joint_attention_dim=24,
+            pooled_projection_dim=32,
+            guidance_embeds=guidance,
+            axes_dims_rope=(8, 8, 8),
+        )
     )
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
@@ -101,18 +102,16 @@ def save_sd3_pipeline(path: pathlib.Path, *, sd35: bool = True) -> pathlib.Path:
     torch.manual_seed(2)
     options = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}
     transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=16,
-        num_layers=3,
-        attention_head_dim=12,
-        num_attention_heads=2,
-        joint_attention_dim=72,  # T5's width, above the two CLIP encoders' 64 (SD3 pads CLIP up to it)
-        caption_projection_dim=24,
-        pooled_projection_dim=64,  # the two CLIP encoders' pooled outputs, concatenated
-        out_channels=16,
-        pos_embed_max_size=12,
-        **options,
+        **tiny_configs.sd3(
+            in_channels=16,
+            attention_head_dim=12,
+            joint_attention_dim=72,  # T5's width, above the two CLIP encoders' 64 (SD3 pads CLIP up to it)
+            caption_projection_dim=24,
+            pooled_projection_dim=64,  # the two CLIP encoders' pooled outputs, concatenated
+            out_channels=16,
+            pos_embed_max_size=12,
+            **options,
+        )
     )
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import tiny_configs
 import torch
 
 TOKEN_LENGTH = 16
@@ -74,16 +75,7 @@ def text_encoder(tokenizer, hidden: int = 32, projection: int | None = None):
 def vae():
     from diffusers import AutoencoderKL
 
-    return _randomize(
-        AutoencoderKL(
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-        )
-    )
+    return _randomize(AutoencoderKL(**tiny_configs.vae(norm_num_groups=32)))
 
 
 def unet(xl: bool = False, **overrides):
