@@ -53,6 +53,19 @@ SMALL_SWIFTBRUSH_NETS = [
 ]
 
 
+def flow_teacher(preset: str, path, prompts, data=None) -> list[tuple[str, str]]:
+    """Overrides that point a flow recipe's preset at a tiny FLUX / SD3 pipeline on disk, its prompts and
+    (for the recipes that train on images) its data, then TINY_RUN's short run."""
+    return [
+        ("teacher.kind", "flow"),
+        ("teacher.preset", preset),
+        ("teacher.path", str(path)),
+        ("teacher.prompts", str(prompts)),
+        *([] if data is None else [("teacher.data", str(data))]),
+        *TINY_RUN,
+    ]
+
+
 def tool(name: str) -> types.ModuleType:
     """``tools/<name>.py`` as a module (its ``main(argv)`` is what the command line runs)."""
     spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
@@ -138,3 +151,53 @@ def grads_wrt_trained(loss, params, batch, key, carry=None):
 
 def abs_sum(tree) -> float:
     return float(sum(np.sum(np.abs(np.asarray(x))) for x in jax.tree.leaves(tree)))
+
+
+# A flow pipeline's text encoders: its CLIP encoders and its T5 encoder, by pipeline kind.
+FLOW_TEXT_ENCODERS = {
+    "flux": (("text_encoder",), "text_encoder_2"),
+    "sd3": (("text_encoder", "text_encoder_2"), "text_encoder_3"),
+}
+
+
+def encode_flow_prompts(kind: str, path: str, prompts: list[str], t5_length: int, **load_options) -> dict:
+    """jdistill's prompt encoding of a FLUX / SD3 pipeline directory: FlowPromptEncoder over the text encoders
+    load_pipeline reads from ``path`` (``load_options`` go to it); the condition dict of ``prompts``."""
+    import jax.numpy as jnp
+
+    from jdistill.convert.pipeline import load_pipeline
+    from jdistill.teachers.prompts import FlowPromptEncoder
+
+    clips, t5 = FLOW_TEXT_ENCODERS[kind]
+    ours = load_pipeline(path, components=(*clips, t5), **load_options)
+    encoder = FlowPromptEncoder(
+        kind,
+        tuple((n, ours.components[n].net) for n in clips),
+        (t5, ours.components[t5].net),
+        ours.tokenizers,
+        t5_length=t5_length,
+    )
+    batch = {k: jnp.asarray(v) for k, v in encoder.tokenize(prompts).items()}
+    return encoder.encode({n: c.params for n, c in ours.components.items()}, batch)
+
+
+def pipeline_prompt_embeds(kind: str, path: str, prompts: list[str], t5_length: int):
+    """The same pipeline's own ``encode_prompt`` (diffusers, no CFG): the prompt embeddings and the pooled ones,
+    as torch tensors."""
+    import torch
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    with torch.no_grad():
+        if kind == "flux":
+            embeds, pooled, _ = FluxPipeline.from_pretrained(path).encode_prompt(
+                prompts, prompt_2=None, max_sequence_length=t5_length
+            )
+        else:
+            embeds, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(path).encode_prompt(
+                prompts,
+                prompt_2=None,
+                prompt_3=None,
+                do_classifier_free_guidance=False,
+                max_sequence_length=t5_length,
+            )
+    return embeds, pooled

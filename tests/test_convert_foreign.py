@@ -16,7 +16,7 @@ import shutil
 import foreign_flow_pipelines as foreign
 import numpy as np
 import pytest
-from helpers import tool
+from helpers import encode_flow_prompts, pipeline_prompt_embeds, tool
 from safetensors.numpy import load_file, save_file
 
 from jdistill.convert.pipeline import CONVERTED_MARKER, TOKENIZERS, load_pipeline
@@ -135,39 +135,10 @@ def test_a_mis_shaped_tensor_is_refused_by_name(pipelines, tmp_path, capsys, kin
 @pytest.mark.parametrize("kind", ["flux", "sd3"])  # sd3: two CLIPs wider than T5 (cropped as diffusers)
 def test_prompt_encoding_equals_the_pipelines_encode_prompt(pipelines, kind):
     """Past --verify: the teacher's prompt encoding of a converted-on-load foreign pipeline is the pipeline's."""
-    import jax.numpy as jnp
-    import torch
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    from jdistill.teachers.prompts import FlowPromptEncoder
-
     path = str(pipelines[kind])
-    clips = ("text_encoder",) if kind == "flux" else ("text_encoder", "text_encoder_2")
-    t5 = "text_encoder_2" if kind == "flux" else "text_encoder_3"
-    ours = load_pipeline(path, components=(*clips, t5), allow_download=False)
-    encoder = FlowPromptEncoder(
-        kind,
-        tuple((n, ours.components[n].net) for n in clips),
-        (t5, ours.components[t5].net),
-        ours.tokenizers,
-        t5_length=foreign.T5_LENGTH,
-    )
     prompts = [PROMPT, "a photo of the cat"]
-    batch = {k: jnp.asarray(v) for k, v in encoder.tokenize(prompts).items()}
-    cond = encoder.encode({n: c.params for n, c in ours.components.items()}, batch)
-    with torch.no_grad():
-        if kind == "flux":
-            embeds, pooled, _ = FluxPipeline.from_pretrained(path).encode_prompt(
-                prompts, prompt_2=None, max_sequence_length=foreign.T5_LENGTH
-            )
-        else:
-            embeds, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(path).encode_prompt(
-                prompts,
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                max_sequence_length=foreign.T5_LENGTH,
-            )
+    cond = encode_flow_prompts(kind, path, prompts, foreign.T5_LENGTH, allow_download=False)
+    embeds, pooled = pipeline_prompt_embeds(kind, path, prompts, foreign.T5_LENGTH)
     for ours_, ref in ((cond["encoder_hidden_states"], embeds), (cond["pooled_projections"], pooled)):
         ours_, ref = np.asarray(ours_), ref.numpy()
         assert ours_.shape == ref.shape

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tiny_flow_pipeline
 import torch
+from helpers import encode_flow_prompts, pipeline_prompt_embeds
 
 from jdistill.convert.pipeline import load_pipeline
 from jdistill.diffusion.denoiser import predict_cfg, with_guidance_input
@@ -18,7 +19,6 @@ from jdistill.diffusion.samplers import flow_euler_plan, flux_sigmas, run_sample
 from jdistill.diffusion.schedules import FlowSchedule, flux_mu
 from jdistill.diffusion.transformer_denoiser import FlowTransformerDenoiser
 from jdistill.models.flux import pack_latents
-from jdistill.teachers.prompts import FlowPromptEncoder
 
 STEPS = 3
 
@@ -141,35 +141,10 @@ def test_guidance_input_follows_the_cfg_convention():
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
 def test_prompt_encoding_equals_the_pipelines_encode_prompt(kind, flux_dir, sd3_dir):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
     path = str(flux_dir if kind == "flux" else sd3_dir)
-    clip_names = ("text_encoder",) if kind == "flux" else ("text_encoder", "text_encoder_2")
-    t5_name = "text_encoder_2" if kind == "flux" else "text_encoder_3"
-    ours = load_pipeline(path, components=(*clip_names, t5_name))
-    encoder = FlowPromptEncoder(
-        kind,
-        tuple((n, ours.components[n].net) for n in clip_names),
-        (t5_name, ours.components[t5_name].net),
-        ours.tokenizers,
-        t5_length=12,
-    )
     prompts = ["a red circle", "the digit 3 on a blue square of green"]
-    batch = {k: jnp.asarray(v) for k, v in encoder.tokenize(prompts).items()}
-    cond = encoder.encode({n: c.params for n, c in ours.components.items()}, batch)
-    with torch.no_grad():
-        if kind == "flux":
-            embeds, pooled, _ = FluxPipeline.from_pretrained(path).encode_prompt(
-                prompts, prompt_2=None, max_sequence_length=12
-            )
-        else:
-            embeds, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(path).encode_prompt(
-                prompts,
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                max_sequence_length=12,
-            )
+    cond = encode_flow_prompts(kind, path, prompts, 12)
+    embeds, pooled = pipeline_prompt_embeds(kind, path, prompts, 12)
     assert cond["encoder_hidden_states"].shape == tuple(embeds.shape)
     assert rel(cond["encoder_hidden_states"], embeds.numpy()) < 1e-4
     assert rel(cond["pooled_projections"], pooled.numpy()) < 1e-4

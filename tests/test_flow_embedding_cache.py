@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 import tiny_flow_pipeline
-from helpers import REPO, TINY_RUN, load, tool
+from helpers import REPO, flow_teacher, load, tool
 
 from jdistill.data.embeddings import MANIFEST, EmbeddingCache
 from jdistill.teachers import build_world
@@ -23,15 +23,7 @@ T5 = {"flux_dev": "text_encoder_2", "sd35_medium": "text_encoder_3"}
 
 
 def overrides(root, preset: str, *extra) -> list[tuple[str, str]]:
-    return [
-        ("teacher.kind", "flow"),
-        ("teacher.preset", preset),
-        ("teacher.path", str(root / preset)),
-        ("teacher.prompts", str(root / "prompts.txt")),
-        *TINY_RUN,
-        ("teacher.resolution", "16"),
-        *extra,
-    ]
+    return [*flow_teacher(preset, root / preset, root / "prompts.txt"), ("teacher.resolution", "16"), *extra]
 
 
 def config(root, preset: str, *extra):

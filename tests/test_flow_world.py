@@ -76,34 +76,27 @@ def test_world_builds_and_samples_as_the_pipeline(preset, pipelines):
 
     ours = np.asarray(jax.jit(lambda x: run_sampler(denoise, x, plan))(jnp.asarray(latents)))
     prompts = PROMPTS[:2]
+    # The pipelines' own latent layouts: FLUX's packed tokens, SD3's NCHW.
+    if flux:
+        pipeline, options = FluxPipeline, {"max_sequence_length": 512}
+        theirs_in, ours = (np.asarray(pack_latents(jnp.asarray(a))) for a in (latents, ours))
+    else:
+        pipeline, options = (
+            StableDiffusion3Pipeline,
+            {"negative_prompt": ["", ""], "max_sequence_length": 256},
+        )
+        theirs_in, ours = (a.transpose(0, 3, 1, 2).copy() for a in (latents, ours))
     with torch.no_grad():
-        if flux:
-            pipe = FluxPipeline.from_pretrained(str(pipelines[preset]))
-            want = pipe(
-                prompt=prompts,
-                latents=torch.from_numpy(np.asarray(pack_latents(jnp.asarray(latents)))),
-                height=16,
-                width=16,
-                num_inference_steps=steps,
-                guidance_scale=scale,
-                max_sequence_length=512,
-                output_type="latent",
-            ).images.numpy()
-            ours = np.asarray(pack_latents(jnp.asarray(ours)))
-        else:
-            pipe = StableDiffusion3Pipeline.from_pretrained(str(pipelines[preset]))
-            want = pipe(
-                prompt=prompts,
-                negative_prompt=["", ""],
-                latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
-                height=16,
-                width=16,
-                num_inference_steps=steps,
-                guidance_scale=scale,
-                max_sequence_length=256,
-                output_type="latent",
-            ).images.numpy()
-            ours = ours.transpose(0, 3, 1, 2)
+        want = pipeline.from_pretrained(str(pipelines[preset]))(
+            prompt=prompts,
+            latents=torch.from_numpy(theirs_in),
+            height=16,
+            width=16,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            output_type="latent",
+            **options,
+        ).images.numpy()
     assert rel(ours, want) < 1e-4
 
 
@@ -119,17 +112,12 @@ def test_kind_and_preset_must_agree(pipelines):
 def test_sft_trains_a_transformer_copy_on_the_flow_world_under_fsdp(preset, pipelines, images, tmp_path):
     """The first recipe on flow teachers: fine-tuning a copy of the transformer on captioned images, the
     parameters split over fsdp=2 of the 8 fake devices; losses and samples finite, the copy moved."""
-    from helpers import TINY_RUN, load
+    from helpers import flow_teacher, load
 
     from jdistill import train
 
     overrides = [
-        ("teacher.kind", "flow"),
-        ("teacher.preset", preset),
-        ("teacher.path", str(pipelines[preset])),
-        ("teacher.prompts", str(pipelines["prompts"])),
-        ("teacher.data", str(images)),
-        *TINY_RUN,
+        *flow_teacher(preset, pipelines[preset], pipelines["prompts"], images),
         ("num_steps", "2"),
         ("method.sampler.steps", "2"),
         ("mesh.num_devices", "2"),
