@@ -132,33 +132,62 @@ def test_array_record_prompts_from_tfds_examples(tmp_path):
         read_prompts(str(tmp_path / "bad.array_record"))
 
 
-def test_bad_prompt_sources_are_named(tmp_path):
-    unknown = tmp_path / "prompts.csv"
-    unknown.write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"cannot read .*prompts\.csv .*formats understood: text: \.txt"):
-        open_prompts(str(unknown))
-    with pytest.raises(FileNotFoundError, match=r"nothing\.txt does not exist"):
-        open_prompts(str(tmp_path / "nothing.txt"))
-    with pytest.raises(FileNotFoundError, match=r"matches no files"):
-        open_prompts(str(tmp_path / "none-*.parquet"))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match=r"empty\.txt holds no prompts"):
-        open_prompts(str(empty))
-    (tmp_path / "emptydir").mkdir()
-    with pytest.raises(ValueError, match=r"emptydir \(format not recognised\)"):
-        open_prompts(str(tmp_path / "emptydir"))
+EMPTY_DIRECTORY = object()  # a prompt source that is an empty folder
+NO_PROMPT_FIELD = '{"prompt": "fine"}\n{"caption_": "typo"}\n'
 
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "fine"}\n{"caption_": "typo"}\n')
-    with pytest.raises(ValueError, match=r"p\.jsonl line 2 has no field prompt / text / caption .*caption_"):
-        open_prompts(str(jsonl))
-    with pytest.raises(ValueError, match=r"p\.jsonl line 1 has no field name"):
-        open_prompts(str(jsonl), field="name")
-    jsonl.write_text('{"prompt": "fine"}\n{"prompt": 3\n')
-    with pytest.raises(ValueError, match=r"p\.jsonl line 2 is not valid JSON"):
-        open_prompts(str(jsonl))
 
+@pytest.mark.parametrize(
+    ("name", "content", "options", "error", "message"),
+    [
+        (
+            "prompts.csv",
+            "a,b\n",
+            {},
+            ValueError,
+            r"cannot read .*prompts\.csv .*formats understood: text: \.txt",
+        ),
+        ("nothing.txt", None, {}, FileNotFoundError, r"nothing\.txt does not exist"),
+        ("none-*.parquet", None, {}, FileNotFoundError, r"matches no files"),
+        ("empty.txt", "\n  \n", {}, ValueError, r"empty\.txt holds no prompts"),
+        ("emptydir", EMPTY_DIRECTORY, {}, ValueError, r"emptydir \(format not recognised\)"),
+        (
+            "p.jsonl",
+            NO_PROMPT_FIELD,
+            {},
+            ValueError,
+            r"p\.jsonl line 2 has no field prompt / text / caption .*caption_",
+        ),
+        ("p.jsonl", NO_PROMPT_FIELD, {"field": "name"}, ValueError, r"p\.jsonl line 1 has no field name"),
+        (
+            "p.jsonl",
+            '{"prompt": "fine"}\n{"prompt": 3\n',
+            {},
+            ValueError,
+            r"p\.jsonl line 2 is not valid JSON",
+        ),
+    ],
+    ids=[
+        "unknown",
+        "missing",
+        "no_match",
+        "empty",
+        "empty_dir",
+        "no_prompt_field",
+        "no_named_field",
+        "bad_json",
+    ],
+)
+def test_bad_prompt_sources_are_named(tmp_path, name, content, options, error, message):
+    source = tmp_path / name  # content None: nothing there
+    if content is EMPTY_DIRECTORY:
+        source.mkdir()
+    elif content is not None:
+        source.write_text(content)
+    with pytest.raises(error, match=message):
+        open_prompts(str(source), **options)
+
+
+def test_bad_parquet_prompt_sources_are_named(tmp_path):
     parquet = tmp_path / "p.parquet"
     _write_parquet(parquet, {"words": ["a", "b"]}, 2)
     with pytest.raises(ValueError, match=r"p\.parquet has no column prompt / text / caption .*\['words'\]"):

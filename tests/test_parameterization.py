@@ -439,13 +439,20 @@ class CountingDenoiser:
         return to_prediction(out, "eps", x_t, VP, t)
 
 
+def guidance_inputs(timesteps: list[int], seed: int):
+    """x_t (B, 2, 2) drawn with ``seed``, the timesteps, a condition (labels 1..B, emb drawn with seed + 1) and
+    an unconditional input that broadcasts against it."""
+    b = len(timesteps)
+    x_t = jnp.asarray(rand((b, 2, 2), seed))
+    cond = {"label": jnp.arange(1.0, b + 1), "emb": jnp.asarray(rand((b, 2), seed + 1))}
+    uncond = {"label": jnp.asarray(0.0), "emb": jnp.zeros((1, 2))}
+    return x_t, jnp.asarray(timesteps), cond, uncond
+
+
 @pytest.mark.parametrize(("scale", "convention"), [(4.0, "uncond"), (2.5, "cond"), ("per_sample", "uncond")])
 def test_guided_predict_is_one_batched_call(scale, convention):
     b = 3
-    x_t = jnp.asarray(rand((b, 2, 2), 30))
-    t = jnp.asarray([10, 500, 990])
-    cond = {"label": jnp.asarray([1.0, 2.0, 3.0]), "emb": jnp.asarray(rand((b, 2), 31))}
-    uncond = {"label": jnp.asarray(0.0), "emb": jnp.zeros((1, 2))}  # broadcasts against cond
+    x_t, t, cond, uncond = guidance_inputs([10, 500, 990], seed=30)
     if scale == "per_sample":
         scale = jnp.asarray([1.0, 3.0, 6.0])
     model = CountingDenoiser()
@@ -469,10 +476,7 @@ def test_guided_predict_is_one_batched_call(scale, convention):
 
 
 def test_guided_predict_identity_scales_make_a_single_unbatched_call():
-    x_t = jnp.asarray(rand((2, 2, 2), 32))
-    t = jnp.asarray([100, 200])
-    cond = {"label": jnp.asarray([1.0, 2.0]), "emb": jnp.asarray(rand((2, 2), 33))}
-    uncond = {"label": jnp.asarray(0.0), "emb": jnp.zeros((1, 2))}
+    x_t, t, cond, uncond = guidance_inputs([100, 200], seed=32)
     expected = CountingDenoiser()(x_t, t, cond)
     for scale, convention in ((1.0, "uncond"), (0.0, "cond"), (None, "uncond")):
         model = CountingDenoiser()
@@ -482,10 +486,7 @@ def test_guided_predict_identity_scales_make_a_single_unbatched_call():
 
 
 def test_guided_predict_under_jit_with_traced_scale():
-    x_t = jnp.asarray(rand((2, 2, 2), 34))
-    t = jnp.asarray([300, 700])
-    cond = {"label": jnp.asarray([1.0, 2.0]), "emb": jnp.asarray(rand((2, 2), 35))}
-    uncond = {"label": jnp.asarray(0.0), "emb": jnp.zeros((1, 2))}
+    x_t, t, cond, uncond = guidance_inputs([300, 700], seed=34)
     model = CountingDenoiser()
     # A traced scale of 1.0 must still guide (the result equals cond because the combination is the identity).
     out = jax.jit(lambda s: guided_predict(model, x_t, t, cond, uncond, s, "uncond").eps)(jnp.asarray(1.0))

@@ -60,6 +60,20 @@ def step_noises(key, n, shape=SHAPE):
     return [np.array(jax.random.normal(keys[i], shape, jnp.float32)) for i in range(n)]
 
 
+def feed_step_noises(monkeypatch, scheduler_module: str, key, n) -> list[tuple[int, ...]]:
+    """Make a diffusers scheduler module's ``randn_tensor`` return ``step_noises(key, n)`` in turn; the list
+    returned collects the shapes it was asked for."""
+    noises = iter(step_noises(key, n))
+    calls = []
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, **kwargs):
+        calls.append(tuple(shape))
+        return torch.from_numpy(next(noises)).to(dtype)
+
+    monkeypatch.setattr(importlib.import_module(scheduler_module), "randn_tensor", fake_randn)
+    return calls
+
+
 def ddim_scheduler(**kwargs):
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
     config.update(kwargs)
@@ -288,15 +302,7 @@ def test_flow_euler_loop_matches_diffusers(shift, mu, n):
 @pytest.mark.parametrize(("shift", "n"), [(1.0, 4), (3.0, 6)])
 def test_stochastic_flow_sampler_matches_diffusers(monkeypatch, shift, n):
     key = jax.random.key(11)
-    noises = iter(step_noises(key, n))
-    calls = []
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, **kwargs):
-        calls.append(tuple(shape))
-        return torch.from_numpy(next(noises)).to(dtype)
-
-    module = importlib.import_module("diffusers.schedulers.scheduling_flow_match_euler_discrete")
-    monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    calls = feed_step_noises(monkeypatch, "diffusers.schedulers.scheduling_flow_match_euler_discrete", key, n)
     scheduler = flow_scheduler(shift, stochastic_sampling=True)
     scheduler.set_timesteps(n)
     x = initial_noise(5)
@@ -356,15 +362,7 @@ def test_student_sampler_matches_diffusers_lcm(monkeypatch):
     """LCMScheduler with custom timesteps and a huge timestep_scaling (c_skip ~ 0, c_out ~ 1) is the same sampler."""
     key = jax.random.key(5)
     n = len(STUDENT_TIMESTEPS)
-    noises = iter(step_noises(key, n))
-    calls = []
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, **kwargs):
-        calls.append(tuple(shape))
-        return torch.from_numpy(next(noises)).to(dtype)
-
-    module = importlib.import_module("diffusers.schedulers.scheduling_lcm")
-    monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    calls = feed_step_noises(monkeypatch, "diffusers.schedulers.scheduling_lcm", key, n)
     scheduler = LCMScheduler(timestep_scaling=1e10)
     scheduler.set_timesteps(timesteps=list(STUDENT_TIMESTEPS))
     c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(249))

@@ -214,20 +214,12 @@ def test_vp_derivatives_match_closed_form_and_finite_differences():
     assert np.all(np.abs(dsigma_i - ref_ds_i) <= rtol_i * np.abs(ref_ds_i))
 
 
-def test_vp_derivative_at_t_min_is_the_first_segment_slope():
+@pytest.mark.parametrize("end", [0.0, 999.0], ids=["t_min_first_segment", "t_max_last_segment"])
+def test_vp_derivative_at_an_end_is_that_segments_slope(end):
     schedule = VPSchedule.from_betas()
     table = np.asarray(schedule.alphas_cumprod, np.float32).astype(np.float64)
-    dalpha, dsigma = (np.asarray(d, np.float64) for d in schedule.derivatives(jnp.asarray([0.0, 0])))
-    _, _, ref_da, ref_ds = vp_reference(np.array([0.0, 0.0]), table)
-    np.testing.assert_allclose(dalpha, ref_da, rtol=1e-6)
-    np.testing.assert_allclose(dsigma, ref_ds, rtol=1e-6)
-
-
-def test_vp_derivative_at_t_max_is_the_last_segment_slope():
-    schedule = VPSchedule.from_betas()
-    table = np.asarray(schedule.alphas_cumprod, np.float32).astype(np.float64)
-    dalpha, dsigma = (np.asarray(d, np.float64) for d in schedule.derivatives(jnp.asarray([999.0, 999])))
-    _, _, ref_da, ref_ds = vp_reference(np.array([999.0, 999.0]), table)
+    dalpha, dsigma = (np.asarray(d, np.float64) for d in schedule.derivatives(jnp.asarray([end, end])))
+    _, _, ref_da, ref_ds = vp_reference(np.array([end, end]), table)
     np.testing.assert_allclose(dalpha, ref_da, rtol=1e-6)
     np.testing.assert_allclose(dsigma, ref_ds, rtol=1e-6)
 

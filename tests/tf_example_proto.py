@@ -14,6 +14,18 @@ def _example_class():
         name="jdistill_test_example.proto", package="tensorflow", syntax="proto3"
     )
     label, T = descriptor_pb2.FieldDescriptorProto, descriptor_pb2.FieldDescriptorProto
+
+    def message_field(message, name: str, number: int, type_name: str, repeated: bool = False, **options):
+        """A field of message type ``tensorflow.<type_name>``."""
+        message.field.add(
+            name=name,
+            number=number,
+            type=T.TYPE_MESSAGE,
+            type_name=f".tensorflow.{type_name}",
+            label=label.LABEL_REPEATED if repeated else label.LABEL_OPTIONAL,
+            **options,
+        )
+
     for name, kind in (("BytesList", T.TYPE_BYTES), ("FloatList", T.TYPE_FLOAT), ("Int64List", T.TYPE_INT64)):
         m = f.message_type.add(name=name)
         m.field.add(name="value", number=1, type=kind, label=label.LABEL_REPEATED)
@@ -22,40 +34,14 @@ def _example_class():
     for number, (name, type_name) in enumerate(
         (("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")), 1
     ):
-        feature.field.add(
-            name=name,
-            number=number,
-            type=T.TYPE_MESSAGE,
-            type_name=f".tensorflow.{type_name}",
-            label=label.LABEL_OPTIONAL,
-            oneof_index=0,
-        )
+        message_field(feature, name, number, type_name, oneof_index=0)
     features = f.message_type.add(name="Features")
     entry = features.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, type=T.TYPE_STRING, label=label.LABEL_OPTIONAL)
-    entry.field.add(
-        name="value",
-        number=2,
-        type=T.TYPE_MESSAGE,
-        type_name=".tensorflow.Feature",
-        label=label.LABEL_OPTIONAL,
-    )
-    features.field.add(
-        name="feature",
-        number=1,
-        type=T.TYPE_MESSAGE,
-        type_name=".tensorflow.Features.FeatureEntry",
-        label=label.LABEL_REPEATED,
-    )
-    example = f.message_type.add(name="Example")
-    example.field.add(
-        name="features",
-        number=1,
-        type=T.TYPE_MESSAGE,
-        type_name=".tensorflow.Features",
-        label=label.LABEL_OPTIONAL,
-    )
+    message_field(entry, "value", 2, "Feature")
+    message_field(features, "feature", 1, "Features.FeatureEntry", repeated=True)
+    message_field(f.message_type.add(name="Example"), "features", 1, "Features")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
