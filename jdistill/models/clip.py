@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -63,25 +63,13 @@ class CLIPTextConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
         """From a transformers ``config.json`` dict; bookkeeping keys (architectures, torch_dtype, ...) are ignored."""
-        if d.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"not a CLIP text config (model_type={d['model_type']!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in fields and v is not None})
-        cfg.validate()
-        return cfg
+        return tower_config_from_dict(cls, d, "clip_text_model", "text")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "clip_text_model", **dataclasses.asdict(self)}
 
     def validate(self) -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads"
-            )
+        validate_encoder(self)
         if not isinstance(self.eos_token_id, int):  # transformers' pooling also needs a single id
             raise ValueError(f"eos_token_id must be one integer, got {self.eos_token_id!r}")
 
@@ -120,6 +108,47 @@ class CLIPEncoderConfig(Protocol):
     num_attention_heads: int
     hidden_act: str
     layer_norm_eps: float
+
+
+def tower_config_from_dict(cls: type, d: dict[str, Any], model_type: str, tower: str) -> Any:
+    """A tower's config (``cls``) from a transformers dict of ``model_type``: the keys that are fields of ``cls``
+    (None meaning transformers' default), validated; bookkeeping keys are ignored."""
+    if d.get("model_type", model_type) != model_type:
+        raise ValueError(f"not a CLIP {tower} config (model_type={d['model_type']!r})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: v for k, v in d.items() if k in fields and v is not None})
+    cfg.validate()
+    return cfg
+
+
+def validate_encoder(cfg: CLIPEncoderConfig) -> None:
+    """The checks both towers' configs share: a supported activation and a whole number of heads."""
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ValueError(
+            f"hidden_act {cfg.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
+        )
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {cfg.hidden_size} is not a multiple of {cfg.num_attention_heads} heads"
+        )
+
+
+def projection(d_in: int, d_out: int, rngs: nnx.Rngs, p: Precision) -> nnx.Module:
+    """CLIP's bias-free projection of a pooled state into the shared embedding space."""
+    return linear(d_in, d_out, rngs, p, bias=False, axes=("embed", "mlp"))
+
+
+def tower_net(
+    name: str, module_cls: type, config: Any, *, precision: Precision, attention_impl: str, remat: bool
+) -> Net:
+    """A Net of ``module_cls(config, rngs=, precision=, attention_impl=, remat=)`` (the CLIP models' constructor)."""
+    return Net(
+        name,
+        lambda rngs: module_cls(
+            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
+        ),
+        config=config,
+    )
 
 
 class CLIPTextEmbeddings(nnx.Module):
@@ -249,6 +278,8 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPTextModel(nnx.Module):
     """transformers' ``CLIPTextModel`` (hub layout: every parameter under ``text_model``)."""
 
+    with_projection: ClassVar[bool] = False  # CLIPTextModelWithProjection's text_projection
+
     def __init__(
         self,
         config: CLIPTextConfig,
@@ -260,6 +291,8 @@ class CLIPTextModel(nnx.Module):
     ):
         self.config = config
         self.text_model = CLIPTextTransformer(config, rngs, precision, attention_impl, remat)
+        if self.with_projection:
+            self.text_projection = projection(config.hidden_size, config.projection_dim, rngs, precision)
 
     def __call__(
         self,
@@ -267,7 +300,10 @@ class CLIPTextModel(nnx.Module):
         attention_mask: jax.Array | None = None,
         output_hidden_states: bool = False,
     ) -> CLIPTextOutput:
-        return self.text_model(input_ids, attention_mask, output_hidden_states)
+        out = self.text_model(input_ids, attention_mask, output_hidden_states)
+        if self.with_projection:
+            out = dataclasses.replace(out, text_embeds=self.text_projection(out.pooler_output))
+        return out
 
     def encode_prompt(
         self, input_ids: jax.Array, layer: str = "last", attention_mask: jax.Array | None = None
@@ -282,28 +318,7 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     """transformers' ``CLIPTextModelWithProjection``: also ``text_embeds`` = bias-free projection of the pooled
     state (SDXL's ``text_encoder_2`` pooled prompt embedding)."""
 
-    def __init__(
-        self,
-        config: CLIPTextConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool = False,
-    ):
-        super().__init__(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat)
-        self.text_projection = linear(
-            config.hidden_size, config.projection_dim, rngs, precision, bias=False, axes=("embed", "mlp")
-        )
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        output_hidden_states: bool = False,
-    ) -> CLIPTextOutput:
-        out = self.text_model(input_ids, attention_mask, output_hidden_states)
-        return dataclasses.replace(out, text_embeds=self.text_projection(out.pooler_output))
+    with_projection = True
 
 
 def clip_text_net(
@@ -315,8 +330,6 @@ def clip_text_net(
     remat: bool = False,
 ) -> Net:
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return Net(
-        "text_encoder",
-        lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
-        config=config,
+    return tower_net(
+        "text_encoder", cls, config, precision=precision, attention_impl=attention_impl, remat=remat
     )

@@ -20,19 +20,22 @@ embeddings (transformers 4's tensors; transformers 5 returns them as ``pooler_ou
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.clip import (
-    ACTIVATIONS,
     CLIPEncoder,
     CLIPTextConfig,
     CLIPTextTransformer,
+    projection,
+    tower_config_from_dict,
+    tower_net,
+    validate_encoder,
 )
-from jdistill.models.layers import FP32, Precision, conv, embed, layer_norm, linear
+from jdistill.models.layers import FP32, Precision, conv, embed, layer_norm
 from jdistill.models.net import Net, sharding_metadata
 
 
@@ -54,12 +57,7 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPVisionConfig:
         """From a transformers config dict; bookkeeping keys (architectures, dropout, ...) are ignored."""
-        if d.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise ValueError(f"not a CLIP vision config (model_type={d['model_type']!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in fields and v is not None})
-        cfg.validate()
-        return cfg
+        return tower_config_from_dict(cls, d, "clip_vision_model", "vision")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "clip_vision_model", **dataclasses.asdict(self)}
@@ -70,14 +68,7 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2 + 1
 
     def validate(self) -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads"
-            )
+        validate_encoder(self)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -206,6 +197,8 @@ class CLIPVisionTransformer(nnx.Module):
 class CLIPVisionModel(nnx.Module):
     """transformers' ``CLIPVisionModel`` (hub layout: every parameter under ``vision_model``)."""
 
+    with_projection: ClassVar[bool] = False  # CLIPVisionModelWithProjection's visual_projection
+
     def __init__(
         self,
         config: CLIPVisionConfig,
@@ -217,32 +210,21 @@ class CLIPVisionModel(nnx.Module):
     ):
         self.config = config
         self.vision_model = CLIPVisionTransformer(config, rngs, precision, attention_impl, remat)
+        if self.with_projection:
+            self.visual_projection = projection(config.hidden_size, config.projection_dim, rngs, precision)
 
     def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False) -> CLIPVisionOutput:
-        return self.vision_model(pixel_values, output_hidden_states)
+        out = self.vision_model(pixel_values, output_hidden_states)
+        if self.with_projection:
+            out = dataclasses.replace(out, image_embeds=self.visual_projection(out.pooler_output))
+        return out
 
 
 class CLIPVisionModelWithProjection(CLIPVisionModel):
     """transformers' ``CLIPVisionModelWithProjection``: also ``image_embeds`` = bias-free projection of the
     pooled state."""
 
-    def __init__(
-        self,
-        config: CLIPVisionConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool = False,
-    ):
-        super().__init__(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat)
-        self.visual_projection = linear(
-            config.hidden_size, config.projection_dim, rngs, precision, bias=False, axes=("embed", "mlp")
-        )
-
-    def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False) -> CLIPVisionOutput:
-        out = self.vision_model(pixel_values, output_hidden_states)
-        return dataclasses.replace(out, image_embeds=self.visual_projection(out.pooler_output))
+    with_projection = True
 
 
 class CLIPModel(nnx.Module):
@@ -261,12 +243,8 @@ class CLIPModel(nnx.Module):
         text, vision, dim = config.text_config, config.vision_config, config.projection_dim
         self.text_model = CLIPTextTransformer(text, rngs, precision, attention_impl, remat)
         self.vision_model = CLIPVisionTransformer(vision, rngs, precision, attention_impl, remat)
-        self.visual_projection = linear(
-            vision.hidden_size, dim, rngs, precision, bias=False, axes=("embed", "mlp")
-        )
-        self.text_projection = linear(
-            text.hidden_size, dim, rngs, precision, bias=False, axes=("embed", "mlp")
-        )
+        self.visual_projection = projection(vision.hidden_size, dim, rngs, precision)
+        self.text_projection = projection(text.hidden_size, dim, rngs, precision)
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, precision.param_dtype))
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -294,12 +272,8 @@ class CLIPModel(nnx.Module):
 def clip_model_net(
     config: CLIPConfig, *, precision: Precision = FP32, attention_impl: str = "xla", remat: bool = False
 ) -> Net:
-    return Net(
-        "clip",
-        lambda rngs: CLIPModel(
-            config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat
-        ),
-        config=config,
+    return tower_net(
+        "clip", CLIPModel, config, precision=precision, attention_impl=attention_impl, remat=remat
     )
 
 
@@ -312,8 +286,6 @@ def clip_vision_net(
     remat: bool = False,
 ) -> Net:
     cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
-    return Net(
-        "image_encoder",
-        lambda rngs: cls(config, rngs=rngs, precision=precision, attention_impl=attention_impl, remat=remat),
-        config=config,
+    return tower_net(
+        "image_encoder", cls, config, precision=precision, attention_impl=attention_impl, remat=remat
     )
