@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.configuration import ConfigError
+from jdistill.nonfinite import is_count
 from jdistill.parallel import constrain_batch
 
 PyTree = Any
@@ -108,7 +109,8 @@ def accumulate(
     xs = (jnp.arange(k, dtype=jnp.int32), batches, [leaves[j] for j in stacked_at])
     total, (losses, metrics, new_carries) = jax.lax.scan(body, zeros, xs)
     grads = jax.tree.map(lambda t, p: (t / k).astype(p.dtype), total, trainable)
-    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    # Counts of samples (non-finite rows left out) add up over the micro-batches; the other metrics average.
+    metrics = {k: (jnp.sum if is_count(k) else jnp.mean)(m, axis=0) for k, m in metrics.items()}
     return jnp.mean(losses), metrics, _stacked_carry(new_carries, rows), grads
 
 

@@ -14,15 +14,21 @@ from collections.abc import Mapping
 
 log = logging.getLogger("jdistill")
 
-NONFINITE_SUFFIX = "/nonfinite_rows"
+NONFINITE_SUFFIX = "nonfinite_rows"  # ``<update>/nonfinite_rows``, or ``<update>/<loss>_nonfinite_rows``
+
+
+def is_count(key: str) -> bool:
+    """Whether the metric ``key`` counts samples left out (summed over micro-batches, not averaged)."""
+    return key.rsplit("/", 1)[-1].endswith(NONFINITE_SUFFIX)
 
 
 def nonfinite_rows(values: Mapping[str, float]) -> dict[str, float]:
-    """{update: mean non-finite rows per step} for the updates of a logged window that left samples out."""
+    """{update (or update/loss): mean non-finite rows per step} for the counts of a logged window that left
+    samples out."""
     return {
-        key[: -len(NONFINITE_SUFFIX)]: float(v)
+        key.removesuffix(NONFINITE_SUFFIX).rstrip("/_"): float(v)
         for key, v in values.items()
-        if key.endswith(NONFINITE_SUFFIX) and float(v) > 0
+        if is_count(key) and float(v) > 0
     }
 
 

@@ -44,3 +44,39 @@ def test_the_metrics_log_carries_the_counts(tmp_path):
     for entry in steps:
         assert entry["generator/nonfinite_rows"] == 0.0 and entry["fake_score/nonfinite_rows"] == 0.0
         assert nonfinite_rows(entry) == {}
+
+
+def test_each_loss_counts_the_rows_it_leaves_out():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jdistill.methods.distribution import counted_mean
+
+    values = jnp.array([1.0, jnp.nan, 3.0, 4.0, jnp.inf])
+    ok = jnp.array([True, True, False, True, True])
+    mean, dropped = counted_mean(values, ok)
+    np.testing.assert_allclose(float(mean), (1.0 + 4.0) / 2)  # rows 1 and 4: not finite, row 2: not ok
+    assert float(dropped) == 3.0
+    # A loss's own count (<update>/<loss>_nonfinite_rows) is reported beside the update's.
+    counts = nonfinite_rows({"generator/gan_g_nonfinite_rows": 2.0, "generator/nonfinite_rows": 1.0})
+    assert counts == {"generator/gan_g": 2.0, "generator": 1.0}
+
+
+def test_micro_batches_add_their_counts_and_average_the_rest():
+    import jax
+    import jax.numpy as jnp
+
+    from jdistill import microbatch
+
+    def loss_fn(params, batch, key, carry):
+        x = batch["x"]
+        bad = jnp.sum(jnp.logical_not(jnp.isfinite(x)).astype(jnp.float32))
+        loss = params * jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0))
+        return loss, ({"nonfinite_rows": bad, "gan_d_nonfinite_rows": 2 * bad, "loss": loss}, carry)
+
+    x = jnp.array([1.0, jnp.nan, 2.0, jnp.nan, 3.0, 4.0])  # split 2 ways: rows 0,2,4 and 1,3,5
+    batches = microbatch.split({"x": x}, 2)
+    _, metrics, _, _ = microbatch.accumulate(loss_fn, jnp.float32(1.0), batches, jax.random.key(0), {}, 2, 3)
+    assert float(metrics["nonfinite_rows"]) == 2.0  # both NaNs sit in the second micro-batch: 0 + 2
+    assert float(metrics["gan_d_nonfinite_rows"]) == 4.0
+    assert float(metrics["loss"]) == ((1.0 + 2.0 + 3.0) + 4.0) / 2

@@ -42,7 +42,7 @@ from jdistill.configuration import ConfigError
 from jdistill.diffusion.denoiser import Denoiser, NetworkDenoiser
 from jdistill.diffusion.reparameterize import MatchedDenoiser
 from jdistill.diffusion.schedules import Schedule, TrigFlowSchedule, sample_timesteps
-from jdistill.methods.distribution import GAN_KINDS, gan_losses, masked_mean
+from jdistill.methods.distribution import GAN_KINDS, counted_mean, gan_losses
 from jdistill.methods.recipe import Carry, Network
 from jdistill.methods.trajectory import per_sample_sum, trigflow_times
 from jdistill.models.heads import DiscriminatorHead, DiscriminatorHeads
@@ -162,8 +162,13 @@ class Discriminator(_Switched):
         )
         l_fake, l_real = jnp.split(logits, [fake_t.shape[0]])
         d, _ = gan_losses(l_real, l_fake, self.cfg.loss)
-        loss = masked_mean(d, ok)
-        metrics = {"gan_d": loss, "logit_real": jnp.mean(l_real), "logit_fake": jnp.mean(l_fake)}
+        loss, dropped = counted_mean(d, ok)
+        metrics = {
+            "gan_d": loss,
+            "gan_d_nonfinite_rows": dropped,
+            "logit_real": jnp.mean(l_real),
+            "logit_fake": jnp.mean(l_fake),
+        }
         return self.on(carry) * self.cfg.discriminator_weight * loss, metrics
 
     def generator_loss(
@@ -174,8 +179,8 @@ class Discriminator(_Switched):
         _, g = gan_losses(logits, logits, self.cfg.loss)
         if weight is not None:
             g = g * weight
-        loss = masked_mean(g, ok)
-        return loss, {"gan_g": loss, "logit_generated": jnp.mean(logits)}
+        loss, dropped = counted_mean(g, ok)
+        return loss, {"gan_g": loss, "gan_g_nonfinite_rows": dropped, "logit_generated": jnp.mean(logits)}
 
 
 def _check(config: ml_collections.ConfigDict, world) -> None:
@@ -296,8 +301,8 @@ class TeacherDiscriminator(_Switched):
         heads = jax.lax.stop_gradient(params[self.heads.name])
         logits = self.logits(heads, self.features(params, x_t, t, cond))
         _, g = gan_losses(logits, logits, self.cfg.loss)
-        loss = masked_mean(g, ok)
-        return loss, {"gan_g": loss, "logit_generated": jnp.mean(logits)}
+        loss, dropped = counted_mean(g, ok)
+        return loss, {"gan_g": loss, "gan_g_nonfinite_rows": dropped, "logit_generated": jnp.mean(logits)}
 
     def discriminator_inputs(self, x_fake: jax.Array, real: dict, key: jax.Array) -> dict[str, tuple]:
         """(x_t, t_D, cond) per group, each noised with its own draws: "fake" (sg(x_fake) with the batch's
@@ -327,9 +332,10 @@ class TeacherDiscriminator(_Switched):
         parts = dict(zip(names, jnp.split(self.logits(head, features), len(names)), strict=True))
         fakes = jnp.concatenate([parts[g] for g in names if g != "real"], axis=1)
         d, _ = gan_losses(parts["real"], fakes, self.cfg.loss)
-        loss = masked_mean(d, ok)
+        loss, dropped = counted_mean(d, ok)
         metrics = {
             "gan_d": loss,
+            "gan_d_nonfinite_rows": dropped,
             "logit_real": jnp.mean(parts["real"]),
             "logit_fake": jnp.mean(parts["fake"]),
         }

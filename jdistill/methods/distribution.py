@@ -171,6 +171,12 @@ def masked_mean(values: jax.Array, ok: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
 
 
+def counted_mean(values: jax.Array, ok: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``masked_mean`` and the number of samples it left out (not ``ok``, or a non-finite value): a metric
+    ending in ``nonfinite_rows``, so that the rows a loss drops are reported, never dropped silently."""
+    return masked_mean(values, ok), nonfinite_count(ok & jnp.isfinite(values))
+
+
 def nonfinite_count(ok: jax.Array) -> jax.Array:
     """How many samples ``ok`` (a per-sample mask) marks as not finite, as float32 (a metric)."""
     return jnp.sum(jnp.logical_not(ok).astype(jnp.float32))

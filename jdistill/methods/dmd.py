@@ -21,7 +21,7 @@ import ml_collections
 
 from jdistill.data.pairs import PairsSource
 from jdistill.methods import dmd2
-from jdistill.methods.distribution import finite_rows, masked_mean
+from jdistill.methods.distribution import counted_mean, finite_rows
 from jdistill.methods.ode_pairs import generate_ode_pairs
 from jdistill.methods.recipe import Pass, Recipe
 
@@ -76,8 +76,13 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             parts.student_params(params), z, jnp.full((n,), t_student), batch["cond"]
         ).x0
         per_sample = jnp.mean(((x_ref - target) ** 2).reshape(n, -1), axis=1)
-        regression = masked_mean(per_sample, finite_rows(target))
-        metrics = {**metrics, "regression": regression, "distribution_matching": loss}
+        regression, dropped = counted_mean(per_sample, finite_rows(target))
+        metrics = {
+            **metrics,
+            "regression": regression,
+            "regression_nonfinite_rows": dropped,  # pairs left out (target or prediction not finite)
+            "distribution_matching": loss,
+        }
         return loss + m.regression_weight * regression, (metrics, carry)
 
     return parts.recipe(
