@@ -87,3 +87,21 @@ def test_point_samples_are_saved_with_labels_and_a_scatter_plot(tmp_path):
     assert not (tmp_path / "final_prompts.txt").exists()
     with pytest.raises(ValueError, match="3 prompts for 10 samples"):
         save_samples(world, str(tmp_path / "other"), samples, batch, ["a", "b", "c"])
+
+
+def test_a_world_build_installs_its_finished_stages_over_the_packaged_ones(tmp_path):
+    import json
+
+    from jdistill.digits.build_record import install_stages
+
+    out, root = tmp_path / "build", tmp_path / "assets"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "model_index.json").write_text("{}")
+    (out / "build.json").write_text(json.dumps({"teacher": {"steps": 3}}))
+    (root / "teacher").mkdir(parents=True)
+    (root / "teacher" / "stale.bin").write_text("old")
+    assert install_stages(str(out), {"teacher": str(root / "teacher")}, str(root)) == str(root)
+    assert sorted(p.name for p in (root / "teacher").iterdir()) == ["model_index.json"]
+    assert json.loads((root / "build.json").read_text()) == {"teacher": {"steps": 3}}
+    with pytest.raises(FileNotFoundError, match="classifier is missing: run the build first"):
+        install_stages(str(out), {"classifier": str(root / "classifier")}, str(root))

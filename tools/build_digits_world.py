@@ -18,8 +18,6 @@ Runs on the core install (no torch needed).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
@@ -29,7 +27,13 @@ from collections.abc import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jdistill.digits.build_record import open_record, stage_done, stage_steps  # noqa: E402
+from jdistill.digits.build_record import (  # noqa: E402
+    build_tool,
+    install_stages,
+    open_record,
+    stage_done,
+    stage_steps,
+)
 from jdistill.teachers.presets import DIGITS_CLASSIFIER, DIGITS_ROOT, DIGITS_TEACHER  # noqa: E402
 
 
@@ -120,34 +124,14 @@ def build_world(
 
 def install(out: str) -> str:
     """Copy ``out/teacher`` and ``out/classifier`` (and the build record) into the package's assets."""
-    for src, dst in (
-        (os.path.join(out, "teacher"), DIGITS_TEACHER),
-        (os.path.join(out, "classifier"), DIGITS_CLASSIFIER),
-    ):
-        if not stage_done(src):
-            raise FileNotFoundError(f"{src} is missing: run the build first")
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-    shutil.copy(os.path.join(out, "build.json"), os.path.join(DIGITS_ROOT, "build.json"))
-    return DIGITS_ROOT
+    return install_stages(out, {"teacher": DIGITS_TEACHER, "classifier": DIGITS_CLASSIFIER}, DIGITS_ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", required=True, help="build directory (resumable)")
-    parser.add_argument("--steps", type=int, default=0, help="UNet training steps (0: the sft preset's)")
-    parser.add_argument("--install", action="store_true", help="copy the result into jdistill/assets/digits")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    def build(out: str, steps: int, seed: int, log: Callable[[str], None]) -> dict:
+        return build_world(out, unet_steps=steps, seed=seed, log=log)
 
-    record = build_world(args.out, unet_steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
-    print(json.dumps(record, indent=2))
-    if args.install:
-        print(f"installed into {install(args.out)}")
-    return 0
+    return build_tool(argv, __doc__, build, install, "UNet", "jdistill/assets/digits")
 
 
 if __name__ == "__main__":

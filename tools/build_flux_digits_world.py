@@ -21,8 +21,6 @@ interrupted build resumes, the transformer's training from its last checkpoint):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
@@ -32,7 +30,13 @@ from collections.abc import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jdistill.digits.build_record import open_record, stage_done, stage_steps  # noqa: E402
+from jdistill.digits.build_record import (  # noqa: E402
+    build_tool,
+    install_stages,
+    open_record,
+    stage_done,
+    stage_steps,
+)
 from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER, DIGITS_TEACHER  # noqa: E402
 
 ONE_STEP = 1
@@ -167,35 +171,14 @@ def build_world(
 
 def install(out: str) -> str:
     """Copy ``out/teacher`` (and the build record) into the package's assets."""
-    src = os.path.join(out, "teacher")
-    if not stage_done(src):
-        raise FileNotFoundError(f"{src} is missing: run the build first")
-    if os.path.exists(DIGITS_FLUX_TEACHER):
-        shutil.rmtree(DIGITS_FLUX_TEACHER)
-    shutil.copytree(src, DIGITS_FLUX_TEACHER)
-    shutil.copy(os.path.join(out, "build.json"), os.path.join(DIGITS_FLUX_ROOT, "build.json"))
-    return DIGITS_FLUX_ROOT
+    return install_stages(out, {"teacher": DIGITS_FLUX_TEACHER}, DIGITS_FLUX_ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", required=True, help="build directory (resumable)")
-    parser.add_argument(
-        "--steps", type=int, default=0, help="transformer training steps (0: the sft preset's)"
-    )
-    parser.add_argument(
-        "--install", action="store_true", help="copy the result into jdistill/assets/digits_flux"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    def build(out: str, steps: int, seed: int, log: Callable[[str], None]) -> dict:
+        return build_world(out, steps=steps, seed=seed, log=log)
 
-    record = build_world(args.out, steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
-    print(json.dumps(record, indent=2))
-    if args.install:
-        print(f"installed into {install(args.out)}")
-    return 0
+    return build_tool(argv, __doc__, build, install, "transformer", "jdistill/assets/digits_flux")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ interrupted build resumes without redoing or forgetting a stage."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Mapping
 
 
 def stage_done(path: str) -> bool:
@@ -32,3 +34,42 @@ def open_record(out: str) -> tuple[dict, Callable[[], None]]:
 
 def stage_steps(steps: dict[str, int], stage: str) -> dict[str, int]:
     return {"steps": steps[stage]} if stage in steps else {}
+
+
+def install_stages(out: str, stages: Mapping[str, str], root: str) -> str:
+    """Copies each finished stage ``out/<name>`` over its packaged copy ``stages[name]`` and the build record
+    into ``root``; returns ``root``."""
+    for name, dst in stages.items():
+        src = os.path.join(out, name)
+        if not stage_done(src):
+            raise FileNotFoundError(f"{src} is missing: run the build first")
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    shutil.copy(os.path.join(out, "build.json"), os.path.join(root, "build.json"))
+    return root
+
+
+def build_tool(
+    argv: list[str] | None,
+    doc: str,
+    build: Callable[[str, int, int, Callable[[str], None]], dict],
+    install: Callable[[str], str],
+    trained: str,
+    assets: str,
+) -> int:
+    """A build tool's command line: ``--out DIR [--steps N] [--seed S] [--install]``; ``build(out, steps,
+    seed, log)`` returns the build record, printed; ``install(out)`` copies the result into ``assets``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="build directory (resumable)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help=f"{trained} training steps (0: the sft preset's)"
+    )
+    parser.add_argument("--install", action="store_true", help=f"copy the result into {assets}")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    record = build(args.out, args.steps, args.seed, lambda message: print(message, flush=True))
+    print(json.dumps(record, indent=2))
+    if args.install:
+        print(f"installed into {install(args.out)}")
+    return 0
