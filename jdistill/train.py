@@ -446,8 +446,11 @@ class StepClock:
         self.bar.unpause()  # the rate behind the remaining time starts after compilation
 
     def pause(self, seconds: float) -> None:
-        """Keeps ``seconds`` spent outside the steps (sampling, evaluation) out of the timings."""
+        """Keeps ``seconds`` spent outside the steps (sampling, evaluation) out of the timings and of the
+        bar's rate."""
         self.start += seconds
+        if seconds > 0.5:
+            self.bar.unpause()
 
     def window_timings(self, steps: int, batch_size: int) -> dict[str, float]:
         """Timings of the ``steps`` steps since the last call (those that compiled left out, unless every
@@ -649,6 +652,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Trained:
         desc=config.method.name,
     )
     clock = StepClock(bar, config.method.name)
+    in_flight = None
     sync_each_step = parallel.needs_step_sync(s.mesh)
     try:
         with StopSignal() as stop:
@@ -666,6 +670,11 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Trained:
                     clock.compiled()
                 step += 1
                 window.append(metrics)
+                # One step in flight: the bar counts finished steps (dispatch alone returns at once, and its
+                # rate would swing the remaining time at each log step), and the device always has the next.
+                if in_flight is not None:
+                    jax.block_until_ready(in_flight)
+                in_flight = metrics
                 bar.update(1)
 
                 if step % config.log_every == 0 or step == config.num_steps:

@@ -59,3 +59,32 @@ def test_readme_main_job_leaves_grid_metrics_and_a_one_step_diffusers_student(tm
     ).images
     metrics = digits_metrics(load_classifier(DIGITS_CLASSIFIER), images, labelled.digits, labelled.colours)
     assert metrics["digit_accuracy"] >= 0.8, metrics
+
+    # The README's figures for the export are what the command it names prints.
+    from helpers import tool
+
+    out = tmp_path / "eval"
+    assert tool("evaluate").main(["--pipeline", os.fspath(export), "--out", os.fspath(out)]) == 0
+    printed = json.loads((out / "metrics.json").read_text())["metrics"]
+    stated = readme_export_figures()
+    assert printed["digit_accuracy"] == pytest.approx(stated["digit_accuracy"], abs=0.01), (printed, stated)
+    assert printed["colour_accuracy"] == pytest.approx(stated["colour_accuracy"], abs=0.01), (printed, stated)
+    assert printed["frechet_distance"] == pytest.approx(stated["frechet_distance"], rel=0.03), (
+        printed,
+        stated,
+    )
+
+
+def readme_export_figures() -> dict[str, float]:
+    """The figures the README's Quick start states for ``tools/evaluate.py --pipeline runs/digits/export``."""
+    import re
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    found = re.search(
+        r"python tools/evaluate.py --pipeline runs/digits/export` prints digit accuracy ([\d.]+), colour accuracy "
+        r"([\d.]+) and Frechet distance ([\d.]+)",
+        text,
+    )
+    assert found, "the README no longer states what tools/evaluate.py prints for the export"
+    keys = ("digit_accuracy", "colour_accuracy", "frechet_distance")
+    return dict(zip(keys, map(float, found.groups()), strict=True))
