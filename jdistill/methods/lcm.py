@@ -67,7 +67,7 @@ from jdistill.diffusion.samplers import student_plan
 from jdistill.diffusion.schedules import FlowSchedule, VPSchedule, broadcast_to, shift_sigmas
 from jdistill.methods.common import build_network, network_denoiser
 from jdistill.methods.recipe import Pass, Recipe, Update
-from jdistill.methods.rollout import renoising_sample
+from jdistill.methods.rollout import renoising_sampler
 from jdistill.methods.trajectory import consistency_scalings, huber_loss, skipping_grid, with_guidance
 from jdistill.rng import streams
 
@@ -254,17 +254,14 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         """The student's prediction with x0 replaced by f(x_t, t): what the sampler re-noises."""
         return student.predict(p, x_t, t, cond).replace(x0=consistency(p, x_t, t, cond))
 
-    def sample(params, cond, key):
-        return renoising_sample(
-            boundary_predict,
-            plan,
-            key,
-            schedule,
-            world.sample_shape,
-            cond,
-            network.net_params(params),
-            student_cond=lambda c: student_inputs(c, m.sample_guidance),
-        )
+    sample = renoising_sampler(
+        boundary_predict,
+        plan,
+        schedule,
+        world.sample_shape,
+        network.net_params,
+        student_cond=lambda c: student_inputs(c, m.sample_guidance),
+    )
 
     if embedded:  # in convention "cond", as Recipe.student_guidance is (the input is its value + 1)
         student_guidance = in_cond_convention(m.sample_guidance, m.cfg_convention)

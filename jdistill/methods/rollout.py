@@ -94,29 +94,33 @@ def sampler_start(
     return SamplerStart(noise, renoise_key, cond if student_cond is None else student_cond(cond), params)
 
 
-def renoising_sample(
+def renoising_sampler(
     predict: Callable[[PyTree, jax.Array, jax.Array, PyTree], Prediction],
     plan: SamplerPlan,
-    key: jax.Array,
     schedule: Schedule,
     sample_shape: tuple[int, ...],
-    cond: PyTree,
-    params: PyTree,
+    net_params: Callable[[PyTree], PyTree] = lambda params: params,
     *,
     student_cond: Callable[[PyTree], PyTree] | None = None,
     scale: float = 1.0,
-) -> jax.Array:
-    """A few-step student's sampler: ``predict(params, x_t, t, cond)`` at each time of ``plan``, its x0
-    re-noised with fresh noise to the next time; the last x0 is the sample. ``sampler_start`` prepares the
-    inputs (``student_cond``, ``scale``)."""
-    start = sampler_start(key, schedule, sample_shape, cond, params, student_cond=student_cond, scale=scale)
-    return run_sampler(
-        lambda x_t, t: predict(start.params, x_t, t, start.cond),
-        start.noise,
-        plan,
-        renoise=True,
-        key=start.renoise_key,
-    )
+) -> Callable[[PyTree, PyTree, jax.Array], jax.Array]:
+    """A few-step student's sampler, ``(params, cond, key) -> samples``: ``predict(net_params(params), x_t, t,
+    cond)`` at each time of ``plan``, its x0 re-noised with fresh noise to the next time; the last x0 is the
+    sample. ``sampler_start`` prepares the inputs (``student_cond``, ``scale``)."""
+
+    def sample(params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
+        start = sampler_start(
+            key, schedule, sample_shape, cond, net_params(params), student_cond=student_cond, scale=scale
+        )
+        return run_sampler(
+            lambda x_t, t: predict(start.params, x_t, t, start.cond),
+            start.noise,
+            plan,
+            renoise=True,
+            key=start.renoise_key,
+        )
+
+    return sample
 
 
 STUDENT_INPUTS = ("noise", "noised_zero")
@@ -182,13 +186,7 @@ class FewStepStudent:
 
     def sample(self, params: PyTree, cond: PyTree, key: jax.Array) -> jax.Array:
         """The deployed sampler: all steps, fresh noise between them."""
-        return renoising_sample(
-            self.denoiser.predict,
-            self.plan,
-            key,
-            self.schedule,
-            self.sample_shape,
-            cond,
-            params,
-            scale=self.input_scale,
+        sampler = renoising_sampler(
+            self.denoiser.predict, self.plan, self.schedule, self.sample_shape, scale=self.input_scale
         )
+        return sampler(params, cond, key)

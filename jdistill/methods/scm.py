@@ -59,7 +59,7 @@ from jdistill.methods.common import (
 )
 from jdistill.methods.distribution import NONFINITE_ROWS, finite_rows, nonfinite_count, zero_bad_rows
 from jdistill.methods.recipe import Network, Pass, Recipe, Update, derivative_passes
-from jdistill.methods.rollout import renoising_sample
+from jdistill.methods.rollout import renoising_sampler
 from jdistill.methods.trajectory import scm_loss, scm_tangent, trigflow_times, with_guidance
 from jdistill.models.heads import LogVarHead
 from jdistill.models.net import Net
@@ -234,18 +234,17 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
 
     plan = student_plan(schedule, tuple(m.student_timesteps))
 
+    scaled = renoising_sampler(
+        student.predict,
+        plan,
+        schedule,
+        world.sample_shape,
+        network.net_params,
+        student_cond=lambda c: student_inputs(c, m.sample_guidance),
+    )
+
     def sample(params, cond, key):
-        x = renoising_sample(
-            student.predict,
-            plan,
-            key,
-            schedule,
-            world.sample_shape,
-            cond,
-            network.net_params(params),
-            student_cond=lambda c: student_inputs(c, m.sample_guidance),
-        )
-        return x / m.data_scale
+        return scaled(params, cond, key) / m.data_scale
 
     # The teacher's guided pair (w drawn per sample; one pass for a guidance-distilled FLUX), the JVP of
     # sg(student), and the differentiated student (with LADD: on x_t and the real x_adv in one call, then the

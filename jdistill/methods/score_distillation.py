@@ -85,29 +85,15 @@ class StudentAndFake:
         return (Pass("fake_score", samples, grad),)
 
     def fake_score_passes(self, m: ml_collections.ConfigDict, guidance: float = 1.0, noise_draws: int = 1):
-        """``fake_score_loss``'s passes (without a discriminator)."""
+        """``fake_score_update``'s passes (without a discriminator)."""
         samples = noise_draws * cfg_evaluations(guidance, m.cfg_convention, self.fake)
         return (
             *self.generation_passes("none", unless_carried="generated"),
             *self.fake_passes(samples, "params"),
         )
 
-    def fake_score_loss(
-        self,
-        world,
-        m: ml_collections.ConfigDict,
-        *,
-        guidance: float = 1.0,
-        noise_draws: int = 1,
-        discriminator: Discriminator | None = None,
-        sample_t: TimeSampler | None = None,
-    ) -> LossFn:
-        """The fake score's denoising loss on sg(x): this step's generator sample when an earlier update
-        carried it, else a fresh no-grad generation; conditions dropped with ``m.fake_cond_dropout``, the
-        prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws`` noisings per sample at
-        t ~ U(m.fake_t_range) or ``sample_t(key, shape)``; plus the
-        ``discriminator``'s weighted loss on sg(x) and real samples when a GAN is on. Rows whose sample or
-        prediction is not finite are left out of the denoising loss and counted (metric ``NONFINITE_ROWS``)."""
+    def _fake_score_loss(self, world, m, guidance, noise_draws, discriminator, sample_t) -> LossFn:
+        """``fake_score_update``'s loss."""
         schedule = self.student.schedule
 
         def loss(params, batch, key, carry):
@@ -168,16 +154,14 @@ class StudentAndFake:
         discriminator: Discriminator | None = None,
         sample_t: TimeSampler | None = None,
     ) -> Update:
-        """The fake score's update on ``fake_score_loss`` (same options), every step; with a ``discriminator``
-        its head trains with it, the trunk and head running on generated and real samples together."""
-        loss = self.fake_score_loss(
-            world,
-            m,
-            guidance=guidance,
-            noise_draws=noise_draws,
-            discriminator=discriminator,
-            sample_t=sample_t,
-        )
+        """The fake score's update, every step: its denoising loss on sg(x), this step's generator sample when
+        an earlier update carried it, else a fresh no-grad generation; conditions dropped with
+        ``m.fake_cond_dropout``, the prediction under CFG ``guidance`` (SiD-LSG's kappa1), ``noise_draws``
+        noisings per sample at t ~ U(m.fake_t_range) or ``sample_t(key, shape)``. Rows whose sample or
+        prediction is not finite are left out of the denoising loss and counted (metric ``NONFINITE_ROWS``).
+        With a ``discriminator`` its weighted loss on sg(x) and real samples is added and its head trains
+        with the fake score, the trunk and head running on generated and real samples together."""
+        loss = self._fake_score_loss(world, m, guidance, noise_draws, discriminator, sample_t)
         passes = self.fake_score_passes(m, guidance=guidance, noise_draws=noise_draws)
         trains: tuple[str, ...] = ("fake_score",)
         if discriminator is not None:
