@@ -112,9 +112,7 @@ def avg_pool_3x3_exclude_pad(x: jax.Array) -> jax.Array:
 
 class FIDInceptionA(nnx.Module):
     def __init__(self, cin: int, pool_features: int, *, rngs: nnx.Rngs, matmul_precision: Any = "highest"):
-        def conv(a, b, k, **kw):
-            return BasicConv2d(a, b, k, rngs=rngs, matmul_precision=matmul_precision, **kw)
-
+        conv = functools.partial(BasicConv2d, rngs=rngs, matmul_precision=matmul_precision)
         self.branch1x1 = conv(cin, 64, 1)
         self.branch5x5_1 = conv(cin, 48, 1)
         self.branch5x5_2 = conv(48, 64, 5, padding=2)
@@ -135,9 +133,7 @@ class InceptionB(nnx.Module):
     """torchvision's InceptionB (``Mixed_6a``), unchanged in the FID network."""
 
     def __init__(self, cin: int, *, rngs: nnx.Rngs, matmul_precision: Any = "highest"):
-        def conv(a, b, k, **kw):
-            return BasicConv2d(a, b, k, rngs=rngs, matmul_precision=matmul_precision, **kw)
-
+        conv = functools.partial(BasicConv2d, rngs=rngs, matmul_precision=matmul_precision)
         self.branch3x3 = conv(cin, 384, 3, stride=2)
         self.branch3x3dbl_1 = conv(cin, 64, 1)
         self.branch3x3dbl_2 = conv(64, 96, 3, padding=1)
@@ -151,9 +147,7 @@ class InceptionB(nnx.Module):
 
 class FIDInceptionC(nnx.Module):
     def __init__(self, cin: int, channels_7x7: int, *, rngs: nnx.Rngs, matmul_precision: Any = "highest"):
-        def conv(a, b, k, **kw):
-            return BasicConv2d(a, b, k, rngs=rngs, matmul_precision=matmul_precision, **kw)
-
+        conv = functools.partial(BasicConv2d, rngs=rngs, matmul_precision=matmul_precision)
         c7 = channels_7x7
         self.branch1x1 = conv(cin, 192, 1)
         self.branch7x7_1 = conv(cin, c7, 1)
@@ -180,9 +174,7 @@ class InceptionD(nnx.Module):
     """torchvision's InceptionD (``Mixed_7a``), unchanged in the FID network."""
 
     def __init__(self, cin: int, *, rngs: nnx.Rngs, matmul_precision: Any = "highest"):
-        def conv(a, b, k, **kw):
-            return BasicConv2d(a, b, k, rngs=rngs, matmul_precision=matmul_precision, **kw)
-
+        conv = functools.partial(BasicConv2d, rngs=rngs, matmul_precision=matmul_precision)
         self.branch3x3_1 = conv(cin, 192, 1)
         self.branch3x3_2 = conv(192, 320, 3, stride=2)
         self.branch7x7x3_1 = conv(cin, 192, 1)
@@ -203,9 +195,7 @@ class FIDInceptionE(nnx.Module):
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
 
-        def conv(a, b, k, **kw):
-            return BasicConv2d(a, b, k, rngs=rngs, matmul_precision=matmul_precision, **kw)
-
+        conv = functools.partial(BasicConv2d, rngs=rngs, matmul_precision=matmul_precision)
         self.pool = pool
         self.branch1x1 = conv(cin, 320, 1)
         self.branch3x3_1 = conv(cin, 384, 1)
