@@ -149,6 +149,13 @@ def grads_wrt_trained(loss, params, batch, key, carry=None):
     return jax.grad(f)({k: v for k, v in params.items() if k != "teacher"})
 
 
+def assert_same_state_dict(back: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
+    """The same keys, and under each an array of the same dtype and bits."""
+    assert back.keys() == state.keys()
+    for key in state:
+        assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), key
+
+
 def abs_sum(tree) -> float:
     return float(sum(np.sum(np.abs(np.asarray(x))) for x in jax.tree.leaves(tree)))
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 
 from jdistill.models.attention import (
     ATTENTION_IMPLS,
@@ -210,18 +211,7 @@ def test_directional_derivative_through_a_unet_with_a_fused_kernel(impl):
     from jdistill.diffusion.jvp import directional_derivative
     from jdistill.models.unet import UNetConfig, unet_net
 
-    cfg = UNetConfig.from_dict(
-        dict(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            sample_size=8,
-            norm_num_groups=8,
-            attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
-    )
+    cfg = UNetConfig.from_dict(tiny_configs.unet(sample_size=8))
     xla_net, fused_net = unet_net(cfg), unet_net(cfg, attention_impl=impl)
     params = xla_net.init(jax.random.key(0))
     rng = np.random.default_rng(0)

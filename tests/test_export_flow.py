@@ -29,16 +29,11 @@ CLASSES = {"flux_dev": "FluxTransformer2DModel", "sd35_medium": "SD3Transformer2
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow_export")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    paths = {
-        "flux_dev": tiny_flow_pipeline.save_flux_pipeline(root / "flux"),
-        "sd35_medium": tiny_flow_pipeline.save_sd3_pipeline(root / "sd3"),
-    }
+    pipelines = tiny_flow_pipeline.save_flow_pipelines(tmp_path_factory.mktemp("flow_export"), PROMPTS)
     out = {}
-    for preset, path in paths.items():
+    for preset in ("flux_dev", "sd35_medium"):
         t = flow_teacher_config(preset)
-        t.update(path=str(path), prompts=str(root / "prompts.txt"), resolution=16)
+        t.update(path=str(pipelines[preset]), prompts=str(pipelines["prompts"]), resolution=16)
         out[preset] = build_world(ml_config(t))
     return out
 

@@ -28,13 +28,7 @@ PROMPTS = ["a red circle", "the digit 3 on a blue square", "green of the square"
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow_world")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {
-        "flux_dev": tiny_flow_pipeline.save_flux_pipeline(root / "flux"),
-        "sd35_medium": tiny_flow_pipeline.save_sd3_pipeline(root / "sd3"),
-        "prompts": root / "prompts.txt",
-    }
+    return tiny_flow_pipeline.save_flow_pipelines(tmp_path_factory.mktemp("flow_world"), PROMPTS)
 
 
 def config(preset: str, pipelines, **teacher) -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ import tiny_configs
 import torch
 from diffusers import FluxTransformer2DModel as TorchFlux
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+from helpers import assert_same_state_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jdistill.convert.core import ConversionError, load_state_dict
@@ -205,10 +206,7 @@ def test_rope_and_blocks_match_diffusers_closely(variants):
 
 def test_round_trip_is_bit_identical(pair):
     _, _, state, _, params = pair
-    back = flux_state_dict(params)
-    assert back.keys() == state.keys()
-    for key in state:
-        assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), key
+    assert_same_state_dict(flux_state_dict(params), state)
 
 
 def test_bad_checkpoints_name_the_key(pair):

@@ -184,13 +184,7 @@ def test_meanflow_refuses_a_transformer_student_without_the_option(pipelines, im
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("meanflow_flow")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {
-        "flux_dev": tiny_flow_pipeline.save_flux_pipeline(root / "flux"),
-        "sd35_medium": tiny_flow_pipeline.save_sd3_pipeline(root / "sd3"),
-        "prompts": root / "prompts.txt",
-    }
+    return tiny_flow_pipeline.save_flow_pipelines(tmp_path_factory.mktemp("meanflow_flow"), PROMPTS)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import torch
 from diffusers import SD3Transformer2DModel as TorchSD3
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from flax import nnx
+from helpers import assert_same_state_dict
 
 from jdistill.config_base import base_config
 from jdistill.convert.core import ConversionError
@@ -103,10 +104,7 @@ def test_outputs_match_diffusers(pair):
 
 def test_round_trip_is_bit_identical(pair):
     _, _, _, state, _, params = pair
-    back = sd3_state_dict(params)
-    assert back.keys() == state.keys()
-    for key in state:
-        assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), key
+    assert_same_state_dict(sd3_state_dict(params), state)
 
 
 def test_bad_checkpoints_name_the_key(pair):

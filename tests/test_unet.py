@@ -9,27 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
+from helpers import assert_same_state_dict
 
 from jdistill.convert.core import ConversionError
 from jdistill.convert.unet import load_unet, unet_state_dict
 from jdistill.models.unet import UNetConfig, unet_net
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "jdistill" / "teachers" / "configs"
-TINY = dict(
-    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=16, norm_num_groups=8
-)
 VARIANTS = {
-    "sd15": dict(
-        TINY,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ),
+    "sd15": tiny_configs.unet(),
     # v-prediction is a scheduler setting; the network side of SD2 is linear projections, per-block heads, upcast.
-    "sd2": dict(
-        TINY,
+    "sd2": tiny_configs.unet(
         block_out_channels=(32, 64, 64),
         layers_per_block=2,
         cross_attention_dim=24,
@@ -39,8 +32,7 @@ VARIANTS = {
         use_linear_projection=True,
         upcast_attention=True,
     ),
-    "sdxl": dict(
-        TINY,
+    "sdxl": tiny_configs.unet(
         attention_head_dim=(2, 4),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -50,13 +42,7 @@ VARIANTS = {
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=80,
     ),
-    "lcm": dict(
-        TINY,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        time_cond_proj_dim=16,
-    ),
+    "lcm": tiny_configs.unet(time_cond_proj_dim=16),
 }
 
 
@@ -121,10 +107,7 @@ def test_outputs_and_mid_features_match_diffusers(pair):
 
 def test_round_trip_is_bit_identical(pair):
     _, _, _, state, _, params = pair
-    back = unet_state_dict(params)
-    assert back.keys() == state.keys()
-    for key in state:
-        assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), key
+    assert_same_state_dict(unet_state_dict(params), state)
 
 
 def test_bad_checkpoints_name_the_key(pair):

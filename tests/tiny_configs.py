@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Stable Diffusion's training noise schedule, as diffusers' schedulers take it.
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
 
 def flux(**overrides: Any) -> dict[str, Any]:
     """A FluxTransformer2DModel of two double and two single blocks, two heads of 16."""
@@ -55,6 +58,21 @@ def t5(**overrides: Any) -> dict[str, Any]:
         "num_layers": 3,
         "relative_attention_num_buckets": 8,
         "relative_attention_max_distance": 16,
+        **overrides,
+    }
+
+
+def unet(**overrides: Any) -> dict[str, Any]:
+    """An SD1.x-style UNet2DConditionModel of two levels (32 and 64 channels), cross-attention at the first."""
+    return {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "sample_size": 16,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
         **overrides,
     }
 

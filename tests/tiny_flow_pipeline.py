@@ -126,3 +126,14 @@ def save_sd3_pipeline(path: pathlib.Path, *, sd35: bool = True) -> pathlib.Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def save_flow_pipelines(root: pathlib.Path, prompts: list[str]) -> dict[str, pathlib.Path]:
+    """A FLUX pipeline and an SD3.5 one under ``root``, by the teacher preset they stand for, and a prompt file
+    of ``prompts`` (key "prompts")."""
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return {
+        "flux_dev": save_flux_pipeline(root / "flux"),
+        "sd35_medium": save_sd3_pipeline(root / "sd3"),
+        "prompts": root / "prompts.txt",
+    }

@@ -81,16 +81,7 @@ def vae():
 def unet(xl: bool = False, **overrides):
     from diffusers import UNet2DConditionModel
 
-    kw = dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        sample_size=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    kw = tiny_configs.unet()
     if xl:
         kw.update(
             cross_attention_dim=64,
@@ -118,9 +109,7 @@ def save_sd_pipeline(
         tokenizer=tok,
         unet=unet(**unet_overrides),
         scheduler=DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
+            **tiny_configs.SD_BETAS,
             clip_sample=False,
             set_alpha_to_one=False,
             steps_offset=1,
@@ -145,9 +134,7 @@ def save_sdxl_pipeline(path: pathlib.Path) -> pathlib.Path:
         tokenizer=tok,
         tokenizer_2=tiny_tokenizer(),
         unet=unet(xl=True),
-        scheduler=EulerDiscreteScheduler(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
-        ),
+        scheduler=EulerDiscreteScheduler(**tiny_configs.SD_BETAS, steps_offset=1),
     )
     pipe.save_pretrained(path)
     return path
