@@ -24,6 +24,37 @@ from helpers import (
 
 from jdistill import train
 
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples/final.npy", "samples/final_labels.npy")
+
+
+def logged_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_steps(logged: list[dict]) -> list[int]:
+    """The steps of the training records (not the evaluations')."""
+    return [e["step"] for e in logged if not any(k.startswith("eval/") for k in e)]
+
+
+def check_finished_run(workdir) -> list[dict]:
+    """A finished swiftbrush run's files are there; returns its metrics, each record with a step and the first
+    with the recipe's losses."""
+    for name in RUN_FILES:
+        assert (workdir / name).exists(), name
+    logged = logged_metrics(workdir)
+    assert all("step" in entry for entry in logged)
+    assert any("swiftbrush" not in k and k.endswith("/loss") for k in logged[0])
+    return logged
+
+
+def check_rerun_redid_nothing(
+    second: subprocess.CompletedProcess, workdir, logged: list[dict], step: int
+) -> None:
+    """The second run of a finished run resumed at its last step and logged no training step again."""
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from checkpoint at step {step}" in second.stderr
+    assert train_steps(logged_metrics(workdir)) == train_steps(logged)
+
 
 # The gmm preset in full (8000 steps, about 100 s alone on 2 cores, more with a second worker): ``heavy`` like the
 # other presets' full runs (``-m acceptance`` runs them); the default run checks swiftbrush's training briefly
@@ -37,14 +68,7 @@ def test_default_recipe_distils_the_mixture_and_resumes(tmp_path):
     first = run_main(workdir, timeout=600)
     elapsed = time.perf_counter() - start
     assert first.returncode == 0, first.stderr[-3000:]
-    for name in (
-        "config.json",
-        "metrics.jsonl",
-        "checkpoints",
-        "samples/final.npy",
-        "samples/final_labels.npy",
-    ):
-        assert (workdir / name).exists(), name
+    logged = check_finished_run(workdir)
     config = json.loads((workdir / "config.json").read_text())
     assert config["method"]["name"] == "swiftbrush"
     samples = np.load(workdir / "samples/final.npy")
@@ -57,16 +81,8 @@ def test_default_recipe_distils_the_mixture_and_resumes(tmp_path):
     assert within >= 0.90
     assert shares.min() >= 0.05
     assert consistent >= 0.95
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert all("step" in entry for entry in logged)
-    assert any("swiftbrush" not in k and k.endswith("/loss") for k in logged[0])
 
-    second = run_main(workdir, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resumed from checkpoint at step {config['num_steps']}" in second.stderr
-    relogged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [e["step"] for e in relogged if not any(k.startswith("eval/") for k in e)]
-    assert train_steps == [e["step"] for e in logged if not any(k.startswith("eval/") for k in e)]
+    check_rerun_redid_nothing(run_main(workdir, timeout=300), workdir, logged, config["num_steps"])
 
 
 @pytest.mark.slow
@@ -77,25 +93,10 @@ def test_rerun_of_a_finished_run_redoes_nothing(tmp_path):
     overrides = [*SMALL, *SMALL_SWIFTBRUSH_NETS]
     first = run_main(workdir, overrides=overrides, quick_compile=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    for name in (
-        "config.json",
-        "metrics.jsonl",
-        "checkpoints",
-        "samples/final.npy",
-        "samples/final_labels.npy",
-    ):
-        assert (workdir / name).exists(), name
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert all("step" in entry for entry in logged)
-    assert any("swiftbrush" not in k and k.endswith("/loss") for k in logged[0])
+    logged = check_finished_run(workdir)
 
-    second = run_main(workdir, overrides=overrides, quick_compile=True)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from checkpoint at step 6" in second.stderr
-    relogged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [e["step"] for e in relogged if not any(k.startswith("eval/") for k in e)]
-    assert train_steps == [e["step"] for e in logged if not any(k.startswith("eval/") for k in e)]
-    assert train_steps[-1] == 6
+    check_rerun_redid_nothing(run_main(workdir, overrides=overrides, quick_compile=True), workdir, logged, 6)
+    assert train_steps(logged_metrics(workdir))[-1] == 6
 
 
 SIGNAL_RUN = [

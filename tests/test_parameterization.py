@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from tiny_configs import SD_BETAS
 
 from jdistill.diffusion.guidance import (
     CFG_CONVENTIONS,
@@ -220,13 +221,7 @@ def test_vp_conversions_match_diffusers_ddim_step():
     x_t = rng.standard_normal((1, 3, 2, 2)).astype(np.float32)
     out = rng.standard_normal((1, 3, 2, 2)).astype(np.float32)
     for diffusers_kind, kind in (("epsilon", "eps"), ("v_prediction", "v"), ("sample", "x0")):
-        scheduler = DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            clip_sample=False,
-            prediction_type=diffusers_kind,
-        )
+        scheduler = DDIMScheduler(**SD_BETAS, clip_sample=False, prediction_type=diffusers_kind)
         # Feed jdistill the same float32 table so only the conversion is compared.
         schedule = VPSchedule(alphas_cumprod=scheduler.alphas_cumprod.numpy().astype(np.float64))
         scheduler.set_timesteps(4)

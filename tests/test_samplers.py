@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+from tiny_configs import SD_BETAS
 
 from jdistill.diffusion.parameterization import to_prediction
 from jdistill.diffusion.samplers import (
@@ -75,7 +76,7 @@ def feed_step_noises(monkeypatch, scheduler_module: str, key, n) -> list[tuple[i
 
 
 def ddim_scheduler(**kwargs):
-    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    config = dict(SD_BETAS, clip_sample=False)
     config.update(kwargs)
     return DDIMScheduler(**config)
 
