@@ -38,7 +38,9 @@ import numpy as np
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.diffusers_config import config_kwargs, field_values, to_json
 from jdistill.models.embeddings import timestep_embedding
+from jdistill.models.feedforward import FeedForward
 from jdistill.models.layers import FP32, Precision, configured_net, linear, remat_policy
 from jdistill.models.net import Net, build_layer, sharding_metadata
 from jdistill.models.stack import Stack
@@ -91,19 +93,17 @@ class FluxConfig:
                     )
                 continue
             raise ValueError(f"FLUX config option {key!r} is not supported")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
-        cfg = cls(**kwargs)
+        cfg = cls(**config_kwargs(cls, d))
         cfg.validate()
         return cfg
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = field_values(self)
         if not self.timestep_delta_embeds:  # jdistill's own option: a diffusers config has no such key
             del out["timestep_delta_embeds"]
         if self.timestep_scale == DIFFUSERS_TIME_SCALE:
             del out["timestep_scale"]
-        out.update(UNSUPPORTED_OPTIONS)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return to_json({**out, **UNSUPPORTED_OPTIONS})
 
     def validate(self) -> None:
         if not (isinstance(self.timestep_scale, int | float) and self.timestep_scale > 0):
@@ -242,29 +242,6 @@ class Modulation(nnx.Module):
         return jnp.split(self.linear(nnx.silu(temb)).astype(jnp.float32), self.chunks, axis=-1)
 
 
-class GELU(nnx.Module):
-    """diffusers' GELU(approximate="tanh"): projection then the tanh-approximated gelu."""
-
-    def __init__(self, dim: int, inner: int, rngs: nnx.Rngs, p: Precision):
-        self.proj = linear(dim, inner, rngs, p)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(self.proj(x), approximate=True)
-
-
-class FeedForward(nnx.Module):
-    """``net.0`` = GELU projection, ``net.1`` = dropout (no parameters), ``net.2`` = output projection."""
-
-    def __init__(self, dim: int, rngs: nnx.Rngs, p: Precision):
-        inner = dim * MLP_RATIO
-        self.net = nnx.List(
-            [GELU(dim, inner, rngs, p), nnx.Dropout(0.0), linear(inner, dim, rngs, p, axes=("mlp", "embed"))]
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.net[2](self.net[0](x))
-
-
 class FluxAttention(nnx.Module):
     """diffusers' FluxAttention: biased q/k/v, QK RMS norms per head, rotary embedding, joint attention over
     [text, image] tokens. ``joint``: the double-stream form (text projections ``add_*``, output projections);
@@ -328,8 +305,8 @@ class FluxTransformerBlock(nnx.Module):
         self.attn = FluxAttention(
             dim, cfg.num_attention_heads, cfg.attention_head_dim, rngs, p, joint=True, impl=impl
         )
-        self.ff = FeedForward(dim, rngs, p)
-        self.ff_context = FeedForward(dim, rngs, p)
+        self.ff = FeedForward(dim, rngs, p, mult=MLP_RATIO)
+        self.ff_context = FeedForward(dim, rngs, p, mult=MLP_RATIO)
         self.dtype = p.dtype
 
     def __call__(

@@ -42,7 +42,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.diffusers_config import config_kwargs, to_json
 from jdistill.models.embeddings import timestep_embedding
+from jdistill.models.feedforward import FeedForward
 from jdistill.models.layers import (
     FP32,
     Precision,
@@ -88,7 +90,7 @@ class SD3Config:
         unknown = sorted(k for k in d if not k.startswith("_") and k not in fields)
         if unknown:
             raise ValueError(f"SD3 config options {unknown} are not supported")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+        kwargs = config_kwargs(cls, d)
         if kwargs.get("out_channels", 0) is None:  # diffusers: out_channels defaults to in_channels
             kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         cfg = cls(**kwargs)
@@ -99,7 +101,7 @@ class SD3Config:
         out = dataclasses.asdict(self)
         if not self.timestep_delta_embeds:  # jdistill's own option: a diffusers config has no such key
             del out["timestep_delta_embeds"]
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return to_json(out)
 
     @property
     def inner_dim(self) -> int:
@@ -262,29 +264,6 @@ class Attention(nnx.Module):
         if context is None:
             return image
         return image, (self.to_add_out(out[:, n:]) if self.to_add_out is not None else None)
-
-
-class GELU(nnx.Module):
-    """Projection then tanh-approximated GELU (diffusers' ``GELU(approximate="tanh")``)."""
-
-    def __init__(self, dim, inner, rngs, p: Precision):
-        self.proj = linear(dim, inner, rngs, p)
-
-    def __call__(self, x):
-        return jax.nn.gelu(self.proj(x), approximate=True)
-
-
-class FeedForward(nnx.Module):
-    """``net.0`` = GELU, ``net.1`` = dropout (no parameters), ``net.2`` = output projection."""
-
-    def __init__(self, dim, rngs, p: Precision, mult: int = 4):
-        inner = dim * mult
-        self.net = nnx.List(
-            [GELU(dim, inner, rngs, p), nnx.Dropout(0.0), linear(inner, dim, rngs, p, axes=("mlp", "embed"))]
-        )
-
-    def __call__(self, x):
-        return self.net[2](self.net[0](x))
 
 
 class AdaLayerNormZero(nnx.Module):
