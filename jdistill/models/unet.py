@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.diffusers_config import check_block_types, config_kwargs, field_values, to_json
 from jdistill.models.embeddings import timestep_embedding
+from jdistill.models.feedforward import GEGLU, FeedForward
 from jdistill.models.layers import (
     FP32,
     Precision,
@@ -105,8 +107,7 @@ class UNetConfig:
                 value = tuple(value)
             if key in d and value != default and not (key == "only_cross_attention" and not any_true(value)):
                 raise ValueError(f"UNet config {key}={d[key]!r} is not supported (only {default!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+        kwargs = config_kwargs(cls, d)
         for k in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
             if isinstance(kwargs.get(k), tuple):
                 kwargs[k] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[k])
@@ -117,16 +118,10 @@ class UNetConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out.update(UNSUPPORTED_OPTIONS)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return to_json({**field_values(self), **UNSUPPORTED_OPTIONS})
 
     def validate(self) -> None:
-        bad = [b for b in self.down_block_types if b not in DOWN_BLOCKS] + [
-            b for b in self.up_block_types if b not in UP_BLOCKS
-        ]
-        if bad:
-            raise ValueError(f"unsupported UNet blocks {bad}; supported: {DOWN_BLOCKS + UP_BLOCKS}")
+        check_block_types("UNet", self.down_block_types, self.up_block_types, DOWN_BLOCKS, UP_BLOCKS)
         if self.mid_block_type != "UNetMidBlock2DCrossAttn":
             raise ValueError(f"unsupported mid block {self.mid_block_type!r}")
         if self.num_attention_heads is not None:
@@ -169,28 +164,6 @@ class Attention(nnx.Module):
         return self.to_out[0](merge_heads(attention(q, k, v, impl=self.impl, upcast=self.upcast)))
 
 
-class GEGLU(nnx.Module):
-    def __init__(self, dim, inner, rngs, p: Precision):
-        self.proj = linear(dim, inner * 2, rngs, p)
-
-    def __call__(self, x):
-        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return hidden * jax.nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nnx.Module):
-    """``net.0`` = GEGLU, ``net.1`` = dropout (no parameters), ``net.2`` = output projection."""
-
-    def __init__(self, dim, rngs, p: Precision, mult=4):
-        inner = dim * mult
-        self.net = nnx.List(
-            [GEGLU(dim, inner, rngs, p), nnx.Dropout(0.0), linear(inner, dim, rngs, p, axes=("mlp", "embed"))]
-        )
-
-    def __call__(self, x):
-        return self.net[2](self.net[0](x))
-
-
 class BasicTransformerBlock(nnx.Module):
     def __init__(self, dim, context_dim, heads, head_dim, rngs, p: Precision, *, upcast=False, impl="xla"):
         self.norm1 = layer_norm(dim, 1e-5, rngs, p)
@@ -198,7 +171,7 @@ class BasicTransformerBlock(nnx.Module):
         self.norm2 = layer_norm(dim, 1e-5, rngs, p)
         self.attn2 = Attention(dim, context_dim, heads, head_dim, rngs, p, upcast=upcast, impl=impl)
         self.norm3 = layer_norm(dim, 1e-5, rngs, p)
-        self.ff = FeedForward(dim, rngs, p)
+        self.ff = FeedForward(dim, rngs, p, activation=GEGLU)
         self.dtype = p.dtype
 
     def __call__(self, x, context):
@@ -293,24 +266,37 @@ class _BlockSpec:
     add_sample: bool
 
 
-def _attentions(spec: _BlockSpec, cfg: UNetConfig, n: int, rngs, p: Precision, impl: str) -> nnx.List:
-    """The transformer after each of a cross-attention block's ``n`` resnets."""
+def _resnets(cins: list[int], cout: int, cfg: UNetConfig, temb_dim: int, rngs, p: Precision) -> nnx.List:
+    """One resnet per input width in ``cins``, each to ``cout`` channels."""
     return nnx.List(
-        [
-            Transformer2DModel(
-                spec.cout,
-                cfg.cross_attention_dim,
-                spec.heads,
-                spec.depths[i],
-                cfg.norm_num_groups,
-                rngs,
-                p,
-                linear_proj=cfg.use_linear_projection,
-                upcast=cfg.upcast_attention,
-                impl=impl,
-            )
-            for i in range(n)
-        ]
+        [ResnetBlock2D(cin, cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, rngs, p) for cin in cins]
+    )
+
+
+def _transformer(
+    channels: int, heads: int, depth: int, cfg: UNetConfig, rngs, p: Precision, impl: str
+) -> Transformer2DModel:
+    return Transformer2DModel(
+        channels,
+        cfg.cross_attention_dim,
+        heads,
+        depth,
+        cfg.norm_num_groups,
+        rngs,
+        p,
+        linear_proj=cfg.use_linear_projection,
+        upcast=cfg.upcast_attention,
+        impl=impl,
+    )
+
+
+def _attentions(spec: _BlockSpec, cfg: UNetConfig, n: int, rngs, p: Precision, impl: str) -> nnx.List | None:
+    """The transformer after each of a cross-attention block's ``n`` resnets; None for a block without
+    (DownBlock2D, UpBlock2D)."""
+    if not spec.kind.startswith("CrossAttn"):
+        return None
+    return nnx.List(
+        [_transformer(spec.cout, spec.heads, spec.depths[i], cfg, rngs, p, impl) for i in range(n)]
     )
 
 
@@ -329,23 +315,8 @@ class DownBlock(nnx.Module):
     ):
         self.remat = remat
         n = cfg.layers_per_block
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    spec.cin if i == 0 else spec.cout,
-                    spec.cout,
-                    temb_dim,
-                    cfg.norm_num_groups,
-                    cfg.norm_eps,
-                    rngs,
-                    p,
-                )
-                for i in range(n)
-            ]
-        )
-        self.attentions = (
-            _attentions(spec, cfg, n, rngs, p, impl) if spec.kind == "CrossAttnDownBlock2D" else None
-        )
+        self.resnets = _resnets([spec.cin] + [spec.cout] * (n - 1), spec.cout, cfg, temb_dim, rngs, p)
+        self.attentions = _attentions(spec, cfg, n, rngs, p, impl)
         self.downsamplers = nnx.List([Downsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
 
     def __call__(self, x, temb, context):
@@ -377,17 +348,13 @@ class UpBlock(nnx.Module):
     ):
         self.remat = remat
         n = cfg.layers_per_block + 1
-        resnets = []
-        for i in range(n):
-            skip = spec.cin if i == n - 1 else spec.cout
-            first = spec.prev if i == 0 else spec.cout
-            resnets.append(
-                ResnetBlock2D(first + skip, spec.cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, rngs, p)
-            )
-        self.resnets = nnx.List(resnets)
-        self.attentions = (
-            _attentions(spec, cfg, n, rngs, p, impl) if spec.kind == "CrossAttnUpBlock2D" else None
-        )
+        # Each resnet's input: the path from below (``prev`` channels for the first, ``cout`` after) concatenated
+        # with a skip from the down path (``cin`` channels for the last, ``cout`` before).
+        cins = [
+            (spec.prev if i == 0 else spec.cout) + (spec.cin if i == n - 1 else spec.cout) for i in range(n)
+        ]
+        self.resnets = _resnets(cins, spec.cout, cfg, temb_dim, rngs, p)
+        self.attentions = _attentions(spec, cfg, n, rngs, p, impl)
         self.upsamplers = nnx.List([Upsample2D(spec.cout, rngs, p)]) if spec.add_sample else None
 
     def __call__(self, x, skips: list, temb, context, upsample_size=None):
@@ -405,26 +372,8 @@ class UpBlock(nnx.Module):
 class UNetMidBlock2DCrossAttn(nnx.Module):
     def __init__(self, channels, heads, depth, cfg: UNetConfig, temb_dim, rngs, p: Precision, impl, remat):
         self.remat = remat
-        g, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nnx.List(
-            [ResnetBlock2D(channels, channels, temb_dim, g, eps, rngs, p) for _ in range(2)]
-        )
-        self.attentions = nnx.List(
-            [
-                Transformer2DModel(
-                    channels,
-                    cfg.cross_attention_dim,
-                    heads,
-                    depth,
-                    g,
-                    rngs,
-                    p,
-                    linear_proj=cfg.use_linear_projection,
-                    upcast=cfg.upcast_attention,
-                    impl=impl,
-                )
-            ]
-        )
+        self.resnets = _resnets([channels, channels], channels, cfg, temb_dim, rngs, p)
+        self.attentions = nnx.List([_transformer(channels, heads, depth, cfg, rngs, p, impl)])
 
     def __call__(self, x, temb, context):
         call, attend = block_caller(self.remat, "resnet"), block_caller(self.remat, "attention")

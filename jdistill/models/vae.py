@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.diffusers_config import check_block_types, config_kwargs, field_values, to_json
 from jdistill.models.layers import FP32, Precision, block_caller, conv, group_norm, linear
 from jdistill.models.net import Net
 
@@ -61,22 +62,15 @@ class AutoencoderKLConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutoencoderKLConfig:
         """From a diffusers ``vae/config.json`` dict; bookkeeping keys (``_class_name`` ...) are ignored."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
-        cfg = cls(**kwargs)
+        cfg = cls(**config_kwargs(cls, d))
         cfg.validate()
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return to_json(field_values(self))
 
     def validate(self) -> None:
-        bad = [b for b in self.down_block_types if b not in DOWN_BLOCKS] + [
-            b for b in self.up_block_types if b not in UP_BLOCKS
-        ]
-        if bad:
-            raise ValueError(f"unsupported VAE blocks {bad}; supported: {DOWN_BLOCKS + UP_BLOCKS}")
+        check_block_types("VAE", self.down_block_types, self.up_block_types, DOWN_BLOCKS, UP_BLOCKS)
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError(
@@ -214,30 +208,36 @@ def _caller(remat: bool | str) -> Callable:
 # ------------------------------------------------------------------------------------------------ blocks
 
 
-class DownEncoderBlock2D(nnx.Module):
-    def __init__(self, cin: int, cout: int, n: int, groups: int, add_downsample: bool, rngs, p: Precision):
+class ResnetBlocks2D(nnx.Module):
+    """diffusers' ``DownEncoderBlock2D`` (``resample="down"``) and ``UpDecoderBlock2D`` (``"up"``): ``n`` resnets,
+    the first from ``cin`` channels, then the resampler (none with ``resample=None``) under diffusers' key,
+    ``downsamplers`` or ``upsamplers``; the other key stays None, which holds no parameters."""
+
+    def __init__(self, cin: int, cout: int, n: int, groups: int, resample: str | None, rngs, p: Precision):
         self.resnets = nnx.List(
             [ResnetBlock2D(cin if i == 0 else cout, cout, groups, rngs, p) for i in range(n)]
         )
-        self.downsamplers = nnx.List([Downsample2D(cout, rngs, p)]) if add_downsample else None
+        self.downsamplers = nnx.List([Downsample2D(cout, rngs, p)]) if resample == "down" else None
+        self.upsamplers = nnx.List([Upsample2D(cout, rngs, p)]) if resample == "up" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
             x = resnet(x)
-        return self.downsamplers[0](x) if self.downsamplers is not None else x
+        for samplers in (self.downsamplers, self.upsamplers):
+            if samplers is not None:
+                x = samplers[0](x)
+        return x
 
 
-class UpDecoderBlock2D(nnx.Module):
-    def __init__(self, cin: int, cout: int, n: int, groups: int, add_upsample: bool, rngs, p: Precision):
-        self.resnets = nnx.List(
-            [ResnetBlock2D(cin if i == 0 else cout, cout, groups, rngs, p) for i in range(n)]
-        )
-        self.upsamplers = nnx.List([Upsample2D(cout, rngs, p)]) if add_upsample else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.upsamplers[0](x) if self.upsamplers is not None else x
+def _blocks(channels: tuple[int, ...], n: int, groups: int, resample: str, rngs, p: Precision) -> nnx.List:
+    """One ``ResnetBlocks2D`` per width in ``channels``, each from the previous width; all but the last resample."""
+    last = len(channels) - 1
+    return nnx.List(
+        [
+            ResnetBlocks2D(channels[max(i - 1, 0)], c, n, groups, resample if i < last else None, rngs, p)
+            for i, c in enumerate(channels)
+        ]
+    )
 
 
 class UNetMidBlock2D(nnx.Module):
@@ -262,12 +262,7 @@ class Encoder(nnx.Module):
         ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, cfg.layers_per_block
         self.dtype, self.remat = p.dtype, remat
         self.conv_in = conv(cfg.in_channels, ch[0], 3, rngs, p, padding=1)
-        self.down_blocks = nnx.List(
-            [
-                DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], n, g, i < len(ch) - 1, rngs, p)
-                for i in range(len(ch))
-            ]
-        )
+        self.down_blocks = _blocks(ch, n, g, "down", rngs, p)
         self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention, rngs, p, impl)
         self.conv_norm_out = group_norm(g, ch[-1], EPS, rngs, p)
         self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, 3, rngs, p, padding=1)  # double_z: mean, logvar
@@ -287,12 +282,7 @@ class Decoder(nnx.Module):
         self.dtype, self.remat = p.dtype, remat
         self.conv_in = conv(cfg.latent_channels, ch[0], 3, rngs, p, padding=1)
         self.mid_block = UNetMidBlock2D(ch[0], g, cfg.mid_block_add_attention, rngs, p, impl)
-        self.up_blocks = nnx.List(
-            [
-                UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], n, g, i < len(ch) - 1, rngs, p)
-                for i in range(len(ch))
-            ]
-        )
+        self.up_blocks = _blocks(ch, n, g, "up", rngs, p)
         self.conv_norm_out = group_norm(g, ch[-1], EPS, rngs, p)
         self.conv_out = conv(ch[-1], cfg.out_channels, 3, rngs, p, padding=1)
 
