@@ -105,3 +105,21 @@ def test_a_world_build_installs_its_finished_stages_over_the_packaged_ones(tmp_p
     assert json.loads((root / "build.json").read_text()) == {"teacher": {"steps": 3}}
     with pytest.raises(FileNotFoundError, match="classifier is missing: run the build first"):
         install_stages(str(out), {"classifier": str(root / "classifier")}, str(root))
+
+
+def test_a_world_build_exports_its_teacher_afresh_without_the_export_record(tmp_path):
+    from jdistill.digits.build_record import export_teacher
+
+    calls = []
+
+    def export_run(config, run_dir, dst):
+        calls.append((config, run_dir, dst))
+        (tmp_path / "out" / "teacher").mkdir(parents=True)
+        (tmp_path / "out" / "teacher" / "model_index.json").write_text("{}")
+        (tmp_path / "out" / "teacher" / "jdistill_export.json").write_text("{}")
+
+    (tmp_path / "out" / "teacher").mkdir(parents=True)
+    (tmp_path / "out" / "teacher" / "stale.bin").write_text("old")
+    export_teacher(export_run, "config", "run", str(tmp_path / "out"))
+    assert calls == [("config", "run", str(tmp_path / "out" / "teacher"))]
+    assert sorted(p.name for p in (tmp_path / "out" / "teacher").iterdir()) == ["model_index.json"]

@@ -19,7 +19,6 @@ Runs on the core install (no torch needed).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,13 +26,7 @@ from collections.abc import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jdistill.digits.build_record import (  # noqa: E402
-    build_tool,
-    install_stages,
-    open_record,
-    stage_done,
-    stage_steps,
-)
+from jdistill.digits import build_record  # noqa: E402
 from jdistill.teachers.presets import DIGITS_CLASSIFIER, DIGITS_ROOT, DIGITS_TEACHER  # noqa: E402
 
 
@@ -60,12 +53,12 @@ def build_world(
     from jdistill.digits.tokenizer import write_tokenizer
     from jdistill.export import export_run
 
-    record, save = open_record(out)
+    record, save = build_record.open_record(out)
 
     classifier_dir = os.path.join(out, "classifier")
-    if not stage_done(classifier_dir):
+    if not build_record.stage_done(classifier_dir):
         t0 = time.time()
-        model = clf.train_classifier(seed=seed, **stage_steps(steps, "classifier"))
+        model = clf.train_classifier(seed=seed, **build_record.stage_steps(steps, "classifier"))
         test = data.split("test")
         n_colours = len(data.COLOUR_NAMES)
         index, colours = np.repeat(test, n_colours), np.tile(np.arange(n_colours), len(test))
@@ -76,13 +69,15 @@ def build_world(
         log(f"classifier: {record['classifier']}")
 
     init_dir = os.path.join(out, "init")
-    if not stage_done(init_dir):
+    if not build_record.stage_done(init_dir):
         t0 = time.time()
         write_tokenizer(os.path.join(out, "tokenizer"))
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
-        text = components.train_text_encoder(tokenizer, seed=seed, **stage_steps(steps, "text_encoder"))
+        text = components.train_text_encoder(
+            tokenizer, seed=seed, **build_record.stage_steps(steps, "text_encoder")
+        )
         log(f"text encoder: caption accuracy {text.metrics['caption_accuracy']:.3f}")
-        vae = components.train_vae(seed=seed, **stage_steps(steps, "vae"))
+        vae = components.train_vae(seed=seed, **build_record.stage_steps(steps, "vae"))
         log(
             f"vae: reconstruction MAE {vae.metrics['reconstruction_mae']:.2f} / 255, scale {vae.config.scaling_factor}"
         )
@@ -113,25 +108,22 @@ def build_world(
         f"unet (sft, {config.num_steps} steps, 50 DDIM steps, CFG {config.method.sampler.guidance_scale}): {metrics}"
     )
 
-    teacher_dir = os.path.join(out, "teacher")
-    if os.path.exists(teacher_dir):
-        shutil.rmtree(teacher_dir)
-    export_run(config, run_dir, teacher_dir)
-    # The export records where it came from; the shipped teacher is its own source.
-    os.remove(os.path.join(teacher_dir, "jdistill_export.json"))
+    build_record.export_teacher(export_run, config, run_dir, out)
     return record
 
 
 def install(out: str) -> str:
     """Copy ``out/teacher`` and ``out/classifier`` (and the build record) into the package's assets."""
-    return install_stages(out, {"teacher": DIGITS_TEACHER, "classifier": DIGITS_CLASSIFIER}, DIGITS_ROOT)
+    return build_record.install_stages(
+        out, {"teacher": DIGITS_TEACHER, "classifier": DIGITS_CLASSIFIER}, DIGITS_ROOT
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     def build(out: str, steps: int, seed: int, log: Callable[[str], None]) -> dict:
         return build_world(out, unet_steps=steps, seed=seed, log=log)
 
-    return build_tool(argv, __doc__, build, install, "UNet", "jdistill/assets/digits")
+    return build_record.build_tool(argv, __doc__, build, install, "UNet", "jdistill/assets/digits")
 
 
 if __name__ == "__main__":

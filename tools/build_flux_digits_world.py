@@ -30,13 +30,7 @@ from collections.abc import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jdistill.digits.build_record import (  # noqa: E402
-    build_tool,
-    install_stages,
-    open_record,
-    stage_done,
-    stage_steps,
-)
+from jdistill.digits import build_record  # noqa: E402
 from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER, DIGITS_TEACHER  # noqa: E402
 
 ONE_STEP = 1
@@ -84,12 +78,14 @@ def build_world(
     from jdistill.export import export_run
 
     component_steps = dict(component_steps or {})
-    record, save = open_record(out)
+    record, save = build_record.open_record(out)
 
     init_dir = os.path.join(out, "init")
-    if not stage_done(init_dir):
+    if not build_record.stage_done(init_dir):
         t0 = time.time()
-        t5 = fc.train_t5(fc.t5_tokenizer(), seed=seed, **stage_steps(component_steps, "text_encoder_2"))
+        t5 = fc.train_t5(
+            fc.t5_tokenizer(), seed=seed, **build_record.stage_steps(component_steps, "text_encoder_2")
+        )
         t5_seconds = time.time() - t0
         log(f"T5: caption accuracy {t5.metrics['caption_accuracy']:.3f} ({t5_seconds:.0f} s)")
         t0 = time.time()
@@ -97,7 +93,7 @@ def build_world(
             seed=seed,
             config=fc.VAE16_CONFIG,
             stats_images=vae_stats_images,
-            **stage_steps(component_steps, "vae"),
+            **build_record.stage_steps(component_steps, "vae"),
         )
         vae_seconds = time.time() - t0
         log(
@@ -160,25 +156,22 @@ def build_world(
         save()
         log(f"transformer at one Euler step: {one}")
 
-    teacher_dir = os.path.join(out, "teacher")
-    if os.path.exists(teacher_dir):
-        shutil.rmtree(teacher_dir)
-    export_run(config, run_dir, teacher_dir)
-    # The export records where it came from (this build's paths); the shipped teacher is its own source.
-    os.remove(os.path.join(teacher_dir, "jdistill_export.json"))
+    build_record.export_teacher(export_run, config, run_dir, out)
     return record
 
 
 def install(out: str) -> str:
     """Copy ``out/teacher`` (and the build record) into the package's assets."""
-    return install_stages(out, {"teacher": DIGITS_FLUX_TEACHER}, DIGITS_FLUX_ROOT)
+    return build_record.install_stages(out, {"teacher": DIGITS_FLUX_TEACHER}, DIGITS_FLUX_ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
     def build(out: str, steps: int, seed: int, log: Callable[[str], None]) -> dict:
         return build_world(out, steps=steps, seed=seed, log=log)
 
-    return build_tool(argv, __doc__, build, install, "transformer", "jdistill/assets/digits_flux")
+    return build_record.build_tool(
+        argv, __doc__, build, install, "transformer", "jdistill/assets/digits_flux"
+    )
 
 
 if __name__ == "__main__":

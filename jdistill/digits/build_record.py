@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def stage_done(path: str) -> bool:
@@ -73,3 +74,14 @@ def build_tool(
     if args.install:
         print(f"installed into {install(args.out)}")
     return 0
+
+
+def export_teacher(export_run: Callable[[Any, str, str], Any], config: Any, run_dir: str, out: str) -> None:
+    """The build's last stage: the trained run ``run_dir`` exported afresh to ``out/teacher`` by ``export_run``
+    (jdistill.export's, passed in: this package does not import the trainer), without the export's record of
+    where it came from (this build's paths): the shipped teacher is its own source."""
+    teacher_dir = os.path.join(out, "teacher")
+    if os.path.exists(teacher_dir):
+        shutil.rmtree(teacher_dir)
+    export_run(config, run_dir, teacher_dir)
+    os.remove(os.path.join(teacher_dir, "jdistill_export.json"))

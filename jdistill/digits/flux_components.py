@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -39,10 +40,9 @@ from jdistill.convert.export import save_weights, write_json
 from jdistill.convert.flux import flux_state_dict
 from jdistill.convert.t5 import t5_state_dict
 from jdistill.digits import data
-from jdistill.digits.components import Trained, _adam_loop, write_vae
+from jdistill.digits.components import VAE_CONFIG, Trained, _adam_loop, write_vae
 from jdistill.models.flux import FluxConfig, flux_net
 from jdistill.models.t5 import T5Config, t5_net
-from jdistill.models.vae import AutoencoderKLConfig
 from jdistill.teachers.presets import DIGITS_TEACHER
 
 T5_LENGTH = 16  # the longest caption is 8 words; with </s> 9 tokens
@@ -58,15 +58,10 @@ T5_CONFIG = dict(
     relative_attention_max_distance=16,
     feed_forward_proj="gated-gelu",
 )
-VAE16_CONFIG = AutoencoderKLConfig(
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(16, 32, 32),
-    layers_per_block=1,
+# The UNet world's VAE with 16 latent channels, a shift factor and no quant convolutions, as FLUX's.
+VAE16_CONFIG = dataclasses.replace(
+    VAE_CONFIG,
     latent_channels=16,
-    norm_num_groups=8,
-    sample_size=data.SIDE,
-    scaling_factor=1.0,
     shift_factor=0.0,  # set from the latents by train_vae
     use_quant_conv=False,
     use_post_quant_conv=False,
