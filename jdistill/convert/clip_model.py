@@ -38,14 +38,15 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from jdistill.convert.clip import IGNORE as HF_IGNORE
-from jdistill.convert.clip import load_tower
+from jdistill.convert.clip import Tower, load_tower
 from jdistill.convert.core import ConversionError, load_state_dict
-from jdistill.convert.io import PICKLE_SUFFIXES, component_source, lazy_state_dict, read_json
+from jdistill.convert.io import PICKLE_SUFFIXES, lazy_state_dict, read_json
+from jdistill.convert.loader import LoadOptions, Place, load_component, takes_load_options
 from jdistill.models.clip import LEGACY_EOS_TOKEN_ID, CLIPTextConfig
 from jdistill.models.clip_vision import (
     CLIPConfig,
@@ -57,7 +58,6 @@ from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
 
 PyTree = Any
-Place = Callable[[tuple[str, ...], np.ndarray], Any]
 # Non-persistent buffers some exports still carry, and the scalars of OpenAI's original state dicts.
 OPEN_CLIP_IGNORE = (
     r"(^|\.)attn_mask$",
@@ -72,49 +72,41 @@ _OPEN_CLIP_MARKERS = ("visual.class_embedding", "visual.conv1.weight", "visual.p
 # --- transformers layout ---------------------------------------------------------------------------------
 
 
+VISION_TOWER = Tower(
+    CLIPVisionConfig,
+    clip_vision_net,
+    "vision_model.",
+    "visual_projection.",
+    ("CLIPVisionModel", "CLIPVisionModelWithProjection"),
+)
+
+
+@takes_load_options()
 def load_clip_vision(
     source: str | Mapping[str, Any],
     config: CLIPVisionConfig | None = None,
     *,
     with_projection: bool | None = None,
-    variant: str | None = None,
-    allow_pickle: bool = False,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool = False,
-    place: Place | None = None,
+    **options: Unpack[LoadOptions],
 ) -> tuple[Net, PyTree]:
     """(Net, params) of a ``CLIPVisionModel[WithProjection]`` from a folder or a state dict, as
     ``convert.clip.load_clip_text``: the class follows the weights (``visual_projection.weight`` present) unless
     ``with_projection`` is given; the hub layout (``vision_model.`` prefix) and the unprefixed one transformers
     5 saves for ``CLIPVisionModel`` both load."""
-    return load_tower(
-        source,
-        config,
-        CLIPVisionConfig,
-        lambda cfg, proj: clip_vision_net(
-            cfg, with_projection=proj, precision=precision, attention_impl=attention_impl, remat=remat
-        ),
-        prefix="vision_model.",
-        projection="visual_projection.",
-        names=("CLIPVisionModel", "CLIPVisionModelWithProjection"),
-        with_projection=with_projection,
-        variant=variant,
-        allow_pickle=allow_pickle,
-        place=place,
-    )
+    return load_tower(VISION_TOWER, source, config, with_projection, options)
 
 
+def _convert_clip_model(abstract: PyTree, state: Mapping[str, Any], *, place: Place | None) -> PyTree:
+    if any(k in state for k in _OPEN_CLIP_MARKERS):
+        raise ConversionError(
+            "these are OpenCLIP weights (visual.* / transformer.resblocks.* keys): load them with load_open_clip"
+        )
+    return load_state_dict(abstract, state, ignore=HF_IGNORE, place=place, what="CLIPModel")
+
+
+@takes_load_options()
 def load_clip_model(
-    source: str | Mapping[str, Any],
-    config: CLIPConfig | None = None,
-    *,
-    variant: str | None = None,
-    allow_pickle: bool = False,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool = False,
-    place: Place | None = None,
+    source: str | Mapping[str, Any], config: CLIPConfig | None = None, **options: Unpack[LoadOptions]
 ) -> tuple[Net, PyTree]:
     """(Net, params) of a ``CLIPModel`` in transformers' layout.
 
@@ -125,18 +117,10 @@ def load_clip_model(
     """
     if isinstance(source, str) and os.path.isfile(source):
         config = config or _read_config(os.path.join(os.path.dirname(source), "config.json"), CLIPConfig)
-        state = lazy_state_dict([_checked_file(source, allow_pickle)])
-    else:
-        if isinstance(source, str) and config is None:
-            config = _read_config(os.path.join(source, "config.json"), CLIPConfig)
-        config, state = component_source(source, config, CLIPConfig, variant, allow_pickle)
-    if any(k in state for k in _OPEN_CLIP_MARKERS):
-        raise ConversionError(
-            "these are OpenCLIP weights (visual.* / transformer.resblocks.* keys): load them with load_open_clip"
-        )
-    net = clip_model_net(config, precision=precision, attention_impl=attention_impl, remat=remat)
-    params = load_state_dict(net.abstract, state, ignore=HF_IGNORE, place=place, what="CLIPModel")
-    return net, params
+        source = lazy_state_dict([_checked_file(source, options["allow_pickle"])])
+    elif isinstance(source, str) and config is None:
+        config = _read_config(os.path.join(source, "config.json"), CLIPConfig)
+    return load_component(source, config, CLIPConfig, clip_model_net, options, _convert_clip_model)
 
 
 def _read_config(path: str, cls):
@@ -163,8 +147,17 @@ def _checked_file(path: str, allow_pickle: bool) -> str:
 
 # OpenCLIP options that must keep their default value here (they change the architecture or the key layout),
 # the ones read, and the ones without effect on inference weights (training options, tokenizer settings, and
-# options only read by the refused variants).
-_STANDARD = (None, "default")  # block_type
+# options only read by the refused variants). _BLOCK_FIXED: those of the residual blocks both towers build.
+_BLOCK_FIXED: dict[str, tuple] = {
+    "act_kwargs": (None, {}),
+    "block_type": (None, "default"),
+    "qk_norm": (False,),
+    "scaled_cosine_attn": (False,),
+    "scale_heads": (False,),
+    "scale_attn_inner": (False,),
+    "scale_attn": (False,),
+    "scale_fc": (False,),
+}
 _VISION_FIXED: dict[str, tuple] = {
     "ls_init_value": (None,),
     "attentional_pool": (False,),
@@ -172,14 +165,7 @@ _VISION_FIXED: dict[str, tuple] = {
     "pos_embed_type": ("learnable",),
     "final_ln_after_pool": (False,),
     "pool_type": ("tok",),
-    "act_kwargs": (None, {}),
-    "block_type": _STANDARD,
-    "qk_norm": (False,),
-    "scaled_cosine_attn": (False,),
-    "scale_heads": (False,),
-    "scale_attn_inner": (False,),
-    "scale_attn": (False,),
-    "scale_fc": (False,),
+    **_BLOCK_FIXED,
     "timm_model_name": (None,),
 }
 _VISION_READ = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "norm_kwargs"}
@@ -203,14 +189,7 @@ _TEXT_FIXED: dict[str, tuple] = {
     "pool_type": ("argmax",),
     "proj_type": ("linear",),
     "proj_bias": (False,),
-    "act_kwargs": (None, {}),
-    "block_type": _STANDARD,
-    "qk_norm": (False,),
-    "scaled_cosine_attn": (False,),
-    "scale_heads": (False,),
-    "scale_attn_inner": (False,),
-    "scale_attn": (False,),
-    "scale_fc": (False,),
+    **_BLOCK_FIXED,
     "hf_model_name": (None,),
 }
 _TEXT_READ = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "norm_kwargs"}

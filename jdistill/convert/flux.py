@@ -6,36 +6,28 @@ stacks' per-layer keys included).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, Unpack
 
 import numpy as np
 
 from jdistill.convert.core import load_state_dict, to_state_dict
-from jdistill.convert.io import component_source
+from jdistill.convert.loader import LoadOptions, load_component, takes_load_options
 from jdistill.models.flux import FluxConfig, flux_net
-from jdistill.models.layers import FP32, Precision
 from jdistill.models.net import Net
 
 PyTree = Any
 
 
+@takes_load_options()
 def load_flux(
-    source: str | Mapping[str, Any],
-    config: FluxConfig | None = None,
-    *,
-    variant: str | None = None,
-    allow_pickle: bool = False,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool | str = False,
-    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+    source: str | Mapping[str, Any], config: FluxConfig | None = None, **options: Unpack[LoadOptions]
 ) -> tuple[Net, PyTree]:
     """(Net, params) from a ``transformer/`` folder (config.json + safetensors) or an in-memory state dict,
     which needs ``config``."""
-    config, state = component_source(source, config, FluxConfig, variant, allow_pickle)
-    net = flux_net(config, precision=precision, attention_impl=attention_impl, remat=remat)
-    return net, load_state_dict(net.abstract, state, place=place, what="FluxTransformer2DModel")
+    convert = partial(load_state_dict, what="FluxTransformer2DModel")
+    return load_component(source, config, FluxConfig, flux_net, options, convert)
 
 
 def flux_state_dict(params: PyTree) -> dict[str, np.ndarray]:

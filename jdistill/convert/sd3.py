@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import jax
 import numpy as np
 
 from jdistill.convert.core import ConversionError, _list, expected_keys, load_state_dict, to_state_dict
-from jdistill.convert.io import component_source
-from jdistill.models.layers import FP32, Precision
+from jdistill.convert.loader import LoadOptions, Place, load_component, takes_load_options
 from jdistill.models.naming import STACKED
 from jdistill.models.net import Net
 from jdistill.models.sd3 import SD3Config, sd3_net
@@ -90,23 +89,18 @@ def _check_keys(abstract: PyTree, state: Mapping[str, Any]) -> None:
         raise ConversionError(f"checkpoint does not match the {WHAT}: " + "; ".join(problems))
 
 
+def _convert(abstract: PyTree, state: Mapping[str, Any], *, place: Place | None) -> PyTree:
+    _check_keys(abstract, state)
+    rename = to_model_key(*block_runs(abstract))
+    return load_state_dict(abstract, state, rename=rename, place=place, what=WHAT)
+
+
+@takes_load_options()
 def load_sd3(
-    source: str | Mapping[str, Any],
-    config: SD3Config | None = None,
-    *,
-    variant: str | None = None,
-    allow_pickle: bool = False,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool | str = False,
-    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+    source: str | Mapping[str, Any], config: SD3Config | None = None, **options: Unpack[LoadOptions]
 ) -> tuple[Net, PyTree]:
     """(Net, params) from a ``transformer/`` folder (config.json + safetensors) or an in-memory state dict."""
-    config, state = component_source(source, config, SD3Config, variant, allow_pickle)
-    net = sd3_net(config, precision=precision, attention_impl=attention_impl, remat=remat)
-    _check_keys(net.abstract, state)
-    rename = to_model_key(*block_runs(net.abstract))
-    return net, load_state_dict(net.abstract, state, rename=rename, place=place, what=WHAT)
+    return load_component(source, config, SD3Config, sd3_net, options, _convert)
 
 
 def sd3_state_dict(params: PyTree) -> dict[str, np.ndarray]:

@@ -16,14 +16,13 @@ two keys need handling here:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Unpack
 
 import numpy as np
 
 from jdistill.convert.core import ConversionError, load_state_dict, to_state_dict
-from jdistill.convert.io import component_source
-from jdistill.models.layers import FP32, Precision
+from jdistill.convert.loader import BaseLoadOptions, Place, load_component, takes_load_options
 from jdistill.models.net import Net
 from jdistill.models.t5 import T5Config, t5_net
 
@@ -62,24 +61,10 @@ def _check_tied(state: Mapping[str, Any]) -> None:
         )
 
 
-def load_t5(
-    source: str | Mapping[str, Any],
-    config: T5Config | None = None,
-    *,
-    variant: str | None = None,
-    allow_pickle: bool = False,
-    precision: Precision = FP32,
-    remat: bool | str = False,
-    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
-) -> tuple[Net, PyTree]:
-    """(Net, params) from a ``text_encoder_2/``-style folder (config.json + safetensors) or an in-memory state
-    dict. Strict: ``ConversionError`` names missing, unexpected and mis-shaped keys, and an
-    ``encoder.embed_tokens.weight`` that differs from ``shared.weight``."""
-    config, state = component_source(source, config, T5Config, variant, allow_pickle)
-    net = t5_net(config, precision=precision, remat=remat)
+def _convert(abstract: PyTree, state: Mapping[str, Any], *, place: Place | None) -> PyTree:
     try:
         params = load_state_dict(
-            net.abstract,
+            abstract,
             state,
             rename=_to_model_key,
             ignore=(TIED_PATTERN,),
@@ -92,7 +77,17 @@ def load_t5(
         # core names missing keys by the model's names; say which checkpoint key that one stands for.
         raise ConversionError(f"{err} ({MODEL_BIAS_KEY} is the checkpoint's {BIAS_KEY})") from None
     _check_tied(state)
-    return net, params
+    return params
+
+
+@takes_load_options(BaseLoadOptions)  # T5 has one attention kernel: no attention_impl
+def load_t5(
+    source: str | Mapping[str, Any], config: T5Config | None = None, **options: Unpack[BaseLoadOptions]
+) -> tuple[Net, PyTree]:
+    """(Net, params) from a ``text_encoder_2/``-style folder (config.json + safetensors) or an in-memory state
+    dict. Strict: ``ConversionError`` names missing, unexpected and mis-shaped keys, and an
+    ``encoder.embed_tokens.weight`` that differs from ``shared.weight``."""
+    return load_component(source, config, T5Config, t5_net, options, _convert)
 
 
 def t5_state_dict(params: PyTree) -> dict[str, np.ndarray]:

@@ -10,14 +10,13 @@ Saving always writes the current names.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Unpack
 
 import numpy as np
 
 from jdistill.convert.core import ConversionError, load_state_dict, to_state_dict
-from jdistill.convert.io import component_source
-from jdistill.models.layers import FP32, Precision
+from jdistill.convert.loader import LoadOptions, Place, load_component, takes_load_options
 from jdistill.models.net import Net
 from jdistill.models.vae import AutoencoderKLConfig, vae_net
 
@@ -51,29 +50,25 @@ def _squeeze_1x1(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: squeezed(v) if _PROJ_WEIGHT_RE.search(k) else v for k, v in state.items()}
 
 
-def load_vae(
-    source: str | Mapping[str, Any],
-    config: AutoencoderKLConfig | None = None,
-    *,
-    variant: str | None = None,
-    allow_pickle: bool = False,
-    precision: Precision = FP32,
-    attention_impl: str = "xla",
-    remat: bool = False,
-    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
-) -> tuple[Net, PyTree]:
-    """(Net, params) from a ``vae/`` folder (config.json + safetensors) or an in-memory state dict
-    (numpy arrays or loaders; torch layouts and names, current or legacy)."""
-    config, state = component_source(source, config, AutoencoderKLConfig, variant, allow_pickle)
+def _convert(abstract: PyTree, state: Mapping[str, Any], *, place: Place | None) -> PyTree:
     renamed = [rename_legacy(k) for k in state]
     if len(set(renamed)) != len(renamed):  # both spellings of one tensor: refuse rather than pick one
         twice = sorted({k for k in renamed if renamed.count(k) > 1})
         raise ConversionError(f"checkpoint holds both legacy and current names for {', '.join(twice)}")
-    net = vae_net(config, precision=precision, attention_impl=attention_impl, remat=remat)
-    params = load_state_dict(
-        net.abstract, _squeeze_1x1(state), rename=rename_legacy, place=place, what="AutoencoderKL"
+    return load_state_dict(
+        abstract, _squeeze_1x1(state), rename=rename_legacy, place=place, what="AutoencoderKL"
     )
-    return net, params
+
+
+@takes_load_options()
+def load_vae(
+    source: str | Mapping[str, Any],
+    config: AutoencoderKLConfig | None = None,
+    **options: Unpack[LoadOptions],
+) -> tuple[Net, PyTree]:
+    """(Net, params) from a ``vae/`` folder (config.json + safetensors) or an in-memory state dict
+    (numpy arrays or loaders; torch layouts and names, current or legacy)."""
+    return load_component(source, config, AutoencoderKLConfig, vae_net, options, _convert)
 
 
 def vae_state_dict(params: PyTree) -> dict[str, np.ndarray]:
