@@ -150,9 +150,17 @@ def _text_conditioning(cfg: dict, rng, tokens: int) -> tuple[np.ndarray, np.ndar
     return ctx, pooled, {"encoder_hidden_states": jnp.asarray(ctx), "pooled_projections": jnp.asarray(pooled)}
 
 
-def _flux_errors(component, model, rng) -> list[OutputError]:
+def _transformer_sample(model, x, ctx, pooled, t, **extra: np.ndarray | None) -> np.ndarray:
+    """A diffusers flow transformer's ``sample`` for numpy inputs (an extra input given as None stays None)."""
     import torch
 
+    inputs = dict(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t, **extra)
+    with torch.no_grad():
+        out = model(**{k: None if v is None else torch.from_numpy(v) for k, v in inputs.items()})
+    return out.sample.numpy()
+
+
+def _flux_errors(component, model, rng) -> list[OutputError]:
     from jdistill.models.flux import image_ids, text_ids
 
     cfg = dict(model.config)
@@ -162,16 +170,16 @@ def _flux_errors(component, model, rng) -> list[OutputError]:
     t, g = np.array([0.7], np.float32), np.array([3.5], np.float32)
     img, txt = image_ids(h, w), text_ids(text)
     guidance = cfg.get("guidance_embeds")
-    with torch.no_grad():
-        ref = model(
-            hidden_states=torch.from_numpy(x),
-            encoder_hidden_states=torch.from_numpy(ctx),
-            pooled_projections=torch.from_numpy(pooled),
-            timestep=torch.from_numpy(t),
-            img_ids=torch.from_numpy(np.asarray(img, np.float32)),
-            txt_ids=torch.from_numpy(np.asarray(txt, np.float32)),
-            guidance=torch.from_numpy(g) if guidance else None,
-        ).sample.numpy()
+    ref = _transformer_sample(
+        model,
+        x,
+        ctx,
+        pooled,
+        t,
+        img_ids=np.asarray(img, np.float32),
+        txt_ids=np.asarray(txt, np.float32),
+        guidance=g if guidance else None,
+    )
     if guidance:
         cond["guidance"] = jnp.asarray(g)
     run = jax.jit(lambda p, x, t, c: component.net.apply(p, x, t, c, img_ids=img, txt_ids=txt))
@@ -181,20 +189,12 @@ def _flux_errors(component, model, rng) -> list[OutputError]:
 
 
 def _sd3_errors(component, model, rng) -> list[OutputError]:
-    import torch
-
     cfg = dict(model.config)
     p = cfg["patch_size"]
     x = rng.standard_normal((1, cfg["in_channels"], 4 * p, 6 * p)).astype(np.float32)  # non-square
     ctx, pooled, cond = _text_conditioning(cfg, rng, 8)
     t = np.array([700.0], np.float32)
-    with torch.no_grad():
-        ref = model(
-            hidden_states=torch.from_numpy(x),
-            encoder_hidden_states=torch.from_numpy(ctx),
-            pooled_projections=torch.from_numpy(pooled),
-            timestep=torch.from_numpy(t),
-        ).sample.numpy()
+    ref = _transformer_sample(model, x, ctx, pooled, t)
     ours = jax.jit(component.net.apply)(component.params, _nhwc(x), jnp.asarray(t), cond)
     return [compare("transformer", "sample", _nchw(ours), ref)]
 
