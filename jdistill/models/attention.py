@@ -163,3 +163,23 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
 def merge_heads(x: jax.Array) -> jax.Array:
     b, t, h, d = x.shape
     return x.reshape(b, t, h * d)
+
+
+class JointProjections:
+    """The query/key/value side of diffusers' joint (MMDiT) attention, shared by FLUX's and SD3's attention
+    modules. The module holds ``heads``, the image stream's ``to_q``/``to_k``/``to_v`` with per-head
+    ``norm_q``/``norm_k`` (None: no QK norm) and the text stream's ``add_q_proj``/``add_k_proj``/``add_v_proj``
+    with ``norm_added_q``/``norm_added_k``."""
+
+    def image_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self._heads_qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+
+    def context_qkv(self, context: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        projections = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
+        return self._heads_qkv(context, *projections, self.norm_added_q, self.norm_added_k)
+
+    def _heads_qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
+        q, k, v = (split_heads(f(x), self.heads) for f in (to_q, to_k, to_v))
+        if norm_q is not None:
+            q, k = norm_q(q), norm_k(k)
+        return q, k, v

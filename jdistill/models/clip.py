@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.configured import ConfiguredModule
 from jdistill.models.layers import FP32, Precision, embed, layer_norm, linear
 from jdistill.models.net import Net
 
@@ -275,24 +276,15 @@ class CLIPTextTransformer(nnx.Module):
         return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
 
-class CLIPTextModel(nnx.Module):
+class CLIPTextModel(ConfiguredModule):
     """transformers' ``CLIPTextModel`` (hub layout: every parameter under ``text_model``)."""
 
     with_projection: ClassVar[bool] = False  # CLIPTextModelWithProjection's text_projection
 
-    def __init__(
-        self,
-        config: CLIPTextConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool = False,
-    ):
-        self.config = config
-        self.text_model = CLIPTextTransformer(config, rngs, precision, attention_impl, remat)
+    def build(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool | str) -> None:
+        self.text_model = CLIPTextTransformer(cfg, rngs, p, impl, remat)
         if self.with_projection:
-            self.text_projection = projection(config.hidden_size, config.projection_dim, rngs, precision)
+            self.text_projection = projection(cfg.hidden_size, cfg.projection_dim, rngs, p)
 
     def __call__(
         self,

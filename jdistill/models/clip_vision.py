@@ -35,6 +35,7 @@ from jdistill.models.clip import (
     tower_net,
     validate_encoder,
 )
+from jdistill.models.configured import ConfiguredModule
 from jdistill.models.layers import FP32, Precision, conv, embed, layer_norm
 from jdistill.models.net import Net, sharding_metadata
 
@@ -194,24 +195,17 @@ class CLIPVisionTransformer(nnx.Module):
         return CLIPVisionOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
 
-class CLIPVisionModel(nnx.Module):
+class CLIPVisionModel(ConfiguredModule):
     """transformers' ``CLIPVisionModel`` (hub layout: every parameter under ``vision_model``)."""
 
     with_projection: ClassVar[bool] = False  # CLIPVisionModelWithProjection's visual_projection
 
-    def __init__(
-        self,
-        config: CLIPVisionConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool = False,
-    ):
-        self.config = config
-        self.vision_model = CLIPVisionTransformer(config, rngs, precision, attention_impl, remat)
+    def build(
+        self, cfg: CLIPVisionConfig, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool | str
+    ) -> None:
+        self.vision_model = CLIPVisionTransformer(cfg, rngs, p, impl, remat)
         if self.with_projection:
-            self.visual_projection = projection(config.hidden_size, config.projection_dim, rngs, precision)
+            self.visual_projection = projection(cfg.hidden_size, cfg.projection_dim, rngs, p)
 
     def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False) -> CLIPVisionOutput:
         out = self.vision_model(pixel_values, output_hidden_states)
@@ -227,25 +221,16 @@ class CLIPVisionModelWithProjection(CLIPVisionModel):
     with_projection = True
 
 
-class CLIPModel(nnx.Module):
+class CLIPModel(ConfiguredModule):
     """transformers' ``CLIPModel``: both towers, their projections into one embedding space, ``logit_scale``."""
 
-    def __init__(
-        self,
-        config: CLIPConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool = False,
-    ):
-        self.config = config
-        text, vision, dim = config.text_config, config.vision_config, config.projection_dim
-        self.text_model = CLIPTextTransformer(text, rngs, precision, attention_impl, remat)
-        self.vision_model = CLIPVisionTransformer(vision, rngs, precision, attention_impl, remat)
-        self.visual_projection = projection(vision.hidden_size, dim, rngs, precision)
-        self.text_projection = projection(text.hidden_size, dim, rngs, precision)
-        self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, precision.param_dtype))
+    def build(self, cfg: CLIPConfig, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool | str) -> None:
+        text, vision, dim = cfg.text_config, cfg.vision_config, cfg.projection_dim
+        self.text_model = CLIPTextTransformer(text, rngs, p, impl, remat)
+        self.vision_model = CLIPVisionTransformer(vision, rngs, p, impl, remat)
+        self.visual_projection = projection(vision.hidden_size, dim, rngs, p)
+        self.text_projection = projection(text.hidden_size, dim, rngs, p)
+        self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init_value, p.param_dtype))
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """(B, projection_dim): the projected pooled (EOS) state, not normalised."""

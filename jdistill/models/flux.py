@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.attention import JointProjections, attention, merge_heads
+from jdistill.models.configured import ConfiguredModule, configured_net
 from jdistill.models.diffusers_config import config_kwargs, field_values, to_json
 from jdistill.models.embeddings import timestep_embedding
 from jdistill.models.feedforward import FeedForward
-from jdistill.models.layers import FP32, Precision, configured_net, linear, remat_policy
+from jdistill.models.layers import FP32, Precision, linear, remat_policy
 from jdistill.models.net import Net, build_layer, sharding_metadata
 from jdistill.models.stack import Stack
 from jdistill.parallel import constrain_batch
@@ -242,7 +243,7 @@ class Modulation(nnx.Module):
         return jnp.split(self.linear(nnx.silu(temb)).astype(jnp.float32), self.chunks, axis=-1)
 
 
-class FluxAttention(nnx.Module):
+class FluxAttention(JointProjections, nnx.Module):
     """diffusers' FluxAttention: biased q/k/v, QK RMS norms per head, rotary embedding, joint attention over
     [text, image] tokens. ``joint``: the double-stream form (text projections ``add_*``, output projections);
     otherwise the single-stream form, which returns the merged heads without an output projection."""
@@ -269,23 +270,12 @@ class FluxAttention(nnx.Module):
             self.to_out = self.add_q_proj = self.add_k_proj = self.add_v_proj = self.to_add_out = None
             self.norm_added_q = self.norm_added_k = None
 
-    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        q, k, v = (split_heads(f(x), self.heads) for f in (to_q, to_k, to_v))
-        return norm_q(q), norm_k(k), v
-
     def __call__(self, x: jax.Array, rope, context: jax.Array | None = None):
         """Attention over ``x`` (single stream) or over [``context``, ``x``] (double stream, which returns
         the image and text outputs)."""
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        q, k, v = self.image_qkv(x)
         if context is not None:
-            cq, ck, cv = self._qkv(
-                context,
-                self.add_q_proj,
-                self.add_k_proj,
-                self.add_v_proj,
-                self.norm_added_q,
-                self.norm_added_k,
-            )
+            cq, ck, cv = self.context_qkv(context)
             q, k, v = (jnp.concatenate([c, y], axis=1) for c, y in ((cq, q), (ck, k), (cv, v)))
         q, k = (apply_rope(y, rope).astype(self.dtype) for y in (q, k))
         out = merge_heads(attention(q, k, v.astype(self.dtype), impl=self.impl))
@@ -414,7 +404,7 @@ class TimeTextEmbedding(nnx.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
-class FluxTransformer2DModel(nnx.Module):
+class FluxTransformer2DModel(ConfiguredModule):
     """``__call__(hidden_states, timestep, cond, img_ids=..., txt_ids=None)`` -> the velocity on packed tokens
     (B, L, out_channels), diffusers' ``.sample``. ``timestep``: (B,) or a scalar in [0, 1] (the flow time,
     which diffusers' pipeline passes as ``timestep / 1000``); ``cond``: ``encoder_hidden_states`` (B, T, joint
@@ -424,17 +414,7 @@ class FluxTransformer2DModel(nnx.Module):
     ``timestep_delta_embeds`` (required there, refused otherwise). ``on_latents`` does the same on NHWC latents
     (packing and ids included)."""
 
-    def __init__(
-        self,
-        config: FluxConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool | str = False,
-    ):
-        cfg = self.config = config
-        p, impl = precision, attention_impl
+    def build(self, cfg: FluxConfig, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool | str) -> None:
         remat = remat_policy(remat)  # an unknown policy fails here, not at the first call
         self.dtype = p.dtype
         dim = cfg.inner_dim

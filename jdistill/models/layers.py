@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models import dense
-from jdistill.models.net import Net, build_layer, sharding_metadata
+from jdistill.models.net import build_layer, sharding_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,18 +148,3 @@ def block_caller(remat: bool | str, kind: str) -> Callable:
         return lambda m, *a: m(*a)
     saved = jax.checkpoint_policies.dots_saveable if policy == "dots" else None
     return nnx.remat(lambda m, *a: m(*a), policy=saved)
-
-
-def configured_net(
-    name: str, module_cls: type, config, *, precision: Precision, attention_impl: str, remat: bool | str
-) -> Net:
-    """A Net of ``module_cls(config, rngs=, precision=, attention_impl=, remat=)``; ``net.variant(**fields)``
-    builds it with other config fields and ``net.remake(config, dtype=, param_dtype=, remat_policy=)`` with
-    other options (None: these). The UNet, FLUX and SD3 factories share it."""
-
-    def remake(cfg, *, dtype=None, param_dtype=None, remat_policy=None):
-        p = Precision(dtype=dtype or precision.dtype, param_dtype=param_dtype or precision.param_dtype)
-        r = remat if remat_policy is None else remat_policy
-        return lambda rngs: module_cls(cfg, rngs=rngs, precision=p, attention_impl=attention_impl, remat=r)
-
-    return Net(name, remake(config), config=config, remake=remake)

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.attention import JointProjections, attention, merge_heads
+from jdistill.models.configured import ConfiguredModule, configured_net
 from jdistill.models.diffusers_config import config_kwargs, to_json
 from jdistill.models.embeddings import timestep_embedding
 from jdistill.models.feedforward import FeedForward
@@ -49,7 +50,6 @@ from jdistill.models.layers import (
     FP32,
     Precision,
     block_caller,
-    configured_net,
     conv,
     layer_norm,
     linear,
@@ -210,7 +210,7 @@ def _rms_norm(dim: int, rngs: nnx.Rngs, p: Precision) -> RMSNorm:
     return build_layer(lambda r: RMSNorm(dim, 1e-6, p), rngs)
 
 
-class Attention(nnx.Module):
+class Attention(JointProjections, nnx.Module):
     """diffusers' ``Attention`` with ``JointAttnProcessor2_0``: biased projections, optional per-head RMS
     q/k norms; ``joint`` adds the text stream's projections (``add_*_proj``), attended jointly with the image
     tokens in the order [image, text]; ``context_out`` adds ``to_add_out`` (absent in the last block)."""
@@ -239,25 +239,12 @@ class Attention(nnx.Module):
             linear(inner, dim, rngs, p, axes=("heads", "embed")) if joint and context_out else None
         )
 
-    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        q, k, v = (split_heads(f(x), self.heads) for f in (to_q, to_k, to_v))
-        if norm_q is not None:
-            q, k = norm_q(q), norm_k(k)
-        return q, k, v
-
     def __call__(self, x: jax.Array, context: jax.Array | None = None):
         """The image tokens' output, or (image output, text output or None) with a ``context``."""
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        q, k, v = self.image_qkv(x)
         n = x.shape[1]
         if context is not None:
-            cq, ck, cv = self._qkv(
-                context,
-                self.add_q_proj,
-                self.add_k_proj,
-                self.add_v_proj,
-                self.norm_added_q,
-                self.norm_added_k,
-            )
+            cq, ck, cv = self.context_qkv(context)
             q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
         out = merge_heads(attention(q, k, v, impl=self.impl))
         image = self.to_out[0](out[:, :n])
@@ -398,23 +385,14 @@ class CombinedTimestepTextProjEmbeddings(nnx.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
-class SD3Transformer2DModel(nnx.Module):
+class SD3Transformer2DModel(ConfiguredModule):
     """``__call__(sample, timesteps, cond)``: NHWC latents, (B,) or scalar timesteps, ``cond`` with
     ``encoder_hidden_states`` and ``pooled_projections``; returns NHWC (B, H, W, out_channels).
     ``timestep_delta`` (B,) or a scalar, in the units of ``timesteps``: the second time of a model with
     ``timestep_delta_embeds`` (required there, refused otherwise)."""
 
-    def __init__(
-        self,
-        config: SD3Config,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool | str = False,
-    ):
-        cfg = self.config = config
-        p, dim = precision, config.inner_dim
+    def build(self, cfg: SD3Config, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool | str) -> None:
+        dim = cfg.inner_dim
         self.dtype, self.remat = p.dtype, remat_policy(remat)  # an unknown policy fails here
         self.pos_embed = PatchEmbed(cfg, rngs, p)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(
@@ -423,9 +401,7 @@ class SD3Transformer2DModel(nnx.Module):
         self.context_embedder = linear(cfg.joint_attention_dim, dim, rngs, p, axes=("mlp", "embed"))
 
         def block(dual: bool, last: bool):
-            return lambda r: JointTransformerBlock(
-                cfg, r, p, dual=dual, context_pre_only=last, impl=attention_impl
-            )
+            return lambda r: JointTransformerBlock(cfg, r, p, dual=dual, context_pre_only=last, impl=impl)
 
         n_dual, n_plain = cfg.block_runs()
         self.transformer_blocks_dual = (

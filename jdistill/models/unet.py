@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.configured import ConfiguredModule, configured_net
 from jdistill.models.diffusers_config import check_block_types, config_kwargs, field_values, to_json
 from jdistill.models.embeddings import timestep_embedding
 from jdistill.models.feedforward import GEGLU, FeedForward
@@ -28,7 +29,6 @@ from jdistill.models.layers import (
     FP32,
     Precision,
     block_caller,
-    configured_net,
     conv,
     group_norm,
     layer_norm,
@@ -406,21 +406,11 @@ def _layer_depths(value, n_blocks: int, n_layers: int) -> list[tuple[int, ...]]:
     return [tuple(d) if isinstance(d, (tuple, list)) else (d,) * n_layers for d in per_block]
 
 
-class UNet2DConditionModel(nnx.Module):
+class UNet2DConditionModel(ConfiguredModule):
     """``__call__(sample, timesteps, cond)`` with ``cond`` a dict: ``encoder_hidden_states`` (B, T, D), and for
     SDXL ``text_embeds`` (B, P) and ``time_ids`` (B, 6); optionally ``timestep_cond`` (LCM's w embedding)."""
 
-    def __init__(
-        self,
-        config: UNetConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool | str = False,
-    ):
-        cfg = self.config = config
-        p, impl = precision, attention_impl
+    def build(self, cfg: UNetConfig, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool | str) -> None:
         remat = remat_policy(remat)  # an unknown policy fails here, not at the first call
         self.dtype = p.dtype
         ch = cfg.block_out_channels

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.attention import attention, merge_heads, split_heads
+from jdistill.models.configured import ConfiguredModule
 from jdistill.models.diffusers_config import check_block_types, config_kwargs, field_values, to_json
 from jdistill.models.layers import FP32, Precision, block_caller, conv, group_norm, linear
 from jdistill.models.net import Net
@@ -298,24 +299,16 @@ class Decoder(nnx.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
-class AutoencoderKL(nnx.Module):
+class AutoencoderKL(ConfiguredModule):
     """``encode(x) -> DiagonalGaussian`` and ``decode(z)`` on NHWC arrays; outputs are float32 whatever the
     compute dtype (images and latents are small, and callers compare or scale them)."""
 
-    def __init__(
-        self,
-        config: AutoencoderKLConfig,
-        *,
-        rngs: nnx.Rngs,
-        precision: Precision = FP32,
-        attention_impl: str = "xla",
-        remat: bool = False,
-    ):
-        cfg = self.config = config
-        p = precision
+    def build(
+        self, cfg: AutoencoderKLConfig, rngs: nnx.Rngs, p: Precision, impl: str, remat: bool | str
+    ) -> None:
         self.dtype = p.dtype
-        self.encoder = Encoder(cfg, rngs, p, attention_impl, remat)
-        self.decoder = Decoder(cfg, rngs, p, attention_impl, remat)
+        self.encoder = Encoder(cfg, rngs, p, impl, remat)
+        self.decoder = Decoder(cfg, rngs, p, impl, remat)
         lat = cfg.latent_channels
         self.quant_conv = conv(2 * lat, 2 * lat, 1, rngs, p) if cfg.use_quant_conv else None
         self.post_quant_conv = conv(lat, lat, 1, rngs, p) if cfg.use_post_quant_conv else None
