@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -10,6 +11,7 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jdistill import configuration
@@ -208,3 +210,36 @@ def pipeline_prompt_embeds(kind: str, path: str, prompts: list[str], t5_length: 
                 max_sequence_length=t5_length,
             )
     return embeds, pooled
+
+
+@dataclasses.dataclass
+class GMMGeneratorDraws:
+    """What a distribution-matching generator update on the Gaussian mixture draws from its key, by hand: the
+    one-step student's prior noise ``z`` (stream "latent" under "generate"), t ~ U{t_range} ("timestep"),
+    the noise ``eps`` ("noise"), and the VP coefficients ``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)`` as
+    (n, 1) columns."""
+
+    z: jax.Array
+    t: jax.Array
+    eps: jax.Array
+    a: jax.Array
+    s: jax.Array
+
+    def student_x(self, student, params, cond) -> jax.Array:
+        """The one-step student's sample: its x0 output at model time 999."""
+        return student.apply(params, self.z, jnp.full((self.z.shape[0],), 999.0), cond)
+
+    def noised(self, x: jax.Array) -> jax.Array:
+        return self.a * x + self.s * self.eps
+
+
+def gmm_generator_draws(schedule, key: jax.Array, n: int, t_range) -> GMMGeneratorDraws:
+    from jdistill import rng
+    from jdistill.diffusion.schedules import sample_timesteps
+
+    k = rng.streams(key, "generate", "timestep", "noise")
+    z = jax.random.normal(rng.stream(k["generate"], "latent"), (n, 2))
+    t = sample_timesteps(schedule, k["timestep"], (n,), *t_range)
+    eps = jax.random.normal(k["noise"], (n, 2))
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
+    return GMMGeneratorDraws(z, t, eps, jnp.sqrt(abar), jnp.sqrt(1 - abar))

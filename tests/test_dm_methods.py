@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import SMALL, SMALL_SWIFTBRUSH_NETS, load
+from helpers import SMALL, SMALL_SWIFTBRUSH_NETS, gmm_generator_draws, load
 from helpers import abs_sum as _norm
 from helpers import grads_wrt_trained as _grads
 
-from jdistill import rng
 from jdistill.diffusion.guidance import cfg_combine
-from jdistill.diffusion.schedules import sample_timesteps
 from jdistill.methods import Carry, build_recipe
 from jdistill.methods.rollout import FewStepStudent
 from jdistill.teachers import build_world
@@ -59,20 +57,12 @@ def test_dmd2_generator_gradient_is_the_normalised_x0_difference():
     key = jax.random.key(5)
     schedule, mix = world.teacher.schedule, world.teacher.mixture
     student, fake = recipe.network("student").net, recipe.network("fake_score").net
-    k = rng.streams(key, "generate", "timestep", "noise")
     cond = batch["cond"]
     n = cond.shape[0]
-
-    def generate(p):
-        z = jax.random.normal(rng.stream(k["generate"], "latent"), (n, 2))
-        return student.apply(p, z, jnp.full((n,), 999.0), cond)
-
-    x, vjp = jax.vjp(generate, params["student"])
-    t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
-    eps = jax.random.normal(k["noise"], x.shape)
-    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
-    a, s = jnp.sqrt(abar), jnp.sqrt(1 - abar)
-    x_t = a * x + s * eps
+    d = gmm_generator_draws(schedule, key, n, m.t_range)
+    t, a, s = d.t, d.a, d.s
+    x, vjp = jax.vjp(lambda p: d.student_x(student, p, cond), params["student"])
+    x_t = d.noised(x)
     real = cfg_combine(
         mix.posterior_mean(x_t, a[:, 0], s[:, 0], cond),
         mix.posterior_mean(x_t, a[:, 0], s[:, 0], 2),
@@ -111,14 +101,10 @@ def test_sid_generator_gradient_flows_through_the_frozen_networks_inputs():
     key = jax.random.key(7)
     schedule, mix = world.teacher.schedule, world.teacher.mixture
     student, fake = recipe.network("student").net, recipe.network("fake_score").net
-    k = rng.streams(key, "generate", "timestep", "noise")
     cond = batch["cond"]
     n = cond.shape[0]
-    z = jax.random.normal(rng.stream(k["generate"], "latent"), (n, 2))
-    t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
-    eps = jax.random.normal(k["noise"], (n, 2))
-    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
-    a, s = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    d = gmm_generator_draws(schedule, key, n, m.t_range)
+    z, t, eps, a, s = d.z, d.t, d.eps, d.a, d.s
 
     def hand_loss(p, through_inputs=True):
         x = student.apply(p, z, jnp.full((n,), 999.0), cond)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import abs_sum as _norm
+from helpers import gmm_generator_draws, load, small_swiftbrush
 from helpers import grads_wrt_trained as _grads
-from helpers import load, small_swiftbrush
 
 from jdistill import rng
 from jdistill.diffusion.guidance import cfg_combine
@@ -82,20 +82,12 @@ def _vsd_direction_by_hand(config, world, recipe, params, batch, key):
     schedule, mix = world.teacher.schedule, world.teacher.mixture
     student = recipe.network("student").net
     fake = recipe.network("fake_score").net
-    k = rng.streams(key, "generate", "timestep", "noise")
     cond = batch["cond"]
     n = cond.shape[0]
-
-    def generate(p):  # the one-step student: prior noise from the "latent" stream under "generate"
-        z = jax.random.normal(rng.stream(k["generate"], "latent"), (n, 2))
-        return student.apply(p, z, jnp.full((n,), 999.0), cond)  # x0 output at model time 999
-
-    x, vjp = jax.vjp(generate, params["student"])
-    t = sample_timesteps(schedule, k["timestep"], (n,), *m.t_range)
-    eps = jax.random.normal(k["noise"], x.shape)
-    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
-    a, s = jnp.sqrt(abar), jnp.sqrt(1 - abar)
-    x_t = a * x + s * eps
+    d = gmm_generator_draws(schedule, key, n, m.t_range)
+    t, a, s = d.t, d.a, d.s
+    x, vjp = jax.vjp(lambda p: d.student_x(student, p, cond), params["student"])
+    x_t = d.noised(x)
 
     def teacher_eps(label):
         x0 = mix.posterior_mean(x_t, a[:, 0], s[:, 0], label)
