@@ -376,7 +376,7 @@ class StepFunctions:
 
     def __call__(self, step_num: int):
         active = self.s.recipe.active_updates(step_num)
-        names = tuple(u.name for u in active)
+        names = self._names(step_num)
         if names not in self.cache:
             s = self.s
             frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
