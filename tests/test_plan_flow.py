@@ -1,8 +1,9 @@
 """Plans of flow-matching teachers (teacher.kind = "flow"): the abstract world against the real one on tiny
 pipelines, and real-size plans (CPU lowering only) of FLUX.1-lite sCM and SD3.5-medium DMD2 under fsdp=8:
-parameter counts equal to diffusers / transformers on the meta device, every parameter sharded, and the
-step's FLOPs (XLA's count, every scanned layer stack counted as often as it runs) against the hand counts of
-``jdistill.flops`` times the passes the step makes."""
+parameter counts equal to diffusers / transformers on the meta device, every matrix sharded by the logical axes
+alone (the replicated d_model-wide vectors counted), and the step's FLOPs (XLA's count, every scanned layer
+stack counted as often as it runs) against the hand counts of ``jdistill.flops`` times the passes the step
+makes."""
 
 from __future__ import annotations
 
@@ -32,9 +33,6 @@ from jdistill.teachers.presets import FlowTeacherPreset, get_preset
 QUIET = {"log": lambda *a: None}
 FSDP8 = [("mesh.num_devices", "8"), ("mesh.data", "1"), ("mesh.fsdp", "8"), ("batch_size", "8")]
 BF16 = [("teacher.dtype", "bfloat16"), ("teacher.param_dtype", "bfloat16")]
-# Stacked biases (layers, width) carry no logical axes (models/layers.linear annotates kernels only): FLUX's
-# fp32 (38, 12288) proj_mlp bias is 1.8 MiB, over the guard; "fsdp" splits unannotated parameters' widest dim.
-UNANNOTATED = [("sharding.unannotated", "fsdp")]
 
 
 def flow(preset: str, resolution: int = 1024) -> list[tuple[str, str]]:
@@ -142,7 +140,7 @@ def test_flux_lite_scm_plan_shards_everything_and_counts_flops():
     captions in the step (an embedding cache covers prompt-only recipes); the VAE encodes the images."""
     config = load(
         "configs/scm.py:digits",
-        [*flow("flux_lite"), *BF16, *FSDP8, *UNANNOTATED, ("method.jvp", "jvp")],
+        [*flow("flux_lite"), *BF16, *FSDP8, ("method.jvp", "jvp")],
     )
     result = plan.plan(config, **QUIET)
     assert result["sample_shape"] == [128, 128, 16]
@@ -154,10 +152,40 @@ def test_flux_lite_scm_plan_shards_everything_and_counts_flops():
     assert nets["teacher"]["params"] == nets["student"]["params"] == count == 8_163_264_064
     for name in ("vae", "text_encoder", "text_encoder_2"):
         assert nets[name]["params"] == meta_count("flux_lite", name), name
-    for name, net in nets.items():  # the plan passed the guard; all but a few small tensors are split
-        if name != "logvar":  # the log-variance head: 129 parameters
-            assert net["replicated_fraction"] < 2e-3, (name, net["replicated"][:5])
-            assert net["bytes_per_device"] == pytest.approx(net["bytes"] / 8, rel=0.02), name
+    # The logical axes alone (no sharding.unannotated) split every matrix. Replicated, by the rule embed ->
+    # None: FLUX's d_model-wide biases (the stacked output projections', the input embedders') and the 128-wide
+    # q/k RMSNorm scales; T5's norm weights; CLIP's and the VAE's biases and norm scales and CLIP's (77, 768)
+    # position table (8 does not divide 77). The log-variance head (129 parameters) is replicated whole.
+    flux = FluxConfig.from_dict(stored("flux_lite", "transformer"))
+    width, head = flux.num_attention_heads * flux.attention_head_dim, flux.attention_head_dim
+    double, single = flux.num_layers, flux.num_single_layers
+    # double blocks: ff, ff_context, to_out, to_add_out biases and four q/k norms; single blocks: proj_out's
+    # bias and two norms; x_embedder, context_embedder and the time, text and guidance embedders' linear_2
+    flux_replicated = (4 * double + single + 5) * width + (4 * double + 2 * single) * head
+    assert flux_replicated == 244_224
+    t5 = T5Config.from_dict(stored("flux_lite", "text_encoder_2"))
+    replicated_count = {
+        "student": flux_replicated,
+        "teacher": flux_replicated,
+        "text_encoder_2": (2 * t5.num_layers + 1) * t5.d_model,
+    }
+    for name, net in nets.items():
+        n = round(net["replicated_fraction"] * net["params"])
+        if name == "logvar":
+            assert net["params"] == 129 and n == 129, net
+            assert sorted(net["replicated"]) == ["logvar/out/bias", "logvar/out/kernel"], net["replicated"]
+            continue
+        if name in replicated_count:
+            assert n == replicated_count[name], (name, n, net["replicated"])
+        assert net["replicated_fraction"] < 1e-3, (name, net["replicated"][:5])
+        matrices = [r for r in net["replicated"] if r.rsplit("/", 1)[-1] not in ("bias", "scale", "weight")]
+        allowed = (
+            ["text_encoder/text_model/embeddings/position_embedding/embedding"]
+            if name == "text_encoder"
+            else []
+        )
+        assert matrices == allowed, (name, matrices)
+        assert net["bytes_per_device"] == pytest.approx(net["bytes"] / 8, rel=0.02), name
     # float32 parameters, two Adam moments and the EMA, split 8 ways
     assert result["state_bytes_per_device"] == pytest.approx(16 * count / 8, rel=1e-3)
 

@@ -8,8 +8,8 @@ steps as plain Euler steps with its fixed t - r embedding folded into a bias.
 Each case traces its step three times (two runs compile from the persistent cache) and takes 1 to 3 minutes on
 2 cores; the default run keeps the cheapest (swiftbrush on SD3: 56 s from a cold compilation cache, against
 133 s for the four-step SiD student on SD3.5), the rest are marked ``e2e``:
-``python -m pytest -m e2e tests/test_recipes_flow.py``. (Few-step SiD on flow teachers is covered briefly in
-test_sid_dit.py by default.)"""
+``python -m pytest -m e2e tests/test_recipes_flow.py``. (test_sid_dit.py's four-step SiD runs on tiny SD3 and
+FLUX are ``e2e`` too.)"""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ CASES = {
             ("networks.student.lora.alpha", "4.0"),
         ],
     ),
+    # One-step SiD (SiD-DiT's settings with one student step at flow time 1) on the schnell-style teacher (no
+    # guidance input, kappa 1): with sid_4step (SD3.5), sid_lsg (FLUX with guidance embedding) and
+    # test_sid_dit.py's four-step runs (SD3, FLUX with guidance), the SiD family meets every tiny flow teacher.
+    "sid": ("configs/sid.py:flux_schnell", "flux_schnell", [("method.student_timesteps", "(1.0,)")]),
     "sid_4step": ("configs/sid.py:sd35_medium", "sd35_medium", []),
     "sid_lsg": ("configs/sid_lsg.py:flux_dev", "flux_dev", []),
     "lcm": ("configs/lcm.py:flux_dev", "flux_dev", []),

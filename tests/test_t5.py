@@ -1,6 +1,7 @@
 """The Flax T5 encoder against transformers' ``T5EncoderModel``: outputs (both feed-forwards, an inner width
 other than d_model, padding masks), the position buckets, strict conversion both ways with the tied embedding,
-the stacked parameter layout, configuration checks and T5-XXL's parameter count."""
+the stacked parameter layout, configuration checks, T5-XXL's parameter count, and the float32 path on
+activations that overflow float16 T5."""
 
 from __future__ import annotations
 
@@ -179,6 +180,49 @@ def test_bfloat16_is_as_close_to_float32_as_transformers(gated: Pair):
         theirs = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.float().numpy()
     err, their_err = rel_err(out.astype(jnp.float32), ref), rel_err(theirs, ref)
     assert err < 1.5 * their_err, (err, their_err)
+
+
+# Feed-forward input weights scaled so that the gated product gelu(wi_0 x) * wi_1 x, the input of wo, exceeds
+# float16's range (65504) in float32, as T5 v1.1's feed-forwards do in the large checkpoints.
+FF_OVERFLOW_SCALE = 200.0
+FLOAT16_MAX = 65504.0
+
+
+def test_float32_is_finite_and_exact_where_float16_t5_overflows(tmp_path):
+    """transformers' float16 T5 as a pipeline loads it (``from_pretrained(dtype=float16)``: wo kept in float32,
+    the gated product computed in float16) turns to inf/NaN, or is clamped far off, on activations past
+    float16's range; jdistill's float32 path stays finite and equal to transformers' float32 model."""
+    model = torch_model(VARIANTS["gated-gelu"], seed=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "DenseReluDense.wi" in name:
+                p.mul_(FF_OVERFLOW_SCALE)
+    peaks = []
+    hooks = [
+        m.register_forward_hook(lambda _m, args, _out: peaks.append(float(args[0].abs().max())))
+        for name, m in model.named_modules()
+        if name.endswith("DenseReluDense.wo")
+    ]
+    ids, mask = inputs()
+    with torch.no_grad():
+        ref = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    for hook in hooks:
+        hook.remove()
+    assert len(peaks) == 3 and max(peaks) > 4 * FLOAT16_MAX, peaks  # past float16 in float32 arithmetic
+    assert np.isfinite(ref).all()
+
+    model.save_pretrained(tmp_path)
+    half = TorchT5.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    assert half.shared.weight.dtype == torch.float16
+    with torch.no_grad():
+        theirs = half(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.float().numpy()
+    assert not np.isfinite(theirs).all() or rel_err(theirs, ref) > 0.1
+
+    net, params = load_t5(numpy_state(model), T5Config.from_dict(model.config.to_dict()))
+    ours = np.asarray(jax.jit(net.apply)(params, ids, mask))
+    assert ours.dtype == np.float32 and np.isfinite(ours).all()
+    err = rel_err(ours, ref)
+    assert err < 1e-4, err
 
 
 # --------------------------------------------------------------------------------------------- conversion
