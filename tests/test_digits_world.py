@@ -167,3 +167,36 @@ def test_digits_world_saves_a_grid_of_64_and_one_prompt_per_sample(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "final.npy"), samples)
     tile = config.teacher.resolution or 32  # the digits preset's images are 32 pixels
     assert Image.open(tmp_path / "final.png").size == (8 * tile, 8 * tile)  # 64 of 70, 8 by 8
+
+
+def test_an_evaluation_with_image_metrics_decodes_the_samples_once():
+    """The digits metrics and FID / CLIP score (train.score) decode the same samples: one decode serves both,
+    and other samples are decoded afresh."""
+    import dataclasses
+
+    from helpers import load
+
+    from jdistill.digits.classifier import load_classifier
+    from jdistill.teachers import build_world
+    from jdistill.teachers.digits_world import with_digits
+    from jdistill.teachers.presets import DIGITS_CLASSIFIER
+
+    decoded = []
+
+    def decode(samples):
+        decoded.append(len(samples))
+        return np.zeros((len(samples), 32, 32, 3), np.float32)
+
+    base = dataclasses.replace(
+        build_world(load("configs/swiftbrush.py:gmm")), evaluate=lambda s, b: {}, decode=decode
+    )
+    world = with_digits(base, load_classifier(DIGITS_CLASSIFIER))
+    labelled = data.evaluation_prompts(6)
+    samples = np.ones((6, 4, 4, 4), np.float32)
+    results = world.evaluate(samples, {"digit": labelled.digits, "colour": labelled.colours})
+    assert "digit_accuracy" in results
+    images = world.decode(samples)  # train.score's decode for the image metrics
+    assert decoded == [6] and images.shape == (6, 32, 32, 3)
+    world.decode(samples.copy())  # other samples (an equal copy is another array): decoded again
+    world.decode(samples[:2])
+    assert decoded == [6, 6, 2]

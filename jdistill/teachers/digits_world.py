@@ -13,6 +13,7 @@ are read by the project's digit classifier (``jdistill.evaluate.digits``) on VAE
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -67,19 +68,35 @@ def load_world_classifier(config: ml_collections.ConfigDict):
 
 
 def with_digits(world: World, classifier) -> World:
-    """``world`` with the classifier's metrics on decoded samples of labelled evaluation batches."""
+    """``world`` with the classifier's metrics on decoded samples of labelled evaluation batches. Its decode
+    keeps the last samples' images, so that an evaluation that also scores FID or the CLIP score (which decode
+    the same samples) decodes them once."""
     from jdistill.evaluate.digits import digits_metrics
 
     base_evaluate = world.evaluate
+    decode = last_result(world.decode)
 
     def evaluate(samples: np.ndarray, batch: dict) -> dict[str, float]:
         results = base_evaluate(samples, batch)
         if all(k in batch for k in LABELS):
-            images = to_unit(world.decode(samples))
+            images = to_unit(decode(samples))
             results.update(digits_metrics(classifier, images, batch["digit"], batch["colour"]))
         return results
 
-    return dataclasses.replace(world, evaluate=evaluate)
+    return dataclasses.replace(world, evaluate=evaluate, decode=decode)
+
+
+def last_result(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn`` that returns its last result again when called with the very same array object (samples are
+    never changed in place once drawn)."""
+    last: list = []
+
+    def once(x: np.ndarray) -> np.ndarray:
+        if not (last and last[0] is x):
+            last[:] = [x, fn(x)]
+        return last[1]
+
+    return once
 
 
 def build(config: ml_collections.ConfigDict, shardings_for=None) -> World:
