@@ -9,7 +9,7 @@ photos) with captions, then reads ``--batches`` host batches of ``--batch`` rows
 captions tokenized by a CLIP BPE tokenizer to 77 ids:
 
 - synchronous: ``source.local_batch`` in a loop (the trainer before the pipeline);
-- grain, N workers: ``pipeline.host_batches`` with N threads and 2N batches of read-ahead;
+- grain, N workers: ``pipeline.host_dataset`` with N threads and 2N batches of read-ahead;
 - pipeline, N workers: the whole ``BatchPipeline`` including the transfer thread's global device batches.
 
 Prints images/s for each (from the reader's creation to its last batch; the median of ``--repeats`` runs) against the need of a
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 
 from jdistill.data.images import ImageTextSource, open_image_text
-from jdistill.data.pipeline import BatchPipeline, PipelineOptions, host_batches
+from jdistill.data.pipeline import BatchPipeline, PipelineOptions, host_dataset
 
 
 def photo_like(rng: np.random.Generator, width: int = 640, height: int = 480) -> bytes:
@@ -160,9 +160,8 @@ def main() -> None:
             return (source.local_batch(pos, args.batch, rows) for pos in range(n + 1))
 
         def grain_threads(w):
-            return host_batches(
-                source, 0, n + 1, args.batch, rows, PipelineOptions(workers=w, prefetch=2 * w)
-            )
+            options = PipelineOptions(workers=w, prefetch=2 * w)
+            return iter(host_dataset(source, 0, n + 1, args.batch, rows, options))
 
         def pipeline(w):
             options = PipelineOptions(workers=w, prefetch=2 * w)
@@ -193,7 +192,7 @@ def main() -> None:
             f"need: {args.global_batch} images per {args.step_time:g} s step on {args.hosts} hosts = {need:.0f} "
             f"images/s per host; a host batch of {args.batch} every {args.batch / need:.2f} s\n"
         )
-        warm = host_batches(source, 0, 1, 1, rows[:1], PipelineOptions(workers=1, prefetch=1))
+        warm = iter(host_dataset(source, 0, 1, 1, rows[:1], PipelineOptions(workers=1, prefetch=1)))
         next(warm)  # grain's one-time start-up (about 0.5 s, once per process) stays out of the timings
         warm.close()
         cpu = time.process_time()

@@ -369,14 +369,11 @@ class StepFunctions:
 
     def compiles(self, step_num: int) -> bool:
         """Whether ``step_num`` runs a step not compiled yet (its first call compiles it)."""
-        return self._names(step_num) not in self.cache
-
-    def _names(self, step_num: int) -> tuple[str, ...]:
-        return tuple(u.name for u in self.s.recipe.active_updates(step_num))
+        return _names(self.s.recipe.active_updates(step_num)) not in self.cache
 
     def __call__(self, step_num: int):
         active = self.s.recipe.active_updates(step_num)
-        names = self._names(step_num)
+        names = _names(active)
         if names not in self.cache:
             s = self.s
             frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
@@ -413,6 +410,10 @@ class StepFunctions:
                     donate_argnums=(0,),
                 )
         return self.cache[names]
+
+
+def _names(updates: tuple[Update, ...]) -> tuple[str, ...]:
+    return tuple(u.name for u in updates)
 
 
 # ================================================================================================ loop

@@ -19,7 +19,7 @@ from jdistill import configuration, parallel, train
 from jdistill.data.embeddings import EmbeddingSource
 from jdistill.data.images import ImageTextSource, open_image_text
 from jdistill.data.joint import JointSource
-from jdistill.data.pipeline import BatchPipeline, PipelineOptions, host_batches
+from jdistill.data.pipeline import BatchPipeline, PipelineOptions, host_dataset
 from jdistill.data.sources import SyntheticSource
 from jdistill.data.text import PromptSource
 
@@ -97,7 +97,7 @@ def test_worker_threads_decode_what_local_batch_decodes(image_table):
 
     rows = np.array([1, 2, 5, 6])  # one host's rows of a global batch of 8
     options = PipelineOptions(workers=3, prefetch=5)
-    got = list(host_batches(Watched(), 2, 9, GLOBAL, rows, options))
+    got = list(iter(host_dataset(Watched(), 2, 9, GLOBAL, rows, options)))
     assert len(got) == 7
     for position, batch in zip(range(2, 9), got, strict=True):
         want = source.local_batch(position, GLOBAL, rows)
@@ -159,9 +159,9 @@ def test_a_resumed_pipeline_yields_the_batches_of_an_uninterrupted_one(image_tab
     with pipeline(0) as batches:
         for _ in range(3):
             interrupted.append(next(batches))
-        saved = batches.state()
-    assert saved == {"data_position": 3}
-    with pipeline(saved["data_position"]) as batches:
+        saved = batches.position
+    assert saved == 3
+    with pipeline(saved) as batches:
         interrupted += list(batches)
 
     for position, (a, b) in enumerate(zip(straight, interrupted, strict=True)):
@@ -178,7 +178,7 @@ def test_workers_read_ahead_of_the_consumer():
             requested.append(position)
             return source.local_batch(position, global_size, rows)
 
-    batches = host_batches(Watched(), 0, 100, GLOBAL, None, PipelineOptions(workers=2, prefetch=4))
+    batches = iter(host_dataset(Watched(), 0, 100, GLOBAL, None, PipelineOptions(workers=2, prefetch=4)))
     next(batches)
     deadline = time.monotonic() + 10
     while len(requested) < 5 and time.monotonic() < deadline:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from jdistill import preflight
 from jdistill.data.images import ImageTextSource, decode_image, open_image_text, open_teacher_images
-from jdistill.data.pipeline import PipelineOptions, host_batches
+from jdistill.data.pipeline import PipelineOptions, host_dataset
 from jdistill.teachers.diffusers_world import diffusers_teacher_config
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -109,7 +109,7 @@ def test_tfds_batches_through_the_pipeline(data_dir):
 
     source = ImageTextSource(table, tokenize, RES, seed=4)
     rows = np.array([0, 2, 3])
-    batches = list(host_batches(source, 0, 3, 4, rows, PipelineOptions(workers=2, prefetch=2)))
+    batches = list(iter(host_dataset(source, 0, 3, 4, rows, PipelineOptions(workers=2, prefetch=2))))
     for position, batch in enumerate(batches):
         picks = np.random.default_rng([4, position]).integers(0, COUNT, 4)[rows]
         ids = batch["input_ids.text_encoder"][:, 0]

@@ -14,7 +14,7 @@ uninterrupted run would have seen, whatever was read ahead when the run stopped.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -66,7 +66,8 @@ def host_dataset(
     options: PipelineOptions,
 ):
     """A grain dataset of this host's rows of batches ``start, ..., stop - 1`` (``source.local_batch``),
-    prepared by ``options.workers`` threads up to ``options.prefetch`` ahead, in position order."""
+    prepared by ``options.workers`` threads up to ``options.prefetch`` ahead, in position order (``iter`` it
+    for the batches; ``close()`` the iterator to stop its threads early)."""
     import grain
 
     if not 0 <= start <= stop:
@@ -78,18 +79,6 @@ def host_dataset(
     prefetch = options.prefetch if options.workers else 0
     read_options = grain.ReadOptions(num_threads=options.workers, prefetch_buffer_size=prefetch)
     return grain.MapDataset.range(start, stop).map(read).to_iter_dataset(read_options)
-
-
-def host_batches(
-    source: DataSource,
-    start: int,
-    stop: int,
-    global_size: int,
-    rows: np.ndarray | None,
-    options: PipelineOptions,
-) -> Iterator[Batch]:
-    """``host_dataset``'s batches as an iterator (``close()`` it to stop its threads early)."""
-    return iter(host_dataset(source, start, stop, global_size, rows, options))
 
 
 class BatchPipeline:
@@ -129,10 +118,6 @@ class BatchPipeline:
     def position(self) -> int:
         """The position of the next batch ``next`` returns (``stop`` when exhausted)."""
         return self.start + self._returned
-
-    def state(self) -> dict[str, int]:
-        """What a checkpoint keeps of the pipeline."""
-        return {"data_position": self.position}
 
     def __iter__(self) -> BatchPipeline:
         return self
