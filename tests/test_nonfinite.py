@@ -50,11 +50,11 @@ def test_each_loss_counts_the_rows_it_leaves_out():
     import jax.numpy as jnp
     import numpy as np
 
-    from jdistill.methods.distribution import counted_mean
+    from jdistill.methods.distribution import masked_mean
 
     values = jnp.array([1.0, jnp.nan, 3.0, 4.0, jnp.inf])
     ok = jnp.array([True, True, False, True, True])
-    mean, dropped = counted_mean(values, ok)
+    mean, dropped = masked_mean(values, ok)
     np.testing.assert_allclose(float(mean), (1.0 + 4.0) / 2)  # rows 1 and 4: not finite, row 2: not ok
     assert float(dropped) == 3.0
     # A loss's own count (<update>/<loss>_nonfinite_rows) is reported beside the update's.

@@ -42,7 +42,7 @@ from jdistill.configuration import ConfigError
 from jdistill.diffusion.denoiser import Denoiser, NetworkDenoiser
 from jdistill.diffusion.reparameterize import MatchedDenoiser
 from jdistill.diffusion.schedules import Schedule, TrigFlowSchedule, sample_timesteps
-from jdistill.methods.distribution import GAN_KINDS, counted_mean, gan_losses
+from jdistill.methods.distribution import GAN_KINDS, gan_losses, masked_mean
 from jdistill.methods.recipe import Carry, Network
 from jdistill.methods.trajectory import per_sample_sum, trigflow_times
 from jdistill.models.heads import DiscriminatorHead, DiscriminatorHeads
@@ -162,7 +162,7 @@ class Discriminator(_Switched):
         )
         l_fake, l_real = jnp.split(logits, [fake_t.shape[0]])
         d, _ = gan_losses(l_real, l_fake, self.cfg.loss)
-        loss, dropped = counted_mean(d, ok)
+        loss, dropped = masked_mean(d, ok)
         metrics = {
             "gan_d": loss,
             "gan_d_nonfinite_rows": dropped,
@@ -179,7 +179,7 @@ class Discriminator(_Switched):
         _, g = gan_losses(logits, logits, self.cfg.loss)
         if weight is not None:
             g = g * weight
-        loss, dropped = counted_mean(g, ok)
+        loss, dropped = masked_mean(g, ok)
         return loss, {"gan_g": loss, "gan_g_nonfinite_rows": dropped, "logit_generated": jnp.mean(logits)}
 
 
@@ -301,7 +301,7 @@ class TeacherDiscriminator(_Switched):
         heads = jax.lax.stop_gradient(params[self.heads.name])
         logits = self.logits(heads, self.features(params, x_t, t, cond))
         _, g = gan_losses(logits, logits, self.cfg.loss)
-        loss, dropped = counted_mean(g, ok)
+        loss, dropped = masked_mean(g, ok)
         return loss, {"gan_g": loss, "gan_g_nonfinite_rows": dropped, "logit_generated": jnp.mean(logits)}
 
     def discriminator_inputs(self, x_fake: jax.Array, real: dict, key: jax.Array) -> dict[str, tuple]:
@@ -332,7 +332,7 @@ class TeacherDiscriminator(_Switched):
         parts = dict(zip(names, jnp.split(self.logits(head, features), len(names)), strict=True))
         fakes = jnp.concatenate([parts[g] for g in names if g != "real"], axis=1)
         d, _ = gan_losses(parts["real"], fakes, self.cfg.loss)
-        loss, dropped = counted_mean(d, ok)
+        loss, dropped = masked_mean(d, ok)
         metrics = {
             "gan_d": loss,
             "gan_d_nonfinite_rows": dropped,

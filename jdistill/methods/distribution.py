@@ -164,17 +164,13 @@ def zero_bad_rows(x: jax.Array, ok: jax.Array) -> jax.Array:
     return jnp.where(_rows(ok, x), x, jnp.zeros_like(x))
 
 
-def masked_mean(values: jax.Array, ok: jax.Array) -> jax.Array:
-    """Mean of per-sample ``values`` over the samples where ``ok`` (and the value itself) is finite."""
+def masked_mean(values: jax.Array, ok: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, left out): the mean of per-sample ``values`` over the samples where ``ok`` and the value itself
+    is finite (0 when there are none), and how many samples it left out, for a metric ending in
+    ``nonfinite_rows``: the rows a loss drops are reported, never dropped silently."""
     ok = ok & jnp.isfinite(values)
     total = jnp.sum(jnp.where(ok, values, 0.0))
-    return total / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
-
-
-def counted_mean(values: jax.Array, ok: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``masked_mean`` and the number of samples it left out (not ``ok``, or a non-finite value): a metric
-    ending in ``nonfinite_rows``, so that the rows a loss drops are reported, never dropped silently."""
-    return masked_mean(values, ok), nonfinite_count(ok & jnp.isfinite(values))
+    return total / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0), nonfinite_count(ok)
 
 
 def nonfinite_count(ok: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ import ml_collections
 
 from jdistill.data.pairs import PairsSource
 from jdistill.methods import dmd2
-from jdistill.methods.distribution import counted_mean, finite_rows
+from jdistill.methods.distribution import finite_rows, masked_mean
 from jdistill.methods.ode_pairs import generate_ode_pairs
 from jdistill.methods.recipe import Pass, Recipe
 
@@ -76,7 +76,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
             parts.student_params(params), z, jnp.full((n,), t_student), batch["cond"]
         ).x0
         per_sample = jnp.mean(((x_ref - target) ** 2).reshape(n, -1), axis=1)
-        regression, dropped = counted_mean(per_sample, finite_rows(target))
+        regression, dropped = masked_mean(per_sample, finite_rows(target))
         metrics = {
             **metrics,
             "regression": regression,

@@ -43,9 +43,9 @@ from jdistill.methods.distribution import (
     FLOW_TIME_WEIGHTINGS,
     GENERATOR_WEIGHTINGS,
     NONFINITE_ROWS,
-    counted_mean,
     generator_weight,
     logit_normal_times,
+    masked_mean,
     sid_generator_loss,
 )
 from jdistill.methods.recipe import JOINT, Pass, Recipe, Update
@@ -134,7 +134,7 @@ def build(config: ml_collections.ConfigDict, world) -> Recipe:
         )
         weight = generator_weight(m.generator_weighting, x, real.x0, t)
         per_sample = sid_generator_loss(x, real.x0, fake_pred.x0, m.alpha, weight)
-        loss, dropped = counted_mean(per_sample, ok)  # over the finite samples; the others are counted
+        loss, dropped = masked_mean(per_sample, ok)  # over the finite samples; the others are counted
         metrics = {"finite_samples": jnp.mean(ok.astype(jnp.float32)), NONFINITE_ROWS: dropped}
         if disc is not None:  # on the same x_t, weighted per sample by omega as SiD's own loss
             adversarial, gan_metrics = disc.generator_loss(params, x_t, t, cond, ok, weight)
