@@ -102,9 +102,8 @@ def main(argv: list[str]) -> None:
         # Cheap checks of the inputs a user names (run directory, mesh, teacher, prompts) before anything loads.
         preflight.check(config, FLAGS.workdir, FLAGS.mode)
 
-        from jdistill import (
-            train,
-        )  # after distributed start-up: importing models touches no devices, but be safe
+        # After distributed start-up: importing models touches no devices, but be safe.
+        from jdistill import train
 
         if FLAGS.mode == "train":
             trained = train.run_training(config, FLAGS.workdir)
