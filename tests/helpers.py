@@ -243,3 +243,14 @@ def gmm_generator_draws(schedule, key: jax.Array, n: int, t_range) -> GMMGenerat
     eps = jax.random.normal(k["noise"], (n, 2))
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t][:, None]
     return GMMGeneratorDraws(z, t, eps, jnp.sqrt(abar), jnp.sqrt(1 - abar))
+
+
+def poison_label(tree, label: int):
+    """Parameters of a class-conditioned toy network whose class embedding of ``label`` is NaN: that class's
+    predictions are not finite."""
+
+    def one(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return leaf.at[label].set(jnp.nan) if "label_embed" in name and "embedding" in name else leaf
+
+    return jax.tree_util.tree_map_with_path(one, tree)

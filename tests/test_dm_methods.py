@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import SMALL, SMALL_SWIFTBRUSH_NETS, gmm_generator_draws, load
+from helpers import SMALL, SMALL_SWIFTBRUSH_NETS, gmm_generator_draws, load, poison_label
 from helpers import abs_sum as _norm
 from helpers import grads_wrt_trained as _grads
 
@@ -249,16 +249,6 @@ def test_student_input_conventions():
         load("configs/sid.py:gmm", [("method.student_input", "zeros")])
 
 
-def _poison_label(tree, label: int):
-    """Parameters whose class embedding of ``label`` is NaN: that class's predictions are not finite."""
-
-    def one(path, leaf):
-        name = jax.tree_util.keystr(path)
-        return leaf.at[label].set(jnp.nan) if "label_embed" in name and "embedding" in name else leaf
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
 @pytest.mark.parametrize("spec", ["configs/dmd2.py:gmm", "configs/sid.py:gmm"])
 def test_generator_losses_count_the_samples_they_leave_out(spec):
     """A fake score that is NaN for class 1 (half the batch): the generator loss stays finite over the other
@@ -267,7 +257,7 @@ def test_generator_losses_count_the_samples_they_leave_out(spec):
     gen = _update(recipe, "generator")
     key = jax.random.key(1)
     assert float(gen.loss(params, batch, key, Carry(step=0))[1][0]["nonfinite_rows"]) == 0.0
-    poisoned = {**params, "fake_score": _poison_label(params["fake_score"], 1)}
+    poisoned = {**params, "fake_score": poison_label(params["fake_score"], 1)}
     loss, (metrics, _) = gen.loss(poisoned, batch, key, Carry(step=0))
     assert float(metrics["nonfinite_rows"]) == 16.0
     assert np.isfinite(float(loss))

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, SMALL, main_command, run_main, subprocess_env
 
 from jdistill import main as entry
-from jdistill import parallel, preflight
+from jdistill import parallel, paths, preflight
 from jdistill.configuration import ConfigError
 from jdistill.data.text import check_prompt_table
 
@@ -164,15 +164,27 @@ def test_mesh_errors_name_the_settings():
         assert isinstance(err.value, ValueError)  # callers that caught the old ValueError still do
 
 
-def test_workdir_checks(tmp_path):
+def test_workdir_checks(tmp_path, monkeypatch):
     preflight.check_workdir(str(tmp_path / "new" / "run"))
     assert (tmp_path / "new" / "run").is_dir() and not os.listdir(tmp_path / "new" / "run")  # probe removed
     with pytest.raises(ConfigError, match="does not exist: no run, no checkpoint to read; --mode eval reads"):
         preflight.check_workdir(str(tmp_path / "other"), "eval")
-    if os.geteuid() == 0:
-        return  # root writes into read-only directories
+    # A directory nothing may be created or written in, whoever runs the tests (root ignores file modes).
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+    locked.mkdir()
+    cls = type(paths.as_path(str(locked)))
+    mkdir, write_text = cls.mkdir, cls.write_text
+
+    def denied_in_locked(real):
+        def method(self, *args, **kwargs):
+            if str(self.parent) == str(locked):
+                raise PermissionError(13, "Permission denied")
+            return real(self, *args, **kwargs)
+
+        return method
+
+    monkeypatch.setattr(cls, "mkdir", denied_in_locked(mkdir))
+    monkeypatch.setattr(cls, "write_text", denied_in_locked(write_text))
     with pytest.raises(
         ConfigError, match=r"--workdir=.*locked/run: cannot create the directory \(Permission"
     ):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import abs_sum as _norm
-from helpers import gmm_generator_draws, load, small_swiftbrush
+from helpers import gmm_generator_draws, load, poison_label, small_swiftbrush
 from helpers import grads_wrt_trained as _grads
 
 from jdistill import rng
@@ -115,21 +115,11 @@ def test_swiftbrush_generator_gradient_is_the_vsd_direction():
         np.testing.assert_allclose(o, e, rtol=2e-3, atol=1e-8)
 
 
-def _poison_label(tree, label: int):
-    """Parameters whose class embedding of ``label`` is NaN: that class's predictions are not finite."""
-
-    def one(path, leaf):
-        name = jax.tree_util.keystr(path)
-        return leaf.at[label].set(jnp.nan) if "label_embed" in name and "embedding" in name else leaf
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def test_swiftbrush_generator_leaves_out_and_counts_nonfinite_directions():
     """A fake score that is NaN for class 1: those samples are counted, and the loss and gradient are the
     finite samples' alone (recomputed by hand on them)."""
     config, world, recipe, clean, batch = _swiftbrush()
-    params = {**clean, "fake_score": _poison_label(clean["fake_score"], 1)}
+    params = {**clean, "fake_score": poison_label(clean["fake_score"], 1)}
     gen = recipe.updates[0]
     key = jax.random.key(5)
     g, _, vjp = _vsd_direction_by_hand(config, world, recipe, params, batch, key)

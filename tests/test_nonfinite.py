@@ -34,10 +34,17 @@ def test_silent_without_left_out_samples(caplog):
     assert not caplog.records
 
 
-def test_the_metrics_log_carries_the_counts(tmp_path):
-    """Two steps of swiftbrush:gmm: every logged step has both updates' counts (zero: nothing left out)."""
+def test_the_metrics_log_carries_the_counts(tmp_path, monkeypatch):
+    """Two steps of swiftbrush:gmm: every logged step has both updates' counts (zero: nothing left out), and the
+    trainer hands each logged window to the warning."""
+    warned = []
+    monkeypatch.setattr(
+        train, "warn_nonfinite_rows", lambda values, step: warned.append((step, dict(values)))
+    )
     config = small_swiftbrush(("num_steps", "2"), ("log_every", "1"), ("checkpoint.every", "0"))
     train.train(config, str(tmp_path))
+    assert [step for step, _ in warned] == [1, 2]
+    assert all("generator/nonfinite_rows" in values for _, values in warned)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [entry for entry in logged if "generator/loss" in entry]
     assert [e["step"] for e in steps] == [1, 2]

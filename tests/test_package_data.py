@@ -5,10 +5,12 @@ A missing or truncated asset must fail the default run, never skip a test: the d
 
 from __future__ import annotations
 
-import importlib.resources
+import glob
 import json
 import os
+import pathlib
 import struct
+import tomllib
 
 import pytest
 
@@ -61,7 +63,10 @@ def test_shipped_file_is_present_and_readable(path):
         if path.endswith(".safetensors"):  # an 8-byte header length, then a JSON header (not an LFS pointer)
             (length,) = struct.unpack("<Q", head)
             assert 0 < length < os.path.getsize(path), f"not a safetensors file: {path}"
-            json.loads(f.read(length))
+            header = json.loads(f.read(length))
+            # The tensors' bytes end where the file does: a truncated file fails here.
+            end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+            assert 8 + length + end == os.path.getsize(path), f"truncated or padded: {path}"
         elif path.endswith(".json"):
             f.seek(0)
             json.load(f)
@@ -79,10 +84,18 @@ def test_model_index_names_only_shipped_components():
             assert os.path.isdir(os.path.join(teacher, name)), f"{teacher}: component {name} missing"
 
 
-def test_assets_are_package_data_of_the_installed_package():
-    """The installed ``jdistill`` package resolves the same asset files (pyproject's package-data globs)."""
-    assets = importlib.resources.files("jdistill") / "assets"
+def test_assets_are_package_data():
+    """pyproject's package-data globs (expanded as setuptools does, recursively under the package) take every
+    shipped file into a built, non-editable install."""
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "jdistill"
+    ]
+    packaged = {p for g in globs for p in glob.glob(g, root_dir=repo / "jdistill", recursive=True)}
     for root, names in SHIPPED.items():
         world = os.path.basename(root)
         for name in names:
-            assert (assets / world / name).is_file(), f"jdistill/assets/{world}/{name} is not package data"
+            inside = f"assets/{world}/{name}"  # the path under the package, as the globs see it
+            assert inside in packaged, (
+                f"jdistill/{inside} is not package data (pyproject's package-data globs)"
+            )

@@ -297,6 +297,13 @@ def test_wandb_gets_the_same_scalars_images_and_text(tmp_path, monkeypatch):
         ("finish",),
     ]
     assert summary == {"config": "{}"}
+    # A resumed run logs to the same W&B run (its id follows the workdir); another workdir to another one.
+    calls.clear()
+    MetricWriters(config, str(tmp_path), 3).close()
+    assert calls[0][1]["id"] == init_call[1]["id"]
+    calls.clear()
+    MetricWriters(config, str(tmp_path / "other"), 0).close()
+    assert calls[0][1]["id"] != init_call[1]["id"]
 
 
 def test_wandb_missing_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):

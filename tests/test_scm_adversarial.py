@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import SMALL, TINY_RUN, abs_sum, flat, load
+from helpers import SMALL, TINY_RUN, abs_sum, flat, load, poison_label
 
 from jdistill import configuration, rng, train
 from jdistill.diffusion.reparameterize import on_schedule
@@ -286,11 +286,7 @@ def test_ladd_counts_the_student_samples_its_heads_leave_out(monkeypatch):
     key, carry = jax.random.key(4), Carry(step=jnp.int32(START))
     assert float(student.loss(params, batch, key, carry)[1][0]["nonfinite_rows"]) == 0.0
 
-    def poison(path, leaf):
-        name = jax.tree_util.keystr(path)
-        return leaf.at[1].set(jnp.nan) if "label_embed" in name and "embedding" in name else leaf
-
-    poisoned = {**params, "student": jax.tree_util.tree_map_with_path(poison, params["student"])}
+    poisoned = {**params, "student": poison_label(params["student"], 1)}
     _, (metrics, out) = student.loss(poisoned, batch, key, carry)
     bad = np.asarray(batch["cond"]) == 1
     assert 0 < bad.sum() < bad.size and float(metrics["nonfinite_rows"]) == bad.sum()
