@@ -106,12 +106,21 @@ def main_command(workdir, spec="configs/swiftbrush.py:gmm", overrides=()) -> lis
 
 
 def run_main(
-    workdir, spec="configs/swiftbrush.py:gmm", overrides=(), timeout=300, num_devices=1, quick_compile=False
+    workdir,
+    spec="configs/swiftbrush.py:gmm",
+    overrides=(),
+    timeout=300,
+    num_devices=1,
+    quick_compile=False,
+    flags=(),
+    env=None,
 ):
+    """``python -m jdistill.main`` on ``workdir`` with ``--config.<k>=<v>`` overrides and further ``flags``
+    (e.g. ``--mode=sample``), in a CPU process with ``num_devices`` devices and the variables of ``env``."""
     return subprocess.run(
-        main_command(workdir, spec, overrides),
+        [*main_command(workdir, spec, overrides), *flags],
         cwd=REPO,
-        env=subprocess_env(num_devices, quick_compile),
+        env={**subprocess_env(num_devices, quick_compile), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,7 +13,7 @@ import subprocess
 import jax
 import ml_collections
 import pytest
-from helpers import REPO, SMALL, main_command, run_main, subprocess_env
+from helpers import SMALL, run_main
 
 from jdistill import main as entry
 from jdistill import parallel, paths, preflight
@@ -100,14 +100,7 @@ def test_bad_config_key_preset_and_mode(tmp_path):
     _error_line(key, "unknown config key 'method.guidance_scal'", "did you mean 'guidance_scale'")
     preset = run_main(tmp_path / "w", spec="configs/swiftbrush.py:nope", timeout=120)
     _error_line(preset, "unknown preset 'nope'", "gmm")
-    mode = subprocess.run(
-        [*main_command(tmp_path / "w"), "--mode=trian"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    mode = run_main(tmp_path / "w", flags=["--mode=trian"], timeout=120)
     _error_line(mode, "--mode", "trian")
     _error_line(
         run_main(tmp_path / "w", overrides=[("num_steps", "0")], timeout=120), "'num_steps' must be positive"
@@ -115,8 +108,7 @@ def test_bad_config_key_preset_and_mode(tmp_path):
 
 
 def test_other_modes_need_a_run(tmp_path):
-    cmd = [*main_command(tmp_path / "nothing"), "--mode=sample"]
-    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    result = run_main(tmp_path / "nothing", flags=["--mode=sample"], timeout=120)
     _error_line(
         result, f"--workdir={tmp_path / 'nothing'} does not exist: no run, no checkpoint", "--mode train"
     )
@@ -124,15 +116,8 @@ def test_other_modes_need_a_run(tmp_path):
 
 
 def test_traceback_on_request(tmp_path):
-    env = {**subprocess_env(), entry.TRACEBACK_ENV: "1"}
-    result = subprocess.run(
-        main_command(tmp_path / "w", overrides=[*SMALL, ("mesh.fsdp", "2")]),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    overrides = [*SMALL, ("mesh.fsdp", "2")]
+    result = run_main(tmp_path / "w", overrides=overrides, env={entry.TRACEBACK_ENV: "1"}, timeout=120)
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("jdistill: error: mesh.fsdp=2")

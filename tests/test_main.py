@@ -179,26 +179,12 @@ def test_sample_eval_export_modes(tmp_path):
     workdir = tmp_path / "run"
     assert run_main(workdir, overrides=overrides).returncode == 0
     for mode in ("sample", "eval", "export"):
-        result = subprocess.run(
-            [*main_command(workdir, overrides=overrides), f"--mode={mode}"],
-            cwd=REPO,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_main(workdir, overrides=overrides, flags=[f"--mode={mode}"])
         assert result.returncode == 0, (mode, result.stderr[-3000:])
     assert (workdir / "samples" / "sample_step0000006.npy").exists()
     from safetensors.numpy import load_file
 
     exported = load_file(workdir / "export" / "student.safetensors")
     assert "out.kernel" in exported and exported["out.kernel"].shape == (32, 2)
-    no_ckpt = subprocess.run(
-        [*main_command(tmp_path / "nothing", overrides=overrides), "--mode=sample"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    no_ckpt = run_main(tmp_path / "nothing", overrides=overrides, flags=["--mode=sample"], timeout=120)
     assert no_ckpt.returncode != 0 and "no checkpoint" in no_ckpt.stderr

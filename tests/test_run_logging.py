@@ -214,16 +214,12 @@ def test_fid_and_clip_score_of_a_real_teachers_samples_during_training(tmp_path)
 
 def test_profile_flag_traces_steps_after_warmup(tmp_path):
     """``--profile`` on the command line: a trace of a few steps (after profile.warmup) in DIR/profile."""
-    import subprocess
 
-    from helpers import REPO, SMALL, SMALL_SWIFTBRUSH_NETS, main_command, subprocess_env
+    from helpers import SMALL, SMALL_SWIFTBRUSH_NETS, run_main
 
     overrides = [*SMALL, *SMALL_SWIFTBRUSH_NETS, ("num_steps", "4"), ("profile.warmup", "1")]
     overrides = [(k, v) for k, v in overrides if k != "num_steps" or v == "4"]
-    command = [*main_command(tmp_path, "configs/swiftbrush.py:gmm", overrides), "--profile"]
-    done = subprocess.run(
-        command, cwd=REPO, env=subprocess_env(quick_compile=True), capture_output=True, text=True, timeout=300
-    )
+    done = run_main(tmp_path, overrides=overrides, flags=["--profile"], quick_compile=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 1
     assert "profile of steps 1-3 written" in done.stderr  # --profile's 5 steps, cut at the run's end
