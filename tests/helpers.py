@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -125,6 +126,11 @@ def run_main(
         text=True,
         timeout=timeout,
     )
+
+
+def logged_metrics(workdir) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def flat(tree) -> dict[str, np.ndarray]:

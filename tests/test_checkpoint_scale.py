@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import logged_metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
 
@@ -248,10 +249,8 @@ def test_run_resume_and_export_in_a_non_local_run_directory(fake, tmp_path, monk
     run = fake.root / "bucket" / "run"
     assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
     assert (run / "samples" / "final.npy").is_file() and (run / "samples" / "final.png").is_file()
-    remote_metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    local_metrics = [
-        json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()
-    ]
+    remote_metrics = logged_metrics(run)
+    local_metrics = logged_metrics(tmp_path / "local")
     assert [m["step"] for m in remote_metrics] == [m["step"] for m in local_metrics] == [2, 4, 6, 6]
     assert remote_metrics[-1] == local_metrics[-1]  # the final evaluation
     assert load_run_config(remote).to_dict() == load_run_config(local).to_dict()

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import run_main
+from helpers import logged_metrics, run_main
 
 from jdistill.teachers.presets import DIGITS_FLUX_ROOT, DIGITS_FLUX_TEACHER
 
@@ -90,7 +90,7 @@ def test_preset_runs_briefly_and_exports_a_flux_pipeline(recipe, tmp_path):
     workdir = tmp_path / recipe
     done = run_main(workdir, PRESETS[recipe], BRIEF, timeout=600, quick_compile=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = logged_metrics(workdir)
     final = [r for r in records if "eval/digit_accuracy" in r][-1]
     assert np.isfinite(final["eval/frechet_distance"]), final
     record = _export_record(workdir / "export")

@@ -5,8 +5,6 @@ prompts and noise."""
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import tiny_flow_pipeline
 import torch
+from helpers import logged_metrics
 from tiny_pipeline import TOKEN_LENGTH
 
 from jdistill.diffusion.denoiser import predict_cfg
@@ -121,7 +120,7 @@ def test_sft_trains_a_transformer_copy_on_the_flow_world_under_fsdp(preset, pipe
     config = load("configs/sft.py:digits", overrides)
     results = train.train(config, str(tmp_path / preset))
     assert results["finite"] == 1.0
-    lines = [json.loads(line) for line in (tmp_path / preset / "metrics.jsonl").read_text().splitlines()]
+    lines = logged_metrics(tmp_path / preset)
     losses = [m["model/loss"] for m in lines if "model/loss" in m]
     assert losses and all(np.isfinite(losses))
     s, state, _ = train.restore_latest(config, str(tmp_path / preset))

@@ -5,14 +5,13 @@ the clear errors, a short rf-gmm run that learns, and two steps on the tiny FLUX
 
 from __future__ import annotations
 
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import gmm_quality, load
+from helpers import gmm_quality, load, logged_metrics
 from test_trajectory import check_loss_and_gradient, recipe_and_batch
 
 from jdistill.diffusion.samplers import flux_sigmas
@@ -212,7 +211,7 @@ def test_lcm_runs_two_steps_on_a_flux_teacher_under_fsdp(flux_pipeline, images, 
     workdir = tmp_path / "run"
     results = train.train(config, str(workdir))
     assert results["finite"] == 1.0
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = logged_metrics(workdir)
     losses = [m["student/loss"] for m in lines if "student/loss" in m]
     assert len(losses) == 2 and all(np.isfinite(losses)), lines
     assert np.isfinite(np.load(workdir / "samples" / "final.npy")).all()

@@ -15,6 +15,7 @@ from helpers import (
     SMALL,
     SMALL_SWIFTBRUSH_NETS,
     gmm_quality,
+    logged_metrics,
     main_command,
     max_abs_diff,
     run_main,
@@ -25,10 +26,6 @@ from helpers import (
 from jdistill import train
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples/final.npy", "samples/final_labels.npy")
-
-
-def logged_metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_steps(logged: list[dict]) -> list[int]:

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import REPO, main_command, subprocess_env
+from helpers import REPO, logged_metrics, main_command, subprocess_env
 
 from jdistill.digits import data
 from jdistill.teachers.presets import DIGITS_CLASSIFIER
@@ -40,7 +40,7 @@ def test_readme_main_job_leaves_grid_metrics_and_a_one_step_diffusers_student(tm
     assert (workdir / "samples" / "final.png").stat().st_size > 0
     prompts = (workdir / "samples" / "final_prompts.txt").read_text().splitlines()
     assert len(prompts) == len(np.load(workdir / "samples" / "final.npy"))
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = logged_metrics(workdir)
     final = [r for r in records if "eval/digit_accuracy" in r][-1]
     assert final["eval/digit_accuracy"] >= 0.8, final
 

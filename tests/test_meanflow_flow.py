@@ -5,7 +5,6 @@ recipe steps on the tiny FLUX and SD3.5 teachers under fsdp=2."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 
 import jax
@@ -15,7 +14,7 @@ import optax
 import pytest
 import tiny_configs
 import tiny_flow_pipeline
-from helpers import flow_teacher, load
+from helpers import flow_teacher, load, logged_metrics
 
 from jdistill.methods import meanflow
 from jdistill.methods.recipe import Network
@@ -212,7 +211,7 @@ def test_meanflow_runs_on_a_flow_teacher_under_fsdp(preset, pipelines, images, t
     workdir = tmp_path / preset
     results = train.train(config, str(workdir))
     assert results["finite"] == 1.0
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = logged_metrics(workdir)
     losses = [m["student/loss"] for m in lines if "student/loss" in m]
     assert len(losses) == 2 and np.all(np.isfinite(losses)), lines
     # The last checkpoint's student, read as saved (no second world build): the t - r embedder's last linear,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
-from helpers import small_swiftbrush
+from helpers import logged_metrics, small_swiftbrush
 
 from jdistill import train
 from jdistill.nonfinite import nonfinite_rows, warn_nonfinite_rows
@@ -45,7 +44,7 @@ def test_the_metrics_log_carries_the_counts(tmp_path, monkeypatch):
     train.train(config, str(tmp_path))
     assert [step for step, _ in warned] == [1, 2]
     assert all("generator/nonfinite_rows" in values for _, values in warned)
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_metrics(tmp_path)
     steps = [entry for entry in logged if "generator/loss" in entry]
     assert [e["step"] for e in steps] == [1, 2]
     for entry in steps:

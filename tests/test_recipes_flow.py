@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 import tiny_flow_pipeline
-from helpers import TINY_RUN, load
+from helpers import TINY_RUN, load, logged_metrics
 from test_export_flow import PROMPTS, pipeline_latents, to_pipeline_layout
 
 from jdistill import export, train
@@ -121,7 +121,7 @@ def test_flow_recipe_resumes_bit_exactly_and_exports(case, flow_pipelines, image
     assert train.train(config, straight)["finite"] == 1.0
     train.train(load(spec, _overrides(case, flow_pipelines, images, 1)), resumed)
     assert train.train(config, resumed)["finite"] == 1.0
-    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_metrics(tmp_path / "resumed")
     assert [m["step"] for m in logged if "steps_per_sec" in m] == [1, 2]
     s, state, step = train.restore_latest(config, resumed)
     _, state_straight, _ = train.restore_latest(config, straight)

@@ -12,14 +12,12 @@ fake score with the GAN on real images, resume): 132 s from a cold compilation c
 
 from __future__ import annotations
 
-import json
 import logging
-import pathlib
 
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_RUN, load
+from helpers import TINY_RUN, load, logged_metrics
 
 from jdistill import train
 from jdistill.models.lora import target_kernels
@@ -70,7 +68,7 @@ def test_recipe_runs_on_a_tiny_unet_teacher_and_resumes(case, tiny_pipelines, im
     with caplog.at_level(logging.INFO, logger="jdistill"):
         final = train.train(load(spec, [*base, ("num_steps", "2")]), workdir)
     assert "resumed from checkpoint at step 1" in caplog.text
-    logged = [json.loads(line) for line in pathlib.Path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+    logged = logged_metrics(workdir)
     assert [m["step"] for m in logged if "steps_per_sec" in m] == [1, 2]  # no step lost or redone
     samples = np.load(f"{workdir}/samples/final.npy")
     assert samples.shape == (8, 16, 16, 4) and np.isfinite(samples).all()

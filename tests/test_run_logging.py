@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import gmm_quality, small_swiftbrush
+from helpers import gmm_quality, logged_metrics, small_swiftbrush
 
 from jdistill import train
 from jdistill.metric_writers import MetricWriters
@@ -40,7 +40,7 @@ def test_writers_put_scalars_images_and_text_where_tensorboard_reads_them(tmp_pa
     writers.text("config", '{"seed": 0}')
     writers.close()
 
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = logged_metrics(tmp_path)
     assert records == [
         {"step": 3, "student/loss": 0.25, "bad": None, "steps_per_sec": 7.0},
         {"step": 5, "student/loss": 0.125},
@@ -79,13 +79,9 @@ def logged_run(tmp_path_factory):
     return config, workdir, results
 
 
-def _records(workdir) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_loop_logs_timings_and_evaluates_every_eval_every_steps(logged_run):
     config, workdir, results = logged_run
-    records = _records(workdir)
+    records = logged_metrics(workdir)
     steps = [r for r in records if "steps_per_sec" in r]
     assert [r["step"] for r in steps] == [2, 4]
     for r in steps:
@@ -208,7 +204,7 @@ def test_fid_and_clip_score_of_a_real_teachers_samples_during_training(tmp_path)
     assert results["clip_score"] == pytest.approx(
         CLIPScore.from_pretrained(str(clip_dir))(images, prompts), abs=1e-3
     )
-    final = [r for r in _records(workdir) if "eval/fid" in r]
+    final = [r for r in logged_metrics(workdir) if "eval/fid" in r]
     assert [r["step"] for r in final] == [1]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import SMALL, TINY_RUN, abs_sum, flat, load, poison_label
+from helpers import SMALL, TINY_RUN, abs_sum, flat, load, logged_metrics, poison_label
 
 from jdistill import configuration, rng, train
 from jdistill.diffusion.reparameterize import on_schedule
@@ -384,7 +383,7 @@ def test_ladd_trains_on_eight_devices_and_checkpoints_only_the_heads(tiny_pipeli
     assert config.mesh.num_devices == -1 and jax.device_count() == 8
     workdir = tmp_path / "run"
     train.train(config, str(workdir))
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_metrics(workdir)
     off, on = (m for m in logged if "steps_per_sec" in m)
     assert off["discriminator/loss"] == 0.0
     np.testing.assert_allclose(off["student/loss"], off["student/scm"], rtol=1e-6)

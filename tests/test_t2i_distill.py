@@ -28,7 +28,7 @@ import pytest
 import tiny_flow_pipeline
 import torch
 from conftest import CACHE_DIR
-from helpers import REPO, load, main_command, subprocess_env
+from helpers import REPO, load, logged_metrics, main_command, subprocess_env
 from test_export_flow import PROMPTS, pipeline_latents, to_pipeline_layout
 from test_flux import LATENT, TEXT, inputs, rel_err, torch_flux, torch_forward
 from test_recipes_flow import _draws, _leaves_equal
@@ -267,7 +267,7 @@ def _train_and_resume(spec: str, lite, images, tmp_path):
     _main(spec, resumed, _overrides(lite, images, 2))
     config = load(spec, _overrides(lite, images, 2))
     assert config.teacher.kind == "flow" and config.teacher.preset == "flux_lite"
-    logged = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_metrics(resumed)
     assert [m["step"] for m in logged if "steps_per_sec" in m] == [1, 2]
     assert all(np.isfinite(m["student/loss"]) for m in logged if "student/loss" in m)
     _, state, step = train.restore_latest(config, str(resumed))
