@@ -166,11 +166,11 @@ def grads_wrt_trained(loss, params, batch, key, carry=None):
     return jax.grad(f)({k: v for k, v in params.items() if k != "teacher"})
 
 
-def assert_same_state_dict(back: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
-    """The same keys, and under each an array of the same dtype and bits."""
-    assert back.keys() == state.keys()
+def assert_same_state_dict(back: dict[str, np.ndarray], state: dict[str, np.ndarray], what: str = "") -> None:
+    """The same keys, and under each an array of the same dtype and bits (``what`` labels a failure)."""
+    assert back.keys() == state.keys(), what
     for key in state:
-        assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), key
+        assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), (what, key)
 
 
 def abs_sum(tree) -> float:

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import small_swiftbrush
+from helpers import assert_same_state_dict, small_swiftbrush
 from PIL import Image
 
 from jdistill import configuration, parallel, train
@@ -77,13 +77,6 @@ def _host(batch) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in batch.items()}
 
 
-def _assert_same(a: dict, b: dict, what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for k in a:
-        assert a[k].dtype == b[k].dtype, (what, k)
-        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what}: {k}")
-
-
 def test_worker_threads_decode_what_local_batch_decodes(image_table):
     """A host's rows, read and decoded by three worker threads, equal the synchronous reads position by
     position; the reads ran in grain's threads, not the consumer's."""
@@ -102,7 +95,7 @@ def test_worker_threads_decode_what_local_batch_decodes(image_table):
     for position, batch in zip(range(2, 9), got, strict=True):
         want = source.local_batch(position, GLOBAL, rows)
         assert batch["images"].shape == (4, RES, RES, 3) and batch["images"].std() > 10
-        _assert_same(batch, want, f"position {position}")
+        assert_same_state_dict(batch, want, f"position {position}")
         picks = np.random.default_rng([5, position]).integers(0, len(CAPTIONS), GLOBAL)[
             rows
         ]  # sources.py's rule
@@ -131,7 +124,9 @@ def test_without_workers_reads_happen_in_the_consumer_thread(image_table):
         options=options,
     ) as batches:
         for position, batch in enumerate(batches):
-            _assert_same(_host(batch), source.local_batch(position, GLOBAL, None), f"position {position}")
+            assert_same_state_dict(
+                _host(batch), source.local_batch(position, GLOBAL, None), f"position {position}"
+            )
     assert threads == [threading.current_thread()] * 3
 
 
@@ -165,8 +160,10 @@ def test_a_resumed_pipeline_yields_the_batches_of_an_uninterrupted_one(image_tab
         interrupted += list(batches)
 
     for position, (a, b) in enumerate(zip(straight, interrupted, strict=True)):
-        _assert_same(_host(a), _host(b), f"{kind} position {position}")
-        _assert_same(_host(a), source.local_batch(position, GLOBAL, None), f"{kind} position {position}")
+        assert_same_state_dict(_host(a), _host(b), f"{kind} position {position}")
+        assert_same_state_dict(
+            _host(a), source.local_batch(position, GLOBAL, None), f"{kind} position {position}"
+        )
 
 
 def test_workers_read_ahead_of_the_consumer():
@@ -250,7 +247,7 @@ def test_the_trainer_resumes_its_pipeline_at_the_checkpointed_position(tmp_path,
     train.train(config, str(tmp_path / "resumed"))
     assert [p for p, _ in seen] == list(range(6))
     for (position, a), (_, b) in zip(straight, seen, strict=True):
-        _assert_same(a, b, f"step {position}")
+        assert_same_state_dict(a, b, f"step {position}")
 
     # The position comes from the checkpoint, not from the step: moved on by hand, the next run starts there.
     meta = json.loads(_meta_file(tmp_path / "resumed", 6).read_text())
@@ -260,6 +257,6 @@ def test_the_trainer_resumes_its_pipeline_at_the_checkpointed_position(tmp_path,
     train.train(longer, str(tmp_path / "resumed"))
     assert [p for p, _ in seen] == [10]
     s = train.setup(longer, None)
-    _assert_same(
+    assert_same_state_dict(
         seen[0][1], s.recipe.source(s.world).local_batch(10, longer.batch_size, s.rows), "position 10"
     )
